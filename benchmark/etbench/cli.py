@@ -56,6 +56,49 @@ def data_generate(
         typer.echo(f"wrote {len(rows)} examples to {out}", err=True)
 
 
+@app.command("accuracy")
+def accuracy_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="Alias, hub id, local directory, .gguf file or adapter dir."),
+    n_boxes: list[int] = typer.Option([7], "--n-boxes", help="Box count; repeat for several (e.g. 3 5 7)."),
+    n: int = typer.Option(500, "--n", help="Examples per box count (the paper: 500)."),
+    seed: int = typer.Option(0, help="Seed of the example stream (0 = the lm-eval task's items)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, or auto (device_map=auto)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for accuracy.json + accuracy_items.jsonl."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Full-model accuracy (greedy top-1 over the whole vocabulary), with a 95% CI."""
+    from . import accuracy
+
+    result = accuracy.run(model, n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, dtype=dtype,
+                          device=device, progress=not no_progress)
+    typer.echo(accuracy.format_run(result))
+    if out is not None:
+        for path in accuracy.write_run(result, out):
+            typer.echo(f"wrote {path}", err=True)
+
+
+@app.command("tasks-path")
+def tasks_path() -> None:
+    """Print the lm-eval task directory (for `lm_eval --include_path ...`)."""
+    from .lm_eval_integration import tasks_dir
+
+    typer.echo(str(tasks_dir()))
+
+
+@app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def lm_eval_cmd(ctx: typer.Context) -> None:
+    """lm-eval with etbench's tasks included: `etbench lm-eval --model hf ... --tasks entity_tracking`."""
+    from .lm_eval_integration import run_lm_eval
+
+    run_lm_eval(list(ctx.args))
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show every alias, what it is, and whether it is available offline right now."""
