@@ -142,6 +142,19 @@ def layouts(examples: Sequence[Example], tokenizer) -> list[Layout]:
     return result
 
 
+def single_token_continuations(tokenizer, prompts: Sequence[str], continuations: Sequence[str]) -> list[int]:
+    """The one token each continuation adds after its prompt (lm-eval's split), else a clear error."""
+    encoder = _Encoder(tokenizer)
+    ids = encoder.encode([*prompts, *(p + c for p, c in zip(prompts, continuations))])
+    out = []
+    for k, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        cont = _continuation(ids[k], ids[len(prompts) + k])
+        if cont is None or len(cont) != 1:
+            raise EtbenchError(f"{continuation!r} is not one token after {prompt[-20:]!r} for this tokenizer")
+        out.append(cont[0])
+    return out
+
+
 @dataclass(frozen=True)
 class VocabularyReport:
     """Which objects and labels a tokenizer spells as one leading-space token."""
