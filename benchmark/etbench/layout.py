@@ -63,6 +63,13 @@ class _Encoder:
                 "prompts whose tokens end with the last word"
             )
         self.prefix_ids: list[int] = with_special[:n_prefix]
+        self._spelling: dict[int, str] = {}
+
+    def spells(self, token_id: int, word: str) -> bool:
+        """Whether the token decodes to the word (an <unk> for an unknown word does not)."""
+        if token_id not in self._spelling:
+            self._spelling[token_id] = self.tokenizer.decode([token_id]).strip()
+        return self._spelling[token_id] == word
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
@@ -100,10 +107,15 @@ def _analyse(encoder: _Encoder, examples: Sequence[Example]):
     ids = encoder.encode(queries)
     out, k = [], 0
     for ex, r in zip(examples, rendered):
-        n_words = 2 * ex.n_boxes + 1
+        n_words = 2 * ex.n_boxes + 1  # objects, labels, query label
         full = ids[k]
+        spans = [*r.object_spans, *r.label_spans, r.query_label_span]
         words = [_word_index(full, ids[k + 1 + 2 * w], ids[k + 2 + 2 * w]) for w in range(n_words)]
+        words = [w if w is not None and encoder.spells(full[w], r.prompt[sp.start:sp.end]) else None
+                 for w, sp in zip(words, spans)]
         cont = _continuation(full, ids[k + 1 + 2 * n_words])
+        if cont is not None and not (len(cont) == 1 and encoder.spells(cont[0], ex.objects[ex.query_index])):
+            cont = None
         out.append((r, full, words, cont))
         k += 2 + 2 * n_words
     return out
@@ -149,7 +161,7 @@ def single_token_continuations(tokenizer, prompts: Sequence[str], continuations:
     out = []
     for k, (prompt, continuation) in enumerate(zip(prompts, continuations)):
         cont = _continuation(ids[k], ids[len(prompts) + k])
-        if cont is None or len(cont) != 1:
+        if cont is None or len(cont) != 1 or not encoder.spells(cont[0], continuation.strip()):
             raise EtbenchError(f"{continuation!r} is not one token after {prompt[-20:]!r} for this tokenizer")
         out.append(cont[0])
     return out

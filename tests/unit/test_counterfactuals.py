@@ -1,0 +1,97 @@
+"""etbench.counterfactuals: each desideratum's target on hand-checked pairs, and its invariants."""
+
+import pytest
+
+from etbench import counterfactuals as cf
+from etbench import data, toy
+from etbench.data import Example
+
+BASE = Example(objects=("book", "car", "key", "cup", "map"), labels=("F", "Q", "A", "Z", "K"), query_index=1)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return toy.byte_level_bpe_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bases():
+    return data.generate(n_boxes=7, n=140, seed=2)
+
+
+def test_hand_checked_targets():
+    # Base asks Box Q -> car. Take the pair each desideratum builds for it and check the target by hand.
+    pos = cf.desideratum_pairs("positional", [BASE], seed=0)[0]
+    s = pos.source.query_index
+    assert s != 1 and pos.target_object == BASE.objects[s]  # the base object at the source's position
+    obj = cf.desideratum_pairs("object_value", [BASE], seed=0)[0]
+    assert obj.target_object == obj.source.objects[obj.source.query_index] == obj.source.answer
+    assert obj.target_object not in ("car", BASE.objects[obj.source.query_index])
+    box = cf.desideratum_pairs("box_label_value", [BASE], seed=0)[0]
+    label = box.source.query_label
+    assert label in BASE.labels and label != "Q"
+    assert box.target_object == BASE.objects[BASE.labels.index(label)]  # the base object in that box
+    assert box.source.query_index not in (1, BASE.labels.index(label))
+    inc = cf.desideratum_pairs("incorrect_segment", [BASE], seed=0)[0]
+    assert inc.target_object == BASE.objects[(inc.source.query_index + 1) % 5]
+
+
+@pytest.mark.parametrize("kind", cf.DESIDERATA)
+def test_invariants_of_every_desideratum(kind, bases):
+    pairs = cf.desideratum_pairs(kind, bases, seed=1)
+    assert len(pairs) == len(bases)
+    for p in pairs:
+        base, src = p.base, p.source
+        assert p.kind == kind and src.n_boxes == base.n_boxes
+        assert src.query_index != base.query_index  # B2 fixed: never the base's own segment
+        assert len(set(src.objects)) == src.n_boxes and len(set(src.labels)) == src.n_boxes
+        if kind != "incorrect_segment":
+            assert p.target_object != base.answer  # a no-op patch can never score
+        if kind in ("positional", *set(cf.ADDITIONAL_DESIDERATA) - {"incorrect_segment"}):
+            assert p.target_object == base.objects[src.query_index]
+        if kind in cf.ADDITIONAL_DESIDERATA and kind != "incorrect_segment":
+            assert src.alteration == kind
+        if kind in ("add_seg_start", "add_seg_end"):
+            assert "apple" not in src.objects and "O" not in src.labels
+
+
+def test_b2_fix_source_segments_cover_every_other_segment(bases):
+    pairs = cf.desideratum_pairs("positional", bases, seed=0)
+    seen = {(p.base.query_index, p.source.query_index) for p in pairs}
+    assert all(b != s for b, s in seen)
+    assert {s for _, s in seen} == set(range(7))  # segment 0 too (the reference never used it)
+
+
+def test_noise_pairs_follow_the_reference_rule(bases):
+    for p in cf.noise_pairs(bases, seed=0):
+        assert p.source.query_index == (p.base.query_index + 1) % 7
+        assert p.target_object == p.base.answer  # scored against the clean answer
+
+
+def test_b1_fix_targets_are_leading_space_tokens(bases, bpe):
+    encoded = cf.encode_pairs(cf.desideratum_pairs("box_label_value", bases[:20], seed=0), bpe)
+    for e in encoded:
+        assert bpe.convert_ids_to_tokens(e.target_id) == "Ġ" + e.pair.target_object
+        assert e.source_layout.prev_query_label is not None  # the source's label is in its context
+
+
+def test_encoded_altered_sources_keep_exact_positions(bases, bpe):
+    for kind in cf.ADDITIONAL_DESIDERATA:
+        for e in cf.encode_pairs(cf.desideratum_pairs(kind, bases[:14], seed=0), bpe):
+            ids, lay, src = e.source_layout.input_ids, e.source_layout, e.pair.source
+            assert bpe.decode([ids[lay.query_label]]).strip() == src.query_label
+            assert [bpe.decode([ids[i]]).strip() for i in lay.object_positions] == list(src.objects)
+
+
+def test_pairs_are_seeded(bases):
+    assert cf.make_pairs("object_value", bases, seed=3) == cf.make_pairs("object_value", bases, seed=3)
+    assert cf.make_pairs("object_value", bases, seed=3) != cf.make_pairs("object_value", bases, seed=4)
+
+
+def test_unknown_desideratum_and_too_small_contexts_are_clear_errors():
+    from etbench.errors import EtbenchError
+
+    with pytest.raises(EtbenchError, match="unknown desideratum"):
+        cf.make_pairs("nope", [BASE])
+    with pytest.raises(EtbenchError, match="at least 3 boxes"):
+        cf.make_pairs("box_label_value", data.generate(2, 2))
