@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from .errors import EtbenchError
 from .heads import HeadMap, read_heads, write_heads
 
 #: fn(current values) -> replacement (same shape) or None to leave them unchanged.
@@ -48,11 +49,15 @@ class Edit:
 # Edit factories
 
 
-def read(layer: int, kind: str, into: dict, positions=None, heads=None, detach: bool = True) -> Edit:
-    """Store the values at ``into[(layer, kind)]`` (only the requested positions and heads)."""
+def read(layer: int, kind: str, into: dict, positions=None, heads=None, detach: bool = True, key=None) -> Edit:
+    """Store the values at ``into[key]`` (default ``(layer, kind)``): only the requested positions and heads.
+
+    For gradients with respect to a head's values (attribution patching) use an ``Edit`` whose fn
+    returns ``cur + delta`` for a zero leaf ``delta``: the model is frozen, so ``cur`` has no graph."""
+    key = (layer, kind) if key is None else key
 
     def fn(cur: torch.Tensor) -> None:
-        into[(layer, kind)] = cur.detach() if detach else cur
+        into[key] = cur.detach() if detach else cur
 
     return Edit(layer, kind, fn, positions, heads)
 
@@ -60,6 +65,18 @@ def read(layer: int, kind: str, into: dict, positions=None, heads=None, detach: 
 def replace(layer: int, kind: str, values: torch.Tensor, positions=None, heads=None) -> Edit:
     """Overwrite with ``values`` (activation patching, CMAP, mean ablation)."""
     return Edit(layer, kind, lambda cur: values.to(cur.device, cur.dtype).expand_as(cur), positions, heads)
+
+
+def replace_where(layer: int, kind: str, values: torch.Tensor, keep: torch.Tensor, heads=None) -> Edit:
+    """Overwrite every position with ``values`` except where ``keep`` (bool ``[B, S, nh]``) is true.
+
+    Mean ablation of everything outside a circuit: ``values`` are the mean z (``[S, nh, d]`` or
+    ``[B, S, nh, d]``), ``keep`` marks each circuit head at its group's position in each row."""
+
+    def fn(cur: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep.to(cur.device)[..., None], cur, values.to(cur.device, cur.dtype))
+
+    return Edit(layer, kind, fn, None, heads)
 
 
 def mix(layer: int, kind: str, source: torch.Tensor, mask: torch.Tensor, positions=None, heads=None) -> Edit:
@@ -167,6 +184,9 @@ class Site:
 def cache(model, hm: HeadMap, inputs: Mapping[str, torch.Tensor], sites: Sequence[Site], **forward_kwargs) -> dict:
     """One unpatched forward pass; returns ``{(layer, kind): values}`` for each site, holding only the
     requested positions and heads. Pass ``logits_to_keep=1`` to skip the full-vocabulary logits."""
+    keys = [(s.layer, s.kind) for s in sites]
+    if len(set(keys)) != len(keys):
+        raise EtbenchError("cache: two sites share a (layer, kind); merge their heads/positions into one site")
     store: dict = {}
     run(model, hm, inputs, [read(s.layer, s.kind, store, s.positions, s.heads) for s in sites], **forward_kwargs)
     return store

@@ -14,7 +14,7 @@ import transformers as tf
 
 from etbench.errors import EtbenchError
 from etbench.heads import HeadMap, head_map, read_heads
-from etbench.interventions import Edit, Site, applied, cache, mix, read, replace, run
+from etbench.interventions import Edit, Site, applied, cache, mix, read, replace, replace_where, run
 
 V, B, S = 50, 3, 7
 _COMMON = dict(vocab_size=V, num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
@@ -320,3 +320,44 @@ def test_clear_errors(models, ids):
 class _NoLayers(torch.nn.Module):
     class config:  # noqa: N801 - mimics a transformers config
         model_type, num_hidden_layers, num_attention_heads, hidden_size = "none", 2, 2, 4
+
+
+def test_replace_where_keeps_marked_heads_and_positions(models, ids):
+    model, (x, _) = models["qwen2_gqa"], ids
+    hm = head_map(model)
+    mean = torch.zeros(S, 4, 8)  # zero-ablate everything ...
+    keep = torch.zeros(B, S, 4, dtype=torch.bool)
+    keep[torch.arange(B), torch.tensor([6, 5, 4]), 1] = True  # ... except head 1 at one position per row
+    store = {}
+    _logits(model, x, [replace_where(1, "z", mean, keep), read(1, "z", store)], hm)
+    clean = cache(model, hm, {"input_ids": x}, [Site(1, "z")])[(1, "z")]
+    got = store[(1, "z")]
+    assert torch.equal(got[keep], clean[keep]) and torch.all(got[~keep] == 0)
+
+
+def test_cache_rejects_duplicate_sites(models, ids):
+    model, (x, _) = models["llama"], ids
+    with pytest.raises(EtbenchError, match="share a"):
+        cache(model, head_map(model), {"input_ids": x}, [Site(0, "z", 1), Site(0, "z", 2)])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_layout_positions_survive_padding(side):
+    """Positions from etbench.layout index the same token's z whether a row is padded or not."""
+    from etbench import data, toy
+    from etbench.layout import layouts, pad_batch
+
+    tok = toy.word_level_tokenizer()
+    model = toy.tiny_llama(len(tok), n_layers=2, n_heads=4, d_model=32)
+    hm = head_map(model)
+    lays = layouts(data.generate(n_boxes=3, n=2, seed=0) + data.generate(n_boxes=5, n=1, seed=0), tok)
+    batch = pad_batch(lays, pad_id=tok.pad_token_id or 0, padding_side=side)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+              "position_ids": batch.position_ids}
+    pos = torch.stack([batch.positions(lays, c) for c in ("query_label", "prev_query_label", "last")], dim=1)
+    got = cache(model, hm, inputs, [Site(1, "z", pos, [0, 3])])[(1, "z")]
+    for i, lay in enumerate(lays):
+        one = torch.tensor([lay.input_ids])
+        want = cache(model, hm, {"input_ids": one},
+                     [Site(1, "z", torch.tensor([[lay.query_label, lay.prev_query_label, lay.last]]), [0, 3])])
+        assert torch.allclose(got[i], want[(1, "z")][0], atol=1e-5), i
