@@ -1,0 +1,72 @@
+"""The etbench command: outputs, and bad input as one line + non-zero exit (never a traceback)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from etbench import data, toy
+
+
+def etbench(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "etbench.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr and lines[-1].startswith("etbench: error:")
+    assert fragment in lines[-1]
+
+
+def test_data_generate_reproduces_the_template(tmp_path):
+    out = tmp_path / "d.jsonl"
+    result = etbench("data", "generate", "--n-boxes", "7", "--seed", "0", "--n", "700", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 700 and rows[0] == data.generate(7, 1, 0)[0].to_paper_record(0)
+    assert rows[699]["sample_id"] == 99 and rows[699]["sentence"].endswith(".")
+    stdout = etbench("data", "generate", "--n", "3", "--format", "etbench")
+    assert [json.loads(line)["prompt"] for line in stdout.stdout.splitlines()] == [e.prompt for e in data.generate(7, 3)]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["data", "generate", "--n-boxes", "27"], "between 2 and 26"),
+        (["data", "generate", "--format", "xml"], "--format"),
+        (["accuracy", "--model", "/no/such/model"], "/no/such/model"),
+        (["accuracy", "--model", "./", "--n-boxes", "30"], "between 2 and 26"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, fragment, tmp_path):
+    assert_one_line_error(etbench(*args), fragment)
+
+
+def test_tokenizer_with_multi_token_objects_is_one_clear_line(tmp_path):
+    tokenizer = toy.word_level_tokenizer(objects=["book", "car", "key"])
+    model = toy.tiny_llama(len(tokenizer))
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "out"
+    result = etbench("accuracy", "--model", str(tmp_path / "m"), "--out", str(out), "--no-progress")
+    assert_one_line_error(result, "too few objects")
+    assert not out.exists()  # nothing half-written
+
+
+def test_accuracy_on_a_saved_toy_model(tmp_path):
+    toy.save_toy_model(tmp_path / "m")
+    result = etbench("accuracy", "--model", str(tmp_path / "m"), "--n-boxes", "3", "--n", "30", "--no-progress",
+                     "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    assert "|       3 |  30 |" in result.stdout
+    assert json.loads((tmp_path / "o" / "accuracy.json").read_text())["results"][0]["n"] == 30
+
+
+def test_tasks_path_points_at_the_task_yamls():
+    result = etbench("tasks-path")
+    from pathlib import Path
+
+    assert (Path(result.stdout.strip()) / "entity_tracking" / "entity_tracking_7boxes.yaml").exists()
