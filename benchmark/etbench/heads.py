@@ -268,9 +268,11 @@ def as_positions(positions, batch: int, device=None) -> tuple[torch.Tensor, bool
     return pos, single
 
 
-def _index(heads: torch.Tensor, batch: int, n_sites: int, positions, device):
+def _index(heads: torch.Tensor, batch: int, seq: int, positions, device):
     """Broadcastable (rows, positions, heads) index tensors, and whether to squeeze the k dim."""
     pos, single = as_positions(positions, batch, device)
+    if pos.numel() and (pos.min() < 0 or pos.max() >= seq):  # why: negative indices would silently wrap
+        raise EtbenchError(f"positions must lie in 0..{seq - 1} (this forward pass has {seq} tokens)")
     rows = torch.arange(batch, device=device)[:, None, None]
     return rows, pos[:, :, None], heads[None, None, :], single
 
@@ -289,11 +291,11 @@ def read_heads(view: torch.Tensor, positions=None, heads=None) -> torch.Tensor:
 
     Returns ``[B, nh, d]`` for positions ``[B]``/int, ``[B, k, nh, d]`` for ``[B, k]``, and
     ``[B, S, nh, d]`` when positions is None (every position)."""
-    b, _, n, _ = view.shape
+    b, s, n, _ = view.shape
     h = _heads(heads, n, view.device)
     if positions is None:
         return view.index_select(2, h)
-    rows, pos, hh, single = _index(h, b, n, positions, view.device)
+    rows, pos, hh, single = _index(h, b, s, positions, view.device)
     out = view[rows, pos, hh]
     return out[:, 0] if single else out
 
@@ -308,5 +310,5 @@ def write_heads(view: torch.Tensor, values: torch.Tensor, positions=None, heads=
     if positions is None:
         view[:, :, h] = values.to(view.dtype)
         return
-    rows, pos, hh, single = _index(h, b, n, positions, view.device)
+    rows, pos, hh, single = _index(h, b, s, positions, view.device)
     view[rows, pos, hh] = (values[:, None] if single else values).to(view.dtype)

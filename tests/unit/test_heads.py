@@ -35,6 +35,12 @@ FAMILIES = {
                                                                       sliding_window=4)),
                     (4, 2, 12, "separate"), "model.layers.{l}.self_attn.o_proj",
                     "model.layers.{l}.self_attn.{x}_proj"),
+    "qwen3_wide": (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=16)),
+                   (4, 2, 16, "separate"), "model.layers.{l}.self_attn.o_proj",
+                   "model.layers.{l}.self_attn.{x}_proj"),
+    "phi3_fused_gqa": (lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_COMMON, num_key_value_heads=2, pad_token_id=0,
+                                                                bos_token_id=0, eos_token_id=0)),
+                       (4, 2, 8, "split"), "model.layers.{l}.self_attn.o_proj", "model.layers.{l}.self_attn.qkv_proj"),
     "gpt2": (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_layer=2, n_head=4, n_embd=32, n_positions=64,
                                                       initializer_range=0.2, bos_token_id=0, eos_token_id=0)),
              (4, 4, 8, "split"), "transformer.h.{l}.attn.c_proj", "transformer.h.{l}.attn.c_attn"),
@@ -74,8 +80,9 @@ def _manual_qkv(name: str, out: torch.Tensor, kind: str, head: int) -> torch.Ten
     n_heads, n_kv, d, layout = FAMILIES[name][1]
     if layout == "separate":
         return out[..., d * head : d * (head + 1)]
-    if layout == "split":  # GPT2Attention: c_attn(x).split(embed_dim, dim=2), then view(..., H, D)
-        return out.split(n_heads * d, dim=-1)["qkv".index(kind)][..., d * head : d * (head + 1)]
+    if layout == "split":  # GPT2Attention c_attn(x).split(embed_dim); Phi3Attention qkv[..., :query_pos] etc.
+        q, k, v = out.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
+        return {"q": q, "k": k, "v": v}[kind][..., d * head : d * (head + 1)]
     # GPTNeoXAttention: view(..., H, 3D).chunk(3, dim=-1)
     return out.view(*out.shape[:-1], n_heads, 3 * d).chunk(3, dim=-1)["qkv".index(kind)][..., head, :]
 
@@ -227,11 +234,13 @@ def test_lora_stays_active_under_identity_intervention(lora_llama, ids):
     assert torch.equal(_logits(peft_model, x, edits, hm), lora_logits)
 
 
-def test_lora_on_o_proj_applies_to_patched_z(lora_llama, ids):
+@pytest.mark.parametrize("merge", ["merge_and_unload", "merge_adapter"])
+def test_lora_on_o_proj_applies_to_patched_z(lora_llama, ids, merge):
     """Patching z in the unmerged PeftModel equals patching it in the merged model (bug B3 would differ)."""
     _, peft_model = lora_llama
     base_ids, src_ids = ids
-    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged = copy.deepcopy(peft_model)
+    merged = merged.merge_and_unload() if merge == "merge_and_unload" else (merged.merge_adapter() or merged)
     hm_peft, hm_merged = head_map(peft_model), head_map(merged)
     assert hm_merged.spec == hm_peft.spec
     pos = torch.tensor([6, 2, 4])
@@ -311,6 +320,8 @@ def test_clear_errors(models, ids):
         hm.module(0, "o")
     with pytest.raises(EtbenchError, match="positions must have shape"):
         cache(model, hm, {"input_ids": x}, [Site(0, "z", torch.tensor([1, 2]))])
+    with pytest.raises(EtbenchError, match="positions must lie in 0..6"):
+        cache(model, hm, {"input_ids": x}, [Site(0, "z", -1)])
     with pytest.raises(EtbenchError, match="head index out of range"):
         cache(model, hm, {"input_ids": x}, [Site(0, "k", 1, [4])])
     with pytest.raises(EtbenchError, match="decoder layer lists"):
