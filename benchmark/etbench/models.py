@@ -24,6 +24,7 @@ import shutil
 import socket
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -166,14 +167,14 @@ def _gguf_location(entry: RegistryEntry) -> str:
     return str((package_dir or Path(f"<{entry.package} not installed>")) / entry.file)
 
 
-def _spec_from_path(ref: str, path: Path, alias: str | None = None) -> ModelSpec:
+def _spec_from_path(ref: str, path: Path, entries: Mapping[str, RegistryEntry]) -> ModelSpec:
     if path.is_file() and path.suffix == ".gguf":
-        return ModelSpec(ref=ref, kind="gguf", location=str(path), alias=alias)
+        return ModelSpec(ref=ref, kind="gguf", location=str(path))
     if (path / "adapter_config.json").is_file():
         base_ref = _adapter_base(path / "adapter_config.json")
-        return ModelSpec(ref=ref, kind="peft", location=str(path), alias=alias, base=resolve(base_ref))
+        return ModelSpec(ref=ref, kind="peft", location=str(path), base=resolve(base_ref, entries))
     if (path / "config.json").is_file():
-        return ModelSpec(ref=ref, kind="directory", location=str(path), alias=alias)
+        return ModelSpec(ref=ref, kind="directory", location=str(path))
     if path.exists():
         raise EtbenchError(f"{ref}: not a model (no config.json or adapter_config.json in {path}, and not a .gguf file)")
     raise EtbenchError(f"{ref}: no such file or directory")
@@ -187,20 +188,24 @@ def _adapter_base(config_path: Path) -> str:
     return base
 
 
-def resolve(ref: str) -> ModelSpec:
-    """Turn a reference into a ModelSpec. Touches only the local filesystem."""
-    entry = registry().get(ref)
+def resolve(ref: str, entries: Mapping[str, RegistryEntry] | None = None) -> ModelSpec:
+    """Turn a reference into a ModelSpec. Touches only the local filesystem.
+
+    ``entries`` replaces the shipped registry (tests, or a caller with its own aliases).
+    """
+    entries = registry() if entries is None else entries
+    entry = entries.get(ref)
     if entry is not None:
-        return _spec_from_entry(entry)
+        return _spec_from_entry(entry, entries)
     if ref.startswith(ASSET_PREFIX):
-        return _spec_from_path(ref, _asset_path(ref))
+        return _spec_from_path(ref, _asset_path(ref), entries)
     path = Path(ref).expanduser()
     if path.exists() or _looks_like_path(ref):
-        return _spec_from_path(ref, path)
+        return _spec_from_path(ref, path, entries)
     return ModelSpec(ref=ref, kind="hub", location=ref, install=f"hf download {ref}")
 
 
-def _spec_from_entry(entry: RegistryEntry) -> ModelSpec:
+def _spec_from_entry(entry: RegistryEntry, entries: Mapping[str, RegistryEntry]) -> ModelSpec:
     common = dict(ref=entry.alias, alias=entry.alias, tokenizer=entry.tokenizer, install=entry.install, entry=entry)
     if entry.kind == "hub":
         return ModelSpec(kind="hub", location=entry.repo, revision=entry.revision, **common)
@@ -211,7 +216,8 @@ def _spec_from_entry(entry: RegistryEntry) -> ModelSpec:
         adapter = str(_asset_path(adapter))
     elif Path(adapter).expanduser().exists():
         adapter = str(Path(adapter).expanduser())
-    return ModelSpec(kind="peft", location=adapter, base=resolve(entry.base), merge=bool(entry.merge), **common)
+    return ModelSpec(kind="peft", location=adapter, base=resolve(entry.base, entries), merge=bool(entry.merge),
+                     **common)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,12 +267,23 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+def hf_cache_dir() -> Path:
+    """The HF hub cache, from the environment now (huggingface_hub fixes it at import time)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
 def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
     """The local HF-cache snapshot of a hub repo when it holds a config and weights, else None."""
     from huggingface_hub import snapshot_download
 
     try:
-        path = Path(snapshot_download(repo, revision=revision, local_files_only=True))
+        path = Path(snapshot_download(repo, revision=revision, cache_dir=hf_cache_dir(), local_files_only=True))
     except Exception:  # LocalEntryNotFoundError, a malformed id (HFValidationError), ...
         return None
     has_config = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
@@ -387,6 +404,7 @@ def ensure_dequantised(gguf_path: str | Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as any other model directory
     try:
         # dequantize=True gives ordinary nn.Linear weights, so the model saves like any other.
         model = AutoModelForCausalLM.from_pretrained(
@@ -471,15 +489,17 @@ class _Loaded:
     base_source: str | None = None
 
 
-def load(ref: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> LoadedModel:
+def load(ref: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False, *,
+         entries: Mapping[str, RegistryEntry] | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from any reference (see the module docstring).
 
     ``device="auto"`` spreads the model with ``device_map="auto"``; otherwise the model is loaded on
-    the CPU and moved. ``trust_remote_code`` is passed through and off by default.
+    the CPU and moved. ``trust_remote_code`` is passed through and off by default. ``entries``
+    replaces the shipped registry.
     """
     torch_dtype = _torch_dtype(dtype)
     _check_device(device)
-    spec = resolve(ref)
+    spec = resolve(ref, entries)
     status = availability(spec, allow_download=True)
     if not status.ok:
         raise EtbenchError(f"{spec.name} is not available: {status.why}")
@@ -603,7 +623,7 @@ def list_models() -> list[ModelRow]:
     rows = []
     for alias, entry in registry().items():
         try:
-            spec = _spec_from_entry(entry)
+            spec = _spec_from_entry(entry, registry())
             status = availability(spec, allow_download=False)
             source = _describe_source(spec)
         except EtbenchError as err:

