@@ -92,12 +92,8 @@ def test_trust_remote_code_is_off_by_default(caches, toy_model_dir, tmp_path):
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
     (model_dir / "config.json").write_text(json.dumps(config))
 
-    try:
-        loaded = models.load(str(model_dir))
-        assert type(loaded.model).__name__ == "LlamaForCausalLM"
-    except (EtbenchError, ValueError):
-        pass  # refusing is as good as ignoring; what matters is that the code did not run
-    assert not marker.exists()
+    loaded = models.load(str(model_dir))  # the config's auto_map is ignored: plain Llama, code not run
+    assert type(loaded.model).__name__ == "LlamaForCausalLM" and not marker.exists()
     loaded = models.load(str(model_dir), trust_remote_code=True)
     assert marker.exists() and type(loaded.model).__name__ == "CustomForCausalLM"
 
@@ -151,6 +147,25 @@ def test_peft_entry_with_merge_gives_a_plain_model(caches, toy_model_dir, adapte
     assert loaded.merged and not isinstance(loaded.model, PeftModel)
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
     torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer), _logits(*adapter_reference),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_on_a_merged_adapter_alias(caches, toy_model_dir, adapter_dir, adapter_reference):
+    """The tiny-base / tiny-ft shape: a merged LoRA alias used as the base of an unmerged one."""
+    from peft import PeftModel
+
+    entries = models.parse_registry({"schema_version": 1, "models": {
+        "base": {"kind": "peft", "base": str(toy_model_dir), "adapter": str(adapter_dir), "merge": True,
+                 "description": "d"},
+        "ft": {"kind": "peft", "base": "base", "adapter": str(adapter_dir), "merge": False, "description": "d"},
+    }})
+    loaded = models.load("ft", entries=entries)
+    assert isinstance(loaded.model, PeftModel) and not loaded.merged
+    from transformers import AutoModelForCausalLM
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_model_dir), adapter_dir).merge_and_unload()
+    reference = PeftModel.from_pretrained(merged, adapter_dir).eval()
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer), _logits(reference, adapter_reference[1]),
                                atol=1e-5, rtol=1e-5)
 
 
