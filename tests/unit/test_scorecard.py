@@ -1,0 +1,55 @@
+"""etbench.scorecard: round trip, validation, schema version, canonical bytes."""
+
+import json
+
+import pytest
+
+from etbench import scorecard as sc
+from etbench.errors import EtbenchError
+
+
+def make_card() -> sc.Scorecard:
+    est = sc.Estimate(0.44, 0.40, 0.48, 500, "wilson")
+    return sc.Scorecard(
+        base=sc.ModelCard("tiny-base", "src-a", "llama", 30, 9),
+        ft=sc.ModelCard("tiny-ft", "src-b", "llama", 30, 9),
+        config={"n": 500, "seed": 0},
+        config_hash=sc.config_hash({"n": 500, "seed": 0}),
+        provenance=sc.Provenance("0.1.0", sc.BENCHMARK_VERSION, {"torch": "2.13.0"}, "cpu", "float32"),
+        accuracy=[sc.AccuracyScore("base", 7, est), sc.AccuracyScore("ft", 7, est)],
+        cmap=[sc.CmapScore("output", "full", est, est, sc.Estimate(None, None, None, 500, "paired-bootstrap",
+                                                                     note="ft accuracy equals base accuracy"))],
+    )
+
+
+def test_round_trip_through_disk_is_exact(tmp_path):
+    card = make_card()
+    path = sc.save(card, tmp_path, items=[{"measure": "accuracy", "model": "base", "item": 0, "correct": True}])
+    assert sc.load(path) == card
+    assert sc.load_items(path, card)[0]["correct"] is True
+    assert sc.canonical_bytes(sc.load(path)) == path.read_bytes()
+
+
+def test_config_hash_is_order_independent_and_sensitive():
+    assert sc.config_hash({"a": 1, "b": 2}) == sc.config_hash({"b": 2, "a": 1})
+    assert sc.config_hash({"a": 1}) != sc.config_hash({"a": 2})
+
+
+def test_invalid_or_foreign_scorecards_are_clear_errors(tmp_path):
+    data = sc.to_dict(make_card())
+    with pytest.raises(EtbenchError, match="schema version 99"):
+        sc.from_dict({**data, "schema_version": 99})
+    data["accuracy"][0]["model"] = "other"
+    with pytest.raises(EtbenchError, match="accuracy.0.model"):
+        sc.from_dict(data)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(EtbenchError, match="not valid JSON"):
+        sc.load(tmp_path / "bad.json")
+    with pytest.raises(EtbenchError, match="no such scorecard"):
+        sc.load(tmp_path / "missing.json")
+
+
+def test_json_schema_describes_the_dataclasses():
+    schema = sc.json_schema()
+    assert set(schema["required"]) >= {"base", "ft", "config", "config_hash", "provenance"}
+    assert "Estimate" in json.dumps(schema)
