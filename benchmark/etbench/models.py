@@ -91,6 +91,12 @@ def parse_registry(data: dict, origin: str = "registry") -> dict[str, RegistryEn
         if missing:
             raise EtbenchError(f"{origin}: entry {alias!r} (kind {kind}) is missing {', '.join(missing)}")
         entries[str(alias)] = RegistryEntry(alias=str(alias), **raw)
+    for alias in entries:  # a peft base chain must end in a non-peft model
+        seen = [alias]
+        while entries.get(seen[-1]) is not None and entries[seen[-1]].kind == "peft":
+            seen.append(entries[seen[-1]].base)
+            if seen[-1] in seen[:-1]:
+                raise EtbenchError(f"{origin}: entry {alias!r} has a base cycle: {' -> '.join(seen)}")
     return entries
 
 
@@ -202,6 +208,11 @@ def resolve(ref: str, entries: Mapping[str, RegistryEntry] | None = None) -> Mod
     path = Path(ref).expanduser()
     if path.exists() or _looks_like_path(ref):
         return _spec_from_path(ref, path, entries)
+    snapshot = cached_snapshot(ref)
+    if snapshot is not None and (snapshot / "adapter_config.json").is_file():
+        # A hub adapter repo: its base comes from adapter_config.json, as for an adapter directory.
+        base = resolve(_adapter_base(snapshot / "adapter_config.json"), entries)
+        return ModelSpec(ref=ref, kind="peft", location=ref, base=base, install=f"hf download {ref}")
     return ModelSpec(ref=ref, kind="hub", location=ref, install=f"hf download {ref}")
 
 

@@ -60,6 +60,12 @@ def test_dtype_conversion(caches, toy_model_dir, dtype):
     assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, dtype)}
 
 
+def test_device_auto_uses_a_device_map(caches, toy_model_dir, toy_reference):
+    loaded = models.load(str(toy_model_dir), device="auto")
+    assert {p.device.type for p in loaded.model.parameters()} <= {"cpu", "cuda"}  # placed by accelerate
+    assert torch.equal(_logits(loaded.model, loaded.tokenizer).cpu(), _logits(*toy_reference))
+
+
 def _fake_hub_cache(cache: Path, repo: str, files_from: Path) -> Path:
     """The layout huggingface_hub writes: models--owner--name/{refs/main, snapshots/<commit>/...}."""
     commit = "0" * 40
@@ -133,6 +139,13 @@ def test_adapter_directory_loads_on_the_base_it_names(caches, adapter_dir, adapt
     logits = _logits(loaded.model, loaded.tokenizer)
     assert torch.equal(logits, _logits(*adapter_reference))
     assert not torch.allclose(logits, _logits(*toy_reference), atol=1e-3)
+
+
+def test_hub_adapter_repo_in_the_cache_loads_on_its_base(caches, adapter_dir, adapter_reference):
+    _fake_hub_cache(caches / "hf", "etbench-test/toy-lora", adapter_dir)
+    loaded = models.load("etbench-test/toy-lora")
+    assert loaded.kind == "peft" and loaded.source == "etbench-test/toy-lora"
+    assert torch.equal(_logits(loaded.model, loaded.tokenizer), _logits(*adapter_reference))
 
 
 def test_peft_entry_with_merge_gives_a_plain_model(caches, toy_model_dir, adapter_dir, adapter_reference):

@@ -82,6 +82,12 @@ def test_parse_registry_names_the_bad_entry(entry, message):
     assert message in str(err.value)
 
 
+def test_parse_registry_rejects_a_base_cycle():
+    with pytest.raises(EtbenchError, match="base cycle: a -> b -> a"):
+        models.parse_registry(_doc(a={"kind": "peft", "base": "b", "adapter": "x/y", "description": "d"},
+                                   b={"kind": "peft", "base": "a", "adapter": "x/y", "description": "d"}))
+
+
 def test_parse_registry_checks_the_schema_version():
     with pytest.raises(EtbenchError, match="schema_version"):
         models.parse_registry({"schema_version": 2, "models": {}})
