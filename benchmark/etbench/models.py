@@ -5,7 +5,8 @@ Nothing else in etbench knows how weights are found or loaded. A reference is on
 * an alias from ``assets/registry.yaml`` (``etbench models list``),
 * a hub id (``owner/name``), loaded from the local HF cache when it is there,
 * a local model directory (``config.json``) or PEFT adapter directory (``adapter_config.json``),
-* a ``.gguf`` file, dequantised once and cached as safetensors,
+* a ``.gguf`` file, dequantised once and cached as float32 safetensors + tokenizer under
+  ``$ETBENCH_CACHE/gguf/<name>-<sha256 prefix>/`` (default ``~/.cache/etbench``),
 * ``asset:<path>``: a directory shipped inside the package (``etbench/assets/<path>``).
 
 Availability is decided *before* any ``from_pretrained`` call, from the local cache and a short
@@ -342,7 +343,7 @@ def _gguf_availability(spec: ModelSpec) -> Availability:
     entry = spec.entry
     if path.is_file():
         cached = _find_dequantised(path)
-        note = "dequantised cache ready" if cached else "first load dequantises it (~20 s)"
+        note = "dequantised cache ready" if cached else "the first load dequantises it once (~30 s)"
         return Availability(True, f"{path.name} found; {note}")
     if entry is None:
         return Availability(False, f"{path} does not exist")
@@ -572,7 +573,10 @@ def _load_spec(spec: ModelSpec, torch_dtype, device: str, trust_remote_code: boo
         return _Loaded(model, tokenizer, spec.location, str(snapshot) if snapshot else None)
     if spec.kind == "gguf":
         gguf_path = _materialise_gguf(spec)
-        weights_dir = ensure_dequantised(gguf_path)
+        try:
+            weights_dir = ensure_dequantised(gguf_path)
+        except (ValueError, KeyError, OSError, RuntimeError) as err:  # e.g. an architecture transformers lacks
+            raise EtbenchError(f"{spec.name}: cannot convert {gguf_path.name} ({_one_line(err)})") from None
         model, tokenizer = _from_pretrained(spec, str(weights_dir), torch_dtype, device, trust_remote_code)
         return _Loaded(model, tokenizer, str(gguf_path), str(weights_dir))
     return _load_peft(spec, torch_dtype, device, trust_remote_code)
@@ -649,4 +653,4 @@ def format_model_table(rows: list[ModelRow]) -> str:
 
     table = [(r.alias, r.kind, r.description, r.source, "yes" if r.available else "no", r.why) for r in rows]
     return tabulate(table, headers=("alias", "kind", "what it is", "source", "offline now", "why"),
-                    tablefmt="simple", maxcolwidths=[None, None, 40, 36, None, 48])
+                    tablefmt="simple", maxcolwidths=[None, None, 36, 32, None, 44])

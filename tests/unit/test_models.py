@@ -176,6 +176,15 @@ def test_missing_gguf_package_says_how_to_install(offline):
         models.load("g", entries=entries)
 
 
+def test_unreadable_gguf_is_a_one_line_error(offline, tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(40))
+    with pytest.raises(EtbenchError, match="cannot convert broken.gguf") as err:
+        models.load(str(path))
+    assert "\n" not in str(err.value)
+    assert not any((tmp_path / "etbench" / "gguf").iterdir())  # the failed conversion left nothing behind
+
+
 def test_hub_is_unreachable_when_offline(offline):
     assert models.hub_offline() and not models.hub_reachable()
 
