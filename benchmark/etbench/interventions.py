@@ -14,6 +14,14 @@ logic lives in ``etbench.heads`` and is pure tensor code, so an nnsight/NDIF bac
 Edits on z run as a forward *pre*-hook on the attention output projection (its input is z), so the
 projection itself, including a PEFT LoRA on it, still runs on the edited z. Edits on q/k/v run as a
 forward hook on the projection output (after LoRA's delta is added).
+
+Usage (positions from ``etbench.layout``: ``batch.positions(layouts, "last")``, shape ``[B]``)::
+
+    hm = head_map(model)                                   # model may be a PeftModel
+    src = cache(model, hm, src_inputs, [Site(15, "z", src_last, heads=[13])])[(15, "z")]   # [B, 1, d]
+    out = run(model, hm, base_inputs, [replace(15, "z", src, base_last, heads=[13])])      # patched logits
+    mask = torch.nn.Parameter(torch.ones(1))               # DCM: gradient flows to the mask
+    out = run(model, hm, base_inputs, [mix(15, "z", src, mask, base_last, heads=[13])])
 """
 
 from __future__ import annotations
@@ -170,7 +178,7 @@ def run(model, hm: HeadMap, inputs: Mapping[str, torch.Tensor], edits: Sequence[
         return model(**inputs, **forward_kwargs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Site:
     """What to cache: one head tensor of one layer, at positions (None = every position)."""
 
