@@ -183,7 +183,8 @@ def _spec_from_path(ref: str, path: Path, entries: Mapping[str, RegistryEntry]) 
     if (path / "config.json").is_file():
         return ModelSpec(ref=ref, kind="directory", location=str(path))
     if path.exists():
-        raise EtbenchError(f"{ref}: not a model (no config.json or adapter_config.json in {path}, and not a .gguf file)")
+        raise EtbenchError(f"{ref}: not a model (no config.json or adapter_config.json in {path}, "
+                           "and not a .gguf file)")
     raise EtbenchError(f"{ref}: no such file or directory")
 
 
@@ -329,7 +330,8 @@ def availability(spec: ModelSpec, allow_download: bool = False) -> Availability:
     if adapter_path.is_absolute() or adapter_path.exists():
         if (adapter_path / "adapter_config.json").is_file():
             return Availability(True, f"base {base.why}; adapter in {adapter_path}")
-        return _missing(spec, f"adapter directory {adapter_path} has no adapter_config.json")
+        problem = "has no adapter_config.json" if adapter_path.exists() else "does not exist"
+        return _missing(spec, f"adapter directory {adapter_path} {problem}")
     if cached_snapshot(spec.location) is not None:
         return Availability(True, f"base {base.why}; adapter {spec.location} in the local Hugging Face cache")
     if allow_download and hub_reachable():

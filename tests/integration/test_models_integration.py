@@ -176,7 +176,8 @@ def test_adapter_on_a_merged_adapter_alias(caches, toy_model_dir, adapter_dir, a
     assert isinstance(loaded.model, PeftModel) and not loaded.merged
     from transformers import AutoModelForCausalLM
 
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_model_dir), adapter_dir).merge_and_unload()
+    fresh_base = AutoModelForCausalLM.from_pretrained(toy_model_dir)  # merging edits the base in place
+    merged = PeftModel.from_pretrained(fresh_base, adapter_dir).merge_and_unload()
     reference = PeftModel.from_pretrained(merged, adapter_dir).eval()
     torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer), _logits(reference, adapter_reference[1]),
                                atol=1e-5, rtol=1e-5)
@@ -284,7 +285,8 @@ def test_gguf_load_matches_the_source_model_and_is_cached(caches, tiny_gguf):
     assert second.weights_dir == first.weights_dir
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)  # read, not rewritten
     assert second.model.dtype == torch.bfloat16
-    assert torch.equal(_logits(second.model, second.tokenizer), _logits(first.model.to(torch.bfloat16), first.tokenizer))
+    first_in_bf16 = first.model.to(torch.bfloat16)
+    assert torch.equal(_logits(second.model, second.tokenizer), _logits(first_in_bf16, first.tokenizer))
 
 
 def test_a_changed_gguf_gets_its_own_cache_entry(caches, tiny_gguf, tmp_path):
