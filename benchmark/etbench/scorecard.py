@@ -17,15 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from .circuits import GROUPS  # noqa: F401  (re-exported: the group names every score is keyed by)
 from .errors import EtbenchError
 from .fileio import atomic_write_json, atomic_write_jsonl, dumps_json, read_jsonl
 
 SCHEMA_VERSION = 1
 #: Bump when prompts, metrics or presets change meaning: scorecards of another version are not comparable.
 BENCHMARK_VERSION = "1.0"
-
-GROUPS: tuple[str, ...] = ("value_fetcher", "position_transmitter", "position_detector", "structure_reader")
-Group = Literal["value_fetcher", "position_transmitter", "position_detector", "structure_reader"]
 
 
 @dataclass
