@@ -107,6 +107,80 @@ def models_list() -> None:
     typer.echo(models.format_model_table(models.list_models()))
 
 
+# --- submissions, leaderboard, compare, report (etbench.submissions / leaderboard / report) ---
+leaderboard_app = typer.Typer(no_args_is_help=True, help="Build the leaderboard from stored scorecards.")
+app.add_typer(leaderboard_app, name="leaderboard")
+
+
+@app.command("submit")
+def submit_cmd(
+    file: Path = typer.Argument(..., help="A submission YAML (see submissions/README.md)."),
+    root: Path = typer.Option(Path("."), "--root", help="Directory holding submissions/ and leaderboards/."),
+    replace: bool = typer.Option(False, "--replace", help="Update an existing submission of the same name."),
+    check: bool = typer.Option(False, "--check", help="Validate only; write nothing."),
+) -> None:
+    """Validate a submission, ingest its scorecard and rebuild the leaderboard (all or nothing)."""
+    from . import submissions
+
+    if check:
+        sub = submissions.validate(file)
+        typer.echo(f"{file}: valid submission {sub.name!r}")
+        for note in sub.notes:
+            typer.echo(f"note: {note}", err=True)
+        return
+    result = submissions.submit(file, root=root, replace=replace)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"submitted {result.name}: results in {root / 'submissions' / 'results' / result.name}, "
+               f"leaderboard rebuilt ({result.rows} rows)")
+
+
+@leaderboard_app.command("build")
+def leaderboard_build(
+    root: Path = typer.Option(Path("."), "--root", help="Directory holding submissions/results/."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default ROOT/leaderboards)."),
+    no_paper: bool = typer.Option(False, "--no-paper", help="Leave out the paper's published rows."),
+) -> None:
+    """Regenerate leaderboards/ (CSV, JSON, Markdown, HTML, reports) deterministically."""
+    from . import leaderboard
+
+    paths = leaderboard.build(root, out, include_paper=not no_paper)
+    typer.echo(f"wrote {len(paths)} files to {out or root / 'leaderboards'}")
+
+
+@app.command("compare")
+def compare_cmd(
+    a: str = typer.Argument(..., help="Scorecard path, submission name or model ref (the reference side)."),
+    b: str = typer.Argument(..., help="Scorecard path, submission name or model ref (the compared side)."),
+    store: list[Path] = typer.Option([Path("submissions/results")], "--store",
+                                     help="Where to look for scorecards by name or ref (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.md + report.html here."),
+) -> None:
+    """Paired statistics on the same items: McNemar, paired bootstrap CIs, Holm."""
+    from . import report
+
+    comp = report.resolve_pair(a, b, store)
+    typer.echo(report.format_comparison(comp))
+    if out is not None:
+        for path in report.write_doc(report.comparison_report(comp), out):
+            typer.echo(f"wrote {path}", err=True)
+
+
+@app.command("report")
+def report_cmd(
+    scorecard_ref: str = typer.Argument(..., help="scorecard.json (or its directory) or a stored submission name."),
+    store: list[Path] = typer.Option([Path("submissions/results")], "--store", help="Where stored submissions live."),
+    out: Path = typer.Option(Path("."), "--out", "-o", help="Directory for report.md + report.html."),
+) -> None:
+    """Markdown + HTML report of one scorecard (tables, paired base-vs-ft tests, figures)."""
+    from . import report
+
+    found = report.find_one(scorecard_ref, store)
+    doc = report.scorecard_report(found.card, found.items, title=found.name)
+    for path in report.write_doc(doc, out):
+        typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     try:
         app()

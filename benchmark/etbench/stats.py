@@ -185,6 +185,27 @@ def paired_bootstrap_ratio(num: Sequence[float], den: Sequence[float], *, seed: 
                           method=method, label=f"paired-bootstrap-{method}")
 
 
+def paired_bootstrap(data: Sequence[Sequence[float]], statistic, *, seed: int = 0, level: float = 0.95,
+                     n_resamples: int = DEFAULT_RESAMPLES, method: BootMethod = "percentile",
+                     label: str = "paired-bootstrap") -> Interval:
+    """Any statistic of several per-item arrays over the same items, e.g. a difference of two ratios.
+
+    ``statistic(*arrays, axis=-1)`` must be vectorised (numpy reductions along ``axis``); a nan
+    result for a resample (e.g. a zero denominator) is ignored by the percentile interval.
+    """
+    arrays = tuple(_as_1d(d, f"data[{i}]") for i, d in enumerate(data))
+    if len({a.size for a in arrays}) > 1:
+        raise ValueError("paired samples differ in length: " + " vs ".join(str(a.size) for a in arrays))
+    if not arrays[0].size:
+        return Interval(None, None, None, 0, f"{label}-{method}", level, "no items")
+    with np.errstate(all="ignore"):
+        value = float(statistic(*arrays, axis=-1))
+    if not math.isfinite(value):
+        return Interval(None, None, None, int(arrays[0].size), f"{label}-{method}", level, "statistic undefined")
+    return _boot_interval(arrays, statistic, value, paired=True, seed=seed, level=level, n_resamples=n_resamples,
+                          method=method, label=f"{label}-{method}")
+
+
 def permutation_test_paired(a: Sequence[float], b: Sequence[float], *, seed: int = 0,
                             n_resamples: int = 9999, alternative: str = "two-sided") -> TestResult:
     """Sign-flip test of mean(b - a) = 0 (scipy ``permutation_test``, ``permutation_type='samples'``)."""
