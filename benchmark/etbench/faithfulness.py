@@ -93,6 +93,18 @@ def forward(model, input_ids: torch.Tensor, hm: HeadMap | None = None, edits: Se
 # Mean activations
 
 
+def usable_pool(tokenizer, n_boxes: int) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+    """(objects, labels) this tokenizer spells as single tokens; objects is None when all 85 are
+    usable, so the prompts are exactly the canonical stream (as ``accuracy.run`` does)."""
+    from .layout import check_vocabulary
+
+    report = check_vocabulary(tokenizer)
+    if report.dropped_objects or report.dropped_labels:
+        report.require(n_boxes)
+        return report.kept_objects, report.kept_labels
+    return None, report.kept_labels
+
+
 def ablation_examples(n_boxes: int = 7, n: int = 500, seed: int = 0, objects: Sequence[str] | None = None,
                       labels: Sequence[str] = LABELS) -> list[Example]:
     """The mean-ablation prompts (spec §2.4): one fresh context each, queried at segment 0, with the
@@ -429,10 +441,11 @@ def evaluate_circuit(model, circuit: Circuit, tokenizer=None, *, n_boxes: int = 
     hm = head_map(model)
     circuit.check_model(hm.spec)
     counter = counter or PassCounter()
-    examples = data.generate(n_boxes=n_boxes, n=n, seed=seed)
+    pool, labels = usable_pool(tokenizer, n_boxes)
+    examples = data.generate(n_boxes=n_boxes, n=n, seed=seed, objects=pool, labels=labels)
     lays = layouts(examples, tokenizer)
-    mean = mean or mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, counter=counter,
-                                    progress=progress)
+    mean = mean or mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
+                                    counter=counter, progress=progress)
     steps = 2 + random_draws + (2 * completeness_draws + 2 * len(GROUPS) if completeness_draws else 0)
     todo: list[tuple[str, Any]] = [("model", None), ("circuit", circuit)]
     rng = random.Random(f"etbench:random-circuits:{seed}")
