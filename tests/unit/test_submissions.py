@@ -1,0 +1,290 @@
+"""etbench submit: every bad submission is one clear error and changes no file (synthetic fixtures only)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from etbench import leaderboard as lb
+from etbench import scorecard as sc
+from etbench import submissions
+from etbench.errors import EtbenchError
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scorecards"
+FIXTURE_PRESET = "synthetic-fixture"
+
+GOOD = """\
+schema_version: 1
+name: {name}
+description: synthetic fixture, not a result
+model: {{hub: synthetic/{ft}, revision: abc123}}
+base: {{hub: synthetic/synthetic-base, revision: def456}}
+fine_tuning: {{data: synthetic, method: lora, details: none}}
+license: MIT
+contact: tests@example.invalid
+scorecard: cards/{ft}/scorecard.json
+"""
+
+
+@pytest.fixture(autouse=True)
+def fixture_preset(monkeypatch):
+    """The fixtures' preset is known, with the fixtures' config hash (scoring presets live elsewhere)."""
+    card = sc.load(FIXTURES / "synthetic-ft-a" / "scorecard.json")
+    monkeypatch.setattr(submissions, "expected_config_hash",
+                        lambda preset: card.config_hash if preset == FIXTURE_PRESET else "unknown-preset")
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    out = {}
+    for sub in ("submissions/results", "leaderboards"):
+        base = root / sub
+        if base.exists():
+            for p in sorted(base.rglob("*")):
+                out[str(p.relative_to(root))] = p.read_bytes() if p.is_file() else b"<dir>"
+    return out
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A store that already holds one accepted submission (so the leaderboard is non-trivial)."""
+    r = tmp_path_factory.mktemp("template") / "root"
+    cards = r / "submissions" / "cards"
+    for name in ("synthetic-ft-a", "synthetic-ft-b"):
+        shutil.copytree(FIXTURES / name, cards / name)
+    (r / "submissions" / "a.yaml").write_text(GOOD.format(name="fixture-a", ft="synthetic-ft-a"))
+    card = sc.load(FIXTURES / "synthetic-ft-a" / "scorecard.json")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(submissions, "expected_config_hash", lambda preset: card.config_hash)
+        submissions.submit(r / "submissions" / "a.yaml", root=r)
+    return r
+
+
+@pytest.fixture
+def root(template, tmp_path) -> Path:
+    r = tmp_path / "root"
+    shutil.copytree(template, r)
+    return r
+
+
+def write(root: Path, text: str, name: str = "bad.yaml") -> Path:
+    path = root / "submissions" / name
+    path.write_text(text)
+    return path
+
+
+def good_b(root: Path) -> str:
+    return GOOD.format(name="fixture-b", ft="synthetic-ft-b")
+
+
+def edit_card(root: Path, fn, rehash: bool = False) -> None:
+    path = root / "submissions" / "cards" / "synthetic-ft-b" / "scorecard.json"
+    data = json.loads(path.read_text())
+    fn(data)
+    if rehash:
+        data["config_hash"] = sc.config_hash(data["config"])
+    path.write_text(json.dumps(data))
+
+
+def test_good_submission_is_ingested_and_rebuild_is_byte_identical(root):
+    stored = root / "submissions" / "results" / "fixture-a"
+    assert {p.name for p in stored.iterdir()} == {"scorecard.json", "items.jsonl", "submission.json"}
+    meta = json.loads((stored / "submission.json").read_text())
+    assert meta["model_ref"] == "synthetic/synthetic-ft-a" and meta["fine_tuning"]["method"] == "lora"
+    board = json.loads((root / "leaderboards" / "leaderboard.json").read_text())
+    names = [r["name"] for r in board["rows"]]
+    assert names[0] == "fixture-a" and {"Llama-7B", "Vicuna-7B", "Goat-7B", "FLoat-7B"} <= set(names)
+    assert (root / "leaderboards" / "reports" / "fixture-a.html").is_file()
+    before = snapshot(root)
+    lb.build(root)
+    assert snapshot(root) == before
+    res = submissions.submit(write(root, good_b(root), "b.yaml"), root=root)
+    assert res.name == "fixture-b" and res.rows == 6
+    assert (root / "submissions" / "results" / "fixture-b" / "scorecard.json").is_file()
+
+
+BAD_YAML = [
+    ("malformed", "name: [unclosed\nmodel: {", r"not valid YAML at line \d+"),
+    ("not-a-mapping", "- a\n- b\n", "expected a YAML mapping"),
+    ("missing-license", "\n".join(l for l in GOOD.format(name="x", ft="synthetic-ft-b").splitlines()
+                                  if not l.startswith("license")), "'license' is a required property"),
+    ("unknown-field", GOOD.format(name="x", ft="synthetic-ft-b") + "extra: 1\n", "unknown field"),
+    ("unknown-alias", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "{hub: synthetic/synthetic-ft-b, revision: abc123}", "{alias: no-such-model}"), "unknown alias 'no-such-model'"),
+    ("hub-without-revision", GOOD.format(name="x", ft="synthetic-ft-b").replace(", revision: abc123", ""),
+     "exactly one of"),
+    ("two-refs", GOOD.format(name="x", ft="synthetic-ft-b").replace("revision: abc123", "revision: a, alias: gpt2"),
+     "exactly one of"),
+    ("remote-code-top", GOOD.format(name="x", ft="synthetic-ft-b") + "trust_remote_code: true\n",
+     "trust_remote_code is not allowed"),
+    ("remote-code-nested", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "revision: abc123}", "revision: abc123, trust_remote_code: false}"), r"model\.trust_remote_code"),
+    ("bad-name", GOOD.format(name="../evil", ft="synthetic-ft-b"), "name: '../evil' is not allowed"),
+    ("bad-method", GOOD.format(name="x", ft="synthetic-ft-b").replace("method: lora", "method: magic"),
+     "fine_tuning.method"),
+    ("scorecard-dotdot", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "cards/synthetic-ft-b/scorecard.json", "../outside/scorecard.json"), "leaves the submission's directory"),
+    ("scorecard-absolute", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "cards/synthetic-ft-b/scorecard.json", "/etc/passwd"), "leaves the submission's directory"),
+    ("scorecard-inner-dotdot", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "cards/synthetic-ft-b/scorecard.json", "cards/../../x/scorecard.json"), "leaves the submission's directory"),
+    ("model-path-traversal", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "{hub: synthetic/synthetic-ft-b, revision: abc123}", "{path: ../../model}"), r"model\.path: path '\.\./\.\./model'"),
+    ("base-path-home", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "{hub: synthetic/synthetic-base, revision: def456}", "{path: ~/model}"), r"base\.path: path '~/model'"),
+    ("scorecard-missing", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "cards/synthetic-ft-b/scorecard.json", "cards/nope.json"), "does not exist"),
+    ("same-model", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "{hub: synthetic/synthetic-ft-b, revision: abc123}", "{hub: synthetic/synthetic-base, revision: def456}"),
+     "the same model"),
+    ("wrong-model", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "hub: synthetic/synthetic-ft-b", "hub: synthetic/other"), "scorecard is for fine-tuned model 'synthetic-ft-b'"),
+    ("duplicate-name", GOOD.format(name="fixture-a", ft="synthetic-ft-b"), "already submitted"),
+]
+
+
+@pytest.mark.parametrize("case,text,message", BAD_YAML, ids=[c[0] for c in BAD_YAML])
+def test_bad_submission_files_are_rejected_without_changes(root, case, text, message):
+    before = snapshot(root)
+    with pytest.raises(EtbenchError, match=message) as info:
+        submissions.submit(write(root, text), root=root)
+    assert "\n" not in str(info.value)
+    assert snapshot(root) == before
+
+
+BAD_CARDS = [
+    ("tampered-accuracy", lambda d: d["accuracy"][1]["accuracy"].update(value=0.99), False,
+     "does not match its items file"),
+    ("tampered-config", lambda d: d["config"].update(n=999), False, "config hash .* does not match its config"),
+    ("limit", lambda d: d.update(limit=10), False, "--limit 10"),
+    ("old-version", lambda d: d["provenance"].update(benchmark_version="0.9"), False, "benchmark version '0.9'"),
+    ("other-preset", lambda d: d["config"].update(preset="other"), True, "claims preset 'other'|not the current hash"),
+    ("arch-mismatch", lambda d: d["ft"].update(architecture="gpt2"), False, "architectures differ"),
+    ("layers-mismatch", lambda d: d["ft"].update(n_layers=5), False, "architectures differ"),
+    ("items-traversal", lambda d: d.update(items_file="../synthetic-ft-a/items.jsonl"), False, "plain file name"),
+    ("items-missing", lambda d: d.update(items_file="gone.jsonl"), False, "items file gone.jsonl is missing"),
+    ("schema-version", lambda d: d.update(schema_version=99), False, "schema version 99"),
+    ("invalid-shape", lambda d: d["accuracy"][0].update(model="other"), False, "invalid scorecard"),
+]
+
+
+@pytest.mark.parametrize("case,edit,rehash,message", BAD_CARDS, ids=[c[0] for c in BAD_CARDS])
+def test_bad_scorecards_are_rejected_without_changes(root, case, edit, rehash, message):
+    edit_card(root, edit, rehash)
+    before = snapshot(root)
+    with pytest.raises(EtbenchError, match=message) as info:
+        submissions.submit(write(root, good_b(root)), root=root)
+    assert "\n" not in str(info.value)
+    assert snapshot(root) == before
+
+
+def test_preset_hash_must_be_current(root, monkeypatch):
+    monkeypatch.setattr(submissions, "expected_config_hash", lambda preset: "0" * 16)
+    before = snapshot(root)
+    with pytest.raises(EtbenchError, match="not the current hash of preset 'synthetic-fixture'"):
+        submissions.submit(write(root, good_b(root)), root=root)
+    assert snapshot(root) == before
+
+
+def test_symlink_escaping_the_directory_is_rejected(root, tmp_path):
+    outside = tmp_path / "outside"
+    shutil.copytree(FIXTURES / "synthetic-ft-b", outside)
+    (root / "submissions" / "link").symlink_to(outside, target_is_directory=True)
+    text = good_b(root).replace("cards/synthetic-ft-b/scorecard.json", "link/scorecard.json")
+    before = snapshot(root)
+    with pytest.raises(EtbenchError, match="outward symlinks"):
+        submissions.submit(write(root, text), root=root)
+    assert snapshot(root) == before
+
+
+def _model_dir(path: Path, model_type: str, layers: int = 4, **extra) -> None:
+    path.mkdir(parents=True)
+    cfg = {"model_type": model_type, "num_hidden_layers": layers, "num_attention_heads": 4, "hidden_size": 16,
+           "vocab_size": 100, **extra}
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("ft_kind,extra,message", [
+    ("gpt2", {}, r"architectures differ \(model_type 'llama' vs 'gpt2'"),
+    ("llama", {"auto_map": {"AutoModelForCausalLM": "x.Y"}}, "custom model code"),
+])
+def test_local_model_configs_are_checked(root, ft_kind, extra, message):
+    models_dir = root / "submissions" / "models"
+    _model_dir(models_dir / "base", "llama")
+    _model_dir(models_dir / "ft", ft_kind, **extra)
+    text = good_b(root).replace("{hub: synthetic/synthetic-ft-b, revision: abc123}", "{path: models/ft}") \
+        .replace("{hub: synthetic/synthetic-base, revision: def456}", "{path: models/base}")
+    before = snapshot(root)
+    with pytest.raises(EtbenchError, match=message):
+        submissions.submit(write(root, text), root=root)
+    assert snapshot(root) == before
+
+
+def test_different_tokenizers_are_rejected(root):
+    models_dir = root / "submissions" / "models"
+    _model_dir(models_dir / "base", "llama")
+    _model_dir(models_dir / "ft", "llama")
+    (models_dir / "base" / "vocab.json").write_text('{"a": 0}')
+    (models_dir / "ft" / "vocab.json").write_text('{"b": 0}')
+    text = good_b(root).replace("{hub: synthetic/synthetic-ft-b, revision: abc123}", "{path: models/ft}") \
+        .replace("{hub: synthetic/synthetic-base, revision: def456}", "{path: models/base}")
+    with pytest.raises(EtbenchError, match="tokenizers differ"):
+        submissions.submit(write(root, text), root=root)
+
+
+def test_interrupted_write_leaves_everything_unchanged(root, monkeypatch):
+    before = snapshot(root)
+    calls = {"n": 0}
+    real = lb._write
+
+    def flaky(path, data):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after the results and part of the leaderboard were written
+            raise OSError("disk full (simulated)")
+        real(path, data)
+
+    monkeypatch.setattr(lb, "_write", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        submissions.submit(write(root, good_b(root), "b.yaml"), root=root)
+    assert calls["n"] == 4
+    assert snapshot(root) == before
+    assert not (root / "submissions" / "results" / "fixture-b").exists()
+
+
+def test_replace_updates_an_existing_submission(root):
+    text = GOOD.format(name="fixture-a", ft="synthetic-ft-a").replace("method: lora", "method: full")
+    submissions.submit(write(root, text), root=root, replace=True)
+    meta = json.loads((root / "submissions" / "results" / "fixture-a" / "submission.json").read_text())
+    assert meta["fine_tuning"]["method"] == "full"
+
+
+def test_without_scorecard_scoring_is_called_or_clearly_unavailable(root, monkeypatch):
+    text = "\n".join(l for l in good_b(root).splitlines() if not l.startswith("scorecard"))
+    monkeypatch.setitem(sys.modules, "etbench.score", None)  # as if the scoring module did not exist
+    before = snapshot(root)
+    with pytest.raises(EtbenchError, match="scoring not available yet: pass a scorecard"):
+        submissions.submit(write(root, text), root=root)
+    assert snapshot(root) == before
+
+
+def test_schema_ships_with_the_package_and_is_valid():
+    import jsonschema
+
+    schema = submissions.schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert set(schema["required"]) >= {"name", "model", "base", "fine_tuning", "license", "contact"}
+
+
+def test_cli_bad_submission_is_one_line_and_exit_2(root):
+    before = snapshot(root)
+    bad = write(root, "name: [unclosed\n")
+    proc = subprocess.run([sys.executable, "-m", "etbench.cli", "submit", str(bad), "--root", str(root)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("etbench: error: ") and "not valid YAML" in lines[0]
+    assert snapshot(root) == before
