@@ -580,6 +580,9 @@ def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
             match = [f for f in cards if f.name == x] or [f for f in cards if f.card.ft.ref == x]
             if not match:
                 where = ", ".join(str(s) for s in stores) or "(no stores)"
+                if pa is None and pb is None:
+                    raise EtbenchError(f"no scorecard of {a!r} vs {b!r} in {where}: run `etbench score --base {a} "
+                                       f"--ft {b} --out DIR`, then `etbench compare {a} {b} --store DIR`")
                 raise EtbenchError(f"no scorecard for {x!r} in {where}: run `etbench score` first or pass a "
                                    "scorecard.json path")
             if len(match) > 1:

@@ -1,0 +1,86 @@
+"""etbench compare / report on synthetic fixture scorecards (not results)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from etbench import report, stats
+from etbench import scorecard as sc
+from etbench.cli import app
+from etbench.errors import EtbenchError
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scorecards"
+
+
+@pytest.fixture(scope="module")
+def card_a():
+    return report._load_found(FIXTURES / "synthetic-ft-a")
+
+
+def test_within_card_accuracy_matches_a_direct_mcnemar(card_a):
+    comp = report.compare_within(card_a.card, card_a.items)
+    seven = next(t for t in comp.accuracy if t.n_boxes == 7)
+    base = [r["correct"] for r in card_a.items if r["measure"] == "accuracy" and r["model"] == "base"
+            and r["n_boxes"] == 7]
+    ft = [r["correct"] for r in card_a.items if r["measure"] == "accuracy" and r["model"] == "ft"
+          and r["n_boxes"] == 7]
+    direct = stats.mcnemar(base, ft, n_resamples=200)
+    assert seven.p_value == pytest.approx(direct.p_value)
+    assert seven.result.acc_b == pytest.approx(card_a.card.accuracy[-1].accuracy.value)
+    # the Holm family is every test of this comparison
+    assert len(comp.holm.adjusted) == len(comp.p_values()) and all(
+        a >= p for a, p in zip(comp.holm.adjusted, comp.p_values()))
+    full = next(g for g in comp.gains if g.label == "CMAP gain, full")
+    score = next(c for c in card_a.card.cmap if c.group == "full")
+    assert full.interval.value == pytest.approx(score.gain.value)
+
+
+def test_cross_card_comparison_and_incomparable_configs(card_a):
+    b = report._load_found(FIXTURES / "synthetic-ft-b")
+    comp = report.compare_cards(card_a.card, card_a.items, b.card, b.items)
+    assert [t.n_boxes for t in comp.accuracy] == [3, 5, 7]
+    assert any(g.label.startswith("CMAP gain difference") for g in comp.gains)
+    other = sc.Scorecard(**{**b.card.__dict__, "config_hash": "different"})
+    with pytest.raises(EtbenchError, match="not comparable"):
+        report.compare_cards(card_a.card, card_a.items, other, b.items)
+
+
+def test_compare_cli_by_refs_prints_mcnemar_and_cmap_ci(tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(FIXTURES / "synthetic-ft-a", store / "synthetic-ft-a")
+    result = CliRunner().invoke(app, ["compare", "synthetic-base", "synthetic-ft-a", "--store", str(store),
+                                      "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    assert "accuracy, 7 boxes" in result.output and "exact McNemar p =" in result.output
+    assert "CMAP gain, full:" in result.output and "95% CI" in result.output
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "<svg" not in html or "http://" not in html.split("<svg", 1)[0]
+    assert (tmp_path / "rep" / "report.md").read_text().startswith("# synthetic-base vs synthetic-ft-a")
+
+
+def test_missing_scorecard_is_a_clear_error(tmp_path):
+    with pytest.raises(EtbenchError, match="no scorecard of 'tiny-base' vs 'tiny-ft'.*etbench score --base tiny-base"):
+        report.resolve_pair("tiny-base", "tiny-ft", [tmp_path])
+    with pytest.raises(EtbenchError, match="no scorecard for 'nope'"):
+        report.resolve_pair(str(FIXTURES / "synthetic-ft-a"), "nope", [tmp_path])
+
+
+def test_scorecard_report_has_tables_figures_and_is_deterministic(card_a):
+    one = report.scorecard_report(card_a.card, card_a.items)
+    two = report.scorecard_report(card_a.card, card_a.items)
+    assert one == two
+    assert one.html.count("<svg") == 3  # accuracy by box count, CMAP by group, head overlap
+    assert "default-src 'none'" in one.html and "Paired comparison" in one.markdown
+    assert "exact McNemar" in one.markdown and "Head overlap" in one.markdown
+
+
+def test_report_without_items_falls_back_to_scorecard_estimates(card_a):
+    comp = report.compare_within(card_a.card, [])
+    assert comp.accuracy == [] and comp.notes
+    assert all(not g.from_items for g in comp.gains)
+    assert report.format_comparison(comp)
