@@ -114,13 +114,18 @@ def _cmap_groups(card: sc.Scorecard) -> list[str]:
     return sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
 
 
+def _cmap_base(items: list[dict[str, Any]], n_boxes: int = 7) -> dict[Any, float]:
+    """The unpatched base model on CMAP's items (rows with variant/group "none"), else its 7-box accuracy rows."""
+    rows = _select(items, "cmap", model="base", variant="none", group="none")
+    return rows or _select(items, "accuracy", model="base", n_boxes=n_boxes)
+
+
 def cmap_tests(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[GainTest]:
     """CMAP gain per group: patched base accuracy minus base accuracy, paired over items."""
     out = []
-    n_boxes = int(card.config.get("n_boxes", 7)) if isinstance(card.config.get("n_boxes", 7), int) else 7
-    base = _select(items, "accuracy", model="base", n_boxes=n_boxes)
+    base = _cmap_base(items)
     for group in _cmap_groups(card):
-        patched = _select(items, "cmap", group=group, variant="output")
+        patched = _select(items, "cmap", model="base", group=group, variant="output")
         a, b = _align(base, patched)
         label = f"CMAP gain, {group.replace('_', ' ')}"
         if a.size:
@@ -211,11 +216,10 @@ def compare_cards(card_a: sc.Scorecard, items_a: list[dict[str, Any]], card_b: s
         if a.size:
             comp.accuracy.append(AccuracyTest(f"accuracy, {k} boxes", k, a_name, b_name,
                                               stats.mcnemar(a, b, seed=SEED, n_resamples=N_RESAMPLES)))
-    base_a = _select(items_a, "accuracy", model="base", n_boxes=7)
-    base_b = _select(items_b, "accuracy", model="base", n_boxes=7)
+    base_a, base_b = _cmap_base(items_a), _cmap_base(items_b)
     for group in [g for g in _cmap_groups(card_a) if g in set(_cmap_groups(card_b))]:
-        pa = _select(items_a, "cmap", group=group, variant="output")
-        pb = _select(items_b, "cmap", group=group, variant="output")
+        pa = _select(items_a, "cmap", model="base", group=group, variant="output")
+        pb = _select(items_b, "cmap", model="base", group=group, variant="output")
         keys = sorted(set(pa) & set(pb) & set(base_a) & set(base_b), key=lambda k: (str(type(k)), k))
         if not keys:
             continue

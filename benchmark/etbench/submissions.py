@@ -396,7 +396,7 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
         k, n = _accuracy_of(items, "accuracy", model=a.model, n_boxes=a.n_boxes)
         _check_estimate(origin, f"accuracy of {a.model} at {a.n_boxes} boxes", a.accuracy, k, n)
     for c in card.cmap:
-        k, n = _accuracy_of(items, "cmap", group=c.group, variant=c.variant)
+        k, n = _accuracy_of(items, "cmap", model="base", group=c.group, variant=c.variant)
         _check_estimate(origin, f"CMAP {c.variant} {c.group} patched accuracy", c.patched_accuracy, k, n)
     for f in card.faithfulness:
         k, n = _accuracy_of(items, "circuit_accuracy", model=f.model, circuit=f.circuit)
