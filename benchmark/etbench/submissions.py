@@ -50,6 +50,7 @@ class Submission:
     base_revision: Optional[str] = None
     scorecard: Optional[Path] = None
     notes: list[str] = field(default_factory=list)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # "model"/"base" -> local config.json
 
     def metadata(self) -> dict[str, Any]:
         d = self.data
@@ -268,6 +269,7 @@ def check_models(sub: Submission) -> None:
         return
     ft_cfg = _read_config(ft_dir, origin, "model")
     base_cfg = _read_config(base_dir, origin, "base")
+    sub.configs = {k: v for k, v in (("model", ft_cfg), ("base", base_cfg)) if v is not None}
     if ft_cfg is not None and base_cfg is not None:
         diffs = [f"{k} {base_cfg.get(k)!r} vs {ft_cfg.get(k)!r}" for k in ARCH_KEYS if base_cfg.get(k) != ft_cfg.get(k)]
         if diffs:
@@ -379,6 +381,15 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
     if arch_base != arch_ft:
         raise EtbenchError(f"{origin}: base and fine-tuned architectures differ (architecture, layers, heads: "
                            f"{arch_base} vs {arch_ft})")
+    for who, model_card in (("model", card.ft), ("base", card.base)):
+        cfg = sub.configs.get(who)
+        if cfg is None:
+            continue
+        local = (cfg.get("model_type"), cfg.get("num_hidden_layers"), cfg.get("num_attention_heads"))
+        scored = (model_card.architecture, model_card.n_layers, model_card.n_heads)
+        if None not in local and local != scored:
+            raise EtbenchError(f"{origin}: the submission's {who} is {local} (architecture, layers, heads) but the "
+                               f"scorecard scored {scored}: the scorecard is for another model")
     items_name = card.items_file
     if "/" in items_name or "\\" in items_name or items_name in ("", ".", "..") or items_name.startswith("."):
         raise EtbenchError(f"{origin}: items_file {items_name!r} must be a plain file name next to the scorecard")

@@ -111,3 +111,12 @@ def test_stale_files_are_removed_and_failures_roll_back(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         lb.build(root)
     assert _tree(root / "leaderboards") == before
+
+
+def test_committed_leaderboard_is_what_build_produces(tmp_path):
+    """leaderboards/ in the repository is generated: a fresh build from the stored results matches it."""
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / "leaderboards" / "index.html").is_file():
+        pytest.skip("no generated leaderboards/ in this checkout")
+    lb.build(repo, out_dir=tmp_path / "out")
+    assert _tree(tmp_path / "out") == _tree(repo / "leaderboards"), "run `etbench leaderboard build` and commit"
