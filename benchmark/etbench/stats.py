@@ -116,14 +116,18 @@ def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _boot_interval(data: tuple[np.ndarray, ...], statistic, value: float, *, paired: bool, seed: int,
-                   level: float, n_resamples: int, method: BootMethod, label: str) -> Interval:
-    """Run scipy's bootstrap; a sample with no spread gives the point as its own CI (BCa would be nan)."""
+                   level: float, n_resamples: int, method: BootMethod, label: str,
+                   constant: bool = False) -> Interval:
+    """Run scipy's bootstrap; a sample with no spread gives the point as its own CI (BCa would be nan).
+
+    ``constant``: the caller knows every resample gives ``value`` (e.g. all paired differences equal).
+    """
     from scipy.stats import bootstrap
 
     n = int(data[0].size)
     if n == 0:
         return Interval(None, None, None, 0, label, level, "no items")
-    if n == 1 or all(np.ptp(d) == 0 for d in data) or (paired and len(data) == 2 and np.ptp(data[1] - data[0]) == 0):
+    if n == 1 or constant or all(np.ptp(d) == 0 for d in data):
         return Interval(value, value, value, n, label, level, "no variation across items: CI is the point")
     with np.errstate(all="ignore"):
         import warnings
@@ -137,7 +141,8 @@ def _boot_interval(data: tuple[np.ndarray, ...], statistic, value: float, *, pai
     if not (math.isfinite(low) and math.isfinite(high)) and method == "BCa":
         # BCa needs a jackknife with spread; fall back to the percentile interval.
         return _boot_interval(data, statistic, value, paired=paired, seed=seed, level=level,
-                              n_resamples=n_resamples, method="percentile", label=label.replace("BCa", "percentile"))
+                              n_resamples=n_resamples, method="percentile", label=label.replace("BCa", "percentile"),
+                              constant=constant)
     return Interval(value, low, high, n, label, level, note)
 
 
@@ -160,7 +165,8 @@ def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], *, seed: int =
         return np.mean(y, axis=axis) - np.mean(x, axis=axis)
 
     return _boot_interval((a, b), stat, value, paired=True, seed=seed, level=level, n_resamples=n_resamples,
-                          method=method, label=f"paired-bootstrap-{method}")
+                          method=method, label=f"paired-bootstrap-{method}",
+                          constant=bool(a.size) and np.ptp(b - a) == 0)
 
 
 def paired_bootstrap_ratio(num: Sequence[float], den: Sequence[float], *, seed: int = 0, level: float = 0.95,

@@ -118,3 +118,25 @@ def test_to_estimate_converts_and_cleans_nan():
     e2 = stats.to_estimate(iv)
     assert (e2.value, e2.low, e2.high, e2.note) == (0.1, -0.2, None, "x")
     assert stats.from_estimate(e2).value == 0.1
+
+
+def test_ratio_with_constant_differences_still_has_spread():
+    # num - den is constant, but num/den varies across resamples: the CI must not collapse to the point
+    num, den = [1, 2, 3, 4] * 10, [0, 1, 2, 3] * 10
+    r = stats.paired_bootstrap_ratio(num, den, n_resamples=499)
+    assert r.value == pytest.approx(2.5 / 1.5) and r.low < r.value < r.high
+    same = stats.paired_bootstrap_diff([0, 1, 0, 1], [1, 2, 1, 2], n_resamples=99)
+    assert same.low == same.high == same.value == 1.0
+
+
+def test_generic_paired_bootstrap_of_a_ratio_difference():
+    rng = np.random.default_rng(5)
+    x = rng.binomial(1, 0.6, 80).astype(float)
+    y = np.ones(80)
+
+    def stat(a, b, axis=-1):
+        return np.mean(a, axis=axis) / np.mean(b, axis=axis)
+
+    r = stats.paired_bootstrap([x, y], stat, n_resamples=499)
+    assert r.value == pytest.approx(x.mean()) and r.low < r.value < r.high
+    assert stats.paired_bootstrap([[], []], stat).value is None
