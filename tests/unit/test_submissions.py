@@ -304,3 +304,13 @@ def test_local_models_pass_checks_but_must_match_the_scorecard(root, toy_model_d
     with pytest.raises(EtbenchError, match="the scorecard is for another model"):
         submissions.submit(write(root, text), root=root)
     assert snapshot(root) == before
+
+
+def test_shipped_scorecard_schema_is_current_and_accepts_fixtures():
+    """assets/schemas/scorecard.schema.json is scorecard.json_schema() (regenerate it when the format changes)."""
+    import jsonschema
+
+    shipped = json.loads((submissions.SCHEMA_PATH.parent / "scorecard.schema.json").read_text())
+    assert shipped == json.loads(json.dumps(sc.json_schema()))
+    data = json.loads((FIXTURES / "synthetic-ft-a" / "scorecard.json").read_text())
+    jsonschema.validate(data, shipped)
