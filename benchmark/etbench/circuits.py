@@ -466,7 +466,8 @@ class _PatchBatch:
                 extra = self.kv.get_seq_length() - self.split
                 if extra > 0:
                     self.kv.crop(-extra)
-        return out.logits[:, -1].float()
+        logits = out.logits[:, -1]
+        return logits if logits.dtype == torch.float64 else logits.float()
 
     def prob(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(-1).gather(1, self.targets.to(logits.device)[:, None])[:, 0]
@@ -520,7 +521,9 @@ class _PatchBatch:
         if recv is not None:
             by = dict(self.receivers_by_layer(receivers, recv[1]))
             deltas_r = {m: torch.zeros(B, len(hs), spec.d_head, dtype=dtype, requires_grad=True) for m, hs in by.items()}
-            edits = [Edit(m, recv[1], (lambda d: lambda cur: cur + d)(deltas_r[m]), self.rel_recv, hs)
+            # step 2 overwrites every receiver's input, so one receiver's change must not reach another
+            # receiver's input: hold them all at their clean values (detach) and differentiate there
+            edits = [Edit(m, recv[1], (lambda d: lambda cur: cur.detach() + d)(deltas_r[m]), self.rel_recv, hs)
                      for m, hs in by.items()]
             p = self.prob(self.suffix(edits, grad=True))
             (p / p.detach()).sum().backward()
@@ -708,9 +711,17 @@ class DiscoveryResult:
         return sorted(nodes, key=lambda n: n.score)
 
 
+def _per_group(k: Mapping[str, int] | int | None) -> dict[str, int]:
+    if k is None:
+        return {}
+    if isinstance(k, int):
+        return {g: k for g in GROUPS}
+    return {group_name(g): int(v) for g, v in k.items()}
+
+
 def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: int = 64, seed: int = 0,
-             batch_size: int = 16, receiver_k: Mapping[str, int] | None = None,
-             candidate_k: Mapping[str, int] | None = None, verify_k: Mapping[str, int] | None = None,
+             batch_size: int = 16, receiver_k: Mapping[str, int] | int | None = None,
+             candidate_k: Mapping[str, int] | int | None = None, verify_k: Mapping[str, int] | int | None = None,
              minimality_mode: str | None = None, minimality_n: int = 100, mean_n: int = 100,
              threshold: float = 0.01, percentage: float = 0.3, prefix_cache: bool = True,
              model_name: str = "", progress: bool = False) -> DiscoveryResult:
@@ -738,10 +749,10 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     hm = head_map(model)
     spec = hm.spec
     total_heads = spec.n_layers * spec.n_heads
-    receiver_k = {**default_k(total_heads, PAPER_RECEIVER_K), **{group_name(g): v for g, v in (receiver_k or {}).items()}}
-    candidate_k = {**default_k(total_heads, PAPER_CANDIDATE_K), **{group_name(g): v for g, v in (candidate_k or {}).items()}}
+    receiver_k = {**default_k(total_heads, PAPER_RECEIVER_K), **_per_group(receiver_k)}
+    candidate_k = {**default_k(total_heads, PAPER_CANDIDATE_K), **_per_group(candidate_k)}
     verify = {g: min(total_heads, max(math.ceil(1.5 * candidate_k[g]), receiver_k[g] + 2)) for g in GROUPS}
-    verify.update({group_name(g): v for g, v in (verify_k or {}).items()})
+    verify.update(_per_group(verify_k))
     pool, labels = usable_pool(tokenizer, n_boxes)
     examples = data.generate(n_boxes=n_boxes, n=n, seed=seed, objects=pool, labels=labels)
     encoded = encode_pairs(noise_pairs(examples, seed, pool, labels), tokenizer)
@@ -785,7 +796,9 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     walls["search"] = time.perf_counter() - t_search
 
     # Candidate circuit: top candidate_k per group; A loses heads that are also B candidates (spec §5).
-    cand = {g: ranked[g][: candidate_k[g]] for g in GROUPS}
+    # A head whose patch does not lower p(answer) (score >= 0) is never a candidate (the paper's top-k
+    # would take it when a group has fewer than k harmful heads).
+    cand = {g: [s for s in ranked[g][: candidate_k[g]] if searches[g].scores[s[0]][s[1]] < 0] for g in GROUPS}
     b_set = set(cand["position_transmitter"])
     cand["value_fetcher"] = [s for s in cand["value_fetcher"] if s not in b_set]
     params = {"mode": mode, "n_boxes": n_boxes, "n": n, "seed": seed, "batch_size": batch_size,
