@@ -104,9 +104,9 @@ def safe_relative(value: Any, field_name: str, base_dir: Path, origin: str) -> P
         raise EtbenchError(f"{origin}: {field_name} must be a non-empty relative path")
     bad = (value.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", value) is not None
            or "\\" in value or ".." in PurePosixPath(value).parts or "\x00" in value)
-    full = (base_dir / value).resolve()
+    full = None if bad else (base_dir / value).resolve()
     root = base_dir.resolve()
-    if bad or (full != root and root not in full.parents):
+    if full is None or (full != root and root not in full.parents):
         raise EtbenchError(f"{origin}: {field_name}: path {value!r} leaves the submission's directory "
                            "(absolute paths, '~', '..' and outward symlinks are not allowed)")
     return full
@@ -161,9 +161,14 @@ def parse(file: str | Path) -> Submission:
         raise EtbenchError(f"{origin}: larger than {MAX_SUBMISSION_BYTES} bytes; a submission is a short YAML file")
     try:
         text = file.read_text(encoding="utf-8")
+        # anchors/aliases are refused: a submission never needs them, and nested aliases can blow up
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise EtbenchError(f"{origin}: YAML aliases (*name) are not allowed in a submission")
         data = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise EtbenchError(f"{origin}: not UTF-8 text") from None
+    except RecursionError:
+        raise EtbenchError(f"{origin}: YAML nested too deeply") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -71,9 +71,12 @@ def root(template, tmp_path) -> Path:
     return r
 
 
-def write(root: Path, text: str, name: str = "bad.yaml") -> Path:
+def write(root: Path, text: str | bytes, name: str = "bad.yaml") -> Path:
     path = root / "submissions" / name
-    path.write_text(text)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
     return path
 
 
@@ -144,6 +147,12 @@ BAD_YAML = [
     ("wrong-model", GOOD.format(name="x", ft="synthetic-ft-b").replace(
         "hub: synthetic/synthetic-ft-b", "hub: synthetic/other"), "scorecard is for fine-tuned model 'synthetic-ft-b'"),
     ("duplicate-name", GOOD.format(name="fixture-a", ft="synthetic-ft-b"), "already submitted"),
+    ("alias-bomb", "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n", "YAML aliases"),
+    ("deep-nesting", "a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply|not valid YAML"),
+    ("null-byte-path", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "cards/synthetic-ft-b/scorecard.json", '"cards/\\0x"'), "leaves the submission's directory"),
+    ("binary", b"name: \xff\xfe\x00\x01", "not UTF-8|not valid YAML"),
 ]
 
 
