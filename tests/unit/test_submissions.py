@@ -177,6 +177,8 @@ BAD_CARDS = [
     ("items-traversal", lambda d: d.update(items_file="../synthetic-ft-a/items.jsonl"), False, "plain file name"),
     ("items-missing", lambda d: d.update(items_file="gone.jsonl"), False, "items file gone.jsonl is missing"),
     ("schema-version", lambda d: d.update(schema_version=99), False, "schema version 99"),
+    ("other-revision", lambda d: d["ft"].update(revision="fedcba"), False, "scorecard is for fine-tuned model"),
+    ("other-base", lambda d: d["base"].update(ref="x", source="y"), False, "scorecard is for base model 'x'"),
     ("invalid-shape", lambda d: d["accuracy"][0].update(model="other"), False, "invalid scorecard"),
 ]
 
