@@ -155,11 +155,12 @@ def compare_cmd(
     store: list[Path] = typer.Option([Path("submissions/results")], "--store",
                                      help="Where to look for scorecards by name or ref (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.md + report.html here."),
+    correction: str = typer.Option("holm", "--correction", help="Multiple-comparison correction: holm or bh."),
 ) -> None:
     """Paired statistics on the same items: McNemar, paired bootstrap CIs, Holm."""
     from . import report
 
-    comp = report.resolve_pair(a, b, store)
+    comp = report.with_correction(report.resolve_pair(a, b, store), correction)
     typer.echo(report.format_comparison(comp))
     if out is not None:
         for path in report.write_doc(report.comparison_report(comp), out):

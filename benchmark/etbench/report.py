@@ -186,9 +186,20 @@ class Comparison:
         return [t.p_value for t in self.accuracy] + [g.p_value for g in self.gains if g.p_value is not None]
 
 
-def _finish(comp: Comparison) -> Comparison:
-    comp.holm = stats.adjust_pvalues(comp.p_values(), "holm")
+def _finish(comp: Comparison, correction: str = "holm") -> Comparison:
+    """Adjust the comparison's p-values as one family: "holm" (default) or "bh" (Benjamini-Hochberg)."""
+    comp.holm = stats.adjust_pvalues(comp.p_values(), correction)
     return comp
+
+
+def with_correction(comp: Comparison, correction: str) -> Comparison:
+    if correction not in ("holm", "bh"):
+        raise EtbenchError(f"--correction must be 'holm' or 'bh', got {correction!r}")
+    return _finish(comp, correction)
+
+
+def _adj_name(comp: Comparison) -> str:
+    return "BH" if comp.holm is not None and comp.holm.method == "bh" else "Holm"
 
 
 def compare_within(card: sc.Scorecard, items: list[dict[str, Any]]) -> Comparison:
@@ -254,14 +265,14 @@ def format_comparison(comp: Comparison) -> str:
         lines.append(
             f"  {t.label}: {t.a_name} {r.acc_a:.3f} -> {t.b_name} {r.acc_b:.3f}, "
             f"difference {d.value:+.3f} [{_f(d.low)}, {_f(d.high)}] (95% paired bootstrap), "
-            f"exact McNemar p = {_p(r.p_value)} (Holm {_p(holm.get(i))}); discordant {r.a_only}/{r.b_only}, "
+            f"exact McNemar p = {_p(r.p_value)} ({_adj_name(comp)} {_p(holm.get(i))}); discordant {r.a_only}/{r.b_only}, "
             f"odds ratio {_f(r.odds_ratio.value)}, n = {r.n}")
         i += 1
     for g in comp.gains:
         iv = g.interval
         extra = ""
         if g.p_value is not None:
-            extra = f", {g.test} p = {_p(g.p_value)} (Holm {_p(holm.get(i))})"
+            extra = f", {g.test} p = {_p(g.p_value)} ({_adj_name(comp)} {_p(holm.get(i))})"
             i += 1
         src = "" if g.from_items else " (from the scorecard)"
         lines.append(f"  {g.label}: {_f(iv.value, signed=_signed(g.label))} [{_f(iv.low)}, {_f(iv.high)}] "
@@ -467,9 +478,10 @@ def _document(title: str, intro: list[str], tables, comp: Optional[Comparison], 
     body = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{html.escape(p)}</p>" for p in intro if p]
     if comp is not None:
         rows = _comparison_rows(comp)
-        md += ["## Paired comparison", ""] + _md_table(_COMP_HEADER, rows) + [""]
+        header = [h.replace("Holm", _adj_name(comp)) for h in _COMP_HEADER]
+        md += ["## Paired comparison", ""] + _md_table(header, rows) + [""]
         md += [f"- {n}" for n in comp.notes] + ([""] if comp.notes else [])
-        body += ["<h2>Paired comparison</h2>", _html_table(_COMP_HEADER, rows)]
+        body += ["<h2>Paired comparison</h2>", _html_table(header, rows)]
         body += [f"<p>{html.escape(n)}</p>" for n in comp.notes]
     for name, header, rows in tables:
         md += [f"## {name}", ""] + _md_table(header, rows) + [""]

@@ -84,3 +84,10 @@ def test_report_without_items_falls_back_to_scorecard_estimates(card_a):
     assert comp.accuracy == [] and comp.notes
     assert all(not g.from_items for g in comp.gains)
     assert report.format_comparison(comp)
+
+
+def test_bh_correction_option(card_a, tmp_path):
+    comp = report.with_correction(report.compare_within(card_a.card, card_a.items), "bh")
+    assert comp.holm.method == "bh" and "(BH " in report.format_comparison(comp)
+    with pytest.raises(EtbenchError, match="holm' or 'bh'"):
+        report.with_correction(comp, "sidak")
