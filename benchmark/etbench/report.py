@@ -422,6 +422,11 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
     rows = [[o.heads, o.group, _est_text(o.base_in_ft), _est_text(o.jaccard)] for o in card.overlap]
     if rows:
         tables.append(("Head overlap", ["heads", "group", "base in ft", "Jaccard"], rows))
+    rows = [[d.circuit, d.group, d.desideratum, str(len(d.selected_heads)), _est_text(d.test_accuracy)]
+            for d in card.dcm]
+    if rows:
+        tables.append(("DCM (desiderata-based component masking)",
+                       ["circuit", "group", "desideratum", "selected heads", "test accuracy"], rows))
     rows = [[c.variant, c.group, _est_text(c.patched_accuracy), _est_text(c.gain), _est_text(c.normalised_gain)]
             for c in card.cmap]
     if rows:

@@ -91,3 +91,11 @@ def test_bh_correction_option(card_a, tmp_path):
     assert comp.holm.method == "bh" and "(BH " in report.format_comparison(comp)
     with pytest.raises(EtbenchError, match="holm' or 'bh'"):
         report.with_correction(comp, "sidak")
+
+
+def test_report_lists_dcm_results(card_a):
+    dcm = sc.DcmScore("base", "value_fetcher", "object_value", [[1, 2], [3, 0]],
+                      sc.Estimate(0.9, 0.8, 0.95, 100, "wilson"))
+    card = sc.Scorecard(**{**card_a.card.__dict__, "dcm": [dcm]})
+    doc = report.scorecard_report(card, card_a.items)
+    assert "| base | value_fetcher | object_value | 2 | 0.900 [0.800, 0.950] |" in doc.markdown
