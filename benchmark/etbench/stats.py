@@ -143,6 +143,14 @@ def _boot_interval(data: tuple[np.ndarray, ...], statistic, value: float, *, pai
         return _boot_interval(data, statistic, value, paired=paired, seed=seed, level=level,
                               n_resamples=n_resamples, method="percentile", label=label.replace("BCa", "percentile"),
                               constant=constant)
+    dist = np.asarray(res.bootstrap_distribution, dtype=float)
+    undefined = int(np.sum(~np.isfinite(dist)))
+    if undefined and method == "percentile" and undefined < dist.size:
+        # e.g. a ratio whose denominator is 0 in some resamples: those resamples are dropped and said so
+        alpha = (1 - level) / 2
+        low, high = (float(q) for q in np.nanpercentile(np.where(np.isfinite(dist), dist, np.nan),
+                                                        [100 * alpha, 100 * (1 - alpha)]))
+        note = f"{undefined} of {dist.size} resamples undefined (zero denominator) and dropped"
     return Interval(value, low, high, n, label, level, note)
 
 

@@ -140,3 +140,12 @@ def test_generic_paired_bootstrap_of_a_ratio_difference():
     r = stats.paired_bootstrap([x, y], stat, n_resamples=499)
     assert r.value == pytest.approx(x.mean()) and r.low < r.value < r.high
     assert stats.paired_bootstrap([[], []], stat).value is None
+
+
+def test_ratio_drops_resamples_with_a_zero_denominator_and_says_so():
+    # the denominator's mean is small: some resamples have mean 0, and those are dropped, not turned into nan
+    den = [1.0] + [0.0] * 15
+    num = [1.0] + [0.0] * 15
+    r = stats.paired_bootstrap_ratio(num, den, n_resamples=499)
+    assert r.value == 1.0 and r.low == 1.0 and r.high == 1.0
+    assert "resamples undefined" in r.note
