@@ -311,7 +311,8 @@ def run_cmap(model_base, model_ft, tokenizer, heads: Circuit | HeadsByGroup, exa
     timings = {"total_s": t_end - t0, "clean_s": t_clean - t0, "patch_s": t_end - t_clean, "runs": len(jobs),
                "run_s": (t_end - t_clean) / max(1, len(jobs)), "n": n}
     return CmapResult(base_name, ft_name, examples[0].n_boxes, correct(base_pred), correct(ft_pred), runs,
-                      all_positions, timings, tuple(base_pred), tuple(ft_pred))
+                      all_positions=all_positions, timings=timings, base_predicted=tuple(base_pred),
+                      ft_predicted=tuple(ft_pred))
 
 
 def _output_patch(runner: PatchRunner, rows, kv, patch: Mapping[str, Sequence[Head]], store, pos, all_positions):
