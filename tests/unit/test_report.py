@@ -99,3 +99,22 @@ def test_report_lists_dcm_results(card_a):
     card = sc.Scorecard(**{**card_a.card.__dict__, "dcm": [dcm]})
     doc = report.scorecard_report(card, card_a.items)
     assert "| base | value_fetcher | object_value | 2 | 0.900 [0.800, 0.950] |" in doc.markdown
+
+
+def test_reads_cmap_rows_as_etbench_cmap_writes_them():
+    """Rows from etbench.cmap.CmapResult.item_rows feed the paired CMAP test (no model needed)."""
+    import random
+
+    from etbench.cmap import CmapResult, CmapRun
+
+    rng = random.Random(0)
+    base = tuple(rng.random() < 0.4 for _ in range(60))
+    ft = tuple(rng.random() < 0.8 for _ in range(60))
+    patched = tuple(b or (f and rng.random() < 0.7) for b, f in zip(base, ft))
+    result = CmapResult("b", "f", 7, base, ft, [CmapRun("output", "full", {}, patched)])
+    scores = result.scores(n_resamples=500)
+    card = sc.Scorecard(**{**report._load_found(FIXTURES / "synthetic-ft-a").card.__dict__, "cmap": scores})
+    tests = report.cmap_tests(card, result.item_rows())
+    assert len(tests) == 1 and tests[0].from_items
+    assert tests[0].interval.value == pytest.approx(scores[0].gain.value)
+    assert tests[0].p_value == stats.mcnemar(base, patched, n_resamples=99).p_value
