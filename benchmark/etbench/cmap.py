@@ -371,7 +371,7 @@ def format_cmap(result: CmapResult, seed: int = 0) -> str:
     head = (f"base {result.base_model}: {result.base_accuracy.value:.3f}   "
             f"fine-tuned {result.ft_model}: {result.ft_accuracy.value:.3f}   n = {len(result.base_correct)}")
     table = tabulate(rows, headers=["variant", "group", "heads", "patched acc", "gain [95% CI]",
-                                    "normalised gain [95% CI]"], tablefmt="github")
+                                    "normalised gain [95% CI]"], tablefmt="github", disable_numparse=True)
     return f"{head}\n{table}"
 
 

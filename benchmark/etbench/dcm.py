@@ -27,7 +27,7 @@ How it is made fast (all results are those of the plain computation; see ``Patch
   clean forward of the base batch (no gradient) and reuses its key/value cache: a patch at position p
   cannot change anything before p, so each mask's forward + backward runs only tokens p..last (one token
   for the last-position groups A and B). Autograd starts at the mask, so the backward never enters the
-  layers before the first masked layer.
+  layers before the first masked layer, and only the mask's gradient is computed (never the weights').
 * Validation of a rounded mask already scored is not repeated (masks change rarely).
 """
 
@@ -592,8 +592,9 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
             logits = runner.logits(rows, kv, int(p.min()), _mix_edits(hbg[g], sources[t][rows].to(device), m, p))
             tgt = pair_sets[d].targets[rows].to(device)
             loss = -logits.gather(1, tgt[:, None]).mean() + cfg.lam * (1 - m).sum()
-            opts[t].zero_grad()
-            loss.backward()
+            # why autograd.grad: the caller's model may not be frozen; .backward() would also compute
+            # (and keep) gradients for every weight after the first masked layer.
+            (m.grad,) = torch.autograd.grad(loss, [m])
             opts[t].step()
         step_times.append(time.perf_counter() - ts)
         if step % cfg.eval_every == 0 or step == len(batches):
@@ -704,7 +705,7 @@ def format_dcm(result: DcmResult) -> str:
              f"{m.test.value:.3f}", f"[{m.test.low:.3f}, {m.test.high:.3f}]", format_heads(m.selected)]
             for m in result.masks]
     return tabulate(rows, headers=["group", "desideratum", "patched", "val acc", "test acc", "95% CI", "heads"],
-                    tablefmt="github")
+                    tablefmt="github", disable_numparse=True)
 
 
 def format_semantics(results: Sequence[SemanticsResult]) -> str:
@@ -713,4 +714,4 @@ def format_semantics(results: Sequence[SemanticsResult]) -> str:
     rows = [[r.model, GROUP_CODES[r.group], r.desideratum, len(r.heads), f"{100 * r.mean:.1f} ± {100 * r.sd:.1f}",
              len(r.accuracies), r.n] for r in results]
     return tabulate(rows, headers=["model", "group", "desideratum", "heads", "acc % (mean ± sd)", "repeats", "n"],
-                    tablefmt="github")
+                    tablefmt="github", disable_numparse=True)

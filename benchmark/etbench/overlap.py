@@ -166,4 +166,5 @@ def format_overlap(scores: Sequence[OverlapScore]) -> str:
         return f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"
 
     rows = [[s.heads, s.group, fmt(s.base_in_ft), fmt(s.jaccard), s.base_in_ft.n] for s in scores]
-    return tabulate(rows, headers=["heads", "group", "base in ft", "Jaccard", "n"], tablefmt="github")
+    return tabulate(rows, headers=["heads", "group", "base in ft", "Jaccard", "n"], tablefmt="github",
+                    disable_numparse=True)

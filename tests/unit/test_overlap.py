@@ -1,0 +1,86 @@
+"""etbench.overlap on hand-made head sets with known fractions and Jaccard indices."""
+
+from __future__ import annotations
+
+import pytest
+
+from etbench import overlap
+from etbench.circuits import Circuit
+from etbench.errors import EtbenchError
+
+
+def test_head_overlap_known_values():
+    o = overlap.head_overlap([(1, 1), (2, 2), (3, 3), (4, 4)], [(1, 1), (2, 2), (9, 9)])
+    assert (o.n_base, o.n_ft, o.n_common, o.n_union) == (4, 3, 2, 5)
+    assert o.base_in_ft == 0.5 and o.jaccard == 0.4
+    same = overlap.head_overlap([(1, 1)], [[1, 1]])  # lists and tuples are the same head
+    assert same.base_in_ft == 1.0 and same.jaccard == 1.0
+    assert overlap.head_overlap([(1, 1), (1, 1)], [(1, 1)]).n_base == 1  # duplicates ignored
+
+
+def test_empty_sets_are_undefined_not_zero():
+    assert overlap.head_overlap([], [(1, 1)]).base_in_ft is None
+    assert overlap.head_overlap([], [(1, 1)]).jaccard == 0.0
+    both = overlap.head_overlap([], [])
+    assert both.base_in_ft is None and both.jaccard is None
+
+
+def test_circuit_overlap_per_group_and_all_distinct():
+    base = Circuit.from_heads({"A": [[1, 0], [2, 0], [3, 0], [4, 0]], "B": [[5, 0]], "C": [[6, 0], [2, 0]]})
+    ft = Circuit.from_heads({"A": [[1, 0], [2, 0], [3, 0], [7, 0]], "B": [[5, 0], [8, 0]], "D": [[9, 0]]})
+    scores = {s.group: s for s in overlap.circuit_overlap(base, ft)}
+    assert scores["value_fetcher"].base_in_ft.value == 0.75 and scores["value_fetcher"].jaccard.value == 0.6
+    assert scores["position_transmitter"].base_in_ft.value == 1.0 and scores["position_transmitter"].jaccard.value == 0.5
+    assert scores["position_detector"].base_in_ft.value == 0.0  # per group: (2, 0) is in ft, but under A
+    assert scores["structure_reader"].base_in_ft.value is None  # base D empty
+    assert "undefined" in scores["structure_reader"].base_in_ft.note
+    # all: distinct heads, base {1,2,3,4,5,6} x ft {1,2,3,5,7,8,9}: common 4, union 9
+    assert scores["all"].base_in_ft.value == pytest.approx(4 / 6) and scores["all"].jaccard.value == pytest.approx(4 / 9)
+    assert scores["all"].base_in_ft.method == "exact" and scores["all"].base_in_ft.low == scores["all"].base_in_ft.value
+    assert all(s.heads == "circuit" for s in scores.values())
+    # a mapping with group letters gives the same answer as the Circuit
+    as_map = overlap.circuit_overlap({"A": base.heads("A"), "B": base.heads("B"), "C": base.heads("C")},
+                                     {g: ft.heads(g) for g in "ABD"})
+    assert [s.base_in_ft.value for s in as_map] == [s.base_in_ft.value for s in overlap.circuit_overlap(base, ft)]
+
+
+def test_dcm_overlap_over_seeds():
+    base_runs = [{"A": [(1, 1), (2, 2)]}, {"A": [(1, 1)]}, {"A": [(3, 3)]}, {"A": [(1, 1), (3, 3)]}]
+    ft_runs = [{"A": [(1, 1)]}, {"A": [(1, 1)]}, {"A": [(1, 1)]}, {"A": [(1, 1)]}]
+    scores = {s.group: s for s in overlap.dcm_overlap(base_runs, ft_runs, seed=0, n_resamples=500)}
+    a = scores["value_fetcher"]
+    per_seed = [0.5, 1.0, 0.0, 0.5]
+    assert a.base_in_ft.value == pytest.approx(sum(per_seed) / 4)
+    assert a.base_in_ft.n == 4 and a.base_in_ft.method == "bootstrap-over-seeds"
+    assert min(per_seed) <= a.base_in_ft.low <= a.base_in_ft.value <= a.base_in_ft.high <= max(per_seed)
+    assert a.heads == "dcm" and "all" in scores
+    again = {s.group: s for s in overlap.dcm_overlap(base_runs, ft_runs, seed=0, n_resamples=500)}
+    assert again["value_fetcher"] == a  # seeded
+
+
+def test_dcm_overlap_one_seed_and_undefined_seeds():
+    (a, _all) = overlap.dcm_overlap([{"A": [(1, 1), (2, 2)]}], [{"A": [(2, 2)]}])
+    assert a.base_in_ft.value == a.base_in_ft.low == a.base_in_ft.high == 0.5 and "no CI" in a.base_in_ft.note
+    (a, _all) = overlap.dcm_overlap([{"A": []}, {"A": [(1, 1)]}], [{"A": [(1, 1)]}, {"A": [(1, 1)]}])
+    assert a.base_in_ft.value == 1.0 and "1 of 2 seed pairs undefined" in a.base_in_ft.note
+
+
+def test_selected_by_group_uses_role_desiderata():
+    class Fake:
+        def selections(self):
+            return {("value_fetcher", "object_value"): ((1, 1),), ("value_fetcher", "positional"): ((2, 2),),
+                    ("position_detector", "positional"): ((3, 3),)}
+
+    assert overlap.selected_by_group(Fake()) == {"value_fetcher": ((1, 1),), "position_detector": ((3, 3),)}
+    assert overlap.selected_by_group(Fake(), {"A": "positional"})["value_fetcher"] == ((2, 2),)
+
+
+def test_errors_and_table():
+    with pytest.raises(EtbenchError, match="one DCM run per seed"):
+        overlap.dcm_overlap([{"A": []}], [])
+    with pytest.raises(EtbenchError, match=r"\(layer, head\)"):
+        overlap.head_overlap([(1, 2, 3)], [])
+    with pytest.raises(EtbenchError, match="unknown circuit group"):
+        overlap.circuit_overlap({"Z": []}, {})
+    table = overlap.format_overlap(overlap.circuit_overlap({"A": [(1, 1)]}, {"A": [(1, 1)]}))
+    assert "value_fetcher" in table and "1.000" in table
