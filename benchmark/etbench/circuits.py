@@ -416,10 +416,9 @@ class _PatchBatch:
         self.targets = torch.tensor([ep.target_id for ep in pairs])
         pc = GROUP_POSITION[group]
         self.pos_s = torch.tensor([ep.base_layout.position(pc) for ep in pairs])
-        recv = _RECEIVERS[group]
-        self.recv_pos = None if recv is None else torch.tensor(
-            [ep.base_layout.position(GROUP_POSITION[recv[0]]) for ep in pairs])
-        seq = self.base_ids.shape[1]
+        # receivers read the sender's position (B: A's query at the last token; C: B's value at the
+        # query label; D: C's value at the previous query label)
+        self.recv_pos = None if _RECEIVERS[group] is None else self.pos_s
         self.split = int(self.pos_s.min()) if prefix_cache else 0
         self.kv = None
         dev = next(model.parameters()).device
@@ -448,7 +447,6 @@ class _PatchBatch:
                 logits = self.suffix([read(layer, "z", into) for layer in range(spec.n_layers)])
                 self.clean_z = [into[(layer, "z")] for layer in range(spec.n_layers)]  # [B, T, H, d]
                 self.p_clean = self.prob(logits)
-        del seq
 
     def suffix(self, edits, grad: bool = False) -> torch.Tensor:
         """Last-token logits of the base prompts under ``edits`` (positions relative to the split)."""
@@ -515,12 +513,13 @@ class _PatchBatch:
         recv = _RECEIVERS[self.group]
         B = self.base_ids.shape[0]
         T = self.base_ids.shape[1] - self.split
-        dtype = self.noise_z[0].dtype
+        dtype, dev = self.noise_z[0].dtype, self.noise_z[0].device
         weights: dict[int, torch.Tensor] = {}
         by: dict[int, list[int]] = {}
         if recv is not None:
             by = dict(self.receivers_by_layer(receivers, recv[1]))
-            deltas_r = {m: torch.zeros(B, len(hs), spec.d_head, dtype=dtype, requires_grad=True) for m, hs in by.items()}
+            deltas_r = {m: torch.zeros(B, len(hs), spec.d_head, dtype=dtype, device=dev, requires_grad=True)
+                        for m, hs in by.items()}
             # step 2 overwrites every receiver's input, so one receiver's change must not reach another
             # receiver's input: hold them all at their clean values (detach) and differentiate there
             edits = [Edit(m, recv[1], (lambda d: lambda cur: cur.detach() + d)(deltas_r[m]), self.rel_recv, hs)
@@ -530,7 +529,7 @@ class _PatchBatch:
             if self.counter is not None:
                 self.counter.backward += 1
             weights = {m: d.grad.detach() for m, d in deltas_r.items()}
-        deltas = [torch.zeros(B, T, spec.n_heads, spec.d_head, dtype=dtype, requires_grad=True)
+        deltas = [torch.zeros(B, T, spec.n_heads, spec.d_head, dtype=dtype, device=dev, requires_grad=True)
                   for _ in range(spec.n_layers)]
         clean: dict = {}
         edits = []
@@ -550,13 +549,14 @@ class _PatchBatch:
             metric.backward()
         if self.counter is not None:
             self.counter.backward += 1
-        rows = torch.arange(B)
+        rows = torch.arange(B, device=dev)
+        rel_s = self.rel_s.to(dev)
         out = torch.zeros(spec.n_layers, spec.n_heads)
         for layer in range(spec.n_layers):
             if deltas[layer].grad is None:
                 continue
-            g = deltas[layer].grad[rows, self.rel_s]  # [B, H, d]
-            z = clean[("clean", layer)][rows, self.rel_s]
+            g = deltas[layer].grad[rows, rel_s]  # [B, H, d]
+            z = clean[("clean", layer)][rows, rel_s]
             out[layer] = (g * (self.noise_z[layer] - z)).sum(-1).sum(0).float().cpu()
         return out
 

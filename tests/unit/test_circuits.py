@@ -199,9 +199,7 @@ def naive_path_patch(model, encoded, group, sender, receivers, alpha=1.0):
                 return z
             return f
 
-        rpos = None if recv is None else [ep.base_layout.position(
-            {"value_fetcher": "last", "position_transmitter": "last", "position_detector": "query_label"}[recv[0]])
-            for ep in encoded]
+        rpos = pos  # spec §5: q at the last token (B), v at the query label (C) / previous query label (D)
         name = None if recv is None else {"q": "q_proj", "v": "v_proj"}[recv[1]]
         got = {}
 

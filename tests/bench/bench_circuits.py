@@ -1,0 +1,124 @@
+"""Benchmark (not a test): exact vs fast circuit discovery on a real model.
+
+Prints, per mode: forward passes (model calls, rows, token positions, backward passes), wall time and
+peak RSS (each mode runs in its own process, so peaks do not mix); then recall of the exact top-k per
+group by the fast mode, and the faithfulness of both circuits (mean ablation, same prompts).
+
+    python tests/bench/bench_circuits.py --model tiny-base --n 32
+    python tests/bench/bench_circuits.py --model smollm2-135m-instruct --n 16 --minimality none
+
+The file name does not match pytest's ``test_*.py`` pattern, so pytest never collects it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def one(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from etbench import models
+    from etbench.circuits import discover, format_discovery
+
+    t0 = time.perf_counter()
+    loaded = models.load(args.model)
+    load_s = time.perf_counter() - t0
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = discover(loaded, args.one, n_boxes=args.n_boxes, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                   minimality_mode=None if args.minimality == "default" else args.minimality,
+                   minimality_n=args.minimality_n, mean_n=args.mean_n, model_name=args.model, progress=args.progress)
+    print(format_discovery(res), file=sys.stderr)
+    out = res.to_dict()
+    out["bench"] = {"load_s": load_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "rss_after_load_mb": rss0 / 1024, "threads": args.threads}
+    with open(args.out, "w") as fh:
+        json.dump(out, fh)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-base")
+    ap.add_argument("--n", type=int, default=32, help="noise pairs for path patching")
+    ap.add_argument("--n-boxes", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--minimality", default="none", choices=["default", "pairs", "single", "none"])
+    ap.add_argument("--minimality-n", type=int, default=50)
+    ap.add_argument("--mean-n", type=int, default=50)
+    ap.add_argument("--eval-n", type=int, default=100, help="prompts for the faithfulness check (0: skip)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a busy shared machine)")
+    ap.add_argument("--modes", nargs="+", default=["exact", "fast"])
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--save", default=None, help="directory for the discovery JSONs")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        return one(args)
+
+    outdir = args.save or tempfile.mkdtemp(prefix="bench_circuits_")
+    os.makedirs(outdir, exist_ok=True)
+    results = {}
+    for mode in args.modes:
+        path = os.path.join(outdir, f"discovery_{mode}.json")
+        cmd = [sys.executable, __file__, "--one", mode, "--out", path] + [
+            a for a in sys.argv[1:] if a not in ("--modes", *args.modes)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        with open(path) as fh:
+            results[mode] = json.load(fh)
+        results[mode]["bench"]["process_s"] = time.perf_counter() - t0
+
+    print(f"\nmodel {args.model}, {args.n} noise pairs, {args.n_boxes} boxes, {args.threads} threads")
+    print(f"{'mode':6} {'fwd calls':>9} {'backward':>8} {'tokens':>9} {'search s':>9} {'minimality s':>12} "
+          f"{'peak RSS MB':>11}")
+    for mode, r in results.items():
+        fp = r["forward_passes"]["search"]
+        print(f"{mode:6} {fp['calls']:>9} {fp['backward']:>8} {fp['tokens']:>9} {r['wall_s']['search']:>9.1f} "
+              f"{r['wall_s']['minimality']:>12.1f} {r['bench']['peak_rss_mb']:>11.0f}")
+    if {"exact", "fast"} <= set(results):
+        e, f = results["exact"], results["fast"]
+        ratio = e["forward_passes"]["search"]["calls"] / max(1, f["forward_passes"]["search"]["calls"])
+        tok_ratio = e["forward_passes"]["search"]["tokens"] / max(1, f["forward_passes"]["search"]["tokens"])
+        time_ratio = e["wall_s"]["search"] / max(1e-9, f["wall_s"]["search"])
+        print(f"exact/fast: forward calls {ratio:.1f}x, token positions {tok_ratio:.1f}x, search wall {time_ratio:.1f}x")
+        for g in e["candidate"]["groups"]:
+            ex = {tuple(h) for h in e["candidate"]["groups"][g]["heads"]}
+            fa = {tuple(h) for h in f["candidate"]["groups"][g]["heads"]}
+            rec = len(ex & fa) / len(ex) if ex else float("nan")
+            print(f"  {g:22} exact top-k {len(ex):3}  fast {len(fa):3}  recall {rec:.2f}")
+        if args.eval_n:
+            import torch
+
+            torch.set_num_threads(args.threads)
+            from etbench import models
+            from etbench.circuits import Circuit
+            from etbench.faithfulness import evaluate_circuit, mean_activations, usable_pool
+            from etbench.heads import head_map
+
+            loaded = models.load(args.model)
+            pool, labels = usable_pool(loaded.tokenizer, args.n_boxes)
+            mean = mean_activations(loaded.model, loaded.tokenizer, head_map(loaded.model), args.n_boxes, args.mean_n,
+                                    args.seed, args.batch_size, pool, labels)
+            for mode, r in results.items():
+                for which in ("candidate", "circuit"):
+                    c = Circuit.from_dict(r[which])
+                    ev = evaluate_circuit(loaded, c, n_boxes=args.n_boxes, n=args.eval_n, seed=args.seed,
+                                          batch_size=args.batch_size, random_draws=0, completeness_draws=0,
+                                          curve=False, mean=mean)
+                    print(f"  {mode:5} {which:9} {c.summary():60} model acc {ev.model_acc.value:.3f} "
+                          f"circuit acc {ev.circuit_acc.value:.3f} faithfulness {ev.faithfulness:.3f}")
+    print(f"JSON in {outdir}")
+
+
+if __name__ == "__main__":
+    main()
