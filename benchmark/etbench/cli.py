@@ -152,8 +152,9 @@ def leaderboard_build(
 def compare_cmd(
     a: str = typer.Argument(..., help="Scorecard path, submission name or model ref (the reference side)."),
     b: str = typer.Argument(..., help="Scorecard path, submission name or model ref (the compared side)."),
-    store: list[Path] = typer.Option([Path("submissions/results")], "--store",
-                                     help="Where to look for scorecards by name or ref (repeatable)."),
+    store: list[Path] = typer.Option([Path("submissions/results"), Path("etbench-out")], "--store",
+                                     help="Where to look for scorecards by name or ref (repeatable); "
+                                          "default: submissions/results and etbench-out (`etbench score`'s output)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.md + report.html here."),
     correction: str = typer.Option("holm", "--correction", help="Multiple-comparison correction: holm or bh."),
 ) -> None:
@@ -170,7 +171,8 @@ def compare_cmd(
 @app.command("report")
 def report_cmd(
     scorecard_ref: str = typer.Argument(..., help="scorecard.json (or its directory) or a stored submission name."),
-    store: list[Path] = typer.Option([Path("submissions/results")], "--store", help="Where stored submissions live."),
+    store: list[Path] = typer.Option([Path("submissions/results"), Path("etbench-out")], "--store",
+                                     help="Where stored submissions and `etbench score` output live."),
     out: Path = typer.Option(Path("."), "--out", "-o", help="Directory for report.md + report.html."),
 ) -> None:
     """Markdown + HTML report of one scorecard (tables, paired base-vs-ft tests, figures)."""

@@ -9,7 +9,8 @@
 5. base and fine-tuned models share architecture and tokenizer: from their configs and tokenizer
    files when those are on this machine, and from the scorecard's model cards; no ``auto_map`` (custom code);
 6. the scorecard, when given, is the current ``BENCHMARK_VERSION``, its config hash is the hash of its
-   config and of the current preset it claims, it was not produced with ``--limit``, its items file sits
+   config, which records the current definition of the preset it claims (``etbench.score.PRESETS``),
+   it was not produced with ``--limit``, its items file sits
    next to it and agrees with its accuracies, and its models are the submission's.
 
 Then it writes ``submissions/results/<name>/`` (``scorecard.json``, the items file, ``submission.json``)
@@ -308,25 +309,62 @@ def _check_single_tokens(directory: Path, origin: str) -> None:
 # Scorecard checks
 # ---------------------------------------------------------------------------------------------
 
-def expected_config_hash(preset: str) -> Optional[str]:
-    """Config hash of the current definition of ``preset``, or None when scoring presets are not available."""
+def preset_name(config: dict[str, Any]) -> Optional[str]:
+    """The preset a scorecard's config claims: ``config["preset"]`` is its name or its full definition."""
+    preset = config.get("preset")
+    if isinstance(preset, dict):
+        preset = preset.get("name")
+    return preset if isinstance(preset, str) and preset else None
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def check_preset(config: dict[str, Any]) -> Optional[str]:
+    """Raise unless ``config`` was made with the *current* definition of its preset.
+
+    Compares the preset (and its DCM settings) recorded in the config with ``etbench.score.PRESETS``
+    now; the discovery mode may differ (a user choice that the config hash records). Returns a note
+    when the scoring presets are not importable (then only the hash's self-consistency is checked).
+    """
+    name = preset_name(config)
     try:
-        from . import score  # noqa: F401  (built by the scoring work; may not exist yet)
-    except ImportError:
-        return None
-    for attr in ("preset_config", "config_for_preset"):
-        fn = getattr(score, attr, None)
-        if callable(fn):
-            try:
-                return sc.config_hash(fn(preset))
-            except (KeyError, ValueError) as err:
-                raise EtbenchError(f"unknown scoring preset {preset!r} ({err})") from None
-    presets = getattr(score, "PRESETS", None)
-    if isinstance(presets, dict):
-        if preset not in presets:
-            raise EtbenchError(f"unknown scoring preset {preset!r} (known: {', '.join(sorted(presets))})")
-        return sc.config_hash(presets[preset])
+        from . import score
+        presets = score.PRESETS
+    except (ImportError, AttributeError):
+        return "scoring presets not available: config hash checked for consistency only"
+    if name not in presets:
+        raise EtbenchError(f"unknown scoring preset {name!r} (known: {', '.join(sorted(presets))})")
+    from dataclasses import asdict
+
+    current = _plain(asdict(presets[name]))
+    recorded = config.get("preset")
+    if isinstance(recorded, dict):
+        differs = sorted(k for k in set(current) | set(recorded)
+                         if k != "discovery_mode" and current.get(k) != recorded.get(k))
+        if differs:
+            raise EtbenchError(f"preset {name!r} has changed since this scorecard was made (differs in "
+                               f"{', '.join(differs)}): score again with this etbench")
+    if "dcm" in config:
+        try:
+            from .dcm import preset as dcm_preset
+
+            want = _plain(dcm_preset(presets[name].dcm, seed=config.get("seed", 0)).to_dict())
+        except Exception:  # noqa: BLE001 - DCM presets unavailable: nothing more to compare
+            want = None
+        if want is not None and _plain(config["dcm"]) != want:
+            raise EtbenchError(f"the DCM settings of preset {name!r} have changed since this scorecard was made: "
+                               "score again with this etbench")
     return None
+
+
+def _same_revision(recorded: Optional[str], claimed: Optional[str]) -> bool:
+    """A tag cannot be checked against a recorded commit; two commit hashes must agree (prefixes allowed)."""
+    if recorded is None or claimed is None or recorded == claimed:
+        return True
+    hexes = all(re.fullmatch(r"[0-9a-f]{7,40}", r) for r in (recorded, claimed))
+    return not hexes or recorded.startswith(claimed) or claimed.startswith(recorded)
 
 
 def _matches(card_model: sc.ModelCard, ref: str, revision: Optional[str]) -> bool:
@@ -334,7 +372,7 @@ def _matches(card_model: sc.ModelCard, ref: str, revision: Optional[str]) -> boo
         return True
     if card_model.ref != ref and card_model.source != ref:
         return False
-    return revision is None or card_model.revision in (None, revision)
+    return _same_revision(card_model.revision, revision)
 
 
 def _accuracy_of(items: list[dict[str, Any]], measure: str, **match: Any) -> tuple[int, int]:
@@ -363,18 +401,19 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
     if sc.config_hash(card.config) != card.config_hash:
         raise EtbenchError(f"{origin}: config hash {card.config_hash} does not match its config "
                            f"({sc.config_hash(card.config)}): the scorecard was edited")
-    preset = sub.data.get("preset") or card.config.get("preset")
-    if not preset:
-        raise EtbenchError(f"{origin}: config names no preset; add `preset:` to the submission")
-    if card.config.get("preset") not in (None, preset):
-        raise EtbenchError(f"{origin}: submission claims preset {preset!r} but the scorecard was made with "
-                           f"{card.config.get('preset')!r}")
-    expected = expected_config_hash(preset)
-    if expected is None:
-        sub.notes.append("scoring presets not available: config hash checked for consistency only")
-    elif expected != card.config_hash:
-        raise EtbenchError(f"{origin}: config hash {card.config_hash} is not the current hash of preset {preset!r} "
-                           f"({expected}): score again with this etbench")
+    recorded = preset_name(card.config)
+    if recorded is None:
+        raise EtbenchError(f"{origin}: its config names no preset, so it cannot be checked against one")
+    claimed = sub.data.get("preset", recorded)
+    if claimed != recorded:
+        raise EtbenchError(f"{origin}: submission claims preset {claimed!r} but the scorecard was made with "
+                           f"{recorded!r}")
+    try:
+        note = check_preset(card.config)
+    except EtbenchError as err:
+        raise EtbenchError(f"{origin}: {err}") from None
+    if note:
+        sub.notes.append(note)
     if not _matches(card.ft, sub.model_ref, sub.model_revision):
         raise EtbenchError(f"{origin}: scorecard is for fine-tuned model {card.ft.ref!r}, but the submission's "
                            f"model is {sub.model_ref!r}")
@@ -430,7 +469,8 @@ def _score(sub: Submission, out_dir: Path) -> Path:
     except (ImportError, AttributeError):
         raise EtbenchError(f"{sub.file}: scoring not available yet: pass a scorecard "
                            "(add `scorecard: path/to/scorecard.json` from `etbench score`)") from None
-    return Path(fn(sub.base_ref, sub.model_ref, out_dir))
+    run = fn(sub.base_ref, sub.model_ref, out_dir, progress=False)
+    return Path(getattr(run, "path", run))
 
 
 # ---------------------------------------------------------------------------------------------

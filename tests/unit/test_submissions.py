@@ -17,26 +17,28 @@ from etbench.errors import EtbenchError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scorecards"
 FIXTURE_PRESET = "synthetic-fixture"
+_real_check_preset = submissions.check_preset  # before the autouse fixture replaces it
 
 GOOD = """\
 schema_version: 1
 name: {name}
 description: synthetic fixture, not a result
-model: {{hub: synthetic/{ft}, revision: abc123}}
-base: {{hub: synthetic/synthetic-base, revision: def456}}
+model: {{hub: synthetic/{ft}, revision: abc1234}}
+base: {{hub: synthetic/synthetic-base, revision: def4567}}
 fine_tuning: {{data: synthetic, method: lora, details: none}}
 license: MIT
 contact: tests@example.invalid
 scorecard: cards/{ft}/scorecard.json
+preset: synthetic-fixture
 """
 
 
 @pytest.fixture(autouse=True)
 def fixture_preset(monkeypatch):
-    """The fixtures' preset is known, with the fixtures' config hash (scoring presets live elsewhere)."""
-    card = sc.load(FIXTURES / "synthetic-ft-a" / "scorecard.json")
-    monkeypatch.setattr(submissions, "expected_config_hash",
-                        lambda preset: card.config_hash if preset == FIXTURE_PRESET else "unknown-preset")
+    """The fixtures' preset "synthetic-fixture" counts as current (real presets are tested below)."""
+    real = submissions.check_preset
+    monkeypatch.setattr(submissions, "check_preset",
+                        lambda config: None if submissions.preset_name(config) == FIXTURE_PRESET else real(config))
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -57,9 +59,8 @@ def template(tmp_path_factory) -> Path:
     for name in ("synthetic-ft-a", "synthetic-ft-b"):
         shutil.copytree(FIXTURES / name, cards / name)
     (r / "submissions" / "a.yaml").write_text(GOOD.format(name="fixture-a", ft="synthetic-ft-a"))
-    card = sc.load(FIXTURES / "synthetic-ft-a" / "scorecard.json")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(submissions, "expected_config_hash", lambda preset: card.config_hash)
+        mp.setattr(submissions, "check_preset", lambda config: None)
         submissions.submit(r / "submissions" / "a.yaml", root=r)
     return r
 
@@ -117,15 +118,15 @@ BAD_YAML = [
                                   if not l.startswith("license")), "'license' is a required property"),
     ("unknown-field", GOOD.format(name="x", ft="synthetic-ft-b") + "extra: 1\n", "unknown field"),
     ("unknown-alias", GOOD.format(name="x", ft="synthetic-ft-b").replace(
-        "{hub: synthetic/synthetic-ft-b, revision: abc123}", "{alias: no-such-model}"), "unknown alias 'no-such-model'"),
-    ("hub-without-revision", GOOD.format(name="x", ft="synthetic-ft-b").replace(", revision: abc123", ""),
+        "{hub: synthetic/synthetic-ft-b, revision: abc1234}", "{alias: no-such-model}"), "unknown alias 'no-such-model'"),
+    ("hub-without-revision", GOOD.format(name="x", ft="synthetic-ft-b").replace(", revision: abc1234", ""),
      "exactly one of"),
-    ("two-refs", GOOD.format(name="x", ft="synthetic-ft-b").replace("revision: abc123", "revision: a, alias: gpt2"),
+    ("two-refs", GOOD.format(name="x", ft="synthetic-ft-b").replace("revision: abc1234", "revision: a, alias: gpt2"),
      "exactly one of"),
     ("remote-code-top", GOOD.format(name="x", ft="synthetic-ft-b") + "trust_remote_code: true\n",
      "trust_remote_code is not allowed"),
     ("remote-code-nested", GOOD.format(name="x", ft="synthetic-ft-b").replace(
-        "revision: abc123}", "revision: abc123, trust_remote_code: false}"), r"model\.trust_remote_code"),
+        "revision: abc1234}", "revision: abc1234, trust_remote_code: false}"), r"model\.trust_remote_code"),
     ("bad-name", GOOD.format(name="../evil", ft="synthetic-ft-b"), "name: '../evil' is not allowed"),
     ("bad-method", GOOD.format(name="x", ft="synthetic-ft-b").replace("method: lora", "method: magic"),
      "fine_tuning.method"),
@@ -136,13 +137,13 @@ BAD_YAML = [
     ("scorecard-inner-dotdot", GOOD.format(name="x", ft="synthetic-ft-b").replace(
         "cards/synthetic-ft-b/scorecard.json", "cards/../../x/scorecard.json"), "leaves the submission's directory"),
     ("model-path-traversal", GOOD.format(name="x", ft="synthetic-ft-b").replace(
-        "{hub: synthetic/synthetic-ft-b, revision: abc123}", "{path: ../../model}"), r"model\.path: path '\.\./\.\./model'"),
+        "{hub: synthetic/synthetic-ft-b, revision: abc1234}", "{path: ../../model}"), r"model\.path: path '\.\./\.\./model'"),
     ("base-path-home", GOOD.format(name="x", ft="synthetic-ft-b").replace(
-        "{hub: synthetic/synthetic-base, revision: def456}", "{path: ~/model}"), r"base\.path: path '~/model'"),
+        "{hub: synthetic/synthetic-base, revision: def4567}", "{path: ~/model}"), r"base\.path: path '~/model'"),
     ("scorecard-missing", GOOD.format(name="x", ft="synthetic-ft-b").replace(
         "cards/synthetic-ft-b/scorecard.json", "cards/nope.json"), "does not exist"),
     ("same-model", GOOD.format(name="x", ft="synthetic-ft-b").replace(
-        "{hub: synthetic/synthetic-ft-b, revision: abc123}", "{hub: synthetic/synthetic-base, revision: def456}"),
+        "{hub: synthetic/synthetic-ft-b, revision: abc1234}", "{hub: synthetic/synthetic-base, revision: def4567}"),
      "the same model"),
     ("wrong-model", GOOD.format(name="x", ft="synthetic-ft-b").replace(
         "hub: synthetic/synthetic-ft-b", "hub: synthetic/other"), "scorecard is for fine-tuned model 'synthetic-ft-b'"),
@@ -171,13 +172,14 @@ BAD_CARDS = [
     ("tampered-config", lambda d: d["config"].update(n=999), False, "config hash .* does not match its config"),
     ("limit", lambda d: d.update(limit=10), False, "--limit 10"),
     ("old-version", lambda d: d["provenance"].update(benchmark_version="0.9"), False, "benchmark version '0.9'"),
-    ("other-preset", lambda d: d["config"].update(preset="other"), True, "claims preset 'other'|not the current hash"),
+    ("other-preset", lambda d: d["config"].update(preset="other"), True,
+     "claims preset 'synthetic-fixture' but the scorecard was made with 'other'"),
     ("arch-mismatch", lambda d: d["ft"].update(architecture="gpt2"), False, "architectures differ"),
     ("layers-mismatch", lambda d: d["ft"].update(n_layers=5), False, "architectures differ"),
     ("items-traversal", lambda d: d.update(items_file="../synthetic-ft-a/items.jsonl"), False, "plain file name"),
     ("items-missing", lambda d: d.update(items_file="gone.jsonl"), False, "items file gone.jsonl is missing"),
     ("schema-version", lambda d: d.update(schema_version=99), False, "schema version 99"),
-    ("other-revision", lambda d: d["ft"].update(revision="fedcba"), False, "scorecard is for fine-tuned model"),
+    ("other-revision", lambda d: d["ft"].update(revision="fedcba9" * 5), False, "scorecard is for fine-tuned model"),
     ("other-base", lambda d: d["base"].update(ref="x", source="y"), False, "scorecard is for base model 'x'"),
     ("invalid-shape", lambda d: d["accuracy"][0].update(model="other"), False, "invalid scorecard"),
 ]
@@ -193,12 +195,35 @@ def test_bad_scorecards_are_rejected_without_changes(root, case, edit, rehash, m
     assert snapshot(root) == before
 
 
-def test_preset_hash_must_be_current(root, monkeypatch):
-    monkeypatch.setattr(submissions, "expected_config_hash", lambda preset: "0" * 16)
+def test_preset_must_be_current(root, monkeypatch):
+    def changed(config):
+        raise EtbenchError("preset 'synthetic-fixture' has changed since this scorecard was made (differs in n)")
+
+    monkeypatch.setattr(submissions, "check_preset", changed)
     before = snapshot(root)
-    with pytest.raises(EtbenchError, match="not the current hash of preset 'synthetic-fixture'"):
+    with pytest.raises(EtbenchError, match="scorecard.json: preset 'synthetic-fixture' has changed"):
         submissions.submit(write(root, good_b(root)), root=root)
     assert snapshot(root) == before
+
+
+def test_check_preset_against_the_real_scoring_presets():
+    score = pytest.importorskip("etbench.score")
+    from dataclasses import asdict
+
+    from etbench.dcm import preset as dcm_preset
+
+    check = _real_check_preset
+    name = sorted(score.PRESETS)[0]
+    config = {"preset": json.loads(json.dumps(asdict(score.PRESETS[name]))), "seed": 0,
+              "dcm": json.loads(json.dumps(dcm_preset(score.PRESETS[name].dcm, seed=0).to_dict()))}
+    assert check(config) is None
+    assert check({**config, "preset": {**config["preset"], "discovery_mode": "other"}}) is None
+    with pytest.raises(EtbenchError, match="has changed"):
+        check({**config, "preset": {**config["preset"], "batch_size": 12345}})
+    with pytest.raises(EtbenchError, match="unknown scoring preset 'nope'"):
+        check({**config, "preset": {**config["preset"], "name": "nope"}})
+    with pytest.raises(EtbenchError, match="DCM settings"):
+        check({**config, "dcm": {"changed": True}})
 
 
 def test_symlink_escaping_the_directory_is_rejected(root, tmp_path):
@@ -227,8 +252,8 @@ def test_local_model_configs_are_checked(root, ft_kind, extra, message):
     models_dir = root / "submissions" / "models"
     _model_dir(models_dir / "base", "llama")
     _model_dir(models_dir / "ft", ft_kind, **extra)
-    text = good_b(root).replace("{hub: synthetic/synthetic-ft-b, revision: abc123}", "{path: models/ft}") \
-        .replace("{hub: synthetic/synthetic-base, revision: def456}", "{path: models/base}")
+    text = good_b(root).replace("{hub: synthetic/synthetic-ft-b, revision: abc1234}", "{path: models/ft}") \
+        .replace("{hub: synthetic/synthetic-base, revision: def4567}", "{path: models/base}")
     before = snapshot(root)
     with pytest.raises(EtbenchError, match=message):
         submissions.submit(write(root, text), root=root)
@@ -241,8 +266,8 @@ def test_different_tokenizers_are_rejected(root):
     _model_dir(models_dir / "ft", "llama")
     (models_dir / "base" / "vocab.json").write_text('{"a": 0}')
     (models_dir / "ft" / "vocab.json").write_text('{"b": 0}')
-    text = good_b(root).replace("{hub: synthetic/synthetic-ft-b, revision: abc123}", "{path: models/ft}") \
-        .replace("{hub: synthetic/synthetic-base, revision: def456}", "{path: models/base}")
+    text = good_b(root).replace("{hub: synthetic/synthetic-ft-b, revision: abc1234}", "{path: models/ft}") \
+        .replace("{hub: synthetic/synthetic-base, revision: def4567}", "{path: models/base}")
     with pytest.raises(EtbenchError, match="tokenizers differ"):
         submissions.submit(write(root, text), root=root)
 
@@ -275,7 +300,10 @@ def test_replace_updates_an_existing_submission(root):
 
 def test_without_scorecard_scoring_is_called_or_clearly_unavailable(root, monkeypatch):
     text = "\n".join(l for l in good_b(root).splitlines() if not l.startswith("scorecard"))
+    import etbench
+
     monkeypatch.setitem(sys.modules, "etbench.score", None)  # as if the scoring module did not exist
+    monkeypatch.delattr(etbench, "score", raising=False)
     before = snapshot(root)
     with pytest.raises(EtbenchError, match="scoring not available yet: pass a scorecard"):
         submissions.submit(write(root, text), root=root)
@@ -305,8 +333,8 @@ def test_local_models_pass_checks_but_must_match_the_scorecard(root, toy_model_d
     models_dir = root / "submissions" / "models"
     shutil.copytree(toy_model_dir, models_dir / "base")
     shutil.copytree(toy_model_dir, models_dir / "ft")
-    text = good_b(root).replace("{hub: synthetic/synthetic-ft-b, revision: abc123}", "{path: models/ft}") \
-        .replace("{hub: synthetic/synthetic-base, revision: def456}", "{path: models/base}")
+    text = good_b(root).replace("{hub: synthetic/synthetic-ft-b, revision: abc1234}", "{path: models/ft}") \
+        .replace("{hub: synthetic/synthetic-base, revision: def4567}", "{path: models/base}")
     sub = submissions.parse(write(root, text))
     submissions.check_models(sub)  # same config and tokenizer; the objects are single tokens for it
     assert sub.configs["model"]["model_type"] == "llama" and not sub.notes
@@ -325,3 +353,9 @@ def test_shipped_scorecard_schema_is_current_and_accepts_fixtures():
     assert shipped == json.loads(json.dumps(sc.json_schema()))
     data = json.loads((FIXTURES / "synthetic-ft-a" / "scorecard.json").read_text())
     jsonschema.validate(data, shipped)
+
+
+def test_a_tag_or_a_commit_prefix_matches_a_recorded_commit():
+    assert submissions._same_revision("0123456789abcdef0123456789abcdef01234567", "0123456")
+    assert submissions._same_revision("0123456789abcdef0123456789abcdef01234567", "v1.0")
+    assert not submissions._same_revision("0123456789abcdef0123456789abcdef01234567", "fedcba98")
