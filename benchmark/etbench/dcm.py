@@ -278,13 +278,22 @@ class PatchRunner:
         return out.logits[:, -1].float()
 
 
+class _Stop(Exception):
+    """Raised by the last read of a caching pass: the rest of the forward is not needed."""
+
+
+def _stop(cur: torch.Tensor) -> None:
+    raise _Stop
+
+
 @torch.no_grad()
 def cache_at_positions(model, hm: HeadMap, lays: Sequence[Layout], heads: Mapping[str, Sequence[Head]],
                        kind: str = "z", batch_size: int = 32, positions: Mapping[str, str] | None = None,
                        ) -> dict[str, torch.Tensor]:
     """One forward per batch of prompts; ``{group: [N, n_heads_of_group, d]}``: each group's heads at its
     own position class in each prompt (``positions`` overrides ``GROUP_POSITION``), nothing else kept.
-    Prompts of different token lengths are batched separately (never padded)."""
+    Prompts of different token lengths are batched separately (never padded). The forward stops after
+    the last layer read (layers above it, and the logits, are never computed)."""
     positions = dict(GROUP_POSITION, **(positions or {}))
     device = _model_device(model)
     n = len(lays)
@@ -302,10 +311,12 @@ def cache_at_positions(model, hm: HeadMap, lays: Sequence[Layout], heads: Mappin
                 pos = torch.tensor([lays[i].position(positions[g]) for i in rows], device=device)
                 for layer, _, hs in by_layer(heads[g]):
                     edits.append(read(layer, kind, store, pos, hs, key=(g, layer)))
+            if edits:  # nothing after the last layer read is needed: stop the forward there
+                edits.append(Edit(max(e.layer for e in edits), kind, _stop))
             try:
-                run(model, hm, {"input_ids": ids}, edits, logits_to_keep=1)
-            except TypeError:
                 run(model, hm, {"input_ids": ids}, edits)
+            except _Stop:
+                pass
             r = torch.tensor(rows)
             for g in out:
                 for layer, cols, _ in by_layer(heads[g]):
@@ -552,7 +563,6 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
     t_train = time.perf_counter()
 
     device = runner.device
-    torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     masks = {t: torch.nn.Parameter(torch.ones(len(hbg[t[0]]), device=device)) for t in tasks}
     opts = {t: torch.optim.Adam([masks[t]], lr=cfg.lr) for t in tasks}

@@ -245,3 +245,21 @@ def test_heads_are_copied_not_aliased():
     out = dcm.normalise_heads({"A": a, "B": a})
     a.append((1, 1))
     assert out == {"value_fetcher": ((1, 0),), "position_transmitter": ((1, 0),)}
+
+
+def test_source_cache_matches_plain_cache(tok, llama):
+    """Each group's heads at its own position (the forward stops after the last layer read)."""
+    from etbench.interventions import Site, cache
+
+    ex, _, _ = dcm.dcm_examples(tok, 6)
+    lays = [p.source_layout for p in dcm.make_pair_sets(tok, ex, ["positional"], 0)["positional"].pairs]
+    hm = head_map(llama)
+    heads = {"value_fetcher": ((1, 0), (0, 2)), "structure_reader": ((0, 3),)}
+    got = dcm.cache_at_positions(llama, hm, lays, heads, batch_size=4)
+    assert got["value_fetcher"].shape == (6, 2, 16) and got["structure_reader"].shape == (6, 1, 16)
+    ids = torch.tensor([lay.input_ids for lay in lays])
+    for g, cls in (("value_fetcher", "last"), ("structure_reader", "prev_query_label")):
+        pos = torch.tensor([lay.position(cls) for lay in lays])
+        for col, (layer, head) in enumerate(heads[g]):
+            ref = cache(llama, hm, {"input_ids": ids}, [Site(layer, "z", pos, [head])])[(layer, "z")]
+            torch.testing.assert_close(got[g][:, col], ref[:, 0])
