@@ -402,6 +402,9 @@ class CircuitEvaluation:
     forward_passes: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     schema_version: int = SCHEMA_VERSION
+    # Per-item outcomes (same items, same order), kept for paired statistics across models/circuits.
+    model_correct: tuple[bool, ...] = ()
+    circuit_correct: tuple[bool, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         from .circuits import _jsonable
@@ -519,6 +522,7 @@ def evaluate_circuit(model, circuit: Circuit, tokenizer=None, *, n_boxes: int = 
         faithfulness=_faith(circ_acc, model_acc), faithfulness_ci=_ratio_ci(circ_flags, model_flags, seed),
         baseline=baseline, completeness=completeness, curve=curve_result, forward_passes=counter.as_dict(),
         wall_s=time.perf_counter() - t0,
+        model_correct=tuple(bool(x) for x in model_flags), circuit_correct=tuple(bool(x) for x in circ_flags),
     )
 
 
