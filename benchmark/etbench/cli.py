@@ -79,6 +79,34 @@ def accuracy_cmd(
             typer.echo(f"wrote {path}", err=True)
 
 
+@app.command("score")
+def score_cmd(
+    base: str = typer.Option("tiny-base", "--base", help="Base model (alias, hub id, directory, .gguf, adapter)."),
+    ft: str = typer.Option("tiny-ft", "--ft", help="Fine-tuned model, same architecture and tokenizer."),
+    out: Path = typer.Option(Path("etbench-out"), "--out", "-o", help="Output directory (stages cached here)."),
+    preset: str = typer.Option("quick", help="quick (sized for a 2-core CPU) or paper (the paper's sizes)."),
+    exact: bool = typer.Option(False, "--exact", help="Exact path patching for discovery (default of 'paper')."),
+    fast: bool = typer.Option(False, "--fast", help="Attribution screen + exact verification (default of 'quick')."),
+    seed: int = typer.Option(0, help="Seed of every sampled set."),
+    circuit_base: Optional[str] = typer.Option(None, "--circuit-base", help="Circuit JSON or paper:<name> instead of discovery."),
+    circuit_ft: Optional[str] = typer.Option(None, "--circuit-ft", help="Circuit JSON or paper:<name> instead of discovery."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, or auto."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Score a fine-tuned model against its base: accuracy, faithfulness, head overlap, CMAP."""
+    from . import score as scoring
+
+    if exact and fast:
+        _fail("--exact and --fast exclude each other")
+    run = scoring.score(base, ft, out, preset=preset, discovery="exact" if exact else "fast" if fast else None,
+                        seed=seed, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
+                        progress=not no_progress)
+    typer.echo(scoring.format_scorecard(run.card))
+    typer.echo(scoring.format_timings(run), err=True)
+    typer.echo(f"wrote {run.path} (+ items.jsonl, report.md, report.html)", err=True)
+
+
 @app.command("tasks-path")
 def tasks_path() -> None:
     """Print the lm-eval task directory (for `lm_eval --include_path ...`)."""

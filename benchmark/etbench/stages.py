@@ -1,0 +1,51 @@
+"""Resumable stages: each stage's result is stored on disk under the hash of the configuration that
+produced it, so an interrupted run restarts where it stopped and a finished one is never redone.
+
+A stage result is plain JSON (``{"config_hash", "result"}``), written atomically: a stage is either
+complete on disk or absent, never half-written. Wall times go to a separate file so that cached and
+fresh runs produce byte-identical results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .fileio import atomic_write_json
+
+
+class StageCache:
+    def __init__(self, directory: str | Path, config_hash: str) -> None:
+        self.directory = Path(directory)
+        self.config_hash = config_hash
+        self.timings: dict[str, float] = {}
+        self.ran: list[str] = []  # stages computed in this process (the others came from disk)
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name}.json"
+
+    def load(self, name: str) -> Any | None:
+        path = self.path(name)
+        if not path.exists():
+            return None
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return None  # atomic writes make this unlikely; recompute rather than trust it
+        return stored["result"] if stored.get("config_hash") == self.config_hash else None
+
+    def run(self, name: str, compute: Callable[[], Any]) -> Any:
+        """The stored result of stage ``name``, computing (and storing) it when absent or stale."""
+        cached = self.load(name)
+        if cached is not None:
+            return cached
+        start = time.perf_counter()
+        result = compute()
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        # Round-trip through JSON so a fresh result is exactly what a resumed run will read back.
+        result = json.loads(json.dumps(result))
+        atomic_write_json(self.path(name), {"config_hash": self.config_hash, "result": result})
+        self.ran.append(name)
+        return result
