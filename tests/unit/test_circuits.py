@@ -143,7 +143,7 @@ def toy():
     try:
         tok = word_level_tokenizer()
         model = tiny_llama(len(tok), n_layers=N_LAYERS, n_heads=N_HEADS, d_model=D_MODEL, seed=3).double()
-        encoded = encode_pairs(noise_pairs(data.generate(3, 6, seed=1), seed=1), tok)
+        encoded = encode_pairs(noise_pairs(data.generate(3, 4, seed=1), seed=1), tok)
         yield model, tok, encoded
     finally:
         modeling_llama.LlamaRMSNorm.forward = original
@@ -244,8 +244,8 @@ def test_path_patching_equals_naive(toy, group):
     hm = head_map(model)
     senders = [(0, 1), (1, 2), (2, 0)]
     counter = PassCounter()
-    ours = path_patching_scores(model, hm, encoded, group, RECEIVERS[group], senders, batch_size=4, counter=counter)
-    whole = path_patching_scores(model, hm, encoded, group, RECEIVERS[group], senders, batch_size=6,
+    ours = path_patching_scores(model, hm, encoded, group, RECEIVERS[group], senders, batch_size=3, counter=counter)
+    whole = path_patching_scores(model, hm, encoded, group, RECEIVERS[group], senders, batch_size=4,
                                  prefix_cache=False)
     for s in senders:
         ref = naive_path_patch(model, encoded, group, s, RECEIVERS[group])
@@ -264,12 +264,12 @@ def test_attribution_is_the_derivative_of_path_patching(toy, group):
     hm = head_map(model)
     att = attribution_scores(model, hm, encoded, group, RECEIVERS[group], batch_size=4)
     eps = 1e-4  # central difference: error O(eps^2)
-    for s in [(0, 1), (1, 2), (0, 3)]:
+    for s in [(0, 1), (1, 2)]:
         slope = (naive_path_patch(model, encoded, group, s, RECEIVERS[group], alpha=eps)
                  - naive_path_patch(model, encoded, group, s, RECEIVERS[group], alpha=-eps)) / (2 * eps)
         assert float(att[s]) == pytest.approx(slope, rel=1e-5, abs=1e-12)
-        if group != "value_fetcher" and s[0] >= 2:
-            assert float(att[s]) == 0.0
+    if group != "value_fetcher":  # above every receiver: no path, no attribution
+        assert float(att[(2, 3)]) == 0.0
 
 
 def _planted(tok, keep):
@@ -289,7 +289,7 @@ def test_discovery_on_a_planted_model_finds_only_live_heads(toy, mode):
     _, tok, _ = toy
     live = {(0, 1), (0, 2), (1, 0), (1, 3), (2, 2)}
     model = _planted(tok, live)
-    res = discover(model, mode, tok, n_boxes=3, n=6, batch_size=6, minimality_n=6, mean_n=6,
+    res = discover(model, mode, tok, n_boxes=3, n=4, batch_size=4, minimality_n=4, mean_n=4,
                    candidate_k=3, receiver_k=3)
     for g, s in res.searches.items():
         for layer in range(N_LAYERS):
@@ -305,7 +305,7 @@ def test_discovery_on_a_planted_model_finds_only_live_heads(toy, mode):
 
 def test_fast_verifies_with_exact_scores(toy):
     model, tok, _ = toy
-    kw = dict(n_boxes=3, n=6, batch_size=6, minimality_mode="none", candidate_k=2, receiver_k=2)
+    kw = dict(n_boxes=3, n=4, batch_size=4, minimality_mode="none", candidate_k=2, receiver_k=2)
     exact = discover(model, "exact", tok, **kw)
     fast = discover(model, "fast", tok, verify_k=4, **kw)
     for g in GROUPS:
@@ -319,12 +319,12 @@ def test_fast_verifies_with_exact_scores(toy):
     # fast = (prefix + noise + one frozen pass with backward) + the same exact runs for 4 heads
     assert exact.searches["value_fetcher"].forward_passes["calls"] == 3 + 12
     assert fast.searches["value_fetcher"].forward_passes == {"calls": 3 + 3 + 4, "backward": 1,
-                                                             "rows": 6 * 10, "tokens": fast.searches["value_fetcher"].forward_passes["tokens"]}
+                                                             "rows": 4 * 10, "tokens": fast.searches["value_fetcher"].forward_passes["tokens"]}
 
 
 def test_discovery_round_trips_to_a_circuit_file(toy, tmp_path):
     model, tok, _ = toy
-    res = discover(model, "fast", tok, n_boxes=3, n=6, batch_size=6, minimality_n=6, mean_n=6, model_name="toy")
+    res = discover(model, "fast", tok, n_boxes=3, n=4, batch_size=4, minimality_n=4, mean_n=4, model_name="toy")
     path = res.circuit.save(tmp_path / "c.json")
     back = Circuit.load(path)
     assert back == res.circuit and back.method == "attribution+path_patching" and back.model == "toy"
