@@ -317,19 +317,20 @@ def run_cmap(model_base, model_ft, tokenizer, heads: Circuit | HeadsByGroup, exa
 
 def _output_patch(runner: PatchRunner, rows, kv, patch: Mapping[str, Sequence[Head]], store, pos, all_positions):
     if all_positions:
-        def make(shift: int) -> list[Edit]:
-            return [replace(layer, "z", store[("z", g, layer)], None, h)
+        def make_all(sub: torch.Tensor, shift: int) -> list[Edit]:
+            return [replace(layer, "z", store[("z", g, layer)][sub.to(store[("z", g, layer)].device)], None, h)
                     for g, hs in patch.items() for layer, _, h in by_layer(hs)]
 
-        return runner.logits(rows, None, 0, make)
+        return runner.logits(rows, None, 0, make_all)
     dev = runner.device
-    start = min(int(pos[g][rows].min()) for g in patch)
+    starts = torch.stack([pos[g][rows] for g in patch]).min(0).values  # each row's earliest patch
 
-    def make(shift: int) -> list[Edit]:
-        return [replace(layer, "z", store[("z", g, layer)], (pos[g][rows] - shift).to(dev), h)
+    def make(sub: torch.Tensor, shift: int) -> list[Edit]:
+        return [replace(layer, "z", store[("z", g, layer)][sub.to(store[("z", g, layer)].device)],
+                        (pos[g][rows][sub] - shift).to(dev), h)
                 for g, hs in patch.items() for layer, _, h in by_layer(hs)]
 
-    return runner.logits(rows, kv, start, make)
+    return runner.logits(rows, kv, starts, make)
 
 
 def _input_patch(runner: PatchRunner, rows, variant, g, hs, kv_heads, store, clean_z, pos, spec, b, seq):
@@ -348,7 +349,7 @@ def _input_patch(runner: PatchRunner, rows, variant, g, hs, kv_heads, store, cle
     for layer in range(spec.n_layers):
         keep = _keep_mask(b, seq, spec.n_heads, p, heads_at.get(layer, []))
         edits.append(replace_where(layer, "z", clean_z[(layer, "z")], keep))
-    return runner.logits(rows, None, 0, lambda shift: edits)
+    return runner.logits(rows, None, 0, lambda sub, shift: edits)
 
 
 # ----------------------------------------------------------------------------------------------

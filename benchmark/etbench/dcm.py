@@ -182,6 +182,20 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+#: ``edits(sub, shift)``: the edits for batch rows ``sub`` with positions shifted by ``-shift``.
+EditsFn = Callable[[torch.Tensor, int], Sequence[Edit]]
+
+
+def _buckets(starts: torch.Tensor, max_splits: int) -> list[tuple[torch.Tensor, int]]:
+    """Rows grouped by start position: one group per distinct start, or ``max_splits`` groups of rows
+    with neighbouring starts (each run from its smallest start)."""
+    values = torch.unique(starts)
+    if len(values) <= max_splits:
+        return [((starts == v).nonzero().reshape(-1), int(v)) for v in values]
+    order = torch.argsort(starts, stable=True)
+    return [(chunk, int(starts[chunk].min())) for chunk in torch.tensor_split(order, max_splits) if len(chunk)]
+
+
 def _kv_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Per-layer (keys, values) ``[B, kv_heads, T, d]`` of a plain full-attention cache, else None."""
     layers = getattr(cache, "layers", None)
@@ -263,19 +277,36 @@ class PatchRunner:
             return [(k[r], v[r]) for k, v in self._store]
         return self._clean(rows)
 
-    def logits(self, rows: torch.Tensor, kv, start: int, edits: Callable[[int], Sequence[Edit]]) -> torch.Tensor:
-        """Last-token logits ``[B, vocab]`` of ``rows`` with ``edits(shift)`` applied; every edit must sit at
-        positions >= ``start``, given to the edits as ``position - shift``. Differentiable."""
-        ids = self.ids[rows.to(self.device)]
-        start = max(0, min(int(start), ids.shape[1] - 1))
-        if kv is None or start == 0:
-            out = self._forward(ids, edits(0))
-        else:
-            from transformers import DynamicCache
+    def logits(self, rows: torch.Tensor, kv, starts: int | torch.Tensor, edits: EditsFn,
+               max_splits: int = 8) -> torch.Tensor:
+        """Last-token logits ``[B, vocab]`` of ``rows`` with edits applied. Differentiable.
 
-            cache = DynamicCache(ddp_cache_data=[(k[:, :, :start], v[:, :, :start]) for k, v in kv])
-            out = self._forward(ids[:, start:], edits(start), past_key_values=cache, use_cache=True)
-        return out.logits[:, -1].float()
+        ``starts``: each row's earliest patched position (an int for all rows). Rows are run in up to
+        ``max_splits`` sub-batches of similar start, each from its own start (a per-row position such as
+        the structure reader's then costs about half the tokens of running every row from the earliest).
+        ``edits(sub, shift)`` builds the edits for the batch rows ``sub`` (indices into ``rows``), with
+        positions given as ``position - shift``."""
+        ids = self.ids[rows.to(self.device)]
+        b, t = ids.shape
+        starts = torch.as_tensor(starts, dtype=torch.long).reshape(-1).expand(b).clamp(0, t - 1)
+        if kv is None:
+            return self._forward(ids, edits(torch.arange(b), 0)).logits[:, -1].float()
+        from transformers import DynamicCache
+
+        parts, order = [], []
+        for sub, start in _buckets(starts, max_splits):
+            if start == 0:
+                out = self._forward(ids[sub.to(self.device)], edits(sub, 0))
+            else:
+                d = sub.to(kv[0][0].device)
+                cache = DynamicCache(ddp_cache_data=[(k[d][:, :, :start], v[d][:, :, :start]) for k, v in kv])
+                out = self._forward(ids[sub.to(self.device), start:], edits(sub, start), past_key_values=cache,
+                                    use_cache=True)
+            parts.append(out.logits[:, -1].float())
+            order.append(sub)
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts)[torch.argsort(torch.cat(order)).to(parts[0].device)]
 
 
 class _Stop(Exception):
@@ -324,27 +355,28 @@ def cache_at_positions(model, hm: HeadMap, lays: Sequence[Layout], heads: Mappin
     return out
 
 
-def _mix_edits(heads: Sequence[Head], source: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
+def _mix_edits(heads: Sequence[Head], source: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> EditsFn:
     """Edits of ``z <- m z + (1 - m) source`` for one group: source ``[B, n, d]``, mask ``[n]``, pos ``[B]``."""
     layers = by_layer(heads)
 
-    def make(shift: int) -> list[Edit]:
-        p = pos - shift
-        return [mix(layer, "z", source[:, cols], mask[cols], p, hs) for layer, cols, hs in layers]
+    def make(sub: torch.Tensor, shift: int) -> list[Edit]:
+        p, src = pos[sub.to(pos.device)] - shift, source[sub.to(source.device)]
+        return [mix(layer, "z", src[:, cols], mask[cols], p, hs) for layer, cols, hs in layers]
 
     return make
 
 
-def _replace_edits(heads: Sequence[Head], values: torch.Tensor, pos: torch.Tensor, patched: Sequence[bool] | None = None):
+def _replace_edits(heads: Sequence[Head], values: torch.Tensor, pos: torch.Tensor,
+                   patched: Sequence[bool] | None = None) -> EditsFn:
     """Edits that overwrite the (patched) heads' z with ``values`` ``[B, n, d]`` at ``pos`` ``[B]``."""
     keep = [i for i in range(len(heads)) if patched is None or patched[i]]
-    sub = [heads[i] for i in keep]
-    layers = by_layer(sub)
+    sub_heads = [heads[i] for i in keep]
+    layers = by_layer(sub_heads)
     cols_all = torch.tensor(keep, dtype=torch.long)
 
-    def make(shift: int) -> list[Edit]:
-        p = pos - shift
-        return [replace(layer, "z", values[:, cols_all[cols]], p, hs) for layer, cols, hs in layers]
+    def make(sub: torch.Tensor, shift: int) -> list[Edit]:
+        p, vals = pos[sub.to(pos.device)] - shift, values[sub.to(values.device)]
+        return [replace(layer, "z", vals[:, cols_all[cols]], p, hs) for layer, cols, hs in layers]
 
     return make
 
@@ -479,8 +511,8 @@ def _evaluate(runner: PatchRunner, rows: torch.Tensor, jobs: Sequence[tuple[Any,
                     kv = runner.kv(chunk)
                 p = pos[chunk]
                 with torch.no_grad():
-                    logits = runner.logits(chunk, kv, int(p.min()),
-                                           _replace_edits(heads, source[chunk], p.to(runner.device), patched))
+                    logits = runner.logits(chunk, kv, p, _replace_edits(heads, source[chunk], p.to(runner.device),
+                                                                        patched))
                 pred = logits.argmax(-1).cpu()
             results[key] += (pred == tgt).tolist()
     return results
@@ -599,7 +631,7 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
             with torch.no_grad():
                 m.clamp_(0, 1)
             p = pos[g][rows].to(device)
-            logits = runner.logits(rows, kv, int(p.min()), _mix_edits(hbg[g], sources[t][rows].to(device), m, p))
+            logits = runner.logits(rows, kv, p.cpu(), _mix_edits(hbg[g], sources[t][rows].to(device), m, p))
             tgt = pair_sets[d].targets[rows].to(device)
             loss = -logits.gather(1, tgt[:, None]).mean() + cfg.lam * (1 - m).sum()
             # why autograd.grad: the caller's model may not be frozen; .backward() would also compute
