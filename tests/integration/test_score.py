@@ -1,0 +1,95 @@
+"""etbench score end to end on a toy pair: deterministic bytes, resume after an interruption,
+clear failures. (The embedded tiny pair's numbers are in tests/integration/test_tiny_pair.py.)"""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from etbench import score as scoring
+from etbench import toy
+from etbench.circuits import Circuit, Node
+from etbench.errors import EtbenchError
+from etbench.fileio import atomic_write_json
+
+# Tiny sizes: the point here is plumbing, determinism and resumption, not the numbers.
+MICRO = scoring.Preset("micro", accuracy_n=14, accuracy_boxes=(3, 7), discovery_mode="fast", discovery_n=8,
+                       minimality_n=8, faithfulness_n=14, mean_n=8, random_draws=2, completeness_draws=1, dcm="quick",
+                       dcm_seeds=(0,), cmap_n=14, cmap_variants=("output", "qkv"))
+
+
+@pytest.fixture(scope="module")
+def toy_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_pair")
+    tokenizer = toy.word_level_tokenizer()
+    for seed, name in enumerate(("base", "ft")):
+        model = toy.tiny_llama(len(tokenizer), seed=seed, n_layers=2, n_heads=4)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    # A given circuit, so DCM and CMAP have heads to work on (random toys give empty discovered circuits).
+    nodes = {"value_fetcher": [Node("value_fetcher", 1, 0), Node("value_fetcher", 1, 2)],
+             "position_transmitter": [Node("position_transmitter", 0, 1)],
+             "position_detector": [Node("position_detector", 0, 3)],
+             "structure_reader": [Node("structure_reader", 0, 0)]}
+    atomic_write_json(root / "circuit.json", Circuit(nodes, model="toy", n_layers=2, n_heads=4).to_dict())
+    return root
+
+
+def run_score(root, out, **kwargs):
+    return scoring.score(str(root / "base"), str(root / "ft"), out, preset=MICRO, progress=False,
+                         circuit_base=str(root / "circuit.json"), circuit_ft=str(root / "circuit.json"), **kwargs)
+
+
+@pytest.mark.slow
+def test_same_seed_gives_byte_identical_scorecards_and_resume_after_interruption(toy_pair, tmp_path, monkeypatch):
+    first = run_score(toy_pair, tmp_path / "a")
+    card = first.path.read_bytes()
+    assert {f.model for f in first.card.faithfulness} == {"base", "ft"} and first.card.dcm and first.card.cmap
+    assert "full" in {c.group for c in first.card.cmap}
+    for name in ("items.jsonl", "report.md", "report.html", "timings.json", "circuit_base.json"):
+        assert (tmp_path / "a" / name).exists()
+
+    # A second, independent run writes the same bytes.
+    assert run_score(toy_pair, tmp_path / "b").path.read_bytes() == card
+
+    # Interrupt a third run in its last stage (CMAP), then resume: earlier stages come from disk.
+    import etbench.cmap
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(etbench.cmap, "run_cmap", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_score(toy_pair, tmp_path / "c")
+    assert not (tmp_path / "c" / "scorecard.json").exists()
+    assert (tmp_path / "c" / "stages" / "dcm_ft_seed0.json").exists()
+    monkeypatch.undo()
+    resumed = run_score(toy_pair, tmp_path / "c")
+    assert resumed.path.read_bytes() == card
+    assert "accuracy_base" in resumed.cached_stages and "cmap" not in resumed.cached_stages
+
+    # A different seed is a different configuration: nothing is reused from the cache.
+    other = run_score(toy_pair, tmp_path / "c", seed=1)
+    assert other.card.config_hash != first.card.config_hash and other.cached_stages == []
+
+
+def test_unknown_preset_and_bad_circuit_are_clear_errors(tmp_path):
+    with pytest.raises(EtbenchError, match="unknown preset"):
+        scoring.score("a", "b", tmp_path, preset="huge")
+    with pytest.raises(EtbenchError, match="no such circuit file"):
+        scoring.score("a", "b", tmp_path, circuit_base=str(tmp_path / "missing.json"))
+    with pytest.raises(EtbenchError, match="unknown paper circuit"):
+        scoring.score("a", "b", tmp_path, circuit_ft="paper:gpt5")
+
+
+def test_score_of_the_paper_models_offline_fails_fast_with_one_line(tmp_path):
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "etbench.cli", "score", "--base", "llama7b", "--ft", "goat",
+                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("etbench: error:") and "huggyllama/llama-7b" in lines[-1]
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "o" / "scorecard.json").exists()
