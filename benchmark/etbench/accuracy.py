@@ -145,24 +145,19 @@ def run(model_ref: str, n_boxes: Sequence[int] = (7,), n: int | None = None, see
         loaded=None) -> AccuracyRun:
     """Load a model (unless ``loaded`` is given) and score it on seeded example sets."""
     from . import data, models
-    from .layout import check_vocabulary
+    from .layout import check_vocabulary, usable_pool
 
     n = data.CANONICAL_N if n is None else n
     seed = data.CANONICAL_SEED if seed is None else seed
     for nb in n_boxes:  # validate sizes before spending time on a model load
         data.generate(n_boxes=nb, n=1, seed=seed)
     loaded = loaded or models.load(model_ref, dtype=dtype, device=device)
-    report = check_vocabulary(loaded.tokenizer)
-    pool = None
-    if report.dropped_objects or report.dropped_labels:
-        for nb in n_boxes:
-            report.require(nb)
-        pool = report.kept_objects
+    pool, labels = usable_pool(loaded.tokenizer, max(n_boxes))
     results = []
     for nb in n_boxes:
-        examples = data.generate(n_boxes=nb, n=n, seed=seed, objects=pool, labels=report.kept_labels)
+        examples = data.generate(n_boxes=nb, n=n, seed=seed, objects=pool, labels=labels)
         results.append(evaluate(loaded.model, loaded.tokenizer, examples, batch_size, progress, model_ref, seed))
-    note = "" if pool is None and not report.dropped_labels else report.summary()
+    note = "" if pool is None else check_vocabulary(loaded.tokenizer).summary()
     return AccuracyRun(model=model_ref, results=results, vocabulary_note=note)
 
 

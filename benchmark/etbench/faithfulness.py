@@ -36,7 +36,7 @@ from .data import LABELS, Example, paper_objects, sample_context, stream_rng
 from .errors import EtbenchError
 from .heads import HeadMap, head_map
 from .interventions import Edit, cache, replace_where, run, Site
-from .layout import POSITION_CLASSES, Layout, layouts, pad_batch, pad_id_of
+from .layout import POSITION_CLASSES, Layout, layouts, pad_batch, pad_id_of, usable_pool  # noqa: F401  (re-exported for circuits)
 from .progress import track
 from .stats import Proportion, proportion_ci
 
@@ -91,18 +91,6 @@ def forward(model, input_ids: torch.Tensor, hm: HeadMap | None = None, edits: Se
 
 # ----------------------------------------------------------------------------------------------
 # Mean activations
-
-
-def usable_pool(tokenizer, n_boxes: int) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
-    """(objects, labels) this tokenizer spells as single tokens; objects is None when all 85 are
-    usable, so the prompts are exactly the canonical stream (as ``accuracy.run`` does)."""
-    from .layout import check_vocabulary
-
-    report = check_vocabulary(tokenizer)
-    if report.dropped_objects or report.dropped_labels:
-        report.require(n_boxes)
-        return report.kept_objects, report.kept_labels
-    return None, report.kept_labels
 
 
 def ablation_examples(n_boxes: int = 7, n: int = 500, seed: int = 0, objects: Sequence[str] | None = None,

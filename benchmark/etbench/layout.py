@@ -212,6 +212,16 @@ def check_vocabulary(tokenizer, objects: Sequence[str] | None = None, labels: Se
     )
 
 
+def usable_pool(tokenizer, n_boxes: int) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+    """(objects, labels) for ``data.generate`` with this tokenizer: objects is None when all 85 are
+    single tokens, so the prompts are exactly the canonical stream; a clear error when too few remain."""
+    report = check_vocabulary(tokenizer)
+    if report.dropped_objects or report.dropped_labels:
+        report.require(n_boxes)
+        return report.kept_objects, report.kept_labels
+    return None, report.kept_labels
+
+
 @dataclass
 class Batch:
     """Padded model inputs; ``offsets[i]`` is added to row i's Layout positions (left padding)."""

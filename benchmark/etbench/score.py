@@ -184,13 +184,12 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         from .circuits import Circuit
         from .faithfulness import evaluate_circuit, mean_activations
         from .heads import head_map
-        from .layout import check_vocabulary
+        from .layout import usable_pool
 
         m = model(which)
         hm = head_map(m.model)
-        report = check_vocabulary(m.tokenizer)
-        mean = mean_activations(m.model, m.tokenizer, hm, 7, p.mean_n, seed, p.batch_size,
-                                report.kept_objects if report.dropped_objects else None, report.kept_labels,
+        pool, labels = usable_pool(m.tokenizer, 7)
+        mean = mean_activations(m.model, m.tokenizer, hm, 7, p.mean_n, seed, p.batch_size, pool, labels,
                                 progress=progress)
         out = {}
         for name in ("base", "ft"):
