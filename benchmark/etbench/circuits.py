@@ -329,12 +329,23 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+#: Other circuits shipped as package data: found by etbench on the embedded models.
+SHIPPED_CIRCUITS: dict[str, str] = {
+    "tiny-base": "found on tiny-base by `discover(mode='fast', n=32)`, no minimality pruning",
+}
+
+
 def load_circuit(ref: str | Path) -> Circuit:
-    """A circuit file path, or ``paper:<name>`` / a bare shipped name (``llama7b``, ``goat7b``, ``float7b``)."""
+    """A circuit file path, or a shipped name: ``paper:<name>`` / bare ``llama7b``, ``goat7b``,
+    ``float7b``, or ``tiny-base``."""
     text = str(ref)
     name = text[len("paper:"):] if text.startswith("paper:") else text
-    if name in PAPER_CIRCUITS and not Path(text).exists():
-        return paper_circuit(name)
+    if not Path(text).exists():
+        if name in PAPER_CIRCUITS:
+            return paper_circuit(name)
+        if name in SHIPPED_CIRCUITS:
+            body = resources.files("etbench").joinpath(f"assets/circuits/{name}.json").read_text(encoding="utf-8")
+            return Circuit.from_dict(json.loads(body), source=f"shipped circuit {name}")
     return Circuit.load(ref)
 
 

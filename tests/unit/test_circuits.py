@@ -97,6 +97,12 @@ def test_paper_circuits_match_the_reference(name, sizes, distinct):
         c.validate(30, 9)
 
 
+def test_shipped_tiny_base_circuit():
+    c = load_circuit("tiny-base")
+    assert (c.n_layers, c.n_heads, c.model) == (30, 9, "tiny-base") and c.size > 0
+    assert c.method == "attribution+path_patching" and all(n.score < 0 for n in c.nodes())
+
+
 def test_unknown_paper_circuit():
     with pytest.raises(EtbenchError, match="shipped: llama7b"):
         paper_circuit("gpt4")
