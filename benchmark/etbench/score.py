@@ -45,6 +45,7 @@ class Preset:
     completeness_draws: int
     dcm: str  # a dcm.PRESETS name
     dcm_seeds: tuple[int, ...]
+    dcm_groups: tuple[str, ...]  # groups whose heads get DCM masks
     cmap_n: int
     cmap_variants: tuple[str, ...]
     batch_size: int = 16
@@ -52,12 +53,16 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset("quick", accuracy_n=100, accuracy_boxes=(3, 5, 7), discovery_mode="fast", discovery_n=32,
-                    minimality_n=32, faithfulness_n=100, mean_n=64, random_draws=10, completeness_draws=2,
-                    dcm="quick", dcm_seeds=(0,), cmap_n=100, cmap_variants=("output", "qkv")),
+                    minimality_n=32, faithfulness_n=50, mean_n=32, random_draws=10, completeness_draws=2,
+                    dcm="quick", dcm_seeds=(0,), cmap_n=64, cmap_variants=("output", "qkv"),
+                    # The structure reader's mask trains through almost the whole prompt (its position is
+                    # early): ~85% of DCM time on CPU. CMAP patches the whole D group anyway (paper rule).
+                    dcm_groups=("value_fetcher", "position_transmitter", "position_detector")),
     "paper": Preset("paper", accuracy_n=500, accuracy_boxes=(3, 5, 7), discovery_mode="exact", discovery_n=300,
                     minimality_n=100, faithfulness_n=500, mean_n=500, random_draws=10, completeness_draws=10,
                     dcm="paper", dcm_seeds=(0, 1, 2), cmap_n=500,
-                    cmap_variants=("output", "q", "k", "v", "qk", "qkv")),
+                    cmap_variants=("output", "q", "k", "v", "qk", "qkv"),
+                    dcm_groups=("value_fetcher", "position_transmitter", "position_detector", "structure_reader")),
 }
 
 
@@ -143,7 +148,9 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     config["dcm"] = dcm_preset(p.dcm, seed=seed).to_dict()
     chash = sc.config_hash(config)
-    cache = StageCache(out_dir / "stages", chash)
+    cache = StageCache(out_dir / "stages")
+    ref = {"base": base, "ft": ft}
+    common = {"benchmark_version": sc.BENCHMARK_VERSION, "seed": seed, "dtype": dtype, "batch_size": p.batch_size}
 
     # Models load lazily: a fully cached run (a resume after the last stage) never loads them.
     loaded: dict[str, Any] = {}
@@ -155,7 +162,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     # Fail fast on anything missing or incompatible before hours of work: both models must load
     # (one clear line otherwise) and share heads and tokenizer.
-    cards = cache.run("models", lambda: _models_stage(model, p))
+    cards = cache.run("models", {**common, **ref}, lambda: _models_stage(model, p))
 
     def accuracy_stage(which: str):
         from .accuracy import run as accuracy_run
@@ -166,7 +173,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                 "items": [{"measure": "accuracy", "model": which, "n_boxes": x.n_boxes, "item": it.index,
                            "correct": it.correct} for x in r.results for it in x.items]}
 
-    acc = {w: cache.run(f"accuracy_{w}", lambda w=w: accuracy_stage(w)) for w in ("base", "ft")}
+    acc = {w: cache.run(f"accuracy_{w}", {**common, "model": ref[w], "n": p.accuracy_n, "boxes": p.accuracy_boxes},
+                        lambda w=w: accuracy_stage(w)) for w in ("base", "ft")}
 
     def circuit_stage(which: str, given: str | None):
         from .circuits import discover
@@ -177,8 +185,13 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                        minimality_n=p.minimality_n, mean_n=p.mean_n, model_name=model(which).ref, progress=progress)
         return {"circuit": res.circuit.to_dict(), "method": res.circuit.method, "forward_passes": res.forward_passes}
 
-    circuits = {"base": cache.run("circuit_base", lambda: circuit_stage("base", circuit_base)),
-                "ft": cache.run("circuit_ft", lambda: circuit_stage("ft", circuit_ft))}
+    discovery_settings = {"mode": p.discovery_mode, "n": p.discovery_n, "minimality_n": p.minimality_n,
+                          "mean_n": p.mean_n}
+    given = {"base": circuit_base, "ft": circuit_ft}
+    circuits = {w: cache.run(f"circuit_{w}", {**common, "model": ref[w], "given": given[w],
+                                             "discovery": None if given[w] else discovery_settings},
+                             lambda w=w: circuit_stage(w, given[w])) for w in ("base", "ft")}
+    circuit_keys = {w: sc.config_hash(circuits[w]["circuit"]) for w in ("base", "ft")}
 
     def faithfulness_stage(which: str):
         from .circuits import Circuit
@@ -202,7 +215,10 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
             out[name] = ev.to_dict()
         return out
 
-    faith = {w: cache.run(f"faithfulness_{w}", lambda w=w: faithfulness_stage(w)) for w in ("base", "ft")}
+    faith_settings = {"n": p.faithfulness_n, "mean_n": p.mean_n, "random_draws": p.random_draws,
+                      "completeness_draws": p.completeness_draws, "circuits": circuit_keys}
+    faith = {w: cache.run(f"faithfulness_{w}", {**common, "model": ref[w], **faith_settings},
+                          lambda w=w: faithfulness_stage(w)) for w in ("base", "ft")}
 
     def dcm_stage(which: str, dcm_seed: int):
         from .circuits import Circuit
@@ -212,12 +228,17 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         circuit = Circuit.from_dict(circuits[which]["circuit"])
         if not circuit.size:  # e.g. a model at chance: discovery kept no head, there is nothing to mask
             return {"scores": [], "items": [], "selections": [], "note": "empty circuit: DCM not run"}
-        result = train_masks(m.model, m.tokenizer, circuit,
-                             dcm_preset(p.dcm, seed=dcm_seed), model_name=m.ref, progress=progress)
+        groups = [g for g in p.dcm_groups if circuit.heads(g)]
+        if not groups:
+            return {"scores": [], "items": [], "selections": [], "note": "no DCM group has heads"}
+        result = train_masks(m.model, m.tokenizer, circuit, dcm_preset(p.dcm, seed=dcm_seed), groups=groups,
+                             model_name=m.ref, progress=progress)
         return {"scores": [asdict(s) for s in result.scores(which)], "items": result.item_rows(which),
                 "selections": [[g, d, [list(h) for h in hs]] for (g, d), hs in result.selections().items()]}
 
-    dcm_runs = {w: [cache.run(f"dcm_{w}_seed{s}", lambda w=w, s=s: dcm_stage(w, s)) for s in p.dcm_seeds]
+    dcm_runs = {w: [cache.run(f"dcm_{w}_seed{s}", {**common, "model": ref[w], "circuit": circuit_keys[w],
+                                                   "dcm": dcm_preset(p.dcm, seed=s).to_dict(), "groups": p.dcm_groups},
+                              lambda w=w, s=s: dcm_stage(w, s)) for s in p.dcm_seeds]
                 for w in ("base", "ft")}
 
     def cmap_stage():
@@ -237,7 +258,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         return {"scores": [asdict(s) for s in result.scores(seed=seed)], "items": result.item_rows(),
                 "heads": {g: [list(h) for h in hs] for g, hs in heads.items()}}
 
-    cmap = cache.run("cmap", cmap_stage)
+    cmap = cache.run("cmap", {**common, **ref, "n": p.cmap_n, "variants": p.cmap_variants,
+                              "circuit_ft": circuit_keys["ft"], "dcm_ft": sc.config_hash(dcm_runs["ft"][0])}, cmap_stage)
 
     card, items = _assemble(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, seed, dtype, device)
     path = sc.save(card, out_dir, items)

@@ -1,5 +1,7 @@
-"""Resumable stages: each stage's result is stored on disk under the hash of the configuration that
-produced it, so an interrupted run restarts where it stopped and a finished one is never redone.
+"""Resumable stages: each stage's result is stored on disk under the hash of what it depends on (the
+settings it uses and the results of the stages it reads), so an interrupted run restarts where it
+stopped, a finished one is never redone, and changing one stage's settings recomputes only that
+stage and the stages downstream of it.
 
 A stage result is plain JSON (``{"config_hash", "result"}``), written atomically: a stage is either
 complete on disk or absent, never half-written. Wall times go to a separate file so that cached and
@@ -16,17 +18,23 @@ from typing import Any, Callable
 from .fileio import atomic_write_json
 
 
+def stage_key(name: str, depends: Any) -> str:
+    """Hash of a stage's name and everything it depends on (canonical JSON)."""
+    from .scorecard import config_hash
+
+    return config_hash({"stage": name, "depends": depends})
+
+
 class StageCache:
-    def __init__(self, directory: str | Path, config_hash: str) -> None:
+    def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self.config_hash = config_hash
         self.timings: dict[str, float] = {}
         self.ran: list[str] = []  # stages computed in this process (the others came from disk)
 
     def path(self, name: str) -> Path:
         return self.directory / f"{name}.json"
 
-    def load(self, name: str) -> Any | None:
+    def load(self, name: str, key: str) -> Any | None:
         path = self.path(name)
         if not path.exists():
             return None
@@ -34,11 +42,13 @@ class StageCache:
             stored = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             return None  # atomic writes make this unlikely; recompute rather than trust it
-        return stored["result"] if stored.get("config_hash") == self.config_hash else None
+        return stored["result"] if stored.get("key") == key else None
 
-    def run(self, name: str, compute: Callable[[], Any]) -> Any:
-        """The stored result of stage ``name``, computing (and storing) it when absent or stale."""
-        cached = self.load(name)
+    def run(self, name: str, depends: Any, compute: Callable[[], Any]) -> Any:
+        """The stored result of stage ``name``, computing (and storing) it when absent or stale
+        (stored under other ``depends``)."""
+        key = stage_key(name, depends)
+        cached = self.load(name, key)
         if cached is not None:
             return cached
         start = time.perf_counter()
@@ -46,6 +56,6 @@ class StageCache:
         self.timings[name] = round(time.perf_counter() - start, 3)
         # Round-trip through JSON so a fresh result is exactly what a resumed run will read back.
         result = json.loads(json.dumps(result))
-        atomic_write_json(self.path(name), {"config_hash": self.config_hash, "result": result})
+        atomic_write_json(self.path(name), {"key": key, "result": result})
         self.ran.append(name)
         return result

@@ -16,7 +16,8 @@ from etbench.fileio import atomic_write_json
 # Tiny sizes: the point here is plumbing, determinism and resumption, not the numbers.
 MICRO = scoring.Preset("micro", accuracy_n=14, accuracy_boxes=(3, 7), discovery_mode="fast", discovery_n=8,
                        minimality_n=8, faithfulness_n=14, mean_n=8, random_draws=2, completeness_draws=1, dcm="quick",
-                       dcm_seeds=(0,), cmap_n=14, cmap_variants=("output", "qkv"))
+                       dcm_seeds=(0,), cmap_n=14, cmap_variants=("output", "qkv"),
+                       dcm_groups=("value_fetcher", "position_transmitter", "position_detector", "structure_reader"))
 
 
 @pytest.fixture(scope="module")
