@@ -112,24 +112,17 @@ def _model_card(loaded, spec) -> sc.ModelCard:
 
 
 def _circuit_spec(given: str | None) -> str | None:
-    """Validate a ``--circuit`` reference early: a circuit JSON path or ``paper:<name>``."""
+    """Validate a ``--circuit`` reference early (a circuit file, ``paper:<name>`` or a shipped name),
+    before any model is loaded; files are recorded by absolute path."""
     if given is None:
         return None
-    from .circuits import PAPER_CIRCUITS
-
-    if given.startswith("paper:"):
-        if given[6:] not in PAPER_CIRCUITS:
-            raise EtbenchError(f"unknown paper circuit {given[6:]!r}; known: {', '.join(PAPER_CIRCUITS)}")
-        return given
-    if not Path(given).is_file():
-        raise EtbenchError(f"{given}: no such circuit file")
-    return str(Path(given).resolve())
-
-
-def _load_circuit(ref: str):
     from .circuits import load_circuit, paper_circuit
 
-    return paper_circuit(ref[6:]) if ref.startswith("paper:") else load_circuit(ref)
+    if given.startswith("paper:"):
+        paper_circuit(given[len("paper:"):])
+    else:
+        load_circuit(given)
+    return str(Path(given).resolve()) if Path(given).exists() else given
 
 
 def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = "etbench-out", *,
@@ -177,10 +170,10 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                         lambda w=w: accuracy_stage(w)) for w in ("base", "ft")}
 
     def circuit_stage(which: str, given: str | None):
-        from .circuits import discover
+        from .circuits import discover, load_circuit
 
         if given is not None:
-            return {"circuit": _load_circuit(given).to_dict(), "method": "given", "forward_passes": {}}
+            return {"circuit": load_circuit(given).to_dict(), "method": "given", "forward_passes": {}}
         res = discover(model(which), mode=p.discovery_mode, n=p.discovery_n, seed=seed, batch_size=p.batch_size,
                        minimality_n=p.minimality_n, mean_n=p.mean_n, model_name=model(which).ref, progress=progress)
         return {"circuit": res.circuit.to_dict(), "method": res.circuit.method, "forward_passes": res.forward_passes}

@@ -78,7 +78,7 @@ def test_same_seed_gives_byte_identical_scorecards_and_resume_after_interruption
 def test_unknown_preset_and_bad_circuit_are_clear_errors(tmp_path):
     with pytest.raises(EtbenchError, match="unknown preset"):
         scoring.score("a", "b", tmp_path, preset="huge")
-    with pytest.raises(EtbenchError, match="no such circuit file"):
+    with pytest.raises(EtbenchError, match="circuit file not found"):
         scoring.score("a", "b", tmp_path, circuit_base=str(tmp_path / "missing.json"))
     with pytest.raises(EtbenchError, match="unknown paper circuit"):
         scoring.score("a", "b", tmp_path, circuit_ft="paper:gpt5")
