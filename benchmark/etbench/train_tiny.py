@@ -11,8 +11,10 @@ this fine-tuning improves entity tracking on the paper's template is measured, n
     python -m etbench.train_tiny                  # retrain both adapters into assets/tiny/
     python -m etbench.train_tiny --card           # + evaluate smollm2/tiny-base/tiny-ft on the
                                                   #   canonical sets, write assets/tiny/card_results.json
-    python -m etbench.train_tiny --out DIR --no-monitor
+    python -m etbench.train_tiny --out DIR --no-monitor [--base-only | --ft-only]
                                   # retrain elsewhere and print max |retrained - shipped| per adapter
+    python -m etbench.train_tiny --card-only --models tiny-ft --boxes 7 --card-json FILE
+                                  # evaluate only some models / box counts (resumable)
 
 Training data come from named random streams (``stream_rng("train-tiny", ...)``) that never meet
 the canonical evaluation set (``generate(n_boxes, 500, seed=0)``, stream ``data:0:n``).
@@ -196,25 +198,27 @@ def save_adapter(peft_model, directory: Path, base_ref: str) -> None:
 
 
 def train(out_dir: Path = ASSET_DIR, monitor_every: int = 0, monitor: bool = True, n_stages: int = len(STAGES),
-          log=print) -> dict:
+          first_stage: int = 0, log=print) -> dict:
     """Train the stages in order; writes out_dir/tiny-base and out_dir/tiny-ft (PEFT adapter dirs).
-    ``n_stages=1`` trains tiny-base only (a quicker reproducibility check)."""
+    ``n_stages=1`` trains tiny-base only; ``first_stage=1`` trains tiny-ft on the *shipped* tiny-base
+    as ``etbench.models.load("tiny-base")`` returns it (quicker reproducibility checks)."""
     from . import models
 
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
     random.seed(0)
     t0 = time.perf_counter()
-    loaded = models.load(BASE_REF)
+    start_ref = BASE_REF if first_stage == 0 else STAGES[first_stage - 1].name
+    loaded = models.load(start_ref)
     model, tokenizer = loaded.model, loaded.tokenizer
-    log(f"loaded {BASE_REF} in {time.perf_counter() - t0:.1f} s")
+    log(f"loaded {start_ref} in {time.perf_counter() - t0:.1f} s")
     held_out = monitor_examples() if monitor else []
     summary = {}
     if held_out:
         summary["base_monitor_accuracy"] = monitor_accuracy(model, tokenizer, held_out)
         log(f"[{BASE_REF}] held-out 7-box paper-template accuracy {summary['base_monitor_accuracy']:.3f}")
     base_of = {"tiny-base": BASE_REF, "tiny-ft": "tiny-base"}
-    for stage in STAGES[:n_stages]:
+    for stage in STAGES[first_stage:n_stages]:
         peft_model, info = train_stage(model, tokenizer, stage, held_out, monitor_every, log)
         save_adapter(peft_model, out_dir / stage.name, base_of[stage.name])
         summary[stage.name] = {**info, "stage": stage.__dict__}
@@ -311,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-monitor", action="store_true",
                         help="skip the held-out accuracy log (faster; the adapters are the same)")
     parser.add_argument("--base-only", action="store_true", help="train tiny-base only (quick reproducibility check)")
+    parser.add_argument("--ft-only", action="store_true",
+                        help="train tiny-ft only, on the shipped tiny-base (quick reproducibility check)")
     parser.add_argument("--card", action="store_true", help="also evaluate the models for MODEL_CARD.md")
     parser.add_argument("--card-only", action="store_true", help="only evaluate (no training)")
     parser.add_argument("--models", default=",".join(CARD_MODELS), help="models to evaluate (comma-separated)")
@@ -321,10 +327,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="results file, resumed if it exists (default OUT/card_results.json)")
     args = parser.parse_args(argv)
     if not args.card_only:
-        summary = train(args.out, args.monitor_every, not args.no_monitor, 1 if args.base_only else len(STAGES))
+        summary = train(args.out, args.monitor_every, not args.no_monitor, 1 if args.base_only else len(STAGES),
+                        1 if args.ft_only else 0)
         (args.out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
         if args.out.resolve() != ASSET_DIR.resolve():
-            for stage in STAGES[: 1 if args.base_only else len(STAGES)]:
+            for stage in STAGES[1 if args.ft_only else 0 : 1 if args.base_only else len(STAGES)]:
                 print(f"{stage.name}: max |retrained - shipped| = "
                       f"{compare_adapters(args.out / stage.name, ASSET_DIR / stage.name):.3g}")
     if args.card or args.card_only:
