@@ -21,6 +21,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Generate the benchmark's prom
 models_app = typer.Typer(no_args_is_help=True, help="Model aliases and loading.")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+circuit_app = typer.Typer(no_args_is_help=True, help="Find circuits and measure their faithfulness.")
+app.add_typer(circuit_app, name="circuit")
 
 EXIT_USER_ERROR = 2
 
@@ -105,6 +107,63 @@ def score_cmd(
     typer.echo(scoring.format_scorecard(run.card))
     typer.echo(scoring.format_timings(run), err=True)
     typer.echo(f"wrote {run.path} (+ items.jsonl, report.md, report.html)", err=True)
+
+
+@circuit_app.command("discover")
+def circuit_discover(
+    model: str = typer.Option(..., "--model", "-m", help="Alias, hub id, directory, .gguf or adapter dir."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the circuit JSON."),
+    exact: bool = typer.Option(False, "--exact", help="Path patching of every head (the paper's method)."),
+    fast: bool = typer.Option(False, "--fast", help="Attribution screen + exact verification (default)."),
+    n: int = typer.Option(64, "--n", help="Base prompts for path patching (the paper: 300)."),
+    seed: int = typer.Option(0, help="Seed of the prompts and noise pairs."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+) -> None:
+    """Find the four head groups (A value fetcher, B position transmitter, C position detector,
+    D structure reader) by path patching, then prune by minimality."""
+    from . import circuits, models
+
+    if exact and fast:
+        _fail("--exact and --fast exclude each other")
+    loaded = models.load(model, dtype=dtype, device=device)
+    result = circuits.discover(loaded, mode="exact" if exact else "fast", n=n, seed=seed, batch_size=batch_size,
+                               model_name=model, progress=not no_progress)
+    result.circuit.save(out)
+    typer.echo(circuits.format_discovery(result))
+    typer.echo(f"wrote {out}", err=True)
+
+
+@circuit_app.command("eval")
+def circuit_eval(
+    model: str = typer.Option(..., "--model", "-m", help="The model to evaluate the circuit on."),
+    circuit: str = typer.Option(..., "--circuit", "-c", help="Circuit JSON, paper:<name> or a shipped name."),
+    n: int = typer.Option(100, "--n", help="Evaluation prompts (the paper: 500)."),
+    mean_n: int = typer.Option(100, "--mean-n", help="Prompts for the mean-ablation statistics."),
+    random_draws: int = typer.Option(10, "--random-draws", help="Random circuits of the same group sizes."),
+    completeness_draws: int = typer.Option(10, "--completeness-draws", help="Random subsets K (0 = skip)."),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the evaluation JSON here."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+) -> None:
+    """Circuit accuracy with every other head mean-ablated, faithfulness, random baseline,
+    completeness and the faithfulness curve."""
+    from . import circuits, faithfulness, models
+
+    circ = circuits.load_circuit(circuit)  # a bad circuit fails before the model loads
+    loaded = models.load(model, dtype=dtype, device=device)
+    ev = faithfulness.evaluate_circuit(loaded, circ, n=n, seed=seed, mean_n=mean_n, batch_size=batch_size,
+                                       random_draws=random_draws, completeness_draws=completeness_draws,
+                                       model_name=model, progress=not no_progress)
+    typer.echo(faithfulness.format_evaluation(ev))
+    if out is not None:
+        ev.save(out)
+        typer.echo(f"wrote {out}", err=True)
 
 
 @app.command("tasks-path")
