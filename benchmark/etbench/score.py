@@ -49,6 +49,7 @@ class Preset:
     cmap_n: int
     cmap_variants: tuple[str, ...]
     batch_size: int = 16
+    minimality: str | None = None  # discovery's pruning: "pairs", "single", "none"; None = discover's default
 
 
 PRESETS: dict[str, Preset] = {
@@ -57,7 +58,11 @@ PRESETS: dict[str, Preset] = {
                     dcm="quick", dcm_seeds=(0,), cmap_n=64, cmap_variants=("output", "qkv"),
                     # The structure reader's mask trains through almost the whole prompt (its position is
                     # early): ~85% of DCM time on CPU. CMAP patches the whole D group anyway (paper rule).
-                    dcm_groups=("value_fetcher", "position_transmitter", "position_detector")),
+                    dcm_groups=("value_fetcher", "position_transmitter", "position_detector"),
+                    # Measured on the tiny pair (n=32): single-node minimality pruned the fast circuits to
+                    # 1 and 0 heads (each node alone moves faithfulness less than the threshold), leaving
+                    # nothing to evaluate; so the quick preset keeps the verified top-k without pruning.
+                    minimality="none"),
     "paper": Preset("paper", accuracy_n=500, accuracy_boxes=(3, 5, 7), discovery_mode="exact", discovery_n=300,
                     minimality_n=100, faithfulness_n=500, mean_n=500, random_draws=10, completeness_draws=10,
                     dcm="paper", dcm_seeds=(0, 1, 2), cmap_n=500,
@@ -175,11 +180,11 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         if given is not None:
             return {"circuit": load_circuit(given).to_dict(), "method": "given", "forward_passes": {}}
         res = discover(model(which), mode=p.discovery_mode, n=p.discovery_n, seed=seed, batch_size=p.batch_size,
-                       minimality_n=p.minimality_n, mean_n=p.mean_n, model_name=model(which).ref, progress=progress)
+                       minimality_mode=p.minimality, minimality_n=p.minimality_n, mean_n=p.mean_n, model_name=model(which).ref, progress=progress)
         return {"circuit": res.circuit.to_dict(), "method": res.circuit.method, "forward_passes": res.forward_passes}
 
     discovery_settings = {"mode": p.discovery_mode, "n": p.discovery_n, "minimality_n": p.minimality_n,
-                          "mean_n": p.mean_n}
+                          "mean_n": p.mean_n, "minimality": p.minimality}
     given = {"base": circuit_base, "ft": circuit_ft}
     circuits = {w: cache.run(f"circuit_{w}", {**common, "model": ref[w], "given": given[w],
                                              "discovery": None if given[w] else discovery_settings},
