@@ -747,7 +747,8 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
 
     from . import data
     from .counterfactuals import encode_pairs, noise_pairs
-    from .faithfulness import PassCounter, _resolve_model, mean_activations, usable_pool
+    from .faithfulness import PassCounter, _resolve_model, mean_activations
+    from .layout import usable_pool
     from .heads import head_map
     from .layout import layouts, pad_id_of
 

@@ -36,7 +36,7 @@ from .data import LABELS, Example, paper_objects, sample_context, stream_rng
 from .errors import EtbenchError
 from .heads import HeadMap, head_map
 from .interventions import Edit, cache, replace_where, run, Site
-from .layout import POSITION_CLASSES, Layout, layouts, pad_batch, pad_id_of, usable_pool  # noqa: F401  (re-exported for circuits)
+from .layout import POSITION_CLASSES, Layout, layouts, pad_batch, pad_id_of, usable_pool
 from .progress import track
 from .stats import Proportion, proportion_ci
 

@@ -148,10 +148,10 @@ ROLE_DESIDERATUM: dict[str, str] = {"value_fetcher": "object_value", "position_t
 
 
 def selected_by_group(dcm_result, roles: Mapping[str, str] | None = None) -> dict[str, tuple[Head, ...]]:
-    """``{group: DCM-selected heads}`` from a ``dcm.DcmResult``, using each group's role desideratum
+    """``{group: DCM-selected heads}`` from a ``dcm.DcmResult`` (or its ``selections()`` mapping), using each group's role desideratum
     (``ROLE_DESIDERATUM`` unless ``roles`` says otherwise); groups without that result are skipped."""
     roles = dict(ROLE_DESIDERATUM, **{group_name(g): d for g, d in (roles or {}).items()})
-    sel = dcm_result.selections()
+    sel = dcm_result.selections() if hasattr(dcm_result, "selections") else dict(dcm_result)
     return {g: tuple(sel[(g, d)]) for g, d in roles.items() if (g, d) in sel}
 
 

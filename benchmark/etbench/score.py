@@ -319,16 +319,12 @@ def _assemble(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, seed, 
     faithfulness = [_faithfulness_score(faith[model][name], name, model) for name in ("base", "ft")
                     for model in ("base", "ft")]
 
-    class _Sel:  # selected_by_group reads .selections()
-        def __init__(self, run):
-            self._s = {(g, d): tuple(tuple(h) for h in hs) for g, d, hs in run["selections"]}
-
-        def selections(self):
-            return self._s
+    def selections(run) -> dict:
+        return {(g, d): tuple(tuple(h) for h in hs) for g, d, hs in run["selections"]}
 
     overlap = circuit_overlap(circ["base"], circ["ft"]) + dcm_overlap(
-        [selected_by_group(_Sel(r)) for r in dcm_runs["base"]], [selected_by_group(_Sel(r)) for r in dcm_runs["ft"]],
-        seed=seed)
+        [selected_by_group(selections(r)) for r in dcm_runs["base"]],
+        [selected_by_group(selections(r)) for r in dcm_runs["ft"]], seed=seed)
     dcm_scores = [sc.DcmScore(**s) for w in ("base", "ft") for s in dcm_runs[w][0]["scores"]]
     cmap_scores = [sc.CmapScore(**s) for s in cmap["scores"]]
     provenance = sc.Provenance(__version__, sc.BENCHMARK_VERSION, _library_versions(), device, dtype)

@@ -102,7 +102,8 @@ def main() -> None:
             torch.set_num_threads(args.threads)
             from etbench import models
             from etbench.circuits import Circuit
-            from etbench.faithfulness import evaluate_circuit, mean_activations, usable_pool
+            from etbench.faithfulness import evaluate_circuit, mean_activations
+            from etbench.layout import usable_pool
             from etbench.heads import head_map
 
             loaded = models.load(args.model)
