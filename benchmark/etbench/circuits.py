@@ -412,52 +412,130 @@ def _source_position(ep, group: str) -> int:
     return ep.source_layout.position(GROUP_POSITION[group])
 
 
-class _PatchBatch:
-    """Clean and noise caches of one batch of equal-length noise pairs, for one sender group."""
+#: Which source position each group's sender reads its noise z at (see ``_source_position``).
+_SOURCE_KIND = {"value_fetcher": 0, "position_transmitter": 0, "position_detector": 1, "structure_reader": 2}
 
-    def __init__(self, model, hm, pairs, group: str, pad_id: int, counter, prefix_cache: bool = True,
-                 need_clean: bool = True):
-        from .faithfulness import forward
+
+class _BatchCache:
+    """The passes every search over one batch of equal-length noise pairs can share.
+
+    * one noise pass, z read at every group's source position at once (the same noise prompt for all
+      four groups; reading more positions does not change the pass);
+    * per position class (A and B share ``last``): the clean prefix KV cache up to the split, and the
+      clean suffix run (clean z from the split on, p_clean). These are the very passes a search
+      would otherwise run itself, so every score is bitwise what an unshared run gives.
+
+    Within a fast search the attribution screen and the exact verification use the same caches, and
+    across groups A and B use the same ones: per batch, 7 setup passes serve all four groups (the
+    unshared count is 3 per group and search, 12 exact and 20 fast)."""
+
+    def __init__(self, model, hm, pairs, pad_id: int, prefix_cache: bool = True):
+        self.model, self.hm, self.pairs, self.pad_id, self.prefix_cache = model, hm, pairs, pad_id, prefix_cache
+        self.base_ids = torch.tensor([ep.base_layout.input_ids for ep in pairs])
+        self.targets = torch.tensor([ep.target_id for ep in pairs])
+        self._noise: list[torch.Tensor] | None = None
+        self._prefix: dict[str, tuple[int, Any]] = {}
+        self._clean: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}
+
+    def positions(self, pc: str) -> torch.Tensor:
+        return torch.tensor([ep.base_layout.position(pc) for ep in self.pairs])
+
+    @torch.no_grad()
+    def noise_z(self, group: str, counter) -> list[torch.Tensor]:
+        """Noise z at ``group``'s source position, per layer ``[B, H, d]``."""
         from .interventions import Site, cache
         from .layout import pad_batch
 
+        if self._noise is None:
+            src = pad_batch([ep.source_layout for ep in self.pairs], self.pad_id, "right")
+            spos = torch.tensor([[_source_position(ep, g) for g in ("value_fetcher", "position_detector",
+                                                                    "structure_reader")] for ep in self.pairs])
+            if counter is not None:
+                counter.add(src.input_ids)
+            dev = next(self.model.parameters()).device
+            store = cache(self.model, self.hm, {"input_ids": src.input_ids.to(dev),
+                                                "attention_mask": src.attention_mask.to(dev)},
+                          [Site(layer, "z", spos) for layer in range(self.hm.spec.n_layers)], logits_to_keep=1)
+            self._noise = [store[(layer, "z")] for layer in range(self.hm.spec.n_layers)]  # [B, 3, H, d]
+        j = _SOURCE_KIND[group]
+        return [z[:, j] for z in self._noise]
+
+    @torch.no_grad()
+    def prefix(self, pc: str, counter) -> tuple[int, Any]:
+        """(split, KV cache of the clean prompts up to it) for position class ``pc``."""
+        from .faithfulness import forward
+
+        if pc not in self._prefix:
+            split = int(self.positions(pc).min()) if self.prefix_cache else 0
+            kv = None
+            if split > 0:
+                kv = forward(self.model, self.base_ids[:, :split], counter=counter, use_cache=True).past_key_values
+                if kv is None:  # a model without a KV cache: run whole prompts
+                    split = 0
+            self._prefix[pc] = (split, kv)
+        return self._prefix[pc]
+
+    def clean(self, pc: str, run) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(clean z per layer ``[B, T, H, d]`` from the split on, p_clean ``[B]``); ``run()`` computes them."""
+        if pc not in self._clean:
+            self._clean[pc] = run()
+        return self._clean[pc]
+
+    def release(self, pc: str) -> None:
+        """Drop the caches of position class ``pc`` (no later search needs them)."""
+        self._prefix.pop(pc, None)
+        self._clean.pop(pc, None)
+
+
+class _SharedCaches:
+    """``_BatchCache``s of every batch of ``encoded``, for searches that run over the same prompts."""
+
+    def __init__(self, model, hm, encoded, batch_size: int, pad_id: int = 0, prefix_cache: bool = True):
+        self.batches = _batches(encoded, batch_size)
+        self.caches = [_BatchCache(model, hm, b, pad_id, prefix_cache) for b in self.batches]
+        self.key = (id(encoded), len(encoded), batch_size, pad_id, prefix_cache)
+
+    def check(self, encoded, batch_size: int, pad_id: int, prefix_cache: bool) -> None:
+        if self.key != (id(encoded), len(encoded), batch_size, pad_id, prefix_cache):
+            raise EtbenchError("shared caches were built for other prompts or settings")
+
+    def release(self, pc: str) -> None:
+        for c in self.caches:
+            c.release(pc)
+
+
+class _PatchBatch:
+    """Clean and noise caches of one batch of equal-length noise pairs, for one sender group (taken
+    from ``shared``, a ``_BatchCache``, when given: then nothing is recomputed that it already holds)."""
+
+    def __init__(self, model, hm, pairs, group: str, pad_id: int, counter, prefix_cache: bool = True,
+                 need_clean: bool = True, shared: _BatchCache | None = None):
         self.model, self.hm, self.counter, self.group = model, hm, counter, group
         spec = hm.spec
-        self.base_ids = torch.tensor([ep.base_layout.input_ids for ep in pairs])
-        self.targets = torch.tensor([ep.target_id for ep in pairs])
+        bc = shared if shared is not None else _BatchCache(model, hm, pairs, pad_id, prefix_cache)
+        self.base_ids, self.targets = bc.base_ids, bc.targets
         pc = GROUP_POSITION[group]
-        self.pos_s = torch.tensor([ep.base_layout.position(pc) for ep in pairs])
+        self.pos_s = bc.positions(pc)
         # receivers read the sender's position (B: A's query at the last token; C: B's value at the
         # query label; D: C's value at the previous query label)
         self.recv_pos = None if _RECEIVERS[group] is None else self.pos_s
-        self.split = int(self.pos_s.min()) if prefix_cache else 0
-        self.kv = None
-        dev = next(model.parameters()).device
-        with torch.no_grad():
-            if self.split > 0:
-                out = forward(model, self.base_ids[:, : self.split], counter=counter, use_cache=True)
-                self.kv = out.past_key_values
-                if self.kv is None:  # a model without a KV cache: run whole prompts
-                    self.split = 0
-            self.rel_s = self.pos_s - self.split
-            self.rel_recv = None if self.recv_pos is None else self.recv_pos - self.split
-            # noise z at the sender position of each row, every layer
-            src = pad_batch([ep.source_layout for ep in pairs], pad_id, "right")
-            spos = torch.tensor([_source_position(ep, group) for ep in pairs])
-            if counter is not None:
-                counter.add(src.input_ids)
-            store = cache(model, hm, {"input_ids": src.input_ids.to(dev), "attention_mask": src.attention_mask.to(dev)},
-                          [Site(layer, "z", spos) for layer in range(spec.n_layers)], logits_to_keep=1)
-            self.noise_z = [store[(layer, "z")] for layer in range(spec.n_layers)]  # [B, H, d]
-            self.clean_z: list[torch.Tensor] = []
-            self.p_clean = None
-            if need_clean:
-                into: dict = {}
-                from .interventions import read
+        self.split, self.kv = bc.prefix(pc, counter)
+        self.rel_s = self.pos_s - self.split
+        self.rel_recv = None if self.recv_pos is None else self.recv_pos - self.split
+        self.noise_z = bc.noise_z(group, counter)  # noise z at the sender position of each row, every layer
+        self.clean_z: list[torch.Tensor] = []
+        self.p_clean = None
+        if need_clean:
+            self.clean_z, self.p_clean = bc.clean(pc, self._clean_run)
 
-                logits = self.suffix([read(layer, "z", into) for layer in range(spec.n_layers)])
-                self.clean_z = [into[(layer, "z")] for layer in range(spec.n_layers)]  # [B, T, H, d]
-                self.p_clean = self.prob(logits)
+    @torch.no_grad()
+    def _clean_run(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        from .interventions import read
+
+        into: dict = {}
+        n_layers = self.hm.spec.n_layers
+        logits = self.suffix([read(layer, "z", into) for layer in range(n_layers)])
+        return [into[(layer, "z")] for layer in range(n_layers)], self.prob(logits)  # [B, T, H, d], [B]
 
     def suffix(self, edits, grad: bool = False) -> torch.Tensor:
         """Last-token logits of the base prompts under ``edits`` (positions relative to the split)."""
@@ -580,9 +658,11 @@ def _batches(encoded, batch_size: int):
 
 
 def path_patching_scores(model, hm, encoded, group: str, receivers=(), senders=None, batch_size: int = 16,
-                         pad_id: int = 0, counter=None, prefix_cache: bool = True, progress: bool = False):
+                         pad_id: int = 0, counter=None, prefix_cache: bool = True, progress: bool = False,
+                         shared: _SharedCaches | None = None):
     """Exact path-patching score of each sender: ``{(layer, head): score}`` (mean relative change of
-    p(answer); 0.0 exactly for senders that cannot reach a receiver)."""
+    p(answer); 0.0 exactly for senders that cannot reach a receiver). ``shared``: caches of the same
+    prompts and settings to take the clean and noise passes from (and leave them in)."""
     from .progress import track
 
     spec = hm.spec
@@ -591,13 +671,16 @@ def path_patching_scores(model, hm, encoded, group: str, receivers=(), senders=N
     if _RECEIVERS[group] is not None and not receivers:
         raise EtbenchError(f"path patching {group} needs receiver heads (the top {_RECEIVERS[group][0]} heads)")
     sums = {s: 0.0 for s in senders}
-    batches = _batches(encoded, batch_size)
+    if shared is not None:
+        shared.check(encoded, batch_size, pad_id, prefix_cache)
+    batches = _batches(encoded, batch_size) if shared is None else shared.batches
     total = sum(len(b) for b in batches)
     work = [(bi, s) for bi in range(len(batches)) for s in senders]
     current = (None, None)
     for bi, (layer, head) in track(work, f"path patching {GROUP_CODES[group]}", total=len(work), enabled=progress):
         if current[0] != bi:
-            current = (bi, _PatchBatch(model, hm, batches[bi], group, pad_id, counter, prefix_cache))
+            current = (bi, _PatchBatch(model, hm, batches[bi], group, pad_id, counter, prefix_cache,
+                                       shared=None if shared is None else shared.caches[bi]))
         eff = current[1].sender_effect(layer, head, receivers)
         if eff is not None:
             sums[(layer, head)] += float(eff.sum())
@@ -605,14 +688,20 @@ def path_patching_scores(model, hm, encoded, group: str, receivers=(), senders=N
 
 
 def attribution_scores(model, hm, encoded, group: str, receivers=(), batch_size: int = 16, pad_id: int = 0,
-                       counter=None, prefix_cache: bool = True, progress: bool = False) -> torch.Tensor:
-    """Linearised path-patching score of every head: ``[n_layers, n_heads]``."""
+                       counter=None, prefix_cache: bool = True, progress: bool = False,
+                       shared: _SharedCaches | None = None) -> torch.Tensor:
+    """Linearised path-patching score of every head: ``[n_layers, n_heads]``. ``shared`` as for
+    ``path_patching_scores`` (the screen needs no clean suffix run; verification later adds it)."""
     from .progress import track
 
-    batches = _batches(encoded, batch_size)
+    if shared is not None:
+        shared.check(encoded, batch_size, pad_id, prefix_cache)
+    batches = _batches(encoded, batch_size) if shared is None else shared.batches
     total = torch.zeros(hm.spec.n_layers, hm.spec.n_heads)
-    for batch in track(batches, f"attribution {GROUP_CODES[group]}", total=len(batches), enabled=progress):
-        pb = _PatchBatch(model, hm, batch, group, pad_id, counter, prefix_cache, need_clean=False)
+    for bi, batch in enumerate(track(batches, f"attribution {GROUP_CODES[group]}", total=len(batches),
+                                     enabled=progress)):
+        pb = _PatchBatch(model, hm, batch, group, pad_id, counter, prefix_cache, need_clean=False,
+                         shared=None if shared is None else shared.caches[bi])
         total += pb.attribution(receivers)
     return total / sum(len(b) for b in batches)
 
@@ -775,6 +864,9 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     walls: dict[str, float] = {}
     t_search = time.perf_counter()
     ranked: dict[str, list[tuple[int, int]]] = {}
+    # one noise pass per batch for all groups; A and B share the clean prefix/suffix passes; a fast
+    # search's screen and verification share theirs. Bitwise the same scores as unshared searches.
+    shared = _SharedCaches(model, hm, encoded, batch_size, pad_id, prefix_cache)
     for g in GROUPS:
         t0 = time.perf_counter()
         c = PassCounter()
@@ -784,17 +876,20 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
         scores = [[0.0] * spec.n_heads for _ in range(spec.n_layers)]
         attribution = None
         if mode == "exact":
-            sc = path_patching_scores(model, hm, encoded, g, receivers, None, batch_size, pad_id, c, prefix_cache, progress)
+            sc = path_patching_scores(model, hm, encoded, g, receivers, None, batch_size, pad_id, c, prefix_cache,
+                                      progress, shared)
             for (layer, head), v in sc.items():
                 scores[layer][head], exact_mask[layer][head] = v, True
             order = sorted(sc, key=lambda s: sc[s])
         else:
-            att = attribution_scores(model, hm, encoded, g, receivers, batch_size, pad_id, c, prefix_cache, progress)
+            att = attribution_scores(model, hm, encoded, g, receivers, batch_size, pad_id, c, prefix_cache, progress,
+                                     shared)
             attribution = att.tolist()
             screen = sorted(((layer, head) for layer in range(spec.n_layers) for head in range(spec.n_heads)),
                             key=lambda s: attribution[s[0]][s[1]])
             top = screen[: verify[g]]
-            sc = path_patching_scores(model, hm, encoded, g, receivers, top, batch_size, pad_id, c, prefix_cache, progress)
+            sc = path_patching_scores(model, hm, encoded, g, receivers, top, batch_size, pad_id, c, prefix_cache,
+                                      progress, shared)
             for layer, row in enumerate(attribution):
                 scores[layer] = list(row)
             for (layer, head), v in sc.items():
@@ -805,6 +900,9 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
                                   [tuple(s) for s in order], c.as_dict(), time.perf_counter() - t0)
         for key, value in c.as_dict().items():
             setattr(counters["search"], key, getattr(counters["search"], key) + value)
+        if not any(GROUP_POSITION[later] == GROUP_POSITION[g] for later in GROUPS[GROUPS.index(g) + 1:]):
+            shared.release(GROUP_POSITION[g])
+    del shared
     walls["search"] = time.perf_counter() - t_search
 
     # Candidate circuit: top candidate_k per group; A loses heads that are also B candidates (spec §5).
