@@ -42,12 +42,12 @@ import torch
 
 from .circuits import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, group_name
 from .data import Example
-from .dcm import (DcmResult, Head, HeadsByGroup, PatchRunner, by_layer, check_heads_fit, format_heads,
-                  normalise_heads)
+from .dcm import DcmResult, Head, HeadsByGroup, by_layer, check_heads_fit, format_heads, normalise_heads
 from .errors import EtbenchError
 from .heads import head_map
 from .interventions import Edit, read, replace, replace_where, run
 from .layout import Layout, layouts
+from .prefix import PatchRunner
 from .progress import track
 from .stats import Proportion, paired_bootstrap_diff, paired_bootstrap_ratio, proportion_ci, to_estimate
 
@@ -304,7 +304,7 @@ def run_cmap(model_base, model_ft, tokenizer, heads: Circuit | HeadsByGroup, exa
     def correct(p: list[int]) -> tuple[bool, ...]:
         return tuple(a == t for a, t in zip(p, tgt))
 
-    base_pred = runner.clean_argmax.tolist()
+    base_pred = runner.base_argmax.tolist()
     runs = [CmapRun(v, g, {k: tuple(hs) for k, hs in patch_sets[g].items()}, correct(pred[(v, g)]),
                     tuple(pred[(v, g)])) for v, g in jobs]
     t_end = time.perf_counter()

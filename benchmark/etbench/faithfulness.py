@@ -161,12 +161,13 @@ def _class_positions(lays: Sequence[Layout], position_class: str) -> list[int | 
 
 
 def ablation_edits(hm: HeadMap, mean: MeanActivations, lays: Sequence[Layout], *, keep: HeadSets | None = None,
-                   ablate: HeadSets | None = None) -> list[Edit]:
+                   ablate: HeadSets | None = None, shift: int = 0) -> list[Edit]:
     """Mean-ablation edits for one batch of equal-length, unpadded prompts.
 
     ``keep`` (circuit mode): every head is meaned at every position except the listed heads at their
     position class. ``ablate`` (knock-out mode): only the listed heads at their position class are
-    meaned. Exactly one of the two must be given."""
+    meaned. Exactly one of the two must be given. ``shift``: the edits cover positions ``shift..last``
+    only, given relative to ``shift`` (a run on a key/value prefix of ``shift`` tokens)."""
     if (keep is None) == (ablate is None):
         raise EtbenchError("ablation_edits: give exactly one of keep= or ablate=")
     spec = hm.spec
@@ -187,39 +188,116 @@ def ablation_edits(hm: HeadMap, mean: MeanActivations, lays: Sequence[Layout], *
     edits = []
     layers = range(spec.n_layers) if keep is not None else sorted(by_layer)
     for layer in layers:
-        mask = torch.zeros(len(lays), seq, spec.n_heads, dtype=torch.bool)
+        mask = torch.zeros(len(lays), seq - shift, spec.n_heads, dtype=torch.bool)
         for pc, head in by_layer.get(layer, ()):
             for row, pos in enumerate(positions[pc]):
                 if pos is None:
                     raise EtbenchError(f"a prompt has no {pc} position (is its query label in the context?)")
-                mask[row, pos, head] = True
+                if pos < shift:
+                    raise EtbenchError(f"ablation_edits: a {pc} head sits at position {pos}, before the shift {shift}")
+                mask[row, pos - shift, head] = True
         keep_mask = mask if keep is not None else ~mask
-        edits.append(replace_where(layer, "z", mean.z[layer][:seq], keep_mask))
+        edits.append(replace_where(layer, "z", mean.z[layer][shift:seq], keep_mask))
     return edits
 
 
-def _length_batches(lays: Sequence[Layout], batch_size: int) -> list[list[int]]:
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, lay in enumerate(lays):
-        by_length[lay.length].append(i)
-    return [idx[s: s + batch_size] for idx in by_length.values() for s in range(0, len(idx), batch_size)]
+def _heads_key(sets: HeadSets | None) -> frozenset:
+    return frozenset((pc, layer, head) for pc, heads in (sets or {}).items() for layer, head in heads)
 
 
-@torch.no_grad()
+class AblationRunner:
+    """Mean-ablated forward passes over one prompt set, each computing only the tokens it can change.
+
+    Circuit mode (``keep``): before a row's earliest kept position every head is meaned whatever the
+    circuit, so those tokens come from one stored all-meaned run (``prefix.PatchRunner``); random
+    circuits, curve points and completeness then run only the rest of the prompt. Knock-out mode
+    (``ablate``) reuses the clean run the same way. Results are memoised per head set, so the model's
+    own flags or a circuit evaluated twice cost nothing the second time. ``reuse_prefix=False`` runs
+    whole prompts (one forward per batch, no base runs); both paths agree to float precision."""
+
+    def __init__(self, model, hm: HeadMap, lays: Sequence[Layout], mean: MeanActivations | None,
+                 batch_size: int = 16, counter: PassCounter | None = None, reuse_prefix: bool = True,
+                 n_boxes: int | None = None, seed: int | None = None) -> None:
+        self.model, self.hm, self.lays, self.mean = model, hm, list(lays), mean
+        self.n_boxes, self.seed = n_boxes, seed  # what the prompts were generated from, when known
+        self.batch_size, self.counter, self.reuse_prefix = batch_size, counter, reuse_prefix
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, lay in enumerate(self.lays):
+            by_length[lay.length].append(i)
+        self._groups = list(by_length.values())
+        self._runners: dict[tuple[int, str], Any] = {}
+        self._memo: dict[tuple[str, frozenset], list[bool]] = {}
+
+    def _runner(self, gi: int, base: str):
+        from .prefix import PatchRunner
+
+        if (gi, base) not in self._runners:
+            sub = [self.lays[i] for i in self._groups[gi]]
+            meaned = None if base == "clean" else (
+                lambda rows: ablation_edits(self.hm, self.mean, [sub[r] for r in rows.tolist()], keep={}))
+            self._runners[(gi, base)] = PatchRunner(
+                self.model, torch.tensor([lay.input_ids for lay in sub]), self.batch_size, base_edits=meaned,
+                counter=self.counter, description=f"{base} runs")
+        return self._runners[(gi, base)]
+
+    @torch.no_grad()
+    def correct(self, keep: HeadSets | None = None, ablate: HeadSets | None = None) -> list[bool]:
+        """Per prompt: is the top-1 next token the answer, under the given mean ablation (none when both
+        ``keep`` and ``ablate`` are None: the full model)."""
+        mode = "keep" if keep is not None else "ablate" if ablate is not None else "none"
+        key = (mode, _heads_key(keep if keep is not None else ablate))
+        if key not in self._memo:
+            if mode != "none" and self.mean is None:
+                raise EtbenchError("mean ablation needs mean activations")
+            self._memo[key] = self._run(keep, ablate) if self.reuse_prefix else self._run_whole(keep, ablate)
+        return list(self._memo[key])
+
+    def _run_whole(self, keep, ablate) -> list[bool]:
+        correct = [False] * len(self.lays)
+        for idx in self._groups:
+            for s in range(0, len(idx), self.batch_size):
+                chunk = [self.lays[i] for i in idx[s: s + self.batch_size]]
+                edits = [] if keep is None and ablate is None else ablation_edits(
+                    self.hm, self.mean, chunk, keep=keep, ablate=ablate)
+                out = forward(self.model, torch.tensor([lay.input_ids for lay in chunk]), self.hm, edits, self.counter)
+                for lay, i, t in zip(chunk, idx[s: s + self.batch_size], out.logits[:, -1].argmax(-1).tolist()):
+                    correct[i] = t == lay.target_id
+        return correct
+
+    def _run(self, keep, ablate) -> list[bool]:
+        listed = keep if keep is not None else ablate
+        classes = [pc for pc, heads in (listed or {}).items() if heads]
+        correct = [False] * len(self.lays)
+        for gi, idx in enumerate(self._groups):
+            sub = [self.lays[i] for i in idx]
+            runner = self._runner(gi, "meaned" if keep is not None else "clean")
+            if not classes:  # the base run itself: everything meaned, or the clean model
+                pred = runner.base_argmax.tolist()
+            else:
+                # a row's edits can change nothing before its earliest listed position
+                starts = torch.tensor([min(getattr(lay, pc) for pc in classes) for lay in sub])
+                pred = []
+                for s in range(0, len(sub), self.batch_size):
+                    rows = torch.arange(s, min(s + self.batch_size, len(sub)))
+
+                    def edits(part: torch.Tensor, shift: int, rows=rows):
+                        chunk = [sub[r] for r in rows[part].tolist()]
+                        return ablation_edits(self.hm, self.mean, chunk, keep=keep, ablate=ablate, shift=shift)
+
+                    logits = runner.logits(rows, runner.kv(rows), starts[rows], edits)
+                    pred += logits.argmax(-1).tolist()
+            for i, lay, t in zip(idx, sub, pred):
+                correct[i] = t == lay.target_id
+        return correct
+
+
 def ablated_correct(model, hm: HeadMap, lays: Sequence[Layout], mean: MeanActivations | None, *,
                     keep: HeadSets | None = None, ablate: HeadSets | None = None, batch_size: int = 16,
                     counter: PassCounter | None = None) -> list[bool]:
     """Per prompt: is the top-1 next token the answer, under the given mean ablation (none when both
-    ``keep`` and ``ablate`` are None: the full model)."""
-    correct = [False] * len(lays)
-    for idx in _length_batches(lays, batch_size):
-        chunk = [lays[i] for i in idx]
-        edits = [] if keep is None and ablate is None else ablation_edits(hm, mean, chunk, keep=keep, ablate=ablate)
-        out = forward(model, torch.tensor([lay.input_ids for lay in chunk]), hm, edits, counter)
-        top = out.logits[:, -1].argmax(-1).tolist()
-        for i, t in zip(idx, top):
-            correct[i] = t == lays[i].target_id
-    return correct
+    ``keep`` and ``ablate`` are None: the full model). One pass over whole prompts; for many ablations
+    of the same prompts use an ``AblationRunner``."""
+    return AblationRunner(model, hm, lays, mean, batch_size, counter, reuse_prefix=False).correct(keep, ablate)
 
 
 def keep_sets(circuit: Circuit) -> dict[str, set[tuple[int, int]]]:
@@ -420,23 +498,24 @@ def evaluate_circuit(model, circuit: Circuit, tokenizer=None, *, n_boxes: int = 
                      mean_n: int = 100, batch_size: int = 16, random_draws: int = 10, completeness_draws: int = 10,
                      curve: bool = True, ranking: Sequence[Node] | None = None, model_name: str = "",
                      mean: MeanActivations | None = None, progress: bool = False,
-                     counter: PassCounter | None = None) -> CircuitEvaluation:
+                     counter: PassCounter | None = None, runner: AblationRunner | None = None) -> CircuitEvaluation:
     """Faithfulness of ``circuit`` on ``model`` (a loaded model, a ``LoadedModel`` or a registry ref).
 
     ``n`` evaluation prompts (the seeded canonical stream), ``mean_n`` mean-ablation prompts;
-    ``random_draws`` random circuits; ``completeness_draws`` random K (0 skips completeness)."""
-    from . import data
-
+    ``random_draws`` random circuits; ``completeness_draws`` random K (0 skips completeness).
+    ``runner`` (from ``evaluation_runner``, same model, prompts and mean) lets several circuits share
+    the model's flags and the stored base runs."""
     t0 = time.perf_counter()
     model, tokenizer, model_name = _resolve_model(model, tokenizer, model_name)
     hm = head_map(model)
     circuit.check_model(hm.spec)
-    counter = counter or PassCounter()
-    pool, labels = usable_pool(tokenizer, n_boxes)
-    examples = data.generate(n_boxes=n_boxes, n=n, seed=seed, objects=pool, labels=labels)
-    lays = layouts(examples, tokenizer)
-    mean = mean or mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
-                                    counter=counter, progress=progress)
+    if runner is None:
+        runner = evaluation_runner(model, tokenizer, n_boxes, n, seed, mean_n, batch_size, mean, counter, progress)
+    elif (runner.n_boxes, len(runner.lays), runner.seed) != (n_boxes, n, seed) or runner.model is not model:
+        raise EtbenchError("evaluate_circuit: the runner was built for other prompts or another model")
+    counter = runner.counter or PassCounter()
+    before = counter.as_dict()  # a shared runner's counter also holds other evaluations' passes
+    mean, lays = runner.mean, runner.lays
     steps = 2 + random_draws + (2 * completeness_draws + 2 * len(GROUPS) if completeness_draws else 0)
     todo: list[tuple[str, Any]] = [("model", None), ("circuit", circuit)]
     rng = random.Random(f"etbench:random-circuits:{seed}")
@@ -455,14 +534,13 @@ def evaluate_circuit(model, circuit: Circuit, tokenizer=None, *, n_boxes: int = 
         next(bar, None)
         return flags_fn()
 
-    model_flags = step(lambda: ablated_correct(model, hm, lays, None, batch_size=batch_size, counter=counter))
-    circ_flags = step(lambda: circuit_correct(model, hm, lays, mean, circuit, batch_size, counter))
+    model_flags = step(lambda: runner.correct())
+    circ_flags = step(lambda: runner.correct(keep=circuit.kept()))
     model_acc, circ_acc = _acc(model_flags), _acc(circ_flags)
 
     baseline = None
     if random_draws:
-        accs = [_acc(step(lambda c=c: circuit_correct(model, hm, lays, mean, c, batch_size, counter)))
-                for _, c in todo[2:]]
+        accs = [_acc(step(lambda c=c: runner.correct(keep=c.kept()))) for _, c in todo[2:]]
         m, sd = _mean_sd(accs)
         fm, fsd = _mean_sd([_faith(a, model_acc) for a in accs])
         baseline = RandomBaseline(circuit.group_sizes, accs, m, sd, fm, fsd)
@@ -471,18 +549,14 @@ def evaluate_circuit(model, circuit: Circuit, tokenizer=None, *, n_boxes: int = 
     if completeness_draws:
         draws = []
         for k_nodes in ks:
-            m_k = _acc(step(lambda: ablated_correct(model, hm, lays, mean, ablate=node_sets(k_nodes),
-                                                    batch_size=batch_size, counter=counter)))
-            c_k = _acc(step(lambda: circuit_correct(model, hm, lays, mean, circuit.without(k_nodes), batch_size,
-                                                    counter)))
+            m_k = _acc(step(lambda: runner.correct(ablate=node_sets(k_nodes))))
+            c_k = _acc(step(lambda: runner.correct(keep=circuit.without(k_nodes).kept())))
             draws.append(CompletenessDraw(len(k_nodes), m_k, c_k))
         per_group = {}
         for g in GROUPS:
             k_nodes = list(circuit.groups[g])
-            m_k = _acc(step(lambda: ablated_correct(model, hm, lays, mean, ablate=node_sets(k_nodes),
-                                                    batch_size=batch_size, counter=counter)))
-            c_k = _acc(step(lambda: circuit_correct(model, hm, lays, mean, circuit.without(k_nodes), batch_size,
-                                                    counter)))
+            m_k = _acc(step(lambda: runner.correct(ablate=node_sets(k_nodes))))
+            c_k = _acc(step(lambda: runner.correct(keep=circuit.without(k_nodes).kept())))
             per_group[g] = {"model_minus_k": m_k, "circuit_minus_k": c_k, "score": abs(m_k - c_k)}
         sm, ssd = _mean_sd([d.score for d in draws])
         completeness = Completeness(draws, sm, ssd, per_group)
@@ -492,8 +566,7 @@ def evaluate_circuit(model, circuit: Circuit, tokenizer=None, *, n_boxes: int = 
         points = []
         for k in grid:
             sub = _circuit_of(ranked[:k], circuit)
-            acc = circ_acc if k == len(ranked) and ranking is None else \
-                _acc(step(lambda: circuit_correct(model, hm, lays, mean, sub, batch_size, counter)))
+            acc = _acc(step(lambda: runner.correct(keep=sub.kept())))
             points.append(CurvePoint(k, acc, _faith(acc, model_acc)))
         area, cmd = curve_areas([p.k for p in points], [p.faithfulness for p in points], len(ranked))
         how = "given ranking" if ranking is not None else (
@@ -508,10 +581,26 @@ def evaluate_circuit(model, circuit: Circuit, tokenizer=None, *, n_boxes: int = 
         model_acc=proportion_ci(sum(model_flags), len(model_flags)),
         circuit_acc=proportion_ci(sum(circ_flags), len(circ_flags)),
         faithfulness=_faith(circ_acc, model_acc), faithfulness_ci=_ratio_ci(circ_flags, model_flags, seed),
-        baseline=baseline, completeness=completeness, curve=curve_result, forward_passes=counter.as_dict(),
+        baseline=baseline, completeness=completeness, curve=curve_result, forward_passes={k: v - before[k] for k, v in counter.as_dict().items()},
         wall_s=time.perf_counter() - t0,
         model_correct=tuple(bool(x) for x in model_flags), circuit_correct=tuple(bool(x) for x in circ_flags),
     )
+
+
+def evaluation_runner(model, tokenizer, n_boxes: int = 7, n: int = 100, seed: int = 0, mean_n: int = 100,
+                      batch_size: int = 16, mean: MeanActivations | None = None, counter: PassCounter | None = None,
+                      progress: bool = False, reuse_prefix: bool = True) -> AblationRunner:
+    """The ``AblationRunner`` over ``evaluate_circuit``'s prompts (``n`` seeded canonical prompts with
+    ``n_boxes`` boxes), computing the mean activations unless given."""
+    from . import data
+
+    hm = head_map(model)
+    counter = counter if counter is not None else PassCounter()
+    pool, labels = usable_pool(tokenizer, n_boxes)
+    lays = layouts(data.generate(n_boxes=n_boxes, n=n, seed=seed, objects=pool, labels=labels), tokenizer)
+    mean = mean or mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
+                                    counter=counter, progress=progress)
+    return AblationRunner(model, hm, lays, mean, batch_size, counter, reuse_prefix, n_boxes=n_boxes, seed=seed)
 
 
 def _circuit_of(nodes: Sequence[Node], like: Circuit) -> Circuit:

@@ -193,15 +193,12 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     def faithfulness_stage(which: str):
         from .circuits import Circuit
-        from .faithfulness import evaluate_circuit, mean_activations
-        from .heads import head_map
-        from .layout import usable_pool
+        from .faithfulness import evaluate_circuit, evaluation_runner
 
         m = model(which)
-        hm = head_map(m.model)
-        pool, labels = usable_pool(m.tokenizer, 7)
-        mean = mean_activations(m.model, m.tokenizer, hm, 7, p.mean_n, seed, p.batch_size, pool, labels,
-                                progress=progress)
+        # one runner for both circuits: the model's flags and the stored base runs are shared
+        runner = evaluation_runner(m.model, m.tokenizer, 7, p.faithfulness_n, seed, p.mean_n, p.batch_size,
+                                   progress=progress)
         out = {}
         for name in ("base", "ft"):
             circ = Circuit.from_dict(circuits[name]["circuit"])
@@ -209,7 +206,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
             ev = evaluate_circuit(m.model, circ, m.tokenizer, n_boxes=7, n=p.faithfulness_n, seed=seed,
                                   mean_n=p.mean_n, batch_size=p.batch_size, random_draws=p.random_draws,
                                   completeness_draws=p.completeness_draws if own else 0, curve=own,
-                                  model_name=m.ref, mean=mean, progress=progress)
+                                  model_name=m.ref, progress=progress, runner=runner)
             out[name] = ev.to_dict()
         return out
 

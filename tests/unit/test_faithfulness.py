@@ -23,7 +23,9 @@ from etbench.faithfulness import (
     log_grid,
     mean_activations,
     random_circuit,
+    evaluation_runner,
 )
+from etbench.prefix import PatchRunner
 from etbench.heads import head_map
 from etbench.interventions import run
 from etbench.layout import layouts
@@ -194,6 +196,30 @@ def test_random_circuit_and_ranking():
     assert area == pytest.approx(0.875) and cmd == pytest.approx(0.125)
 
 
+def test_prefix_reuse_equals_whole_prompt_ablation(setup):
+    """Circuit mode on a stored all-meaned prefix, each row run from its earliest kept position, gives
+    the logits of mean-ablating whole prompts (and the base run is the empty circuit)."""
+    model, tok, hm = setup
+    mean = mean_activations(model, tok, hm, n_boxes=3, n=6, seed=0)
+    lays = layouts(data.generate(3, 9, seed=0), tok)
+    ids = torch.tensor([lay.input_ids for lay in lays])
+    circuit = Circuit.from_heads({"A": [[2, 0], [1, 3]], "B": [[2, 1]], "C": [[1, 1]], "D": [[0, 0], [1, 2]]})
+    runner = PatchRunner(model, ids, 4, base_edits=lambda rows: ablation_edits(
+        hm, mean, [lays[r] for r in rows.tolist()], keep={}))
+    rows = torch.arange(len(lays))
+    starts = torch.tensor([lay.prev_query_label for lay in lays])
+    assert starts.min() > 0 and len(set(starts.tolist())) > 1  # prefixes of several lengths are exercised
+    with torch.no_grad():
+        got = runner.logits(rows, runner.kv(rows), starts, lambda part, shift: ablation_edits(
+            hm, mean, [lays[r] for r in part.tolist()], keep=circuit.kept(), shift=shift))
+        ref = run(model, hm, {"input_ids": ids}, ablation_edits(hm, mean, lays, keep=circuit.kept())).logits[:, -1]
+        empty = run(model, hm, {"input_ids": ids}, ablation_edits(hm, mean, lays, keep={})).logits[:, -1]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert runner.base_argmax.tolist() == empty.argmax(-1).tolist()
+    with pytest.raises(EtbenchError, match="before the shift"):
+        ablation_edits(hm, mean, lays, keep=circuit.kept(), shift=int(starts.max()) + 1)
+
+
 def test_evaluate_circuit_bookkeeping(setup):
     model, tok, _ = setup
     circuit = Circuit.from_heads({"A": [[2, 0], [1, 3]], "B": [[2, 1]], "C": [[1, 1]], "D": [[0, 0]]}, model="toy")
@@ -202,9 +228,20 @@ def test_evaluate_circuit_bookkeeping(setup):
     assert ev.model_acc.n == 9 and len(ev.baseline.accuracies) == 2 and len(ev.completeness.random_k) == 2
     assert set(ev.completeness.per_group) == set(GROUPS)
     assert [p.k for p in ev.curve.points] == [0, 1, 2, 4, 5]
-    # every eval is one forward pass of 9 prompts: model, circuit, 2 random, 2x2 + 4x2 completeness,
-    # 4 curve points (k = 5 reuses the circuit's), + 1 mean pass
-    assert ev.forward_passes["calls"] == 1 + 1 + 2 + 4 + 8 + 4 + 1
+    # whole prompts: at most one forward pass of 9 prompts per eval (a head set seen before is
+    # memoised): model, circuit, 2 random, 2x2 + 4x2 completeness, 4 curve points (k = 5 is the
+    # circuit), + 1 mean pass
+    counter = PassCounter()
+    whole = evaluation_runner(model, tok, 3, 9, 0, 6, 9, counter=counter, reuse_prefix=False)
+    ev_whole = evaluate_circuit(model, circuit, tok, n_boxes=3, n=9, mean_n=6, batch_size=9, random_draws=2,
+                                completeness_draws=2, runner=whole)
+    assert counter.calls <= 1 + 1 + 2 + 4 + 8 + 4 + 1 and counter.rows == 9 * (counter.calls - 1) + 6
+    # the stored-prefix path computes the same numbers from fewer token positions
+    same = ("model_acc", "circuit_acc", "faithfulness", "baseline", "completeness", "curve", "circuit_correct")
+    assert repr({k: getattr(ev, k) for k in same}) == repr({k: getattr(ev_whole, k) for k in same})  # nan-safe
+    assert ev.forward_passes["tokens"] < counter.tokens
+    with pytest.raises(EtbenchError, match="other prompts"):
+        evaluate_circuit(model, circuit, tok, n_boxes=3, n=8, runner=whole)
     d = ev.to_dict()
     assert d["schema_version"] == 1 and d["model_acc"]["n"] == 9
     assert "faithfulness" in format_evaluation(ev)
