@@ -425,9 +425,10 @@ class _BatchCache:
       clean suffix run (clean z from the split on, p_clean). These are the very passes a search
       would otherwise run itself, so every score is bitwise what an unshared run gives.
 
-    Within a fast search the attribution screen and the exact verification use the same caches, and
-    across groups A and B use the same ones: per batch, 7 setup passes serve all four groups (the
-    unshared count is 3 per group and search, 12 exact and 20 fast)."""
+    Within a fast search the attribution screen and the exact verification use the same caches (the
+    screen's frozen pass is itself a clean suffix run: it provides clean z and p_clean), and across
+    groups A and B use the same ones: per batch, 7 setup passes serve all four groups in exact mode,
+    4 in fast mode (the unshared count is 3 per group and search, 12 exact and 20 fast)."""
 
     def __init__(self, model, hm, pairs, pad_id: int, prefix_cache: bool = True):
         self.model, self.hm, self.pairs, self.pad_id, self.prefix_cache = model, hm, pairs, pad_id, prefix_cache
@@ -525,6 +526,7 @@ class _PatchBatch:
         self.noise_z = bc.noise_z(group, counter)  # noise z at the sender position of each row, every layer
         self.clean_z: list[torch.Tensor] = []
         self.p_clean = None
+        self._cache, self._pc = bc, pc
         if need_clean:
             self.clean_z, self.p_clean = bc.clean(pc, self._clean_run)
 
@@ -629,6 +631,10 @@ class _PatchBatch:
         if recv is not None:
             edits += [read(m, recv[1], got, self.rel_recv, hs, detach=False) for m, hs in by.items()]
         logits = self.suffix(edits, grad=True)
+        # this pass is a clean run of the suffix (every delta is 0): its z and p(answer) are the clean
+        # caches exact verification needs, so it need not rerun them (same values; a test checks)
+        self._cache.clean(self._pc, lambda: ([clean[("clean", layer)] for layer in range(spec.n_layers)],
+                                             self.prob(logits.detach())))
         if recv is None:
             p = self.prob(logits)
             metric = (p / p.detach()).sum()

@@ -323,12 +323,12 @@ def test_fast_verifies_with_exact_scores(toy):
             for layer, head in verified:
                 assert s.scores[layer][head] == pytest.approx(exact.searches[g].scores[layer][head], abs=1e-9)
     # A, one batch: exact = clean prefix + noise pass + clean suffix + 1 per sender (12 heads);
-    # fast = prefix + noise + one frozen pass with backward (the screen), then the clean suffix and the
-    # exact runs of 4 heads (verification reuses the screen's prefix and noise passes)
+    # fast = prefix + noise + one frozen pass with backward (the screen; also the clean suffix run),
+    # then the exact runs of 4 heads (verification reuses the screen's passes)
     assert exact.searches["value_fetcher"].forward_passes["calls"] == 3 + 12
-    assert fast.searches["value_fetcher"].forward_passes["calls"] == 3 + 1 + 4
+    assert fast.searches["value_fetcher"].forward_passes["calls"] == 3 + 4
     assert fast.searches["value_fetcher"].forward_passes["backward"] == 1
-    assert fast.searches["value_fetcher"].forward_passes["rows"] == 4 * 8
+    assert fast.searches["value_fetcher"].forward_passes["rows"] == 4 * 7
 
 
 def _sender_runs(search, group) -> int:
@@ -346,9 +346,10 @@ def _sender_runs(search, group) -> int:
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_shared_setup_passes_change_no_score(toy, mode):
     """discover shares the setup passes across groups (one noise pass for all; A and B share the clean
-    prefix and suffix) and, in fast mode, between screen and verification. Every exact score must be
-    bitwise what an unshared path-patching run gives, and the setup must cost 7 passes per batch
-    (noise; prefix + clean suffix for last, query label, previous query label), not 3 per search."""
+    prefix and suffix) and, in fast mode, between screen and verification (whose frozen pass is the
+    clean suffix run). Every exact score must be bitwise what an unshared path-patching run gives, and
+    the setup must cost 7 passes per batch in exact mode (noise; prefix + clean suffix for last, query
+    label, previous query label) and 4 in fast mode (no separate clean suffix runs), not 3 per search."""
     model, tok, _ = toy
     hm = head_map(model)
     kw = dict(n_boxes=3, n=6, batch_size=4, minimality_mode="none", candidate_k=2, receiver_k=2)
@@ -367,8 +368,9 @@ def test_shared_setup_passes_change_no_score(toy, mode):
         alone = path_patching_scores(model, hm, encoded, g, s.receivers, senders, batch_size=4, pad_id=pad_id_of(tok))
         assert all(s.scores[layer][head] == alone[(layer, head)] for layer, head in senders), g
         runs += _sender_runs(s, g) * n_batches
+    setup = 7 if mode == "exact" else 4
     screen = 0 if mode == "exact" else n_batches * (1 + 2 * 3)  # A: 1 frozen pass; B-D: + step-2 weights
-    assert res.forward_passes["search"]["calls"] == 7 * n_batches + screen + runs
+    assert res.forward_passes["search"]["calls"] == setup * n_batches + screen + runs
 
 
 def test_discovery_round_trips_to_a_circuit_file(toy, tmp_path):
