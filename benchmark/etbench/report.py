@@ -427,6 +427,10 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
     if rows:
         tables.append(("DCM (desiderata-based component masking)",
                        ["circuit", "group", "desideratum", "selected heads", "test accuracy"], rows))
+    rows = [[s.model, s.group, s.desideratum, str(len(s.heads)), _est_text(s.accuracy)] for s in card.semantics]
+    if rows:
+        tables.append(("DCM semantics check (base DCM heads patched into each model; min/max over repeats)",
+                       ["into", "group", "desideratum", "heads", "accuracy"], rows))
     rows = [[c.variant, c.group, _est_text(c.patched_accuracy), _est_text(c.gain), _est_text(c.normalised_gain)]
             for c in card.cmap]
     if rows:

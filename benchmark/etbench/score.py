@@ -79,6 +79,7 @@ class ScoreRun:
     path: Path
     timings: dict[str, float] = field(default_factory=dict)
     cached_stages: list[str] = field(default_factory=list)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # per computed stage
 
 
 def _preset(name: str | Preset, discovery: str | None) -> Preset:
@@ -236,6 +237,24 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                               lambda w=w, s=s: dcm_stage(w, s)) for s in p.dcm_seeds]
                 for w in ("base", "ft")}
 
+    def semantics_stage(which: str):
+        from .dcm import semantics_check
+
+        cfg = dcm_preset(p.dcm, seed=seed)
+        selections = {(g, d): [tuple(h) for h in hs] for g, d, hs in dcm_runs["base"][0]["selections"]}
+        if not selections:
+            return {"results": [], "note": "the base circuit has no DCM masks"}
+        m = model(which)
+        results = semantics_check(m.model, m.tokenizer, selections, n=cfg.semantics_n, repeats=cfg.semantics_repeats,
+                                  seed=seed, batch_size=p.batch_size, model_name=m.ref, progress=progress)
+        return {"results": [{"group": r.group, "desideratum": r.desideratum, "heads": [list(h) for h in r.heads],
+                             "accuracies": list(r.accuracies), "n": r.n} for r in results]}
+
+    semantics = {w: cache.run(f"semantics_{w}", {**common, "model": ref[w], "dcm_base": sc.config_hash(dcm_runs["base"][0]),
+                                                 "n": dcm_preset(p.dcm).semantics_n,
+                                                 "repeats": dcm_preset(p.dcm).semantics_repeats},
+                              lambda w=w: semantics_stage(w)) for w in ("base", "ft")}
+
     def cmap_stage():
         from .circuits import Circuit
         from .cmap import paper_patch_heads, run_cmap
@@ -256,19 +275,20 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     cmap = cache.run("cmap", {**common, **ref, "n": p.cmap_n, "variants": p.cmap_variants,
                               "circuit_ft": circuit_keys["ft"], "dcm_ft": sc.config_hash(dcm_runs["ft"][0])}, cmap_stage)
 
-    card, items = _assemble(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, seed, dtype, device)
+    card, items = _assemble(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device)
     path = sc.save(card, out_dir, items)
     for which in ("base", "ft"):
         atomic_write_json(out_dir / f"circuit_{which}.json", circuits[which]["circuit"])
     _write_report(card, items, out_dir)
-    atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "cached": sorted(
-        set(_stage_names(p)) - set(cache.ran))})
-    return ScoreRun(card, path, dict(cache.timings), sorted(set(_stage_names(p)) - set(cache.ran)))
+    cached = sorted(set(_stage_names(p)) - set(cache.ran))
+    atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "peak_rss_mb": cache.peak_rss_mb,
+                                                 "cached": cached})
+    return ScoreRun(card, path, dict(cache.timings), cached, dict(cache.peak_rss_mb))
 
 
 def _stage_names(p: Preset) -> list[str]:
     names = ["models", "accuracy_base", "accuracy_ft", "circuit_base", "circuit_ft", "faithfulness_base",
-             "faithfulness_ft", "cmap"]
+             "faithfulness_ft", "semantics_base", "semantics_ft", "cmap"]
     return names + [f"dcm_{w}_seed{s}" for w in ("base", "ft") for s in p.dcm_seeds]
 
 
@@ -299,7 +319,17 @@ def _faithfulness_score(ev: dict[str, Any], circuit: str, model: str) -> sc.Fait
         random_circuit_accuracy=random_est)
 
 
-def _assemble(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, seed, dtype, device):
+def _semantics_score(model: str, r: dict[str, Any]) -> sc.SemanticsScore:
+    import statistics
+
+    accs = r["accuracies"]
+    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return sc.SemanticsScore("base", model, r["group"], r["desideratum"], r["heads"], sc.Estimate(
+        statistics.fmean(accs), min(accs), max(accs), r["n"], f"mean over {len(accs)} repeats with fresh sources",
+        note=f"low/high = min/max over repeats; sd {sd:.3f}"))
+
+
+def _assemble(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device):
     from .circuits import Circuit
     from .overlap import circuit_overlap, dcm_overlap, selected_by_group
 
@@ -328,7 +358,8 @@ def _assemble(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, seed, 
     card = sc.from_dict(sc.to_dict(sc.Scorecard(
         base=sc.ModelCard(**cards["base"]), ft=sc.ModelCard(**cards["ft"]), config=config, config_hash=chash,
         provenance=provenance, accuracy=accuracy, circuits=summaries, faithfulness=faithfulness, overlap=overlap,
-        dcm=dcm_scores, cmap=cmap_scores)))
+        dcm=dcm_scores, cmap=cmap_scores,
+        semantics=[_semantics_score(w, r) for w in ("base", "ft") for r in semantics[w]["results"]])))
     items = list(acc["base"]["items"]) + list(acc["ft"]["items"])
     for model in ("base", "ft"):
         for name in ("base", "ft"):
@@ -369,6 +400,14 @@ def format_scorecard(card: sc.Scorecard) -> str:
     parts.append("\n3. head overlap, base heads found in the fine-tuned set\n" + tabulate(
         [[o.heads, o.group, est(o.base_in_ft), est(o.jaccard)] for o in card.overlap],
         headers=["heads", "group", "base in ft", "jaccard"], tablefmt="github"))
+    if card.dcm:
+        parts.append("\n   DCM heads per group x desideratum (test accuracy against the desideratum's target)\n" + tabulate(
+            [[d.circuit, d.group, d.desideratum, len(d.selected_heads), est(d.test_accuracy)] for d in card.dcm],
+            headers=["circuit", "group", "desideratum", "heads", "test acc"], tablefmt="github"))
+    if card.semantics:
+        parts.append("\n   semantics check: base DCM heads patched into each model (min/max over repeats)\n" + tabulate(
+            [[s.model, s.group, s.desideratum, len(s.heads), est(s.accuracy)] for s in card.semantics],
+            headers=["into", "group", "desideratum", "heads", "acc"], tablefmt="github"))
     parts.append("\n4. CMAP: fine-tuned heads patched into the base (gain = patched - base accuracy)\n" + tabulate(
         [[c.variant, c.group, est(c.patched_accuracy), est(c.gain), est(c.normalised_gain)] for c in card.cmap],
         headers=["variant", "group", "patched acc", "gain", "normalised gain"], tablefmt="github"))
@@ -376,7 +415,8 @@ def format_scorecard(card: sc.Scorecard) -> str:
 
 
 def format_timings(run: ScoreRun) -> str:
-    lines = [f"  {name}: {secs:.1f} s" for name, secs in run.timings.items()]
+    lines = [f"  {name}: {secs:.1f} s" + (f", peak {run.peak_rss_mb[name]:.0f} MB" if name in run.peak_rss_mb else "")
+             for name, secs in run.timings.items()]
     cached = f"\n  from cache: {', '.join(run.cached_stages)}" if run.cached_stages else ""
     return "stage times:\n" + "\n".join(lines) + cached
 

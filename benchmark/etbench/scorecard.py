@@ -109,6 +109,19 @@ class DcmScore:
 
 
 @dataclass
+class SemanticsScore:
+    """The paper's cross-model semantics check: one circuit's DCM heads for (group, desideratum) patched
+    into a model from fresh source prompts, accuracy against the desideratum's target."""
+
+    heads_of: Literal["base", "ft"]  # whose DCM selection was patched
+    model: Literal["base", "ft"]  # the model it was patched into
+    group: str
+    desideratum: str
+    heads: list[list[int]]
+    accuracy: Estimate  # mean over repeats; low/high = min/max over repeats, sd in the note
+
+
+@dataclass
 class Provenance:
     etbench_version: str
     benchmark_version: str
@@ -132,6 +145,7 @@ class Scorecard:
     overlap: list[OverlapScore] = field(default_factory=list)
     dcm: list[DcmScore] = field(default_factory=list)
     cmap: list[CmapScore] = field(default_factory=list)
+    semantics: list[SemanticsScore] = field(default_factory=list)
     limit: Optional[int] = None  # set when a run was truncated for a smoke test: never on a leaderboard
     items_file: str = "items.jsonl"
     schema_version: int = SCHEMA_VERSION

@@ -48,6 +48,13 @@ def test_same_seed_gives_byte_identical_scorecards_and_resume_after_interruption
     card = first.path.read_bytes()
     assert {f.model for f in first.card.faithfulness} == {"base", "ft"} and first.card.dcm and first.card.cmap
     assert "full" in {c.group for c in first.card.cmap}
+    # the semantics check patches the base's DCM heads into both models, every (group, desideratum) once each
+    sem = first.card.semantics
+    assert {s.model for s in sem} == {"base", "ft"} and all(s.accuracy.n == 32 for s in sem)
+    assert {(s.group, s.desideratum) for s in sem if s.model == "ft"} == {(d.group, d.desideratum) for d in
+                                                                          first.card.dcm if d.circuit == "base"}
+    timings = __import__("json").loads((tmp_path / "a" / "timings.json").read_text())
+    assert set(timings["peak_rss_mb"]) == set(timings["computed_s"]) and min(timings["peak_rss_mb"].values()) > 0
     for name in ("items.jsonl", "report.md", "report.html", "timings.json", "circuit_base.json"):
         assert (tmp_path / "a" / name).exists()
 

@@ -196,6 +196,15 @@ def test_additional_desiderata_only_for_position_transmitter():
     assert dcm.preset("paper").n_train == 1000 and dcm.preset("paper").lr == 0.1 and dcm.preset("paper").lam == 0.01
 
 
+@pytest.mark.parametrize("name", sorted(dcm.PRESETS))
+def test_every_preset_can_patch_a_head(name):
+    """Adam moves a mask from 1 by about lr per step, and a head counts as patched below 0.5: a preset
+    with steps x lr < 1 could barely (or, below 0.5, never) select a head. The first quick preset had
+    4 steps at lr 0.1 and selected no head on the tiny pair."""
+    cfg = dcm.preset(name)
+    assert cfg.steps * cfg.lr >= 1.0, (cfg.steps, cfg.lr)
+
+
 def test_run_group_single_mask(tok, llama):
     m = dcm.run_group(llama, tok, "C", HEADS["C"], "positional", SMALL)
     assert (m.group, m.desideratum) == ("position_detector", "positional")

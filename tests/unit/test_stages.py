@@ -1,0 +1,48 @@
+"""Resumable stage cache and per-stage peak memory."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from etbench.stages import PeakMemory, StageCache, _rss_mb
+
+
+def test_stage_runs_once_and_recomputes_when_its_inputs_change(tmp_path):
+    calls = []
+
+    def compute(x):
+        calls.append(x)
+        return {"value": x, "tuple": (1, 2)}
+
+    cache = StageCache(tmp_path)
+    first = cache.run("double", {"x": 2}, lambda: compute(2))
+    assert first == {"value": 2, "tuple": [1, 2]}  # what a resumed run reads back, not the in-memory tuple
+    again = StageCache(tmp_path)
+    assert again.run("double", {"x": 2}, lambda: compute(99)) == first and calls == [2]
+    assert again.ran == [] and again.timings == {}
+    assert again.run("double", {"x": 3}, lambda: compute(3)) == {"value": 3, "tuple": [1, 2]}
+    assert calls == [2, 3] and again.ran == ["double"] and set(again.peak_rss_mb) == {"double"}
+    stored = json.loads((tmp_path / "double.json").read_text())
+    assert set(stored) == {"key", "result"}
+
+
+def test_a_corrupt_stage_file_is_recomputed(tmp_path):
+    cache = StageCache(tmp_path)
+    cache.run("s", {}, lambda: 1)
+    (tmp_path / "s.json").write_text("{not json")
+    assert StageCache(tmp_path).run("s", {}, lambda: 2) == 2
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block():
+    if _rss_mb() is None:
+        return  # no /proc: only the lifetime peak is available
+    before = _rss_mb()
+    with PeakMemory(interval=0.01) as mem:
+        block = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB of float32, touched
+        import time
+
+        time.sleep(0.1)
+        del block
+    assert mem.peak_mb >= before + 200
