@@ -233,12 +233,14 @@ def cache_at_positions(model, hm: HeadMap, lays: Sequence[Layout], heads: Mappin
 
 
 def _mix_edits(heads: Sequence[Head], source: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> EditsFn:
-    """Edits of ``z <- m z + (1 - m) source`` for one group: source ``[B, n, d]``, mask ``[n]``, pos ``[B]``."""
+    """Edits of ``z <- m z + (1 - m) source`` for one group: source ``[B, n, d]``, mask ``[n]`` (or one
+    per row, ``[B, n]``), pos ``[B]``."""
     layers = by_layer(heads)
 
     def make(sub: torch.Tensor, shift: int) -> list[Edit]:
         p, src = pos[sub.to(pos.device)] - shift, source[sub.to(source.device)]
-        return [mix(layer, "z", src[:, cols], mask[cols], p, hs) for layer, cols, hs in layers]
+        m = mask[sub.to(mask.device)] if mask.dim() == 2 else mask
+        return [mix(layer, "z", src[:, cols], m[..., cols], p, hs) for layer, cols, hs in layers]
 
     return make
 
@@ -498,23 +500,36 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
     batches = [perm[s : s + cfg.batch_size] for _ in range(cfg.epochs)
                for perm in [train[torch.randperm(cfg.n_train, generator=gen)]]
                for s in range(0, cfg.n_train, cfg.batch_size)]
+    by_group: dict[str, list[tuple[str, str]]] = {}
+    for t in tasks:
+        by_group.setdefault(t[0], []).append(t)
     step_times = []
     for step, rows in enumerate(track(batches, "DCM masks", total=len(batches), enabled=progress), start=1):
         ts = time.perf_counter()
         kv = runner.kv(rows)
-        for t in tasks:
-            g, d = t
-            m = masks[t]
+        b = len(rows)
+        for g, group_tasks in by_group.items():
+            # One forward + backward for all of a group's masks: the batch is repeated once per mask,
+            # each copy with its own mask and sources. Rows never interact, so the summed loss gives
+            # each mask exactly the gradient of its own loss (and the weights are read once, not k times).
+            k = len(group_tasks)
             with torch.no_grad():
-                m.clamp_(0, 1)
-            p = pos[g][rows].to(device)
-            logits = runner.logits(rows, kv, p.cpu(), _mix_edits(hbg[g], sources[t][rows].to(device), m, p))
-            tgt = pair_sets[d].targets[rows].to(device)
-            loss = -logits.gather(1, tgt[:, None]).mean() + cfg.lam * (1 - m).sum()
+                for t in group_tasks:
+                    masks[t].clamp_(0, 1)
+            p = pos[g][rows].repeat(k)
+            mask_rows = torch.stack([masks[t] for t in group_tasks]).repeat_interleave(b, 0)  # [k b, n]
+            src = torch.cat([sources[t][rows] for t in group_tasks]).to(device)
+            kv_k = None if kv is None else [(key.repeat(k, 1, 1, 1), val.repeat(k, 1, 1, 1)) for key, val in kv]
+            logits = runner.logits(rows.repeat(k), kv_k, p, _mix_edits(hbg[g], src, mask_rows, p.to(device)))
+            tgt = torch.cat([pair_sets[d].targets[rows] for _, d in group_tasks]).to(device)
+            picked = logits.gather(1, tgt[:, None])[:, 0].reshape(k, b)
+            loss = sum(-picked[i].mean() + cfg.lam * (1 - masks[t]).sum() for i, t in enumerate(group_tasks))
             # why autograd.grad: the caller's model may not be frozen; .backward() would also compute
             # (and keep) gradients for every weight after the first masked layer.
-            (m.grad,) = torch.autograd.grad(loss, [m])
-            opts[t].step()
+            grads = torch.autograd.grad(loss, [masks[t] for t in group_tasks])
+            for t, grad in zip(group_tasks, grads):
+                masks[t].grad = grad
+                opts[t].step()
         step_times.append(time.perf_counter() - ts)
         if step % cfg.eval_every == 0 or step == len(batches):
             validate(step)

@@ -90,11 +90,13 @@ def replace_where(layer: int, kind: str, values: torch.Tensor, keep: torch.Tenso
 def mix(layer: int, kind: str, source: torch.Tensor, mask: torch.Tensor, positions=None, heads=None) -> Edit:
     """``x <- mask * x + (1 - mask) * source`` per head: DCM's ``z = m z_base + (1 - m) z_source``.
 
-    ``mask`` has one entry per selected head (shape ``[nh]``) and may require grad; the gradient
-    reaches it through the rest of the forward pass."""
+    ``mask`` has one entry per selected head (shape ``[nh]``), or one row of them per batch row
+    (``[B, nh]``, with positions ``[B]``: several masks trained in one batch), and may require grad;
+    the gradient reaches it through the rest of the forward pass."""
 
     def fn(cur: torch.Tensor) -> torch.Tensor:
-        m = mask.to(cur.device, cur.dtype).reshape(-1, 1)  # [nh, 1] broadcasts over (B, k) and d
+        m = mask.to(cur.device, cur.dtype)
+        m = m[..., None] if m.dim() == 2 else m.reshape(-1, 1)  # broadcasts over (B, k) and d
         return m * cur + (1 - m) * source.to(cur.device, cur.dtype)
 
     return Edit(layer, kind, fn, positions, heads)

@@ -205,9 +205,13 @@ def test_every_preset_can_patch_a_head(name):
     assert cfg.steps * cfg.lr >= 1.0, (cfg.steps, cfg.lr)
 
 
-def test_run_group_single_mask(tok, llama):
+def test_run_group_single_mask(tok, llama, trained):
     m = dcm.run_group(llama, tok, "C", HEADS["C"], "positional", SMALL)
     assert (m.group, m.desideratum) == ("position_detector", "positional")
+    # a group's masks train in one batched forward; alone, a mask follows the same trajectory
+    together = trained.get("position_detector", "positional")
+    torch.testing.assert_close(torch.tensor(m.mask), torch.tensor(together.mask), atol=1e-5, rtol=0)
+    assert m.selected == together.selected and m.history == together.history
 
 
 def test_semantics_check(tok, llama):

@@ -1,0 +1,56 @@
+"""Benchmark (prints figures; not a test): the whole scorecard of a model pair, stage by stage.
+
+Runs ``etbench score`` from an empty output directory (nothing cached) and prints each stage's wall
+time and peak resident memory, the total, and the scorecard's headline numbers. Run it on an idle
+machine: on the 2-core reference machine every other process shows up in the figures.
+
+    python tests/bench/bench_score.py                      # the embedded pair, quick preset
+    python tests/bench/bench_score.py --threads 2 --out /tmp/score-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="tiny-base")
+    ap.add_argument("--ft", default="tiny-ft")
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default=None, help="output directory (emptied first); default a temp dir")
+    args = ap.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from etbench.score import format_scorecard, score
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_score_"))
+    if out.exists():
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    run = score(args.base, args.ft, out, preset=args.preset, seed=args.seed, progress=False)
+    total = time.perf_counter() - start
+    print(format_scorecard(run.card))
+    print(f"\n{args.base} -> {args.ft}, preset {args.preset}, torch threads {torch.get_num_threads()}")
+    print(f"{'stage':22} {'wall s':>8} {'peak RSS MB':>12}")
+    for name, secs in run.timings.items():
+        print(f"{name:22} {secs:>8.1f} {run.peak_rss_mb.get(name, float('nan')):>12.0f}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{'total (incl. loads)':22} {total:>8.1f} {peak:>12.0f}")
+    if run.cached_stages:
+        print(f"from cache (not timed): {', '.join(run.cached_stages)}")
+    print(f"scorecard: {run.path}")
+
+
+if __name__ == "__main__":
+    main()
