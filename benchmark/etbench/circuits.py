@@ -725,17 +725,20 @@ def minimality(model, hm, lays, mean, circuit: Circuit, mode: str = "pairs", thr
     ``mode="pairs"`` (the paper's): partners w ranked by F(C\\{w}) - F(C\\{v,w}) (|group|²/2 evaluations),
     keeping positive ones. ``mode="single"`` (cheaper, an approximation): partners are the other nodes
     whose own removal lowers F the most (F(C) - F(C\\{w}) > 0), 3·|group| evaluations."""
-    from .faithfulness import circuit_correct
+    from .faithfulness import AblationRunner
     from .progress import track
 
     if mode not in ("pairs", "single"):
         raise EtbenchError(f"minimality mode must be 'pairs' or 'single', got {mode!r}")
+    circuit.check_model(hm.spec)
+    # one runner for every F: all evaluations share the stored all-meaned prefix of each prompt
+    runner = AblationRunner(model, hm, lays, mean, batch_size, counter)
     memo: dict[frozenset, float] = {}
 
     def F(removed) -> float:
         key = frozenset(n.key for n in removed)
         if key not in memo:
-            flags = circuit_correct(model, hm, lays, mean, circuit.without(removed), batch_size, counter)
+            flags = runner.correct(keep=circuit.without(removed).kept())
             memo[key] = sum(flags) / len(flags)
         return memo[key]
 

@@ -383,3 +383,35 @@ def test_discovery_round_trips_to_a_circuit_file(toy, tmp_path):
     json.dumps(res.to_dict())
     with pytest.raises(EtbenchError, match="mode"):
         discover(model, "slow", tok)
+
+
+def test_minimality_on_stored_prefixes_equals_whole_prompt_ablation(toy, monkeypatch):
+    """Minimality evaluates many sub-circuits through one AblationRunner (stored all-meaned prefixes);
+    every F, and so every pruning decision, equals whole-prompt mean ablation."""
+    import dataclasses
+
+    import etbench.faithfulness as faithfulness
+    from etbench.circuits import minimality
+    from etbench.faithfulness import mean_activations
+    from etbench.layout import layouts
+
+    model, tok, _ = toy
+    hm = head_map(model)
+    mean = mean_activations(model, tok, hm, n_boxes=3, n=6, seed=0)
+    lays = layouts(data.generate(3, 8, seed=0), tok)
+    # a random toy never says the answer: score against its own unablated prediction instead, so that
+    # F varies with the sub-circuit
+    with torch.no_grad():
+        preds = [int(model(input_ids=torch.tensor([lay.input_ids])).logits[0, -1].argmax()) for lay in lays]
+    lays = [dataclasses.replace(lay, target_id=p) for lay, p in zip(lays, preds)]
+    circuit = Circuit.from_heads({"A": [[2, 0], [1, 3], [2, 2]], "B": [[2, 1]], "C": [[1, 1], [0, 2]], "D": [[0, 0]]})
+    stored = minimality(model, hm, lays, mean, circuit, "pairs", batch_size=4)
+    assert len({r["f_without_k_and_v"] for r in stored[1]} | {r["f_without_k"] for r in stored[1]}) > 1
+
+    class WholePrompts(faithfulness.AblationRunner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "reuse_prefix": False})
+
+    monkeypatch.setattr(faithfulness, "AblationRunner", WholePrompts)
+    whole = minimality(model, hm, lays, mean, circuit, "pairs", batch_size=4)
+    assert stored == whole and len(stored[1]) == circuit.size
