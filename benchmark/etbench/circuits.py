@@ -512,7 +512,6 @@ class _PatchBatch:
     def __init__(self, model, hm, pairs, group: str, pad_id: int, counter, prefix_cache: bool = True,
                  need_clean: bool = True, shared: _BatchCache | None = None):
         self.model, self.hm, self.counter, self.group = model, hm, counter, group
-        spec = hm.spec
         bc = shared if shared is not None else _BatchCache(model, hm, pairs, pad_id, prefix_cache)
         self.base_ids, self.targets = bc.base_ids, bc.targets
         pc = GROUP_POSITION[group]
