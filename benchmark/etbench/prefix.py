@@ -151,6 +151,8 @@ class PatchRunner:
                                     use_cache=True)
             parts.append(out.logits[:, -1].float())
             order.append(sub)
-        if len(parts) == 1:
+        order = torch.cat(order)
+        if len(parts) == 1 and torch.equal(order, torch.arange(b)):
             return parts[0]
-        return torch.cat(parts)[torch.argsort(torch.cat(order)).to(parts[0].device)]
+        # buckets come in start order (one bucket may hold rows sorted by start): back to row order
+        return torch.cat(parts)[torch.argsort(order).to(parts[0].device)]

@@ -136,8 +136,12 @@ def test_prefix_reuse_matches_full_forward_per_row_positions(tok, llama):
         got = fast.logits(rows, fast.kv(rows), pos, dcm._replace_edits(heads, vals, pos))
         one_start = fast.logits(rows, fast.kv(rows), int(pos.min()), dcm._replace_edits(heads, vals, pos))
         two_buckets = fast.logits(rows, fast.kv(rows), pos, dcm._replace_edits(heads, vals, pos), max_splits=2)
+        # one bucket of rows sorted by start: must still come back in row order (a bug once)
+        one_bucket = fast.logits(rows, fast.kv(rows), pos, dcm._replace_edits(heads, vals, pos), max_splits=1)
+    assert len(set(pos.tolist())) > 2
     torch.testing.assert_close(got, one_start, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, two_buckets, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, one_bucket, atol=1e-5, rtol=1e-5)
     hm = head_map(llama)
     for i in range(14):
         edits = [replace_edit(layer, "z", vals[i : i + 1, cols], int(pos[i]), hs) for layer, cols, hs in dcm.by_layer(heads)]
