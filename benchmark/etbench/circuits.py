@@ -107,6 +107,14 @@ class Node:
         return f"{GROUP_CODES[self.group]}:L{self.layer}H{self.head}"
 
 
+def heads_by_position(nodes: Iterable[Node]) -> dict[str, set[tuple[int, int]]]:
+    """``{position class: {(layer, head)}}`` of some nodes (every class present, possibly empty)."""
+    out: dict[str, set[tuple[int, int]]] = {p: set() for p in POSITION_CLASSES}
+    for n in nodes:
+        out[n.position_class].add((n.layer, n.head))
+    return out
+
+
 @dataclass(frozen=True)
 class Circuit:
     """Nodes per group (each group in importance order) and where they came from."""
@@ -189,10 +197,7 @@ class Circuit:
 
     def kept(self) -> dict[str, set[tuple[int, int]]]:
         """``{position class: {(layer, head)}}``: which heads keep their own z at which position."""
-        out: dict[str, set[tuple[int, int]]] = {p: set() for p in POSITION_CLASSES}
-        for n in self.nodes():
-            out[n.position_class].add((n.layer, n.head))
-        return out
+        return heads_by_position(self.nodes())
 
     def __contains__(self, node: object) -> bool:
         return isinstance(node, Node) and node in self.groups[node.group]

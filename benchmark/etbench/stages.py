@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import threading
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         if _rss_mb() is None:  # no /proc: ru_maxrss is KiB on Linux, bytes on macOS
-            scale = 2**20 if os.uname().sysname == "Darwin" else 2**10
+            scale = 2**20 if sys.platform == "darwin" else 2**10
             self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
         self.peak_mb = round(self.peak_mb, 1)
 
