@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .circuits import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Node, heads_by_position
+from .circuits import GROUP_CODES, GROUPS, Circuit, Node, heads_by_position
 from .data import LABELS, Example, paper_objects, sample_context, stream_rng
 from .errors import EtbenchError
 from .heads import HeadMap, head_map
