@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from etbench.circuits import GROUP_POSITION, GROUPS, Circuit, Node, load_circuit, paper_circuit
-from etbench.errors import EtbenchError
+from etbench.core.errors import EtbenchError
+from etbench.schema.circuit import GROUP_POSITION, GROUPS, Circuit, Node, load_circuit, paper_circuit
 
 
 def small_circuit(**kw) -> Circuit:
@@ -114,8 +114,9 @@ def test_unknown_paper_circuit():
 
 import torch  # noqa: E402
 
-from etbench import data  # noqa: E402
-from etbench.circuits import (  # noqa: E402
+from etbench.mech.forward import PassCounter  # noqa: E402
+from etbench.mech.heads import head_map  # noqa: E402
+from etbench.metrics.discovery import (  # noqa: E402
     _RECEIVERS,
     _batches,
     _source_position,
@@ -124,10 +125,9 @@ from etbench.circuits import (  # noqa: E402
     format_discovery,
     path_patching_scores,
 )
-from etbench.counterfactuals import encode_pairs, noise_pairs  # noqa: E402
-from etbench.faithfulness import PassCounter  # noqa: E402
-from etbench.heads import head_map  # noqa: E402
-from etbench.toy import tiny_llama, word_level_tokenizer  # noqa: E402
+from etbench.models.toy import tiny_llama, word_level_tokenizer  # noqa: E402
+from etbench.task import prompts as data  # noqa: E402
+from etbench.task.counterfactuals import encode_pairs, noise_pairs  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 D_MODEL, N_HEADS, N_LAYERS = 32, 4, 3
@@ -354,7 +354,7 @@ def test_shared_setup_passes_change_no_score(toy, mode):
     hm = head_map(model)
     kw = dict(n_boxes=3, n=6, batch_size=4, minimality_mode="none", candidate_k=2, receiver_k=2)
     res = discover(model, mode, tok, verify_k=5, **kw)
-    from etbench.layout import pad_id_of, usable_pool
+    from etbench.task.layout import pad_id_of, usable_pool
 
     pool, labels = usable_pool(tok, 3)
     encoded = encode_pairs(noise_pairs(data.generate(n_boxes=3, n=6, seed=0, objects=pool, labels=labels), 0,
@@ -390,10 +390,10 @@ def test_minimality_on_stored_prefixes_equals_whole_prompt_ablation(toy, monkeyp
     every F, and so every pruning decision, equals whole-prompt mean ablation."""
     import dataclasses
 
-    import etbench.faithfulness as faithfulness
-    from etbench.circuits import minimality
-    from etbench.faithfulness import mean_activations
-    from etbench.layout import layouts
+    import etbench.metrics.faithfulness as faithfulness
+    from etbench.metrics.ablation import mean_activations
+    from etbench.metrics.discovery import minimality
+    from etbench.task.layout import layouts
 
     model, tok, _ = toy
     hm = head_map(model)

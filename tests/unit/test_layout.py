@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from etbench import data, toy
-from etbench.data import Example
-from etbench.errors import EtbenchError
-from etbench.layout import check_vocabulary, layouts, pad_batch, single_token_continuations
+from etbench.core.errors import EtbenchError
+from etbench.models import toy
+from etbench.task import prompts as data
+from etbench.task.layout import check_vocabulary, layouts, pad_batch, single_token_continuations
+from etbench.task.prompts import Example
 
 
 @pytest.fixture(scope="module", params=["word_level", "byte_level_bpe"])
