@@ -87,7 +87,7 @@ def test_paper_circuits_match_the_reference(name, sizes, distinct):
     assert tuple(c.group_sizes.values()) == sizes and len(c.distinct_heads) == distinct
     assert (c.n_layers, c.n_heads, c.method) == (32, 32, "paper")
     assert all(n.score is not None for n in c.nodes())
-    if name == "llama7b":  # spec §6, in the repo's order; prominent heads of spec §4
+    if name == "llama7b":  # docs/method.md §5, in the repo's order; prominent heads of docs/method.md §3
         assert c.heads("B") == [(14, 27), (11, 23), (12, 23), (19, 12), (13, 0), (16, 2), (13, 14)]
         assert c.heads("D") == [(8, 21), (12, 23), (11, 9), (8, 12), (11, 23)]
         assert c.heads("A")[0] == (15, 13) and (21, 3) in c.heads("A") and c.heads("C")[0] == (10, 3)
@@ -170,7 +170,7 @@ def _hooked(model, pre=None, post=None):
 
 
 def naive_path_patch(model, encoded, group, sender, receivers, alpha=1.0):
-    """The spec's algorithm on whole prompts with hand-written hooks, one row-loop at a time."""
+    """The path-patching algorithm (docs/method.md §4) on whole prompts with hand-written hooks, one row-loop at a time."""
     ids = torch.tensor([ep.base_layout.input_ids for ep in encoded])
     src = torch.tensor([ep.source_layout.input_ids for ep in encoded])
     tgt = torch.tensor([ep.target_id for ep in encoded])
@@ -206,7 +206,7 @@ def naive_path_patch(model, encoded, group, sender, receivers, alpha=1.0):
                 return z
             return f
 
-        rpos = pos  # spec §5: q at the last token (B), v at the query label (C) / previous query label (D)
+        rpos = pos  # docs/method.md §4: q at the last token (B), v at the query label (C) / previous query label (D)
         name = None if recv is None else {"q": "q_proj", "v": "v_proj"}[recv[1]]
         got = {}
 

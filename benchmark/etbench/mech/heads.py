@@ -4,9 +4,9 @@ One vocabulary for every metric (TransformerLens names):
 
 * ``z`` of head ``h`` in layer ``l``: the slice ``[d_head*h : d_head*(h+1)]`` of the **input** of layer
   ``l``'s attention output projection (``o_proj`` / ``out_proj`` / ``c_proj`` / ``dense``), i.e. the head's
-  attention-weighted values before ``W_O``. This is the reference's "head output" (spec §1).
+  attention-weighted values before ``W_O``. This is the reference's "head output" (docs/method.md §3).
 * ``q``, ``k``, ``v``: the head's slice of the **output** of the query/key/value projection, before any
-  scaling, RoPE or q/k-norm (the reference patches ``q_proj``/``v_proj`` outputs too, spec §5).
+  scaling, RoPE or q/k-norm (the reference patches ``q_proj``/``v_proj`` outputs too, docs/method.md §4).
   ``q`` is indexed by query head ``0..n_heads-1``; ``k``/``v`` by **KV head** ``0..n_kv_heads-1``.
   Under grouped-query attention, query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``
   (``HeadSpec.kv_head``), the order of transformers' ``repeat_kv``; so editing KV head ``g`` changes

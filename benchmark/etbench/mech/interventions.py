@@ -5,9 +5,9 @@ these token positions, call fn(current values) and write back what it returns". 
 replacing (activation patching, CMAP, mean ablation) and mixing (DCM masks) are all such edits, so
 metrics describe *what* to patch and never write hooks.
 
-Why plain torch hooks rather than nnsight traces: the spec's measurements (nnsight_notes §2) show the
+Why plain torch hooks rather than nnsight traces: measured on CPU, nnsight traces give the
 same speed and identical logits, while hooks compose freely (any number of edits, called from any
-code, no source-capture or access-order rules, nnsight pitfalls 1-3), keep autograd ordinary (a mask
+code, no source-capture or access-order rules), keep autograd ordinary (a mask
 ``Parameter`` outside the model, ``loss.backward()`` after the pass), and add no dependency. The slicing
 logic lives in ``etbench.mech.heads`` and is pure tensor code, so an nnsight/NDIF backend can reuse it.
 

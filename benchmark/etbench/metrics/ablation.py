@@ -36,7 +36,7 @@ from etbench.task.prompts import LABELS, Example, paper_objects, sample_context,
 
 def ablation_examples(n_boxes: int = 7, n: int = 500, seed: int = 0, objects: Sequence[str] | None = None,
                       labels: Sequence[str] = LABELS) -> list[Example]:
-    """The mean-ablation prompts (spec §2.4): one fresh context each, queried at segment 0, with the
+    """The mean-ablation prompts (docs/method.md §6): one fresh context each, queried at segment 0, with the
     query letter replaced by a uniformly random letter (usually absent from the context)."""
     objects = tuple(paper_objects() if objects is None else objects)
     rng = stream_rng("ablation", seed, n_boxes)

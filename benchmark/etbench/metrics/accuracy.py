@@ -1,4 +1,4 @@
-"""Full-model accuracy, the paper's metric (spec §3): greedy top-1 over the *whole* vocabulary at
+"""Full-model accuracy, the paper's metric (docs/method.md §2): greedy top-1 over the *whole* vocabulary at
 the last prompt token must be the answer token (``tokens(prompt + " obj")`` minus the prompt's).
 
 It is the same quantity as lm-eval's ``acc`` on the loglikelihood task ``entity_tracking_<n>boxes``

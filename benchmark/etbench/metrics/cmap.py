@@ -1,4 +1,4 @@
-"""CMAP, Cross-Model Activation Patching (spec §10): does the fine-tuned model's version of a circuit
+"""CMAP, Cross-Model Activation Patching (docs/method.md §9): does the fine-tuned model's version of a circuit
 group make the *base* model better?
 
 The same prompts run through the fine-tuned model (its heads' values cached at the positions needed,

@@ -1,4 +1,4 @@
-"""DCM, Desiderata-based Component Masking (spec §9): which heads of a circuit group carry which information.
+"""DCM, Desiderata-based Component Masking (docs/method.md §7): which heads of a circuit group carry which information.
 
 For one circuit group (its heads, kept at the group's position class) and one desideratum (a kind of
 counterfactual pair, ``etbench.task.counterfactuals``), learn one scalar ``m_h`` per head:
@@ -601,7 +601,7 @@ class SemanticsResult:
 def semantics_check(model, tokenizer, selections: Mapping[tuple[str, str], Sequence[Sequence[int]]], *,
                     n: int = 500, repeats: int = 10, seed: int = 0, n_boxes: int = 7, batch_size: int = 32,
                     model_name: str = "", progress: bool = False, reuse_prefix: bool = True) -> list[SemanticsResult]:
-    """The paper's cross-model check (spec §9): for each ``(group, desideratum) -> heads`` (typically
+    """The paper's cross-model check (docs/method.md §7): for each ``(group, desideratum) -> heads`` (typically
     ``DcmResult.selections()`` of another model), patch those heads' z from the source at the group's
     position into ``model`` and score against the desideratum's target; ``repeats`` times with fresh
     sources (pair seed ``1000 * seed + r``), on ``n`` base examples of their own data stream."""

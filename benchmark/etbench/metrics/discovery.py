@@ -32,7 +32,7 @@ SCHEMA_VERSION = 1
 # Discovery: path patching (exact) and attribution screening + exact verification (fast)
 # ==============================================================================================
 #
-# Path patching (spec §5), group by group. For a sender head s = (layer l, head h) and noise pair i:
+# Path patching (docs/method.md §4), group by group. For a sender head s = (layer l, head h) and noise pair i:
 #   step 1: run the base prompt; s's z at its group position is taken from the noise run; every other
 #           head's z at the positions from the sender position to the last token is frozen to its clean
 #           value, so s acts only through the residual stream and the MLPs.
@@ -74,7 +74,7 @@ def default_k(n_heads_total: int, paper: Mapping[str, int], minimum: int = 2) ->
 def _source_position(ep, group: str) -> int:
     """Where the sender's noise z is read in the noise prompt: the same class, except for D (the noise
     query letter is usually absent from the context), which reads the noise context's label in the
-    base's query segment, i.e. a random context label (spec §5)."""
+    base's query segment, i.e. a random context label (docs/method.md §4)."""
     if group == "structure_reader":
         return ep.source_layout.label_positions[ep.pair.base.query_index]
     return ep.source_layout.position(GROUP_POSITION[group])
@@ -361,7 +361,7 @@ def attribution_scores(model, hm, encoded, group: str, receivers=(), batch_size:
 
 
 # ----------------------------------------------------------------------------------------------
-# Minimality (spec §6)
+# Minimality (docs/method.md §5)
 
 
 def minimality(model, hm, lays, mean, circuit: Circuit, mode: str = "pairs", threshold: float = 0.01,
@@ -554,7 +554,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     del shared
     walls["search"] = time.perf_counter() - t_search
 
-    # Candidate circuit: top candidate_k per group; A loses heads that are also B candidates (spec §5).
+    # Candidate circuit: top candidate_k per group; A loses heads that are also B candidates (docs/method.md §4).
     # A head whose patch does not lower p(answer) (score >= 0) is never a candidate (the paper's top-k
     # would take it when a group has fewer than k harmful heads).
     cand = {g: [s for s in ranked[g][: candidate_k[g]] if searches[g].scores[s[0]][s[1]] < 0] for g in GROUPS}

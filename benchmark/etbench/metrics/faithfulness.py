@@ -1,4 +1,4 @@
-"""Mean ablation and circuit faithfulness (spec §7): circuit accuracy, random-circuit baseline,
+"""Mean ablation and circuit faithfulness (docs/method.md §6): circuit accuracy, random-circuit baseline,
 completeness and a faithfulness curve over circuit size.
 
 * **Mean activations**: the position-wise mean of every head's ``z`` over prompts whose query letter

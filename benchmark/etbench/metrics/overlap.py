@@ -1,4 +1,4 @@
-"""Head overlap between the base model's and the fine-tuned model's heads (spec §6, §9).
+"""Head overlap between the base model's and the fine-tuned model's heads (docs/method.md §5, §7).
 
 For one group (or ``"all"``), with B the base's heads and F the fine-tuned's:
 

@@ -3,7 +3,7 @@ publishing and the scorecard schema read circuits without loading a model; disco
 ``etbench.metrics.discovery``).
 
 A circuit is a set of **nodes** ``(group, layer, head)``; the group fixes the token position the head
-is kept at (spec §4):
+is kept at (docs/method.md §3):
 
 ==========================  =====  ====================  =========================================
 group                        code   position class        role

@@ -1,7 +1,7 @@
 """Counterfactual (base, source) prompt pairs: the path-patching noise prompt and the DCM desiderata.
 
 Each pair says what the *base* model should predict if activations from the *source* run carry a
-given kind of information (spec §2.5). Two bugs of the reference code are fixed here:
+given kind of information (docs/method.md §1). Two bugs of the reference code are fixed here:
 
 * B1: every target is the object *with its leading space* as the model spells it after
   "... contains the" (the reference looked up the space-less piece for box_label_value, so that
@@ -34,7 +34,7 @@ from etbench.task.prompts import (
     stream_rng,
 )
 
-#: The paper's eleven additional desiderata (Position Transmitter only), in the spec's order: the ten
+#: The paper's eleven additional desiderata (Position Transmitter only), in the reference's order: the ten
 #: source rewordings plus the ``incorrect_segment`` control (no rewording, a shifted target).
 ADDITIONAL_DESIDERATA: tuple[str, ...] = ALTERATIONS[:6] + ("incorrect_segment",) + ALTERATIONS[6:]
 MAIN_DESIDERATA: tuple[str, ...] = ("positional", "object_value", "box_label_value")
@@ -73,7 +73,7 @@ def _pools(objects: Sequence[str] | None, labels: Sequence[str]) -> tuple[tuple[
 
 def noise_pairs(examples: Sequence[Example], seed: int = 0, objects: Sequence[str] | None = None,
                 labels: Sequence[str] = LABELS) -> list[CounterfactualPair]:
-    """Path patching's corrupted prompts (spec §2.5a): a fresh context queried at the next segment,
+    """Path patching's corrupted prompts (docs/method.md §4): a fresh context queried at the next segment,
     whose query letter is then replaced by a uniformly random letter (objects, labels and query
     all randomised). The score always uses the base's own answer."""
     objects, labels = _pools(objects, labels)
@@ -127,7 +127,7 @@ def _desideratum_pair(name: str, base: Example, rng: random.Random, objects: tup
 
 def desideratum_pairs(name: str, examples: Sequence[Example], seed: int = 0, objects: Sequence[str] | None = None,
                       labels: Sequence[str] = LABELS) -> list[CounterfactualPair]:
-    """One pair per base example for a DCM desideratum (spec §2.5b, with B1/B2 fixed)."""
+    """One pair per base example for a DCM desideratum (docs/method.md §7, with B1/B2 fixed)."""
     if name not in DESIDERATA:
         raise EtbenchError(f"unknown desideratum {name!r}; known: {', '.join(DESIDERATA)}")
     objects, labels = _pools(objects, labels)

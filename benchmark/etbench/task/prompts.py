@@ -32,7 +32,7 @@ DEFAULT_N_BOXES = 7
 CANONICAL_N = 500
 CANONICAL_SEED = 0
 
-# Source alterations of the paper's eleven additional desiderata (spec §2.5). Each changes only how
+# Source alterations of the paper's eleven additional desiderata (docs/method.md §1). Each changes only how
 # a source prompt is *worded*; the underlying context (objects, labels, query) is unchanged.
 ALTERATIONS: tuple[str, ...] = (
     "random_text_start",

@@ -6,7 +6,7 @@ merged at load). ``tiny-ft`` = tiny-base + a second LoRA trained *only* on anoth
 task that keeps the object-before-label structure (``a key sits inside crate Q; … . Crate Q holds
 a`` → `` key``) and never on the paper's template (shipped as a non-merged PEFT adapter). Whether
 this fine-tuning improves entity tracking on the paper's template is measured, not forced
-(``assets/tiny/MODEL_CARD.md``; recipe from the spec's tiny_models.md §4).
+(``assets/tiny/MODEL_CARD.md`` records the recipe and its measured accuracies).
 
     python -m etbench.training.tiny                  # retrain both adapters into assets/tiny/
     python -m etbench.training.tiny --card           # + evaluate smollm2/tiny-base/tiny-ft on the
@@ -66,7 +66,7 @@ class Stage:
     n_boxes: tuple[int, ...]  # box counts, cycled over batches (one box count per batch)
 
 
-# tiny_models.md §4 verified 10 base steps at lr 3e-4 (7-box acc 0.44 there); with this data stream 10
+# A LoRA recipe verified earlier used 10 base steps at lr 3e-4 (7-box acc 0.44 there); with this data stream 10
 # steps gave 0.31 on the held-out monitor and 16 gave 0.44, so the base trains 18 steps (0.52).
 # ft: lr 1e-3, seed 1, crate wording only; 20 steps (recipe: 0.84 after 20 steps, 0.85 after 30).
 STAGES = (
