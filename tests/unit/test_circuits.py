@@ -385,13 +385,12 @@ def test_discovery_round_trips_to_a_circuit_file(toy, tmp_path):
         discover(model, "slow", tok)
 
 
-def test_minimality_on_stored_prefixes_equals_whole_prompt_ablation(toy, monkeypatch):
+def test_minimality_on_stored_prefixes_equals_whole_prompt_ablation(toy):
     """Minimality evaluates many sub-circuits through one AblationRunner (stored all-meaned prefixes);
     every F, and so every pruning decision, equals whole-prompt mean ablation."""
     import dataclasses
 
-    import etbench.metrics.faithfulness as faithfulness
-    from etbench.metrics.ablation import mean_activations
+    from etbench.metrics.ablation import AblationRunner, mean_activations
     from etbench.metrics.discovery import minimality
     from etbench.task.layout import layouts
 
@@ -405,13 +404,8 @@ def test_minimality_on_stored_prefixes_equals_whole_prompt_ablation(toy, monkeyp
         preds = [int(model(input_ids=torch.tensor([lay.input_ids])).logits[0, -1].argmax()) for lay in lays]
     lays = [dataclasses.replace(lay, target_id=p) for lay, p in zip(lays, preds)]
     circuit = Circuit.from_heads({"A": [[2, 0], [1, 3], [2, 2]], "B": [[2, 1]], "C": [[1, 1], [0, 2]], "D": [[0, 0]]})
-    stored = minimality(model, hm, lays, mean, circuit, "pairs", batch_size=4)
+    stored = minimality(AblationRunner(model, hm, lays, mean, batch_size=4), circuit, "pairs")
     assert len({r["f_without_k_and_v"] for r in stored[1]} | {r["f_without_k"] for r in stored[1]}) > 1
 
-    class WholePrompts(faithfulness.AblationRunner):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "reuse_prefix": False})
-
-    monkeypatch.setattr(faithfulness, "AblationRunner", WholePrompts)
-    whole = minimality(model, hm, lays, mean, circuit, "pairs", batch_size=4)
+    whole = minimality(AblationRunner(model, hm, lays, mean, batch_size=4, reuse_prefix=False), circuit, "pairs")
     assert stored == whole and len(stored[1]) == circuit.size
