@@ -48,7 +48,7 @@ from etbench.mech.forward import device_of, length_batches
 from etbench.mech.heads import HeadMap, HeadSpec, head_map
 from etbench.mech.interventions import Edit, mix, read, replace, run
 from etbench.mech.prefix import EditsFn, PatchRunner
-from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, group_name
+from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Head, group_name
 from etbench.schema.scorecard import DcmScore
 from etbench.task.counterfactuals import (
     ADDITIONAL_DESIDERATA,
@@ -61,7 +61,6 @@ from etbench.task.counterfactuals import (
 from etbench.task.layout import Layout, check_vocabulary
 from etbench.task.prompts import LABELS, Example, generate
 
-Head = tuple[int, int]  # (layer, head)
 HeadsByGroup = Mapping[str, Sequence[Sequence[int]]]
 
 #: Base examples of DCM and of the semantics check come from their own data streams, never the
