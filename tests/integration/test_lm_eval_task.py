@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from etbench import accuracy, data, toy
-from etbench.lm_eval_integration import GROUPS, task_manager, tasks_dir
+from etbench.metrics import accuracy
+from etbench.models import toy
+from etbench.task import prompts as data
+from etbench.task.harness import GROUPS, task_manager, tasks_dir
 
 REPO = Path(__file__).resolve().parents[2]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

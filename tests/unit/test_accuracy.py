@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from etbench import accuracy, data, toy
-from etbench.errors import EtbenchError
-from etbench.models import LoadedModel
+from etbench.core.errors import EtbenchError
+from etbench.metrics import accuracy
+from etbench.models import LoadedModel, toy
+from etbench.task import prompts as data
 
 
 @pytest.fixture(scope="module")

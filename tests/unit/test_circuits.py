@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from etbench.circuits import GROUP_POSITION, GROUPS, Circuit, Node, load_circuit, paper_circuit
-from etbench.errors import EtbenchError
+from etbench.core.errors import EtbenchError
+from etbench.schema.circuit import GROUP_POSITION, GROUPS, Circuit, Node, load_circuit, paper_circuit
 
 
 def small_circuit(**kw) -> Circuit:
@@ -87,7 +87,7 @@ def test_paper_circuits_match_the_reference(name, sizes, distinct):
     assert tuple(c.group_sizes.values()) == sizes and len(c.distinct_heads) == distinct
     assert (c.n_layers, c.n_heads, c.method) == (32, 32, "paper")
     assert all(n.score is not None for n in c.nodes())
-    if name == "llama7b":  # spec §6, in the repo's order; prominent heads of spec §4
+    if name == "llama7b":  # docs/method.md §5, in the repo's order; prominent heads of docs/method.md §3
         assert c.heads("B") == [(14, 27), (11, 23), (12, 23), (19, 12), (13, 0), (16, 2), (13, 14)]
         assert c.heads("D") == [(8, 21), (12, 23), (11, 9), (8, 12), (11, 23)]
         assert c.heads("A")[0] == (15, 13) and (21, 3) in c.heads("A") and c.heads("C")[0] == (10, 3)
@@ -114,8 +114,9 @@ def test_unknown_paper_circuit():
 
 import torch  # noqa: E402
 
-from etbench import data  # noqa: E402
-from etbench.circuits import (  # noqa: E402
+from etbench.mech.forward import PassCounter  # noqa: E402
+from etbench.mech.heads import head_map  # noqa: E402
+from etbench.metrics.discovery import (  # noqa: E402
     _RECEIVERS,
     _batches,
     _source_position,
@@ -124,10 +125,9 @@ from etbench.circuits import (  # noqa: E402
     format_discovery,
     path_patching_scores,
 )
-from etbench.counterfactuals import encode_pairs, noise_pairs  # noqa: E402
-from etbench.faithfulness import PassCounter  # noqa: E402
-from etbench.heads import head_map  # noqa: E402
-from etbench.toy import tiny_llama, word_level_tokenizer  # noqa: E402
+from etbench.models.toy import tiny_llama, word_level_tokenizer  # noqa: E402
+from etbench.task import prompts as data  # noqa: E402
+from etbench.task.counterfactuals import encode_pairs, noise_pairs  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 D_MODEL, N_HEADS, N_LAYERS = 32, 4, 3
@@ -170,7 +170,7 @@ def _hooked(model, pre=None, post=None):
 
 
 def naive_path_patch(model, encoded, group, sender, receivers, alpha=1.0):
-    """The spec's algorithm on whole prompts with hand-written hooks, one row-loop at a time."""
+    """The path-patching algorithm (docs/method.md §4) on whole prompts with hand-written hooks, one row-loop at a time."""
     ids = torch.tensor([ep.base_layout.input_ids for ep in encoded])
     src = torch.tensor([ep.source_layout.input_ids for ep in encoded])
     tgt = torch.tensor([ep.target_id for ep in encoded])
@@ -206,7 +206,7 @@ def naive_path_patch(model, encoded, group, sender, receivers, alpha=1.0):
                 return z
             return f
 
-        rpos = pos  # spec §5: q at the last token (B), v at the query label (C) / previous query label (D)
+        rpos = pos  # docs/method.md §4: q at the last token (B), v at the query label (C) / previous query label (D)
         name = None if recv is None else {"q": "q_proj", "v": "v_proj"}[recv[1]]
         got = {}
 
@@ -354,7 +354,7 @@ def test_shared_setup_passes_change_no_score(toy, mode):
     hm = head_map(model)
     kw = dict(n_boxes=3, n=6, batch_size=4, minimality_mode="none", candidate_k=2, receiver_k=2)
     res = discover(model, mode, tok, verify_k=5, **kw)
-    from etbench.layout import pad_id_of, usable_pool
+    from etbench.task.layout import pad_id_of, usable_pool
 
     pool, labels = usable_pool(tok, 3)
     encoded = encode_pairs(noise_pairs(data.generate(n_boxes=3, n=6, seed=0, objects=pool, labels=labels), 0,
@@ -390,10 +390,10 @@ def test_minimality_on_stored_prefixes_equals_whole_prompt_ablation(toy, monkeyp
     every F, and so every pruning decision, equals whole-prompt mean ablation."""
     import dataclasses
 
-    import etbench.faithfulness as faithfulness
-    from etbench.circuits import minimality
-    from etbench.faithfulness import mean_activations
-    from etbench.layout import layouts
+    import etbench.metrics.faithfulness as faithfulness
+    from etbench.metrics.ablation import mean_activations
+    from etbench.metrics.discovery import minimality
+    from etbench.task.layout import layouts
 
     model, tok, _ = toy
     hm = head_map(model)

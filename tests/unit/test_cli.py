@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from etbench import data, toy
+from etbench.models import toy
+from etbench.task import prompts as data
 
 
 def etbench(*args, cwd=None):

@@ -8,10 +8,11 @@ import copy
 import pytest
 import torch
 
-from etbench import cmap, data
-from etbench.circuits import Circuit
-from etbench.errors import EtbenchError
-from etbench.toy import tiny_llama, word_level_tokenizer
+from etbench.core.errors import EtbenchError
+from etbench.metrics import cmap
+from etbench.models.toy import tiny_llama, word_level_tokenizer
+from etbench.schema.circuit import Circuit
+from etbench.task import prompts as data
 
 HEADS = {"A": [(1, 0), (1, 2)], "B": [(0, 1), (1, 3)], "C": [(0, 0), (0, 2)], "D": [(0, 3), (1, 1)]}
 N_LAYERS, N_HEADS = 2, 4

@@ -8,13 +8,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from etbench import dcm
-from etbench.counterfactuals import EncodedPair
-from etbench.errors import EtbenchError
-from etbench.heads import head_map
-from etbench.interventions import replace as replace_edit
-from etbench.interventions import run
-from etbench.toy import tiny_llama, word_level_tokenizer
+from etbench.core.errors import EtbenchError
+from etbench.mech.heads import head_map
+from etbench.mech.interventions import replace as replace_edit
+from etbench.mech.interventions import run
+from etbench.metrics import dcm
+from etbench.models.toy import tiny_llama, word_level_tokenizer
+from etbench.task.counterfactuals import EncodedPair
 
 HEADS = {"A": [(1, 0), (1, 2)], "B": [(0, 1), (1, 3)], "C": [(0, 0), (0, 2)], "D": [(0, 3), (1, 1)]}
 SMALL = dcm.DcmConfig(n_train=16, n_val=8, n_test=8, epochs=1, batch_size=8, eval_every=1, eval_batch_size=8,
@@ -197,15 +197,15 @@ def test_additional_desiderata_only_for_position_transmitter():
     cfg = dcm.DcmConfig(additional_for=("B",))
     assert len(cfg.desiderata_for("position_transmitter")) == 14
     assert cfg.desiderata_for("A") == ("positional", "object_value", "box_label_value")
-    assert dcm.preset("paper").n_train == 1000 and dcm.preset("paper").lr == 0.1 and dcm.preset("paper").lam == 0.01
+    assert dcm.dcm_preset("paper").n_train == 1000 and dcm.dcm_preset("paper").lr == 0.1 and dcm.dcm_preset("paper").lam == 0.01
 
 
-@pytest.mark.parametrize("name", sorted(dcm.PRESETS))
+@pytest.mark.parametrize("name", sorted(dcm.DCM_PRESETS))
 def test_every_preset_can_patch_a_head(name):
     """Adam moves a mask from 1 by about lr per step, and a head counts as patched below 0.5: a preset
     with steps x lr < 1 could barely (or, below 0.5, never) select a head. The first quick preset had
     4 steps at lr 0.1 and selected no head on the tiny pair."""
-    cfg = dcm.preset(name)
+    cfg = dcm.dcm_preset(name)
     assert cfg.steps * cfg.lr >= 1.0, (cfg.steps, cfg.lr)
 
 
@@ -247,7 +247,7 @@ def test_config_errors(changes, match):
 
 def test_input_errors(tok, llama):
     with pytest.raises(EtbenchError, match="unknown DCM preset"):
-        dcm.preset("fast")
+        dcm.dcm_preset("fast")
     with pytest.raises(EtbenchError, match="do not fit"):
         dcm.train_masks(llama, tok, {"A": [(2, 0)]}, SMALL)
     with pytest.raises(EtbenchError, match="lists a head twice"):
@@ -270,7 +270,7 @@ def test_heads_are_copied_not_aliased():
 
 def test_source_cache_matches_plain_cache(tok, llama):
     """Each group's heads at its own position (the forward stops after the last layer read)."""
-    from etbench.interventions import Site, cache
+    from etbench.mech.interventions import Site, cache
 
     ex, _, _ = dcm.dcm_examples(tok, 6)
     lays = [p.source_layout for p in dcm.make_pair_sets(tok, ex, ["positional"], 0)["positional"].pairs]

@@ -7,29 +7,31 @@ import random
 import pytest
 import torch
 
-from etbench import data
-from etbench.circuits import GROUPS, Circuit, Node, paper_circuit
-from etbench.errors import EtbenchError
-from etbench.faithfulness import (
-    PassCounter,
+from etbench.core.errors import EtbenchError
+from etbench.mech.forward import PassCounter
+from etbench.mech.heads import head_map
+from etbench.mech.interventions import run
+from etbench.mech.prefix import PatchRunner
+from etbench.metrics.ablation import (
     ablated_correct,
     ablation_edits,
     ablation_examples,
     circuit_correct,
+    mean_activations,
+)
+from etbench.metrics.faithfulness import (
     circuit_ranking,
     curve_areas,
     evaluate_circuit,
+    evaluation_runner,
     format_evaluation,
     log_grid,
-    mean_activations,
     random_circuit,
-    evaluation_runner,
 )
-from etbench.prefix import PatchRunner
-from etbench.heads import head_map
-from etbench.interventions import run
-from etbench.layout import layouts
-from etbench.toy import tiny_llama, word_level_tokenizer
+from etbench.models.toy import tiny_llama, word_level_tokenizer
+from etbench.schema.circuit import GROUPS, Circuit, Node, paper_circuit
+from etbench.task import prompts as data
+from etbench.task.layout import layouts
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

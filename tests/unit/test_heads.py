@@ -12,9 +12,9 @@ import pytest
 import torch
 import transformers as tf
 
-from etbench.errors import EtbenchError
-from etbench.heads import HeadMap, head_map, read_heads
-from etbench.interventions import Edit, Site, applied, cache, mix, read, replace, replace_where, run
+from etbench.core.errors import EtbenchError
+from etbench.mech.heads import head_map, read_heads
+from etbench.mech.interventions import Edit, Site, applied, cache, mix, read, replace, replace_where, run
 
 V, B, S = 50, 3, 7
 _COMMON = dict(vocab_size=V, num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
@@ -355,8 +355,9 @@ def test_cache_rejects_duplicate_sites(models, ids):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_layout_positions_survive_padding(side):
     """Positions from etbench.layout index the same token's z whether a row is padded or not."""
-    from etbench import data, toy
-    from etbench.layout import layouts, pad_batch
+    from etbench.models import toy
+    from etbench.task import prompts as data
+    from etbench.task.layout import layouts, pad_batch
 
     tok = toy.word_level_tokenizer()
     model = toy.tiny_llama(len(tok), n_layers=2, n_heads=4, d_model=32)

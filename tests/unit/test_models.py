@@ -11,7 +11,7 @@ import time
 import pytest
 
 from etbench import models
-from etbench.errors import EtbenchError
+from etbench.core.errors import EtbenchError
 
 PAPER_ALIASES = {"llama7b", "vicuna7b", "goat", "float"}
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from etbench.stages import PeakMemory, StageCache, _rss_mb
+from etbench.scoring.stages import StageCache, _rss_mb
 
 
 def test_stage_runs_once_and_recomputes_when_its_inputs_change(tmp_path):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from etbench import leaderboard as lb
-from etbench import scorecard as sc
-from etbench import submissions
-from etbench.errors import EtbenchError
+from etbench.core.errors import EtbenchError
+from etbench.publish import leaderboard as lb
+from etbench.publish import submissions
+from etbench.schema import scorecard as sc
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scorecards"
 FIXTURE_PRESET = "synthetic-fixture"
@@ -207,10 +207,10 @@ def test_preset_must_be_current(root, monkeypatch):
 
 
 def test_check_preset_against_the_real_scoring_presets():
-    score = pytest.importorskip("etbench.score")
+    score = pytest.importorskip("etbench.scoring.pipeline")
     from dataclasses import asdict
 
-    from etbench.dcm import preset as dcm_preset
+    from etbench.metrics.dcm import preset as dcm_preset
 
     check = _real_check_preset
     name = sorted(score.PRESETS)[0]
@@ -302,7 +302,7 @@ def test_without_scorecard_scoring_is_called_or_clearly_unavailable(root, monkey
     text = "\n".join(l for l in good_b(root).splitlines() if not l.startswith("scorecard"))
     import etbench
 
-    monkeypatch.setitem(sys.modules, "etbench.score", None)  # as if the scoring module did not exist
+    monkeypatch.setitem(sys.modules, "etbench.scoring.pipeline", None)  # as if the scoring module did not exist
     monkeypatch.delattr(etbench, "score", raising=False)
     before = snapshot(root)
     with pytest.raises(EtbenchError, match="scoring not available yet: pass a scorecard"):

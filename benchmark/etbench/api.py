@@ -1,0 +1,59 @@
+"""The public Python API: what ``import etbench`` exposes and what every ``etbench`` command calls.
+
+A notebook user and the CLI go through the same functions::
+
+    import etbench
+    run = etbench.score("tiny-base", "tiny-ft", out_dir="etbench-out")   # scorecard + report
+    card = etbench.Scorecard.load("etbench-out/scorecard.json")
+    comparison = etbench.compare("tiny-base", "tiny-ft")                  # paired statistics
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from etbench.core.errors import EtbenchError
+from etbench.publish import report
+from etbench.scoring.presets import DEFAULT_BASE, DEFAULT_FT, Preset
+
+if TYPE_CHECKING:  # the running modules import torch; compare() and the CLI's publishing commands must not
+    from etbench.metrics.accuracy import AccuracyRun
+    from etbench.scoring.pipeline import ScoreRun
+
+#: Where ``compare`` looks for scorecards given by name: the submission store and ``score``'s default output.
+DEFAULT_STORES: tuple[Path, ...] = (Path("submissions/results"), Path("etbench-out"))
+
+
+def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = "etbench-out", *,
+          preset: str | Preset = "quick", discovery: str | None = None, seed: int = 0,
+          circuit_base: str | None = None, circuit_ft: str | None = None, dtype: str = "float32",
+          device: str = "cpu", progress: bool = True) -> ScoreRun:
+    """Score ``ft`` against ``base`` and write ``scorecard.json``, ``items.jsonl``, the two circuits,
+    ``timings.json`` and ``report.md``/``report.html`` to ``out_dir`` (stages cached in ``out_dir/stages``,
+    so an interrupted run resumes). Returns the run (``.card`` is the ``Scorecard``)."""
+    from etbench.scoring import pipeline  # torch: imported only when a model is run
+
+    run = pipeline.score(base, ft, out_dir, preset=preset, discovery=discovery, seed=seed,
+                         circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
+                         progress=progress)
+    report.write_doc(report.scorecard_report(run.card, run.items), Path(out_dir), stem="report")
+    return run
+
+
+def compare(a: str, b: str, store: Sequence[str | Path] = DEFAULT_STORES,
+            correction: str = "holm") -> report.Comparison:
+    """Paired statistics of two scorecards on the same items (McNemar, paired bootstrap CIs, ``correction``
+    for multiple comparisons). ``a``/``b``: a scorecard path, a stored submission name or a model ref."""
+    return report.with_correction(report.resolve_pair(a, b, [Path(s) for s in store]), correction)
+
+
+def accuracy(model: str, n_boxes: Sequence[int] = (7,), n: int | None = None, seed: int | None = None,
+             **kwargs) -> AccuracyRun:
+    """Full-model accuracy (greedy top-1 over the whole vocabulary) with 95% Wilson CIs."""
+    from etbench.metrics.accuracy import run  # torch: imported only when a model is run
+
+    return run(model, n_boxes=n_boxes, n=n, seed=seed, **kwargs)
+
+
+__all__ = ["DEFAULT_STORES", "EtbenchError", "accuracy", "compare", "score"]

