@@ -37,34 +37,16 @@ from typing import Any, Callable
 import pytest
 
 import etbench
+from etbench.core.errors import EtbenchError
+from etbench.publish import submissions
+from etbench.schema import scorecard
+from etbench.scoring import stages
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED_CARD = REPO / "submissions" / "scorecards" / "tiny-ft"
 COMMITTED_SUBMISSION = REPO / "submissions" / "tiny-ft.yaml"
 FIXTURES = REPO / "tests" / "fixtures" / "scorecards"
 PACKAGE_PARENT = Path(etbench.__file__).resolve().parents[1]
-
-
-def _module(*names: str):
-    """The first importable of ``names`` (the package is being split into layers, issue #11)."""
-    import importlib
-
-    here = Path(etbench.__file__).resolve().parent
-    for name in names:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if here in Path(module.__file__).resolve().parents:  # not another checkout's copy
-            return module
-    raise ImportError(f"none of {names} in {here}")
-
-
-errors = _module("etbench.core.errors", "etbench.errors")
-EtbenchError = errors.EtbenchError
-submissions = _module("etbench.publish.submissions", "etbench.submissions")
-scorecard = _module("etbench.schema.scorecard", "etbench.scorecard")
-stages = _module("etbench.scoring.stages", "etbench.stages")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +63,8 @@ def tree_digest(path: Path) -> dict[str, str]:
         return out
     for p in sorted(path.rglob("*")):
         rel = str(p.relative_to(path))
+        if p.name == LOCK_FILE:  # the empty file writers flock: coordination, neither store nor leaderboard
+            continue
         if p.is_symlink():
             out[rel] = "<link>" + os.readlink(p)
         elif p.is_dir():
@@ -132,6 +116,19 @@ def _file_size_limit(nbytes: int) -> Callable[[], None]:
     return limit
 
 
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """This process's writes past ``nbytes`` fail with EFBIG for the block (soft limit; restored after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+
+
 def spawn(*args: Any, fsize: int | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "etbench.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env(),
@@ -177,6 +174,7 @@ def measured_names(board: Path) -> list[str]:
     return [r["name"] for r in strict_json(board / "leaderboard.json")["rows"] if r["origin"] == "measured"]
 
 
+LOCK_FILE = ".etbench.lock"
 ABSOLUTE_PATH = re.compile(r"""(?<![\w.:/])/(?:work|home|root|tmp|Users|mnt|var|opt|private)/""")
 
 
@@ -204,6 +202,7 @@ def relabel(card: dict[str, Any], ft: str, base: str) -> dict[str, Any]:
             c["found_on"] = base
         elif c["found_on"] == "tiny-ft":
             c["found_on"] = ft
+    card["schema_version"] = scorecard.SCHEMA_VERSION  # as this etbench writes it: sources are hub ids here
     card["config_hash"] = scorecard.config_hash(card["config"])
     return card
 
@@ -417,7 +416,9 @@ def test_leaderboard_build_under_a_file_size_limit_changes_nothing(synthetic_sto
     assert_ok(cli("leaderboard", "build", "--root", synthetic_store, "--no-paper"))
     shutil.rmtree(synthetic_store / "submissions" / "results" / "fixture-b")  # the rebuild must change files
     before = tree_digest(synthetic_store)
-    assert_error(run("leaderboard", "build", "--root", synthetic_store, "--no-paper", fsize=1024))
+    with file_size_limit(1024):
+        res = cli("leaderboard", "build", "--root", synthetic_store, "--no-paper")
+    assert_error(res)
     assert tree_digest(synthetic_store) == before
 
 
@@ -697,8 +698,8 @@ def test_kill_9_mid_submit_then_submit_and_build_work(genuine_card, tmp_path):
         time.sleep(0.002)
     proc.communicate(timeout=60)
     assert killed_midway, "submit finished before anything was written (nothing to interrupt)"
-    assert_ok(run("leaderboard", "build", "--root", root))
-    res = run("submit", yaml, "--root", root)  # no --replace: the interrupted entry never became visible
+    assert_ok(cli("leaderboard", "build", "--root", root))
+    res = cli("submit", yaml, "--root", root)  # no --replace: the interrupted entry never became visible
     assert_ok(res)
     assert measured_names(root / "leaderboards") == ["example-ft"]
     leftovers = [p for p in (root / "submissions" / "results").rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
@@ -741,7 +742,9 @@ def test_submit_under_a_file_size_limit_changes_nothing(genuine_card, committed_
     shutil.copytree(committed_store / "submissions" / "results", root / "submissions" / "results")
     shutil.copytree(committed_store / "leaderboards", root / "leaderboards")
     before = tree_digest(root)
-    assert_error(run("submit", root / "submissions" / "example-ft.yaml", "--root", root, fsize=64 * 1024))
+    with file_size_limit(64 * 1024):
+        res = cli("submit", root / "submissions" / "example-ft.yaml", "--root", root)
+    assert_error(res)
     assert tree_digest(root) == before
 
 
@@ -868,7 +871,7 @@ OPTION_CASES = [
     ("circuit-eval-n-0", ["circuit", "eval", "--model", "MODEL", "--circuit", "tiny-base", "--n", "0"], "--n"),
     ("circuit-eval-completeness-neg", ["circuit", "eval", "--model", "MODEL", "--circuit", "tiny-base",
                                        "--completeness-draws", "-1"], "--completeness-draws"),
-    ("circuit-eval-out-is-file", ["circuit", "eval", "--model", "MODEL", "--circuit", "tiny-base", "--out", "FILE"],
+    ("circuit-eval-out-is-dir", ["circuit", "eval", "--model", "MODEL", "--circuit", "tiny-base", "--out", "DIR"],
      "--out"),
     ("circuit-discover-n-0", ["circuit", "discover", "--model", "MODEL", "--out", "NEW", "--n", "0"], "--n"),
     ("circuit-discover-out-is-dir", ["circuit", "discover", "--model", "MODEL", "--out", "DIR"], "--out"),
@@ -1048,8 +1051,9 @@ def test_compare_fine_tunes_of_different_bases_same_protocol(tmp_path):
 
 
 def _weights_revision():
-    registry = _module("etbench.models.registry", "etbench.models")
-    return registry.weights_revision
+    from etbench.models import weights_revision
+
+    return weights_revision
 
 
 def test_adapter_revision_is_a_hash_of_its_files(tmp_path):
