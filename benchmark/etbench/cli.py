@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from etbench.core.checks import check_batch_size, check_draws, check_items, check_seed
+from etbench.core.checks import check_batch_size, check_draws, check_items, check_range, check_seed
 from etbench.core.errors import EtbenchError
 from etbench.core.io import check_output_dir, check_output_file
 from etbench.core.progress import quiet_third_party
@@ -85,6 +85,8 @@ def accuracy_cmd(
     from etbench.metrics import accuracy
 
     _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
+    for count in n_boxes:
+        check_range(count, "--n-boxes", 2, 26)
     if out is not None:
         check_output_dir(out)
     models.resolve(model)  # a missing model is reported before anything is loaded

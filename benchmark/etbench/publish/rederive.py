@@ -82,7 +82,7 @@ class _Check:
 
     @staticmethod
     def fail(what: str, why: str) -> None:
-        raise EtbenchError(f"{what}: {why}; the scorecard was edited or does not belong to its items")
+        raise EtbenchError(f"scorecard does not match its items file: {what}: {why} (edited, or not its items)")
 
     def expect(self, what: str, est: Estimate, want: Estimate) -> None:
         why = _differs(est, want)

@@ -431,6 +431,11 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
         raise EtbenchError(f"{origin}: {err}") from None
     if note:
         sub.notes.append(note)
+    for who, ref, model_card in (("model", sub.model_ref, card.ft), ("base", sub.base_ref, card.base)):
+        if Path(ref).is_absolute() and not _matches(model_card, ref, None):
+            raise EtbenchError(f"{origin}: the submission's {who} files (revision {models.weights_revision(ref)}) "
+                               f"are not the weights the scorecard scored (revision {model_card.revision}): "
+                               "the scorecard is for another model")
     if not _matches(card.ft, sub.model_ref, sub.model_revision):
         raise EtbenchError(f"{origin}: scorecard is for fine-tuned model {card.ft.ref!r}, but the submission's "
                            f"model is {sub.model_ref!r}")
