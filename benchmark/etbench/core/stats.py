@@ -24,8 +24,10 @@ BootMethod = Literal["BCa", "percentile", "basic"]
 
 @dataclass
 class Estimate:
-    """A point estimate with its two-sided confidence interval: the on-disk form of every estimate a
-    scorecard holds (``Proportion`` and ``Interval`` are computed, then stored as one of these)."""
+    """A point estimate with its two-sided confidence interval."""
+
+    # The on-disk form of every estimate a scorecard holds: ``Proportion`` and ``Interval`` are what the
+    # statistics compute, ``to_estimate`` stores them as this (the docstring above is the JSON Schema's).
 
     value: Optional[float]  # None when undefined (e.g. a normalised gain with ft acc == base acc)
     low: Optional[float]

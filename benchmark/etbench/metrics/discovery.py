@@ -364,9 +364,10 @@ def attribution_scores(model, hm, encoded, group: str, receivers=(), batch_size:
 # Minimality (docs/method.md §5)
 
 
-def minimality(model, hm, lays, mean, circuit: Circuit, mode: str = "pairs", threshold: float = 0.01,
-               percentage: float = 0.3, batch_size: int = 16, counter=None, progress: bool = False):
-    """Prune ``circuit`` group by group; returns (pruned circuit, per-node records).
+def minimality(runner: AblationRunner, circuit: Circuit, mode: str = "pairs", threshold: float = 0.01,
+               percentage: float = 0.3, progress: bool = False):
+    """Prune ``circuit`` group by group; returns (pruned circuit, per-node records). ``runner`` evaluates
+    every sub-circuit on its prompts (one runner: all evaluations share its stored all-meaned prefixes).
 
     F = circuit accuracy under mean ablation. For node v, K_v is a set of up to ⌈percentage·|group|⌉
     other nodes of its group; v is kept if F(C\\K_v) / F(C\\(K_v ∪ {v})) - 1 ≥ threshold.
@@ -375,9 +376,7 @@ def minimality(model, hm, lays, mean, circuit: Circuit, mode: str = "pairs", thr
     whose own removal lowers F the most (F(C) - F(C\\{w}) > 0), 3·|group| evaluations."""
     if mode not in ("pairs", "single"):
         raise EtbenchError(f"minimality mode must be 'pairs' or 'single', got {mode!r}")
-    circuit.check_model(hm.spec)
-    # one runner for every F: all evaluations share the stored all-meaned prefix of each prompt
-    runner = AblationRunner(model, hm, lays, mean, batch_size, counter)
+    circuit.check_model(runner.hm.spec)
     memo: dict[frozenset, float] = {}
 
     def F(removed) -> float:
@@ -575,8 +574,8 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
         mean = mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
                                 counter=counters["mean"])
         lays = layouts(examples[:minimality_n], tokenizer)
-        circuit, records = minimality(model, hm, lays, mean, candidate, minimality_mode, threshold, percentage,
-                                      batch_size, counters["minimality"], progress)
+        runner = AblationRunner(model, hm, lays, mean, batch_size, counters["minimality"])
+        circuit, records = minimality(runner, candidate, minimality_mode, threshold, percentage, progress)
     else:
         circuit = candidate
     walls["minimality"] = time.perf_counter() - t0
