@@ -599,7 +599,7 @@ def locked(root: Path):
     """The store's lock, and stale temporaries of killed writers removed (no-op for a read-only store)."""
     results = Path(root) / RESULTS_SUBDIR
     lock_dir = Path(root) / "submissions"
-    if not os.access(lock_dir if lock_dir.is_dir() else Path(root), os.W_OK):
+    if not lock_dir.is_dir() or not os.access(lock_dir, os.W_OK):  # no store here, or nobody can write it
         return contextlib.nullcontext()
     return _CleaningLock(Path(root), results)
 
