@@ -7,13 +7,16 @@ publishing commands (``leaderboard build``, ``report``, ``compare``) from import
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from etbench.core.checks import check_batch_size, check_draws, check_items, check_range, check_seed
 from etbench.core.errors import EtbenchError
+from etbench.core.io import check_output_dir, check_output_file
 from etbench.core.progress import quiet_third_party
 
 app = typer.Typer(
@@ -46,13 +49,15 @@ def data_generate(
     fmt: str = typer.Option("paper", "--format", help="'paper' (the reference schema) or 'etbench' (all fields)."),
 ) -> None:
     """Generate prompts as JSONL (the paper's schema by default)."""
-    import json
-
     from etbench.core.io import atomic_write_jsonl
     from etbench.task import prompts
 
     if fmt not in ("paper", "etbench"):
         _fail(f"--format must be 'paper' or 'etbench', got {fmt!r}")
+    check_items(n, "--n")
+    check_seed(seed)
+    if out is not None:
+        check_output_file(out)
     examples = prompts.generate(n_boxes=n_boxes, n=n, seed=seed)
     rows = prompts.paper_records(examples) if fmt == "paper" else [ex.to_record() for ex in examples]
     if out is None:
@@ -76,9 +81,15 @@ def accuracy_cmd(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
     """Full-model accuracy (greedy top-1 over the whole vocabulary), with a 95% CI."""
-    from etbench import api
+    from etbench import api, models
     from etbench.metrics import accuracy
 
+    _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
+    for count in n_boxes:
+        check_range(count, "--n-boxes", 2, 26)
+    if out is not None:
+        check_output_dir(out)
+    models.resolve(model)  # a missing model is reported before anything is loaded
     result = api.accuracy(model, n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, dtype=dtype,
                           device=device, progress=not no_progress)
     typer.echo(accuracy.format_run(result))
@@ -136,6 +147,9 @@ def circuit_discover(
 
     if exact and fast:
         _fail("--exact and --fast exclude each other")
+    _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
+    check_output_file(out)
+    models.resolve(model)
     loaded = models.load(model, dtype=dtype, device=device)
     result = discovery.discover(loaded, mode="exact" if exact else "fast", n=n, seed=seed, batch_size=batch_size,
                                model_name=model, progress=not no_progress)
@@ -165,7 +179,14 @@ def circuit_eval(
     from etbench.metrics import faithfulness
     from etbench.schema.circuit import load_circuit
 
+    _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
+    check_items(mean_n, "--mean-n")
+    check_draws(random_draws, "--random-draws")
+    check_draws(completeness_draws, "--completeness-draws")
+    if out is not None:
+        check_output_file(out)
     circ = load_circuit(circuit)  # a bad circuit fails before the model loads
+    models.resolve(model)
     loaded = models.load(model, dtype=dtype, device=device)
     ev = faithfulness.evaluate_circuit(loaded, circ, n=n, seed=seed, mean_n=mean_n, batch_size=batch_size,
                                        random_draws=random_draws, completeness_draws=completeness_draws,
@@ -241,7 +262,10 @@ def leaderboard_build(
     """Regenerate leaderboards/ (CSV, JSON, Markdown, HTML, reports) deterministically."""
     from etbench.publish import leaderboard
 
-    paths = leaderboard.build(root, out, include_paper=not no_paper)
+    notes: list[str] = []
+    paths = leaderboard.build(root, out, include_paper=not no_paper, notes=notes)
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
     typer.echo(f"wrote {len(paths)} files to {out or root / 'leaderboards'}")
 
 
@@ -259,6 +283,8 @@ def compare_cmd(
     from etbench import api
     from etbench.publish import report
 
+    if out is not None:
+        check_output_dir(out)
     comp = api.compare(a, b, store, correction)
     typer.echo(report.format_comparison(comp))
     if out is not None:
@@ -276,10 +302,22 @@ def report_cmd(
     """Markdown + HTML report of one scorecard (tables, paired base-vs-ft tests, figures)."""
     from etbench.publish import report
 
+    check_output_dir(out)
     found = report.find_one(scorecard_ref, store)
     doc = report.scorecard_report(found.card, found.items, title=found.name)
     for path in report.write_doc(doc, out):
         typer.echo(f"wrote {path}")
+
+
+def _check_model_options(*, n: int, batch_size: int, seed: int, dtype: str, device: str) -> None:
+    """The options of a model command that can be wrong, checked before the model is loaded."""
+    from etbench import models
+
+    check_items(n, "--n")
+    check_batch_size(batch_size)
+    check_seed(seed)
+    models.check_dtype(dtype)
+    models.check_device(device)
 
 
 def main() -> None:
@@ -287,8 +325,17 @@ def main() -> None:
     try:
         app()
     except EtbenchError as err:
-        typer.echo(f"etbench: error: {err}", err=True)
-        sys.exit(EXIT_USER_ERROR)
+        _exit_with(str(err))
+    except OSError as err:  # a file or directory that cannot be read or written: name it, no traceback
+        where = f"{err.filename}: " if err.filename else ""
+        _exit_with(f"{where}{err.strerror or err}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        _exit_with(f"unreadable input ({type(err).__name__}: {err})")
+
+
+def _exit_with(message: str) -> None:
+    typer.echo(f"etbench: error: {' '.join(message.split())}", err=True)
+    sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ def test_cross_card_comparison_and_incomparable_configs(card_a):
     comp = report.compare_cards(card_a.card, card_a.items, b.card, b.items)
     assert [t.n_boxes for t in comp.accuracy] == [3, 5, 7]
     assert any(g.label.startswith("CMAP gain difference") for g in comp.gains)
-    other = sc.Scorecard(**{**b.card.__dict__, "config_hash": "different"})
-    with pytest.raises(EtbenchError, match="not comparable"):
+    other = sc.Scorecard(**{**b.card.__dict__, "config": {**b.card.config, "seed": 1}})
+    with pytest.raises(EtbenchError, match="not comparable.*seed 0 vs 1"):
         report.compare_cards(card_a.card, card_a.items, other, b.items)
 
 

@@ -27,7 +27,7 @@ def test_stage_runs_once_and_recomputes_when_its_inputs_change(tmp_path):
     assert again.run("double", {"x": 3}, lambda: compute(3)) == {"value": 3, "tuple": [1, 2]}
     assert calls == [2, 3] and again.ran == ["double"] and set(again.peak_rss_mb) == {"double"}
     stored = json.loads((tmp_path / "double.json").read_text())
-    assert set(stored) == {"key", "result"}
+    assert set(stored) == {"key", "result", "checksum"}  # the checksum detects an edited result
 
 
 def test_a_corrupt_stage_file_is_recomputed(tmp_path):

@@ -1,5 +1,7 @@
-"""Files and JSON: atomic writes (a reader sees the old file or the new one, never half of either), canonical
-JSON, and the configuration hash that tells comparable runs apart."""
+"""Files and JSON: atomic writes (a reader sees the old file or the new one, never half of either), strict
+canonical JSON (no NaN/Infinity), reads whose every failure is one ``EtbenchError`` naming the file, output
+paths checked before any work, an inter-process lock, and the configuration hash that tells comparable
+runs apart."""
 
 from __future__ import annotations
 
@@ -7,10 +9,13 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from etbench.core.errors import EtbenchError
 
 #: Package data shipped inside etbench (registry, circuits, adapters, schemas, page assets).
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -28,9 +33,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write() names no file: name it
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
     return path
 
@@ -46,8 +53,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def dumps_json(obj: Any) -> str:
-    """Canonical JSON (sorted keys, fixed indentation) so equal results give equal bytes."""
-    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    """Canonical strict JSON (sorted keys, fixed indentation; NaN/Infinity refused with the place they are)
+    so equal results give equal bytes and every reader can parse them."""
+    bad = nonfinite_paths(obj)
+    if bad:
+        raise EtbenchError(f"refusing to write non-finite numbers (JSON has no NaN/Infinity) at {', '.join(bad[:5])}")
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -55,13 +66,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
-    text = "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows)
+    text = "".join(json.dumps(row, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
     return atomic_write_text(path, text)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def finite(x: float | None) -> float | None:
@@ -84,3 +90,199 @@ def config_hash(config: dict[str, Any]) -> str:
     """Stable short hash of a configuration (canonical JSON), to tell comparable runs apart."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict JSON: no NaN/Infinity on disk, and every unreadable file is one error naming it
+# ---------------------------------------------------------------------------------------------
+
+def _refuse_constant(constant: str) -> Any:
+    raise ValueError(f"non-finite number {constant} (JSON has no NaN or Infinity)")
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads`` that refuses NaN/Infinity (``ValueError``)."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+def read_json(path: str | os.PathLike, what: str = "") -> Any:
+    """Parse a strict JSON file; any failure (missing, unreadable, not UTF-8, not JSON, NaN) is an
+    ``EtbenchError`` naming the file."""
+    path = Path(path)
+    label = f"{path}" + (f" ({what})" if what else "")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise EtbenchError(f"{label}: no such file") from None
+    except OSError as err:
+        raise EtbenchError(f"{label}: cannot read ({err.strerror or err})") from None
+    try:
+        return loads_json(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise EtbenchError(f"{label}: not UTF-8 text (corrupt?)") from None
+    except json.JSONDecodeError as err:
+        raise EtbenchError(f"{label}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except ValueError as err:
+        raise EtbenchError(f"{label}: {err}") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "") -> list[dict]:
+    """JSON lines, one object per line, strictly (see ``read_json``); errors name the file and line."""
+    path = Path(path)
+    label = f"{path}" + (f" ({what})" if what else "")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise EtbenchError(f"{label}: no such file") from None
+    except OSError as err:
+        raise EtbenchError(f"{label}: cannot read ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EtbenchError(f"{label}: not UTF-8 text (corrupt?)") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = loads_json(line)
+        except json.JSONDecodeError as err:
+            raise EtbenchError(f"{label}: line {number} is not valid JSON ({err.msg}; truncated?)") from None
+        except ValueError as err:
+            raise EtbenchError(f"{label}: line {number}: {err}") from None
+        if not isinstance(row, dict):
+            raise EtbenchError(f"{label}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def nonfinite_paths(obj: Any, where: str = "") -> list[str]:
+    """Where ``obj`` holds NaN or ±Infinity (``accuracy[2].accuracy.low``)."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [where or "(top level)"]
+    if isinstance(obj, Mapping):
+        return [p for k, v in obj.items() for p in nonfinite_paths(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in nonfinite_paths(v, f"{where}[{i}]")]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Output paths: checked before any work, so a bad --out never costs a computed result
+# ---------------------------------------------------------------------------------------------
+
+MIN_FREE_BYTES = 1 << 20  # an output directory with less free space than this is refused up front
+
+
+def _nearest_existing(path: Path) -> Path:
+    current = path
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def _check_writable_dir(directory: Path, label: str, target: Path) -> None:
+    where = f"{label}: cannot write {target}" if target != directory else f"{label}: {directory}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise EtbenchError(f"{where}: {directory} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".etbench-probe.", suffix=".tmp", dir=directory)
+    except OSError as err:
+        raise EtbenchError(f"{where}: cannot create files in {directory} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
+    try:
+        stat = os.statvfs(directory)
+    except (OSError, AttributeError):  # no statvfs (Windows): the write itself will tell
+        return
+    if stat.f_bavail * stat.f_frsize < MIN_FREE_BYTES:
+        raise EtbenchError(f"{where}: no space left in {directory} ({stat.f_bavail * stat.f_frsize} bytes free)")
+
+
+def check_output_dir(path: str | os.PathLike, label: str = "--out") -> Path:
+    """``path`` can be (or become) a directory this process can write into."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise EtbenchError(f"{label}: {path} exists and is not a directory")
+    existing = _nearest_existing(path.absolute())
+    if not existing.is_dir():
+        raise EtbenchError(f"{label}: {path} cannot be created: {existing} is not a directory")
+    _check_writable_dir(existing, label, path)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, label: str = "--out") -> Path:
+    """``path`` can be written as a file (it is not a directory; its directory can be created and written)."""
+    path = Path(path)
+    if path.is_dir():
+        raise EtbenchError(f"{label}: {path} is a directory; give a file name")
+    existing = _nearest_existing(path.absolute().parent)
+    if not existing.is_dir():
+        raise EtbenchError(f"{label}: {path} cannot be created: {existing} is not a directory")
+    _check_writable_dir(existing, label, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Inter-process lock, stale temporaries
+# ---------------------------------------------------------------------------------------------
+
+TEMP_SUFFIXES = (".tmp", ".bak")
+
+
+class FileLock:
+    """An exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block: concurrent
+    ``etbench`` processes serialise their read-render-write of a shared tree. No-op where ``fcntl``
+    is missing (Windows)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "FileLock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def temporary_name(path: Path, suffix: str = ".tmp") -> Path:
+    """A fresh hidden sibling of ``path`` (``.<name>.<random><suffix>``) that ``is_temporary`` recognises."""
+    return path.with_name(f".{path.name}.{os.urandom(6).hex()}{suffix}")
+
+
+def is_temporary(path: Path) -> bool:
+    """A temporary that etbench's writers make (``.<name>.<random>.tmp`` or ``.bak``, file or directory)."""
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIXES) and path.name.count(".") >= 3
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporaries left under ``directory`` by a killed writer (call with the tree's lock held)."""
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for path in sorted(directory.rglob(".*")):
+        if not is_temporary(path) or any(p in removed for p in path.parents):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed

@@ -380,3 +380,20 @@ def format_p(p: Optional[float]) -> str:
     if p is None:
         return "—"
     return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def ratio_of_sums_ci(num_flags: Sequence[bool], den_flags: Sequence[bool], *, seed: int, draws: int = 2000,
+                     level: float = 0.95) -> tuple[float, float]:
+    """Paired percentile bootstrap CI of sum(num)/sum(den) over items (faithfulness = circuit correct /
+    model correct); (nan, nan) when there are no items or no correct denominator. Scoring and the
+    submission check both call this, so a published CI can be re-derived exactly."""
+    c = np.asarray(num_flags, dtype=float)
+    m = np.asarray(den_flags, dtype=float)
+    if len(c) == 0 or m.sum() == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(c), size=(draws, len(c)))
+    num, den = c[idx].sum(1), m[idx].sum(1)
+    ratios = num[den > 0] / den[den > 0]
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
+from etbench.core import stats
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_json, jsonable
 from etbench.core.progress import track
@@ -141,19 +142,7 @@ def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
 
 def _ratio_ci(circuit_flags: Sequence[bool], model_flags: Sequence[bool], seed: int, draws: int = 2000,
               level: float = 0.95) -> tuple[float, float]:
-    """Paired percentile bootstrap CI of sum(circuit)/sum(model) over items."""
-    import numpy as np
-
-    c = np.asarray(circuit_flags, dtype=float)
-    m = np.asarray(model_flags, dtype=float)
-    if len(c) == 0 or m.sum() == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(c), size=(draws, len(c)))
-    num, den = c[idx].sum(1), m[idx].sum(1)
-    ratios = num[den > 0] / den[den > 0]
-    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+    return stats.ratio_of_sums_ci(circuit_flags, model_flags, seed=seed, draws=draws, level=level)
 
 
 # ----------------------------------------------------------------------------------------------

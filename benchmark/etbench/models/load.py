@@ -65,18 +65,44 @@ class LoadedModel:
     merged: bool = False  # peft: adapter merged into the weights
 
 
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise EtbenchError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
 def _torch_dtype(dtype: str):
     import torch
 
-    if dtype not in DTYPES:
-        raise EtbenchError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return getattr(torch, dtype)
+    return getattr(torch, check_dtype(dtype))
 
 
-def _check_device(device: str) -> None:
-    if device in ("cpu", "auto") or device == "cuda" or device.startswith("cuda:") or device == "mps":
-        return
-    raise EtbenchError(f"device must be cpu, cuda, cuda:<n>, mps or auto, got {device!r}")
+def check_device(device: str) -> str:
+    """``device`` if this machine has it (asks torch), else one ``EtbenchError``: a model is never loaded
+    (gigabytes, minutes) only to fail when it is moved to a missing GPU."""
+    if device in ("cpu", "auto"):
+        return device
+    import torch
+
+    if device == "cuda" or device.startswith("cuda:"):
+        index = device.partition(":")[2]
+        if index and not index.isdigit():
+            raise EtbenchError(f"--device {device!r}: expected cuda or cuda:<n>")
+        if not torch.cuda.is_available():
+            built = "" if torch.version.cuda else ", a CPU-only build"
+            raise EtbenchError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}"
+                               f"{built}); use --device cpu")
+        count = torch.cuda.device_count()
+        if index and int(index) >= count:
+            raise EtbenchError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        return device
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise EtbenchError("--device mps: MPS (Apple-silicon GPU) is not available on this machine; "
+                               "use --device cpu")
+        return device
+    raise EtbenchError(f"--device must be cpu, cuda, cuda:<n>, mps or auto, got {device!r}")
 
 
 @dataclass
@@ -97,7 +123,7 @@ def load(ref: str, dtype: str = "float32", device: str = "cpu", trust_remote_cod
     replaces the shipped registry.
     """
     torch_dtype = _torch_dtype(dtype)
-    _check_device(device)
+    check_device(device)
     spec = resolve(ref, entries)
     status = availability(spec, allow_download=True)
     if not status.ok:
@@ -133,7 +159,7 @@ def _from_pretrained(spec: ModelSpec, source: str, torch_dtype, device: str, tru
     try:
         tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(spec, source), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
-    except OSError as err:
+    except (OSError, ValueError, KeyError) as err:  # transformers raises ValueError for unusable tokenizer files
         raise EtbenchError(f"{spec.name}: could not load from {source} ({one_line(err)})") from None
     return model, tokenizer
 

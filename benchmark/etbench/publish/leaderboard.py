@@ -12,17 +12,30 @@ is byte-identical. Writes go through ``Transaction``: on any error every file is
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import html
 import io
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from etbench.core import stats
 from etbench.core.errors import EtbenchError
-from etbench.core.io import ASSETS_DIR, atomic_write_bytes, dumps_json
+from etbench.core.io import (
+    ASSETS_DIR,
+    FileLock,
+    check_output_dir,
+    dumps_json,
+    read_json,
+    read_jsonl,
+    remove_stale_temporaries,
+    temporary_name,
+)
 from etbench.core.stats import format_estimate, format_p
 from etbench.publish import report
 from etbench.publish.page import BASE_CSS, content_security_policy
@@ -31,6 +44,9 @@ from etbench.schema import scorecard as sc
 PAPER_RESULTS = ASSETS_DIR / "paper_results.json"
 RESULTS_SUBDIR = Path("submissions") / "results"
 LEADERBOARD_DIR = Path("leaderboards")
+LOCK_NAME = ".etbench.lock"
+#: Lists the files a build wrote: the next build deletes only those (never a file it did not generate).
+MANIFEST_NAME = ".etbench-manifest.json"
 PAPER_NOTE = "reported by the paper, not measured here"
 MEASURED_NOTE = "measured here (etbench scorecard)"
 
@@ -41,52 +57,106 @@ MEASURED_NOTE = "measured here (etbench scorecard)"
 
 def _write(path: Path, data: bytes) -> None:
     """The one place files are written (tests monkeypatch it to simulate an interrupted write)."""
-    atomic_write_bytes(path, data)
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 class Transaction:
-    """Write/delete files; on an exception inside ``with`` every touched path is restored.
+    """Write, delete and replace files and directories all or nothing.
 
-    Each file is replaced atomically, and the previous bytes (or absence) of every path are kept
-    in memory so a failure midway leaves the tree byte-for-byte as it was.
+    Nothing visible changes inside ``with``: every new file (or directory) is staged as a hidden
+    temporary next to its target. On a clean exit the temporaries are renamed into place, each
+    replaced target first kept as a hidden backup; if a rename fails, those already done are renamed
+    back. Renames need no free space, so a full disk or a file-size limit fails while staging, when
+    nothing has been touched yet. A process killed mid-way leaves only hidden ``.tmp``/``.bak``
+    entries, which ``remove_stale_temporaries`` deletes under the store's lock.
     """
 
     def __init__(self) -> None:
-        self._saved: dict[Path, Optional[bytes]] = {}
+        self._staged: dict[Path, Optional[Path]] = {}  # target -> staged temporary (None: delete the target)
         self._created_dirs: list[Path] = []
 
-    def _remember(self, path: Path) -> None:
-        if path not in self._saved:
-            self._saved[path] = path.read_bytes() if path.is_file() else None
-            missing, parent = [], path.parent
-            while not parent.exists():
-                missing.append(parent)
-                parent = parent.parent
-            self._created_dirs.extend(reversed(missing))
+    def _make_parent(self, path: Path) -> None:
+        missing, parent = [], path.parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        if not parent.is_dir():
+            raise EtbenchError(f"{path}: cannot be written: {parent} is not a directory")
+        for directory in reversed(missing):
+            directory.mkdir()
+            self._created_dirs.append(directory)
+
+    def _drop(self, path: Path) -> None:
+        old = self._staged.pop(path, None)
+        if old is not None:
+            _remove(old)
 
     def write(self, path: Path, data: bytes) -> None:
         path = Path(path)
-        self._remember(path)
-        if self._saved[path] == data:
+        self._drop(path)
+        if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
             return
-        _write(path, data)
+        if path.is_dir():
+            raise EtbenchError(f"{path}: is a directory, cannot write a file there")
+        self._make_parent(path)
+        tmp = temporary_name(path)
+        self._staged[path] = tmp
+        _write(tmp, data)
+        os.chmod(tmp, 0o644)
+
+    def write_dir(self, path: Path, files: dict[str, bytes]) -> None:
+        """Make directory ``path`` hold exactly ``files`` (name -> bytes), replacing it as a whole."""
+        path = Path(path)
+        self._drop(path)
+        self._make_parent(path)
+        tmp = temporary_name(path)
+        self._staged[path] = tmp
+        tmp.mkdir()
+        for name, data in files.items():
+            _write(tmp / name, data)
+            os.chmod(tmp / name, 0o644)
 
     def delete(self, path: Path) -> None:
         path = Path(path)
-        self._remember(path)
+        self._drop(path)
         if path.exists():
-            path.unlink()
+            self._staged[path] = None
+
+    def commit(self) -> None:
+        done: list[tuple[Path, Optional[Path]]] = []  # (target, its backup)
+        try:
+            for target, tmp in self._staged.items():
+                backup = None
+                if target.exists() or target.is_symlink():
+                    backup = temporary_name(target, ".bak")
+                    os.replace(target, backup)
+                done.append((target, backup))
+                if tmp is not None:
+                    os.replace(tmp, target)
+        except BaseException:
+            for target, backup in reversed(done):
+                try:
+                    if target.exists() and self._staged.get(target) is not None:
+                        _remove(target)
+                    if backup is not None:
+                        os.replace(backup, target)
+                except OSError:
+                    pass
+            self.rollback()
+            raise
+        self._staged = {}
+        for _, backup in done:
+            if backup is not None:
+                _remove(backup)
 
     def rollback(self) -> None:
-        for path, old in self._saved.items():
-            try:
-                if old is None:
-                    if path.exists():
-                        path.unlink()
-                elif not path.is_file() or path.read_bytes() != old:
-                    atomic_write_bytes(path, old)
-            except OSError:
-                pass
+        for tmp in self._staged.values():
+            if tmp is not None:
+                _remove(tmp)
+        self._staged = {}
         for directory in sorted(self._created_dirs, key=lambda p: len(p.parts), reverse=True):
             try:
                 directory.rmdir()
@@ -97,9 +167,27 @@ class Transaction:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
+        if exc_type is None:
+            self.commit()
+        else:
             self.rollback()
         return False
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError:
+        pass
+
+
+def store_lock(root: Path) -> FileLock:
+    """The lock every writer of ``ROOT/submissions/results`` and its leaderboard holds while it reads,
+    renders and writes (``etbench submit`` and ``leaderboard build`` in several processes)."""
+    return FileLock(Path(root) / "submissions" / LOCK_NAME)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,24 +205,43 @@ class Entry:
 
 
 def load_entry(directory: Path) -> Entry:
+    """One stored entry; an ``EtbenchError`` naming the file when it is incomplete or corrupt (a missing
+    ``submission.json`` or items file, unreadable JSON, or bytes that no longer match the hashes recorded
+    when it was submitted)."""
     directory = Path(directory)
+    meta = read_json(directory / "submission.json", "submission record")
+    if not isinstance(meta, dict):
+        raise EtbenchError(f"{directory / 'submission.json'}: not a JSON object")
     card_path = directory / "scorecard.json"
     card = sc.load(card_path)
-    try:
-        meta = json.loads((directory / "submission.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError) as err:
-        raise EtbenchError(f"{directory}: unreadable submission.json ({err})") from None
     items_path = directory / card.items_file
-    items = sc.load_items(card_path, card) if items_path.is_file() else []
+    if "/" in card.items_file or card.items_file.startswith("."):
+        raise EtbenchError(f"{card_path}: items_file {card.items_file!r} must be a plain file name")
+    items = read_jsonl(items_path, "per-item rows")
+    for what, path in (("scorecard", card_path), ("items", items_path)):
+        want = meta.get(f"{what}_sha256")
+        if want is not None and hashlib.sha256(path.read_bytes()).hexdigest() != want:
+            raise EtbenchError(f"{path}: its bytes differ from those submitted ({what}_sha256 in submission.json)")
     return Entry(meta.get("name", directory.name), meta, card, items)
 
 
-def load_entries(results_dir: Path, exclude: tuple[str, ...] = ()) -> list[Entry]:
+def load_entries(results_dir: Path, exclude: tuple[str, ...] = (), problems: Optional[list[str]] = None) -> list[Entry]:
+    """Every complete stored entry. An incomplete or corrupt one is skipped and described in ``problems``
+    (raised instead when ``problems`` is None)."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         return []
-    return [load_entry(d) for d in sorted(results_dir.iterdir())
-            if d.is_dir() and not d.name.startswith(".") and d.name not in exclude]
+    entries = []
+    for d in sorted(results_dir.iterdir()):
+        if not d.is_dir() or d.name.startswith(".") or d.name in exclude:
+            continue
+        try:
+            entries.append(load_entry(d))
+        except EtbenchError as err:
+            if problems is None:
+                raise
+            problems.append(f"skipped stored entry {d.name!r}: {err}")
+    return entries
 
 
 def paper_results() -> dict[str, Any]:
@@ -434,27 +541,77 @@ def render(entries: list[Entry], include_paper: bool = True) -> dict[str, bytes]
     return {k: v.encode("utf-8") for k, v in sorted(files.items())}
 
 
+def _manifest(out_dir: Path) -> list[str]:
+    """The files the last build wrote into ``out_dir`` (relative, inside it); [] without a manifest."""
+    path = out_dir / MANIFEST_NAME
+    if not path.is_file():
+        return []
+    try:
+        listed = read_json(path).get("files", [])
+    except (EtbenchError, AttributeError):
+        return []  # an unreadable manifest deletes nothing
+    root = out_dir.resolve()
+    safe = []
+    for rel in listed if isinstance(listed, list) else []:
+        if isinstance(rel, str) and rel and not rel.startswith(("/", "\\")) and ".." not in Path(rel).parts:
+            if root in (out_dir / rel).resolve().parents:
+                safe.append(rel)
+    return safe
+
+
 def write_tree(out_dir: Path, files: dict[str, bytes], txn: Transaction) -> list[Path]:
-    """Make ``out_dir`` hold exactly ``files`` (stale generated files are removed)."""
+    """Write ``files`` into ``out_dir`` and delete the files an earlier build generated that are not
+    among them (listed in its manifest); every other file in ``out_dir`` is left alone."""
     out_dir = Path(out_dir)
     written = []
     for rel, data in files.items():
         path = out_dir / rel
         txn.write(path, data)
         written.append(path)
-    if out_dir.is_dir():
-        keep = {out_dir / rel for rel in files}
-        for path in sorted(out_dir.rglob("*")):
-            if path.is_file() and path not in keep and not path.name.startswith("."):
-                txn.delete(path)
+    for rel in _manifest(out_dir):
+        if rel not in files and (out_dir / rel).is_file():
+            txn.delete(out_dir / rel)
+    txn.write(out_dir / MANIFEST_NAME, dumps_json({"generated_by": "etbench leaderboard build",
+                                                     "files": sorted(files)}).encode("utf-8"))
     return written
 
 
-def build(root: Path = Path("."), out_dir: Optional[Path] = None, include_paper: bool = True) -> list[Path]:
-    """Regenerate ``leaderboards/`` from ``submissions/results/`` under ``root``."""
+def build(root: Path = Path("."), out_dir: Optional[Path] = None, include_paper: bool = True,
+          notes: Optional[list[str]] = None) -> list[Path]:
+    """Regenerate ``leaderboards/`` from ``submissions/results/`` under ``root``. Incomplete or corrupt
+    stored entries are skipped and described in ``notes``."""
     root = Path(root)
     out_dir = root / LEADERBOARD_DIR if out_dir is None else Path(out_dir)
-    entries = load_entries(root / RESULTS_SUBDIR)
-    files = render(entries, include_paper)
-    with Transaction() as txn:
-        return write_tree(out_dir, files, txn)
+    check_output_dir(out_dir, "--out" if out_dir != root / LEADERBOARD_DIR else "leaderboard directory")
+    problems: list[str] = []
+    with locked(root):
+        remove_stale_temporaries(out_dir)
+        entries = load_entries(root / RESULTS_SUBDIR, problems=problems)
+        files = render(entries, include_paper)
+        with Transaction() as txn:
+            written = write_tree(out_dir, files, txn)
+    if notes is not None:
+        notes.extend(problems)
+    return written
+
+
+def locked(root: Path):
+    """The store's lock, and stale temporaries of killed writers removed (no-op for a read-only store)."""
+    results = Path(root) / RESULTS_SUBDIR
+    lock_dir = Path(root) / "submissions"
+    if not lock_dir.is_dir() or not os.access(lock_dir, os.W_OK):  # no store here, or nobody can write it
+        return contextlib.nullcontext()
+    return _CleaningLock(Path(root), results)
+
+
+class _CleaningLock:
+    def __init__(self, root: Path, results: Path) -> None:
+        self._lock, self._results = store_lock(root), results
+
+    def __enter__(self) -> "_CleaningLock":
+        self._lock.__enter__()
+        remove_stale_temporaries(self._results)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.__exit__(*exc)

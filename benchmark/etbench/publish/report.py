@@ -217,10 +217,14 @@ def compare_within(card: sc.Scorecard, items: list[dict[str, Any]]) -> Compariso
 
 def compare_cards(card_a: sc.Scorecard, items_a: list[dict[str, Any]], card_b: sc.Scorecard,
                   items_b: list[dict[str, Any]], name_a: str = "", name_b: str = "") -> Comparison:
-    """Two fine-tuned models (each scored against its base) on the same items."""
-    if card_a.config_hash != card_b.config_hash:
-        raise EtbenchError(f"scorecards are not comparable: config hashes differ "
-                           f"({card_a.config_hash} vs {card_b.config_hash}); score both with the same preset")
+    """Two fine-tuned models (each scored against its base) on the same items. Comparable when both were
+    scored under the same protocol (``scorecard.protocol``: benchmark version, preset, seed, ...),
+    whichever models they scored; otherwise an error listing every difference."""
+    differences = sc.protocol_differences(card_a, card_b)
+    if differences:
+        raise EtbenchError(f"scorecards are not comparable (scored under different protocols): "
+                           f"{'; '.join(differences[:6])}" + (f"; and {len(differences) - 6} more"
+                                                             if len(differences) > 6 else ""))
     a_name, b_name = name_a or card_a.ft.ref, name_b or card_b.ft.ref
     comp = Comparison(f"{a_name} vs {b_name}", a_name, b_name)
     counts = sorted({x.n_boxes for x in card_a.accuracy} & {x.n_boxes for x in card_b.accuracy})
@@ -333,7 +337,9 @@ def fig_accuracy(card: sc.Scorecard) -> Optional[str]:
         lo = np.array([a.accuracy.low if a.accuracy.low is not None else a.accuracy.value for a in rows])
         hi = np.array([a.accuracy.high if a.accuracy.high is not None else a.accuracy.value for a in rows])
         ref = card.base.ref if model == "base" else card.ft.ref
-        ax.errorbar(x, y, yerr=[y - lo, hi - y], marker=marker, capsize=3, label=f"{model}: {ref}")
+        # np.clip: a value outside its CI (a hand-edited card) must not make negative error bars
+        ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], marker=marker, capsize=3,
+                    label=f"{model}: {ref}")
     ax.set_xlabel("boxes per context")
     ax.set_ylabel("accuracy (95% CI)")
     ax.set_ylim(0, 1)
@@ -352,7 +358,8 @@ def fig_cmap(card: sc.Scorecard) -> Optional[str]:
     lo = np.array([s.gain.low if s.gain.low is not None else v for s, v in zip(scores, vals)])
     hi = np.array([s.gain.high if s.gain.high is not None else v for s, v in zip(scores, vals)])
     fig, ax = plt.subplots(figsize=(4.5, 3))
-    ax.bar(range(len(groups)), vals, yerr=[vals - lo, hi - vals], capsize=3, color="#4c72b0")
+    ax.bar(range(len(groups)), vals, yerr=[np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)], capsize=3,
+           color="#4c72b0")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)), [g.replace("_", "\n") for g in groups])
     ax.set_ylabel("gain over base accuracy (95% CI)")

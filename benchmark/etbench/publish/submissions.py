@@ -8,13 +8,15 @@
 4. the JSON Schema (``assets/schemas/submission.schema.json``) holds; aliases exist in the registry;
 5. base and fine-tuned models share architecture and tokenizer: from their configs and tokenizer
    files when those are on this machine, and from the scorecard's model cards; no ``auto_map`` (custom code);
-6. the scorecard, when given, is the current ``BENCHMARK_VERSION``, its config hash is the hash of its
-   config, which records the current definition of the preset it claims (``etbench.scoring.presets.SCORE_PRESETS``),
-   it was not produced with ``--limit``, its items file sits
-   next to it and agrees with its accuracies, and its models are the submission's.
+6. the scorecard, when given, is the current ``BENCHMARK_VERSION`` and schema version, its config hash is
+   the hash of its config, which records the current definition of the preset it claims
+   (``etbench.scoring.presets.SCORE_PRESETS``), it was not produced with ``--limit``, it publishes no
+   local path, its models are the submission's (local weights: the same file hashes), and every number
+   in it is re-derived from its items file and circuits (``etbench.publish.rederive``).
 
-Then it writes ``submissions/results/<name>/`` (``scorecard.json``, the items file, ``submission.json``)
-and rebuilds ``leaderboards/`` in one ``leaderboard.Transaction``: any failure leaves both untouched.
+Then, holding the store's lock, it stages ``submissions/results/<name>/`` (``scorecard.json``, the items
+file, ``submission.json``) and the rebuilt ``leaderboards/`` and renames them into place in one
+``leaderboard.Transaction``: any failure leaves both untouched.
 """
 
 from __future__ import annotations
@@ -28,9 +30,18 @@ from typing import Any, Optional
 
 from etbench import models
 from etbench.core.errors import EtbenchError
-from etbench.core.io import ASSETS_DIR, dumps_json
+from etbench.core.io import (
+    ASSETS_DIR,
+    check_output_dir,
+    dumps_json,
+    loads_json,
+    read_json,
+    read_jsonl,
+    remove_stale_temporaries,
+)
 from etbench.metrics.dcm import dcm_preset
 from etbench.publish import leaderboard as lb
+from etbench.publish.rederive import rederive
 from etbench.schema import scorecard as sc
 from etbench.scoring import pipeline
 from etbench.scoring.presets import SCORE_PRESETS
@@ -40,7 +51,6 @@ SCHEMA_PATH = ASSETS_DIR / "schemas" / "submission.schema.json"
 MAX_SUBMISSION_BYTES = 1_000_000
 MAX_YAML_DEPTH = 16  # a submission is a few levels deep
 PATH_FIELDS = (("scorecard",), ("model", "path"), ("base", "path"))
-TOL = 1e-9
 
 
 def schema() -> dict[str, Any]:
@@ -152,6 +162,11 @@ def _ref_of(part: dict[str, Any], what: str, base_dir: Path, origin: str) -> tup
     path = safe_relative(part["path"], f"{what}.path", base_dir, origin)
     if not path.is_dir():
         raise EtbenchError(f"{origin}: {what}.path: {part['path']!r} is not a directory")
+    try:
+        models.resolve(str(path))  # a directory must hold a model (config.json) or an adapter
+    except EtbenchError:
+        raise EtbenchError(f"{origin}: {what}.path: {part['path']!r} holds no model (no config.json or "
+                           "adapter_config.json)") from None
     return str(path), None
 
 
@@ -252,13 +267,15 @@ def _read_config(directory: Path, origin: str, who: str) -> Optional[dict[str, A
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise EtbenchError(f"{origin}: {who}: {path} is not valid JSON ({err.msg})") from None
-    if isinstance(config, dict) and config.get("auto_map"):
+        config = read_json(path)
+    except EtbenchError as err:
+        raise EtbenchError(f"{origin}: {who}: {err}") from None
+    if not isinstance(config, dict):
+        raise EtbenchError(f"{origin}: {who}: {path} is not a JSON object")
+    if config.get("auto_map"):
         raise EtbenchError(f"{origin}: {who}: {path} needs custom model code (auto_map); etbench never runs "
                            "remote code")
-    return config if isinstance(config, dict) else None
+    return config
 
 
 def _tokenizer_digest(directory: Path) -> Optional[str]:
@@ -282,12 +299,13 @@ def check_models(sub: Submission) -> None:
     origin = str(sub.file)
     ft_dir = _weights_dir(sub.model_ref, sub.model_revision)
     base_dir = _weights_dir(sub.base_ref, sub.base_revision)
+    # every local config is read (and must be sound) even when the other model is not on this machine
+    ft_cfg = _read_config(ft_dir, origin, "model") if ft_dir is not None else None
+    base_cfg = _read_config(base_dir, origin, "base") if base_dir is not None else None
+    sub.configs = {k: v for k, v in (("model", ft_cfg), ("base", base_cfg)) if v is not None}
     if ft_dir is None or base_dir is None:
         sub.notes.append("model files not on this machine: architecture checked from the scorecard only")
         return
-    ft_cfg = _read_config(ft_dir, origin, "model")
-    base_cfg = _read_config(base_dir, origin, "base")
-    sub.configs = {k: v for k, v in (("model", ft_cfg), ("base", base_cfg)) if v is not None}
     if ft_cfg is not None and base_cfg is not None:
         diffs = [f"{k} {base_cfg.get(k)!r} vs {ft_cfg.get(k)!r}" for k in ARCH_KEYS if base_cfg.get(k) != ft_cfg.get(k)]
         if diffs:
@@ -366,31 +384,43 @@ def _same_revision(recorded: Optional[str], claimed: Optional[str]) -> bool:
 
 
 def _matches(card_model: sc.ModelCard, ref: str, revision: Optional[str]) -> bool:
-    if Path(ref).is_absolute():  # a local path: scored elsewhere, the names cannot be compared
-        return True
+    if Path(ref).is_absolute():  # local weights: their bytes must be the ones scored
+        local = models.weights_revision(ref)
+        return local is not None and card_model.revision == local
     if card_model.ref != ref and card_model.source != ref:
         return False
     return _same_revision(card_model.revision, revision)
 
 
-def _accuracy_of(items: list[dict[str, Any]], measure: str, **match: Any) -> tuple[int, int]:
-    rows = [r for r in items if r.get("measure") == measure
-            and all(r.get(k, "output" if k == "variant" else None) == v for k, v in match.items())]
-    return sum(bool(r.get("correct")) for r in rows), len(rows)
+_ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/])")
 
 
-def _check_estimate(origin: str, what: str, est: sc.Estimate, k: int, n: int) -> None:
-    if n == 0:
-        return
-    if est.n != n or est.value is None or abs(est.value - k / n) > TOL:
-        raise EtbenchError(f"{origin}: scorecard does not match its items file: {what} is {est.value} "
-                           f"(n={est.n}) but the items give {k}/{n}; the scorecard was edited or is incomplete")
+def _local_paths(card: sc.Scorecard) -> list[tuple[str, str]]:
+    """(field, value) of every model reference or source in ``card`` that is a local absolute path."""
+    found = []
+    for who, m in (("base", card.base), ("ft", card.ft)):
+        for part in ("ref", "source"):
+            value = getattr(m, part)
+            if any(_ABSOLUTE.match(piece.strip()) for piece in value.split("+")):
+                found.append((f"{who}.{part}", value))
+    for key in ("base", "ft", "circuit_base", "circuit_ft"):
+        value = card.config.get(key)
+        if isinstance(value, str) and _ABSOLUTE.match(value):
+            found.append((f"config.{key}", value))
+    return found
 
 
 def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, bytes, bytes]:
     """Validate a scorecard for this submission; returns it with its canonical bytes and the items bytes."""
     origin = f"{sub.file}: scorecard {card_path.name}"
     card = sc.load(card_path)
+    if card.schema_version != sc.SCHEMA_VERSION:
+        raise EtbenchError(f"{origin}: scorecard schema version {card.schema_version} predates the current "
+                           f"{sc.SCHEMA_VERSION} (which records weights revisions and no local paths): score again "
+                           "with this etbench")
+    local = [f"{where}: {value}" for where, value in _local_paths(card)]
+    if local:
+        raise EtbenchError(f"{origin}: publishes a local path ({local[0]}); score again with this etbench")
     if card.provenance.benchmark_version != sc.BENCHMARK_VERSION:
         raise EtbenchError(f"{origin}: benchmark version {card.provenance.benchmark_version!r} is not the current "
                            f"{sc.BENCHMARK_VERSION!r}: score again with this etbench")
@@ -412,6 +442,11 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
         raise EtbenchError(f"{origin}: {err}") from None
     if note:
         sub.notes.append(note)
+    for who, ref, model_card in (("model", sub.model_ref, card.ft), ("base", sub.base_ref, card.base)):
+        if Path(ref).is_absolute() and not _matches(model_card, ref, None):
+            raise EtbenchError(f"{origin}: the submission's {who} files (revision {models.weights_revision(ref)}) "
+                               f"are not the weights the scorecard scored (revision {model_card.revision}): "
+                               "the scorecard is for another model")
     if not _matches(card.ft, sub.model_ref, sub.model_revision):
         raise EtbenchError(f"{origin}: scorecard is for fine-tuned model {card.ft.ref!r}, but the submission's "
                            f"model is {sub.model_ref!r}")
@@ -439,23 +474,13 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
     if not items_path.is_file():
         raise EtbenchError(f"{origin}: items file {items_name} is missing (paired statistics need it)")
     items_bytes = items_path.read_bytes()
-    try:
-        items = [json.loads(line) for line in items_bytes.decode("utf-8").splitlines() if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EtbenchError(f"{origin}: items file {items_name} is not JSON lines ({err})") from None
-    if not all(isinstance(r, dict) for r in items):
-        raise EtbenchError(f"{origin}: items file {items_name}: every line must be a JSON object")
-    for a in card.accuracy:
-        k, n = _accuracy_of(items, "accuracy", model=a.model, n_boxes=a.n_boxes)
-        _check_estimate(origin, f"accuracy of {a.model} at {a.n_boxes} boxes", a.accuracy, k, n)
-    for c in card.cmap:
-        k, n = _accuracy_of(items, "cmap", model="base", group=c.group, variant=c.variant)
-        _check_estimate(origin, f"CMAP {c.variant} {c.group} patched accuracy", c.patched_accuracy, k, n)
-    for f in card.faithfulness:
-        k, n = _accuracy_of(items, "circuit_accuracy", model=f.model, circuit=f.circuit)
-        _check_estimate(origin, f"circuit accuracy of {f.circuit} on {f.model}", f.circuit_accuracy, k, n)
+    items = read_jsonl(items_path, "per-item rows")
     if not any(r.get("measure") == "accuracy" for r in items):
         raise EtbenchError(f"{origin}: items file {items_name} has no accuracy rows")
+    try:
+        sub.notes.extend(rederive(card, items))
+    except EtbenchError as err:
+        raise EtbenchError(f"{origin}: {err}") from None
     return card, sc.canonical_bytes(card), items_bytes
 
 
@@ -477,15 +502,24 @@ class SubmitResult:
 
 
 def submit(file: str | Path, root: str | Path = ".", replace: bool = False) -> SubmitResult:
-    """Validate ``file`` fully, then write its results and rebuild the leaderboard, all or nothing."""
+    """Validate ``file`` fully, then write its results and rebuild the leaderboard, all or nothing.
+
+    The store entry is staged in a hidden directory and renamed into place with the leaderboard files
+    (``leaderboard.Transaction``), under the store's lock: concurrent submits serialise, and each one
+    renders the leaderboard from every entry stored when it holds the lock. An incomplete entry of the
+    same name (left by a killed writer of an older etbench, or damaged) is replaced without ``--replace``.
+    """
     import tempfile
 
     root = Path(root)
     sub = parse(file)
     results_dir = root / lb.RESULTS_SUBDIR
     target = results_dir / sub.name
-    if target.exists() and not replace:
+    board_dir = root / lb.LEADERBOARD_DIR
+    if target.exists() and not replace and _complete(target):
         raise EtbenchError(f"{sub.file}: {sub.name!r} is already submitted ({target}); pass --replace to update it")
+    check_output_dir(results_dir, "submissions/results")
+    check_output_dir(board_dir, "leaderboards")
     check_models(sub)
     with tempfile.TemporaryDirectory(prefix="etbench-score-") as tmp:
         card_path = sub.scorecard if sub.scorecard is not None else _score(sub, Path(tmp))
@@ -494,25 +528,33 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False) -> S
     meta.update({"config_hash": card.config_hash, "benchmark_version": card.provenance.benchmark_version,
                  "scorecard_sha256": hashlib.sha256(card_bytes).hexdigest(),
                  "items_sha256": hashlib.sha256(items_bytes).hexdigest()})
-    new_files = {
-        target / "scorecard.json": card_bytes,
-        target / card.items_file: items_bytes,
-        target / "submission.json": dumps_json(meta).encode("utf-8"),
-    }
-    items = [json.loads(line) for line in items_bytes.decode("utf-8").splitlines() if line.strip()]
-    entries = lb.load_entries(results_dir, exclude=(sub.name,)) + [lb.Entry(sub.name, meta, card, items)]
-    entries.sort(key=lambda e: e.name)
-    board = lb.render(entries)
-    with lb.Transaction() as txn:
-        for path, data in new_files.items():
-            txn.write(path, data)
-        if target.is_dir():
-            for stale in sorted(target.iterdir()):
-                if stale.is_file() and stale not in new_files:
-                    txn.delete(stale)
-        written = list(new_files) + lb.write_tree(root / lb.LEADERBOARD_DIR, board, txn)
+    entry_files = {"scorecard.json": card_bytes, card.items_file: items_bytes,
+                   "submission.json": dumps_json(meta).encode("utf-8")}
+    items = [loads_json(line) for line in items_bytes.decode("utf-8").splitlines() if line.strip()]
+    with lb.locked(root):
+        if target.exists() and not replace and _complete(target):  # another process submitted it meanwhile
+            raise EtbenchError(f"{sub.file}: {sub.name!r} is already submitted ({target}); pass --replace")
+        if target.exists() and not replace:
+            sub.notes.append(f"replaced an incomplete stored entry {sub.name!r}")
+        remove_stale_temporaries(board_dir)
+        problems: list[str] = []
+        entries = lb.load_entries(results_dir, exclude=(sub.name,), problems=problems)
+        sub.notes.extend(problems)
+        entries = sorted(entries + [lb.Entry(sub.name, meta, card, items)], key=lambda e: e.name)
+        board = lb.render(entries)
+        with lb.Transaction() as txn:
+            txn.write_dir(target, entry_files)
+            written = [target / name for name in entry_files] + lb.write_tree(board_dir, board, txn)
     rows = len(entries) + len(lb.paper_results()["rows"])
     return SubmitResult(sub.name, written, rows, sub.notes)
+
+
+def _complete(entry: Path) -> bool:
+    try:
+        lb.load_entry(entry)
+    except EtbenchError:
+        return False
+    return True
 
 
 def validate(file: str | Path) -> Submission:

@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from etbench.core.errors import EtbenchError
-from etbench.core.io import atomic_write_json, atomic_write_jsonl, config_hash, dumps_json, read_jsonl
+from etbench.core.io import atomic_write_json, atomic_write_jsonl, config_hash, dumps_json, nonfinite_paths, read_jsonl
 from etbench.core.stats import Estimate
 from etbench.schema.circuit import GROUPS
 
 __all__ = ["Estimate", "GROUPS", "config_hash"]  # re-exported: the types every score is built from
 
-SCHEMA_VERSION = 1
+#: 2: model sources are published forms (no local paths) and weights revisions are recorded; the fields are
+#: those of version 1, which is still read (reports, comparisons, the stored leaderboard) but not submitted.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 #: Bump when prompts, metrics or presets change meaning: scorecards of another version are not comparable.
 BENCHMARK_VERSION = "1.0"
 
@@ -173,8 +176,9 @@ def from_dict(data: dict[str, Any]) -> Scorecard:
     from pydantic import ValidationError
 
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
-        raise EtbenchError(f"scorecard schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise EtbenchError(f"scorecard schema version {version!r} is not supported "
+                           f"(readable: {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
     try:
         return _adapter().validate_python(data, strict=False)
     except ValidationError as err:
@@ -192,20 +196,66 @@ def save(card: Scorecard, directory: str | Path, items: list[dict[str, Any]] | N
 
 
 def load(path: str | Path) -> Scorecard:
+    """Read and validate ``scorecard.json``; anything unreadable, corrupt or non-finite is one error naming it."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise EtbenchError(f"{path}: no such scorecard") from None
+    except OSError as err:
+        raise EtbenchError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))  # NaN is parsed here only to say where it is, below
+    except UnicodeDecodeError:
+        raise EtbenchError(f"{path}: not UTF-8 text (a corrupt scorecard)") from None
     except json.JSONDecodeError as err:
-        raise EtbenchError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    return from_dict(data)
+        raise EtbenchError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}; truncated or corrupt)") from None
+    bad = nonfinite_paths(data)
+    if bad:
+        raise EtbenchError(f"{path}: non-finite number (NaN/Infinity, not valid JSON) at {', '.join(bad[:3])}")
+    try:
+        return from_dict(data)
+    except EtbenchError as err:
+        raise EtbenchError(f"{path}: {err}") from None
 
 
 def load_items(card_path: str | Path, card: Scorecard) -> list[dict[str, Any]]:
     """Per-item rows: {"measure", "model", "n_boxes", "group", "item", "correct", ...}."""
-    return read_jsonl(Path(card_path).parent / card.items_file)
+    return read_jsonl(Path(card_path).parent / card.items_file, "per-item rows")
 
 
 def canonical_bytes(card: Scorecard) -> bytes:
     return dumps_json(to_dict(card)).encode()
+
+
+#: Config keys that say which models were scored, not how: two scorecards that differ only here (two
+#: fine-tunes of one base, or of two bases) were scored under the same protocol, on the same items.
+MODEL_KEYS = ("base", "ft")
+
+
+def protocol(card: Scorecard) -> dict[str, Any]:
+    """How a scorecard was made: benchmark version, preset (sizes), seed, dtype, DCM settings, how the
+    circuits were found; everything in its config except which models were scored."""
+    out = {k: v for k, v in card.config.items() if k not in MODEL_KEYS}
+    out["benchmark_version"] = card.provenance.benchmark_version
+    return out
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def protocol_differences(a: Scorecard, b: Scorecard) -> list[str]:
+    """Why two scorecards are not comparable (``preset.accuracy_n 100 vs 500``), or [] when they are."""
+    fa, fb = _flat(protocol(a)), _flat(protocol(b))
+    out = []
+    for key in sorted(set(fa) | set(fb)):
+        if fa.get(key) != fb.get(key):
+            name = key.replace("benchmark_version", "benchmark version")
+            out.append(f"{name} {fa.get(key, '(absent)')!r} vs {fb.get(key, '(absent)')!r}")
+    return out

@@ -25,11 +25,12 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def model_card(loaded, spec) -> sc.ModelCard:
-    """What was scored: reference, source, architecture and head layout of a loaded model."""
-    revision = getattr(getattr(loaded.model, "config", None), "_commit_hash", None)
-    return sc.ModelCard(ref=loaded.ref, source=str(loaded.source), architecture=getattr(loaded.model.config, "model_type", "?"),
-                        n_layers=spec.n_layers, n_heads=spec.n_heads, revision=revision)
+def model_card(loaded, spec, identity: dict[str, Any]) -> sc.ModelCard:
+    """What was scored: the published reference, source and weights revision (``identity``: no local
+    paths), and the architecture and head layout of the loaded model."""
+    return sc.ModelCard(ref=identity["ref"], source=identity["source"],
+                        architecture=getattr(loaded.model.config, "model_type", "?"),
+                        n_layers=spec.n_layers, n_heads=spec.n_heads, revision=identity["revision"])
 
 
 def _faithfulness_score(ev: dict[str, Any], circuit: str, model: str) -> sc.FaithfulnessScore:

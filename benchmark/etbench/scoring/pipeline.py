@@ -15,12 +15,14 @@ writes a byte-identical ``scorecard.json``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from etbench import models
-from etbench.core.io import atomic_write_json, config_hash
+from etbench.core.checks import check_seed
+from etbench.core.errors import EtbenchError
+from etbench.core.io import atomic_write_json, check_output_dir, config_hash
 from etbench.mech.heads import head_map
 from etbench.metrics.accuracy import run as accuracy_run
 from etbench.metrics.cmap import check_compatible, paper_patch_heads, run_cmap
@@ -47,17 +49,43 @@ class ScoreRun:
     items: list[dict[str, Any]] = field(default_factory=list)  # per-item rows (items.jsonl)
 
 
-def _circuit_spec(given: str | None) -> str | None:
+def _circuit_spec(given: str | None) -> tuple[str | None, str | None]:
     """Validate a ``--circuit`` reference early (a circuit file, ``paper:<name>`` or a shipped name),
-    before any model is loaded; files are recorded by absolute path."""
+    before any model is loaded. Returns (what to load, how the config records it): a file is recorded
+    by its name and content hash, never by its local path."""
     if given is None:
-        return None
-
+        return None, None
     if given.startswith("paper:"):
         paper_circuit(given[len("paper:"):])
-    else:
-        load_circuit(given)
-    return str(Path(given).resolve()) if Path(given).exists() else given
+        return given, given
+    circuit = load_circuit(given)
+    if Path(given).exists():
+        return str(Path(given).resolve()), f"file:{Path(given).name}#{config_hash(circuit.to_dict())}"
+    return given, given
+
+
+def _same_weights(a: models.ModelSpec, b: models.ModelSpec) -> bool:
+    def key(s: models.ModelSpec | None):
+        if s is None:
+            return None
+        location = str(Path(s.location).resolve()) if Path(s.location).exists() else s.location
+        return (s.kind, location, s.revision, key(s.base))
+    return key(a) == key(b)
+
+
+def check_inputs(base: str, ft: str, out_dir: str | Path, *, seed: int, dtype: str, device: str) -> dict[str, Any]:
+    """Everything ``score`` can check before loading a model (seed, dtype, device, ``out_dir``, both models
+    resolvable and distinct). Returns each model's published identity (ref, source, weights revision)."""
+    check_seed(seed)
+    models.check_dtype(dtype)
+    models.check_device(device)
+    check_output_dir(out_dir)
+    specs = {"base": models.resolve(base), "ft": models.resolve(ft)}
+    if _same_weights(specs["base"], specs["ft"]):
+        raise EtbenchError(f"--base and --ft are the same model ({base}): score a fine-tuned model against the "
+                           "model it was tuned from")
+    return {w: {"ref": models.published_ref(r), "source": models.published_source(specs[w]),
+                "revision": models.spec_revision(specs[w])} for w, r in (("base", base), ("ft", ft))}
 
 
 def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = "etbench-out", *,
@@ -67,15 +95,18 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     """Score ``ft`` against ``base``; write ``scorecard.json`` (+ items, circuits, timings) to ``out_dir``.
     ``etbench.score`` also writes the report."""
     p = resolve_preset(preset, discovery)
-    circuit_base, circuit_ft = _circuit_spec(circuit_base), _circuit_spec(circuit_ft)
+    identity = check_inputs(base, ft, out_dir, seed=seed, dtype=dtype, device=device)
+    (circuit_base, recorded_base), (circuit_ft, recorded_ft) = _circuit_spec(circuit_base), _circuit_spec(circuit_ft)
     out_dir = Path(out_dir)
-    config = {"benchmark_version": sc.BENCHMARK_VERSION, "base": base, "ft": ft, "seed": seed, "dtype": dtype,
-              "preset": asdict(p), "circuit_base": circuit_base or "discover", "circuit_ft": circuit_ft or "discover"}
+    config = {"benchmark_version": sc.BENCHMARK_VERSION, "base": identity["base"]["ref"],
+              "ft": identity["ft"]["ref"], "seed": seed, "dtype": dtype, "preset": asdict(p),
+              "circuit_base": recorded_base or "discover", "circuit_ft": recorded_ft or "discover"}
 
     config["dcm"] = dcm_preset(p.dcm, seed=seed).to_dict()
     chash = config_hash(config)
     cache = StageCache(out_dir / "stages")
-    ref = {"base": base, "ft": ft}
+    # Stages are keyed by the weights' revision, not only the name: new weights under an old alias recompute.
+    ref = {w: {"ref": identity[w]["ref"], "revision": identity[w]["revision"]} for w in ("base", "ft")}
     common = {"benchmark_version": sc.BENCHMARK_VERSION, "seed": seed, "dtype": dtype, "batch_size": p.batch_size}
 
     # Models load lazily: a fully cached run (a resume after the last stage) never loads them.
@@ -83,12 +114,14 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     def model(which: str):
         if which not in loaded:
-            loaded[which] = models.load(base if which == "base" else ft, dtype=dtype, device=device)
+            # named by the published ref: model names reach per-item rows, which are published
+            loaded[which] = replace(models.load(base if which == "base" else ft, dtype=dtype, device=device),
+                                    ref=identity[which]["ref"])
         return loaded[which]
 
     # Fail fast on anything missing or incompatible before hours of work: both models must load
     # (one clear line otherwise) and share heads and tokenizer.
-    cards = cache.run("models", {**common, **ref}, lambda: _models_stage(model, p))
+    cards = cache.run("models", {**common, **ref}, lambda: _models_stage(model, p, identity))
 
     def accuracy_stage(which: str):
 
@@ -112,7 +145,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     discovery_settings = {"mode": p.discovery_mode, "n": p.discovery_n, "minimality_n": p.minimality_n,
                           "mean_n": p.mean_n, "minimality": p.minimality}
     given = {"base": circuit_base, "ft": circuit_ft}
-    circuits = {w: cache.run(f"circuit_{w}", {**common, "model": ref[w], "given": given[w],
+    recorded = {"base": recorded_base, "ft": recorded_ft}
+    circuits = {w: cache.run(f"circuit_{w}", {**common, "model": ref[w], "given": recorded[w],
                                              "discovery": None if given[w] else discovery_settings},
                              lambda w=w: circuit_stage(w, given[w])) for w in ("base", "ft")}
     circuit_keys = {w: config_hash(circuits[w]["circuit"]) for w in ("base", "ft")}
@@ -185,7 +219,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         examples = generate(n_boxes=7, n=p.cmap_n, seed=seed)
         result = run_cmap(model("base").model, model("ft").model, model("base").tokenizer, heads, examples,
                           tokenizer_ft=model("ft").tokenizer, variants=p.cmap_variants, batch_size=p.batch_size,
-                          base_name=base, ft_name=ft, progress=progress)
+                          base_name=ref["base"]["ref"], ft_name=ref["ft"]["ref"], progress=progress)
         return {"scores": [asdict(s) for s in result.scores(seed=seed)], "items": result.item_rows(),
                 "heads": {g: [list(h) for h in hs] for g, hs in heads.items()}}
 
@@ -208,11 +242,10 @@ def _stage_names(p: Preset) -> list[str]:
     return names + [f"dcm_{w}_seed{s}" for w in ("base", "ft") for s in p.dcm_seeds]
 
 
-def _models_stage(model, p: Preset) -> dict[str, Any]:
-
+def _models_stage(model, p: Preset, identity: dict[str, Any]) -> dict[str, Any]:
     b, f = model("base"), model("ft")
     spec_b, spec_f = head_map(b.model).spec, head_map(f.model).spec
     check_compatible(b.model, f.model, b.tokenizer, f.tokenizer, generate(7, 7, seed=0))
-    return {"base": asdict(model_card(b, spec_b)), "ft": asdict(model_card(f, spec_f))}
+    return {"base": asdict(model_card(b, spec_b, identity["base"])), "ft": asdict(model_card(f, spec_f, identity["ft"]))}
 
 

@@ -3,14 +3,19 @@ settings it uses and the results of the stages it reads), so an interrupted run 
 stopped, a finished one is never redone, and changing one stage's settings recomputes only that
 stage and the stages downstream of it.
 
-A stage result is plain JSON (``{"config_hash", "result"}``), written atomically: a stage is either
-complete on disk or absent, never half-written. Wall times go to a separate file so that cached and
+A stage result is strict JSON (``{"key", "result", "checksum"}``), written atomically: a stage is either
+complete on disk or absent, never half-written. A file that is unreadable, of the wrong shape, stored
+under another key, or edited since it was written (its checksum no longer matches) is a miss: the
+stage is computed again rather than trusted. Non-finite floats (a ratio over zero items) are stored
+as ``{"$float": "nan"}`` so the file stays valid JSON and the value reads back unchanged. Wall times go to a separate file so that cached and
 fresh runs produce byte-identical results.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import resource
 import sys
@@ -19,8 +24,36 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from etbench.core.io import atomic_write_json
+from etbench.core.errors import EtbenchError
+from etbench.core.io import atomic_write_json, loads_json
 from etbench.schema.scorecard import config_hash
+
+
+def encode_floats(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``{"$float": "nan" | "inf" | "-inf"}``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"$float": repr(obj)}
+    if isinstance(obj, dict):
+        return {str(k): encode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [encode_floats(v) for v in obj]
+    return obj
+
+
+def decode_floats(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"$float"} and obj["$float"] in ("nan", "inf", "-inf"):
+            return float(obj["$float"])
+        return {k: decode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_floats(v) for v in obj]
+    return obj
+
+
+def result_checksum(encoded: Any) -> str:
+    """sha256 of a stored (encoded) result's canonical JSON: an edit of the result no longer matches it."""
+    return hashlib.sha256(json.dumps(encoded, sort_keys=True, separators=(",", ":"),
+                                     allow_nan=False).encode()).hexdigest()
 
 
 def stage_key(name: str, depends: Any) -> str:
@@ -78,14 +111,17 @@ class StageCache:
         return self.directory / f"{name}.json"
 
     def load(self, name: str, key: str) -> Any | None:
-        path = self.path(name)
-        if not path.exists():
-            return None
+        """The stored result of ``name`` under ``key``; None (a miss) when the file is absent, unreadable,
+        of the wrong shape, stored under another key, or edited since it was written."""
         try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return None  # atomic writes make this unlikely; recompute rather than trust it
-        return stored["result"] if stored.get("key") == key else None
+            stored = loads_json(self.path(name).read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):  # ValueError: not JSON, or NaN/Infinity in it
+            return None
+        if not isinstance(stored, dict) or stored.get("key") != key or "result" not in stored:
+            return None
+        if stored.get("checksum") != result_checksum(stored["result"]):
+            return None
+        return decode_floats(stored["result"])
 
     def run(self, name: str, depends: Any, compute: Callable[[], Any]) -> Any:
         """The stored result of stage ``name``, computing (and storing) it when absent or stale
@@ -99,8 +135,12 @@ class StageCache:
             result = compute()
         self.timings[name] = round(time.perf_counter() - start, 3)
         self.peak_rss_mb[name] = memory.peak_mb
+        encoded = encode_floats(result)
         # Round-trip through JSON so a fresh result is exactly what a resumed run will read back.
-        result = json.loads(json.dumps(result))
-        atomic_write_json(self.path(name), {"key": key, "result": result})
+        result = decode_floats(json.loads(json.dumps(encoded, allow_nan=False)))
+        try:
+            atomic_write_json(self.path(name), {"key": key, "result": encoded, "checksum": result_checksum(encoded)})
+        except OSError as err:
+            raise EtbenchError(f"{self.path(name)}: cannot store stage {name!r} ({err.strerror or err})") from None
         self.ran.append(name)
         return result

@@ -21,6 +21,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from etbench.core.checks import MAX_ITEMS
 from etbench.core.errors import EtbenchError
 
 LABELS: tuple[str, ...] = tuple(string.ascii_uppercase)
@@ -215,8 +216,8 @@ def _check_sizes(n_boxes: int, n: int, pool: tuple[str, ...]) -> None:
         raise EtbenchError(
             f"n_boxes must be between {MIN_BOXES} and {MAX_BOXES} (one capital letter per box), got {n_boxes}"
         )
-    if n < 1:
-        raise EtbenchError(f"the number of examples must be at least 1, got {n}")
+    if not 1 <= n <= MAX_ITEMS:
+        raise EtbenchError(f"the number of examples must be between 1 and {MAX_ITEMS}, got {n}")
     if len(pool) < n_boxes:
         raise EtbenchError(f"{n_boxes} boxes need {n_boxes} distinct objects, but only {len(pool)} are available")
 

@@ -1,0 +1,194 @@
+"""Every published number of a scorecard, re-derived from its per-item rows and circuits.
+
+``etbench submit`` trusts nothing a scorecard states that its items can recompute. Each estimate is
+recomputed with the function scoring used (same seed, same number of resamples) and must match to
+1e-9: accuracies and their Wilson CIs, circuit and model accuracy on the faithfulness items,
+faithfulness (circuit correct / model correct) and its bootstrap CI, head overlap of the two circuits,
+DCM test accuracies and (one DCM seed) the overlap of DCM selections, CMAP patched accuracy, gain and
+normalised gain with their paired-bootstrap CIs. An estimate without item rows is refused. What the
+items cannot recompute is checked for consistency: the random-circuit baseline and the semantics
+check lie inside their [min, max] over draws or repeats. Non-finite numbers never get this far
+(``scorecard.load`` refuses them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from etbench.core.errors import EtbenchError
+from etbench.core.stats import (
+    Estimate,
+    paired_bootstrap_diff,
+    paired_bootstrap_ratio,
+    proportion_ci,
+    ratio_of_sums_ci,
+    to_estimate,
+)
+from etbench.metrics.overlap import circuit_overlap, dcm_overlap, selected_by_group
+from etbench.schema import scorecard as sc
+
+TOL = 1e-9
+#: Resamples scoring uses for the CMAP gain CIs (``CmapResult.scores``) and the faithfulness CI.
+N_RESAMPLES = 2000
+#: Fields that identify one per-item row; two rows with the same values are a duplicate.
+ITEM_KEY = ("measure", "model", "circuit", "group", "variant", "desideratum", "n_boxes", "item")
+
+
+def check_items(items: list[dict[str, Any]]) -> None:
+    """Per-item rows are well formed: ``correct`` a bool, ``item`` an int, no row twice."""
+    seen = set()
+    for number, row in enumerate(items, 1):
+        if not isinstance(row.get("correct"), bool):
+            raise EtbenchError(f"items line {number}: 'correct' must be true or false, got {row.get('correct')!r}")
+        item = row.get("item")
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise EtbenchError(f"items line {number}: 'item' must be an integer, got {item!r}")
+        key = tuple(repr(row.get(k)) for k in ITEM_KEY)
+        if key in seen:
+            raise EtbenchError(f"items line {number}: duplicate row (item {item} of {row.get('measure')})")
+        seen.add(key)
+
+
+def _flags(items: list[dict[str, Any]], measure: str, **match: Any) -> list[bool]:
+    rows = [r for r in items if r.get("measure") == measure
+            and all(r.get(k, "output" if k == "variant" else None) == v for k, v in match.items())]
+    rows.sort(key=lambda r: r["item"])
+    return [r["correct"] for r in rows]
+
+
+def _close(a: Optional[float], b: Optional[float]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(a - b) <= TOL
+
+
+def _differs(est: Estimate, want: Estimate) -> Optional[str]:
+    for part in ("value", "low", "high"):
+        if not _close(getattr(est, part), getattr(want, part)):
+            return f"{part} is {getattr(est, part)!r} but the items give {getattr(want, part)!r}"
+    if est.n != want.n:
+        return f"n is {est.n} but the items give {want.n}"
+    return None
+
+
+def _finite_or_none(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None
+
+
+class _Check:
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    @staticmethod
+    def fail(what: str, why: str) -> None:
+        raise EtbenchError(f"scorecard does not match its items file: {what}: {why} (edited, or not its items)")
+
+    def expect(self, what: str, est: Estimate, want: Estimate) -> None:
+        why = _differs(est, want)
+        if why:
+            self.fail(what, why)
+
+    def rows(self, what: str, measure: str, n: Optional[int] = None, **match: Any) -> list[bool]:
+        flags = _flags(self.items, measure, **match)
+        if not flags:
+            self.fail(what, "the items file has no rows for it")
+        if n is not None:
+            if len(flags) < n:
+                self.fail(what, f"the items file has {len(flags)} rows for it, the scorecard says n = {n}")
+            flags = flags[:n]
+        return flags
+
+    def within(self, what: str, est: Estimate) -> None:
+        low = est.low if est.low is not None else est.value
+        high = est.high if est.high is not None else est.value
+        if est.value is not None and not (0 <= low <= est.value + TOL and est.value <= high + TOL and high <= 1):
+            self.fail(what, f"{est.value} lies outside its range [{est.low}, {est.high}]")
+
+
+def _dcm_seeds(card: sc.Scorecard) -> list:
+    preset = card.config.get("preset")
+    return list(preset.get("dcm_seeds", [0])) if isinstance(preset, dict) else [0]
+
+
+def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
+    """Raise ``EtbenchError`` naming the first number that its items do not reproduce. Returns notes
+    about what could only be checked for consistency."""
+    check_items(items)
+    seed = card.config.get("seed", 0)
+    check = _Check(items)
+    notes = []
+    for a in card.accuracy:
+        what = f"accuracy of {a.model} at {a.n_boxes} boxes"
+        flags = check.rows(what, "accuracy", model=a.model, n_boxes=a.n_boxes)
+        check.expect(what, a.accuracy, to_estimate(proportion_ci(sum(flags), len(flags))))
+    for f in card.faithfulness:
+        what = f"faithfulness of the {f.circuit} circuit on {f.model}"
+        circ_what = f"circuit accuracy of the {f.circuit} circuit on {f.model}"
+        circ = check.rows(circ_what, "circuit_accuracy", model=f.model, circuit=f.circuit)
+        n = len(circ)
+        # the faithfulness items are the first n of the 7-box accuracy items (same seeded stream)
+        model_what = f"model accuracy of {f.model} in the {what}"
+        full = check.rows(model_what, "accuracy", n=n, model=f.model, n_boxes=7)
+        check.expect(circ_what, f.circuit_accuracy, to_estimate(proportion_ci(sum(circ), n)))
+        check.expect(model_what, f.model_accuracy, to_estimate(proportion_ci(sum(full), n)))
+        low, high = ratio_of_sums_ci(circ, full, seed=seed, draws=N_RESAMPLES)
+        value = sum(circ) / sum(full) if sum(full) else None
+        check.expect(what, f.faithfulness, Estimate(value, _finite_or_none(low), _finite_or_none(high), n, ""))
+        check.within(f"random circuit accuracy in the {what}", f.random_circuit_accuracy)
+    circuits = {c.name: c.heads for c in card.circuits}
+    circuit_rows = [o for o in card.overlap if o.heads == "circuit"]
+    if circuit_rows:
+        if "base" not in circuits or "ft" not in circuits:
+            check.fail("circuit head overlap", "the scorecard lists no base and ft circuits to derive it from")
+        derived = {o.group: o for o in circuit_overlap(circuits["base"], circuits["ft"])}
+        for o in circuit_rows:
+            want = derived.get(o.group)
+            if want is None:
+                check.fail(f"circuit head overlap ({o.group})", "no such group in the circuits")
+            check.expect(f"circuit head overlap ({o.group}), base in ft", o.base_in_ft, want.base_in_ft)
+            check.expect(f"circuit head overlap ({o.group}), Jaccard", o.jaccard, want.jaccard)
+    for d in card.dcm:
+        what = f"DCM test accuracy ({d.circuit} circuit, {d.group}, {d.desideratum})"
+        flags = check.rows(what, "dcm_test", circuit=d.circuit, group=d.group, desideratum=d.desideratum)
+        check.expect(what, d.test_accuracy, to_estimate(proportion_ci(sum(flags), len(flags))))
+    dcm_rows = [o for o in card.overlap if o.heads == "dcm"]
+    if dcm_rows and len(_dcm_seeds(card)) == 1:  # the card keeps the selections of the first DCM seed only
+        chosen = {w: selected_by_group({(d.group, d.desideratum): tuple(tuple(h) for h in d.selected_heads)
+                                        for d in card.dcm if d.circuit == w}) for w in ("base", "ft")}
+        derived = {o.group: o for o in dcm_overlap([chosen["base"]], [chosen["ft"]], seed=seed)}
+        for o in dcm_rows:
+            want = derived.get(o.group)
+            if want is None:
+                check.fail(f"DCM head overlap ({o.group})", "no such group in the DCM selections")
+            check.expect(f"DCM head overlap ({o.group}), base in ft", o.base_in_ft, want.base_in_ft)
+            check.expect(f"DCM head overlap ({o.group}), Jaccard", o.jaccard, want.jaccard)
+    elif dcm_rows:
+        notes.append(f"DCM head overlap over {len(_dcm_seeds(card))} seeds is not re-derivable from the scorecard "
+                     "(it keeps the first seed's selections): checked for range only")
+        for o in dcm_rows:
+            check.within(f"DCM head overlap ({o.group}), base in ft", o.base_in_ft)
+            check.within(f"DCM head overlap ({o.group}), Jaccard", o.jaccard)
+    if card.cmap:
+        base = [float(x) for x in check.rows("CMAP unpatched base accuracy", "cmap", model="base", variant="none",
+                                             group="none")]
+        ft = [float(x) for x in check.rows("CMAP unpatched fine-tuned accuracy", "cmap", model="ft", variant="none",
+                                           group="none")]
+        for c in card.cmap:
+            what = f"CMAP {c.variant} {c.group}"
+            patched = check.rows(f"{what} patched accuracy", "cmap", model="base", variant=c.variant, group=c.group)
+            if len(patched) != len(base) or len(ft) != len(base):
+                check.fail(what, f"{len(patched)} patched rows, {len(base)} base and {len(ft)} fine-tuned rows")
+            check.expect(f"{what} patched accuracy", c.patched_accuracy,
+                         to_estimate(proportion_ci(sum(patched), len(patched))))
+            p = [float(x) for x in patched]
+            check.expect(f"{what} gain", c.gain,
+                         to_estimate(paired_bootstrap_diff(base, p, seed=seed, n_resamples=N_RESAMPLES)))
+            num = [a - b for a, b in zip(p, base)]
+            den = [a - b for a, b in zip(ft, base)]
+            check.expect(f"{what} normalised gain", c.normalised_gain,
+                         to_estimate(paired_bootstrap_ratio(num, den, seed=seed, n_resamples=N_RESAMPLES)))
+    for s in card.semantics:
+        check.within(f"semantics check accuracy ({s.heads_of} heads into {s.model}, {s.group}, {s.desideratum})",
+                     s.accuracy)
+    return notes
