@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from etbench import api
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_json
 from etbench.models import toy
@@ -38,8 +39,8 @@ def toy_pair(tmp_path_factory):
 
 
 def run_score(root, out, **kwargs):
-    return scoring.score(str(root / "base"), str(root / "ft"), out, preset=MICRO, progress=False,
-                         circuit_base=str(root / "circuit.json"), circuit_ft=str(root / "circuit.json"), **kwargs)
+    return api.score(str(root / "base"), str(root / "ft"), out, preset=MICRO, progress=False,
+                     circuit_base=str(root / "circuit.json"), circuit_ft=str(root / "circuit.json"), **kwargs)
 
 
 @pytest.mark.slow
@@ -62,12 +63,10 @@ def test_same_seed_gives_byte_identical_scorecards_and_resume_after_interruption
     assert run_score(toy_pair, tmp_path / "b").path.read_bytes() == card
 
     # Interrupt a third run in its last stage (CMAP), then resume: earlier stages come from disk.
-    import etbench.metrics.cmap
-
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(etbench.cmap, "run_cmap", interrupted)
+    monkeypatch.setattr(scoring, "run_cmap", interrupted)  # the pipeline's CMAP stage
     with pytest.raises(KeyboardInterrupt):
         run_score(toy_pair, tmp_path / "c")
     assert not (tmp_path / "c" / "scorecard.json").exists()
