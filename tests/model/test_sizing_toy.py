@@ -1,0 +1,45 @@
+"""Circuit-form ceilings on a toy Llama: the "every head at every position" check equals the model,
+and the form / floor accuracies are the runner's own keep sets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from etbench.mech.heads import head_map
+from etbench.metrics.ablation import AblationRunner, mean_activations
+from etbench.metrics.sizing import ceilings, every_head_kept_correct, form_all_heads
+from etbench.models.toy import tiny_llama, word_level_tokenizer
+from etbench.schema.circuit import POSITION_CLASSES
+from etbench.task import prompts
+from etbench.task.layout import layouts
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    tok = word_level_tokenizer()
+    model = tiny_llama(len(tok), n_layers=2, n_heads=4, d_model=32, seed=3)
+    hm = head_map(model)
+    lays = layouts(prompts.generate(n_boxes=3, n=12, seed=0), tok)
+    mean = mean_activations(model, tok, hm, 3, 16, 0, 8)
+    return model, hm, lays, mean
+
+
+def test_every_head_kept_equals_the_model(toy):
+    model, hm, lays, mean = toy
+    runner = AblationRunner(model, hm, lays, mean, 8)
+    assert every_head_kept_correct(runner) == runner.correct()
+
+
+def test_ceilings_on_a_toy_model(toy):
+    model, hm, lays, mean = toy
+    runner = AblationRunner(model, hm, lays, mean, 8)
+    c = ceilings(runner)
+    assert c.model.value == c.every_head_every_position.value
+    form = runner.correct(keep={pc: {(layer, head) for layer in range(2) for head in range(4)}
+                                for pc in POSITION_CLASSES})
+    assert c.form_all_heads.k == sum(form)
+    assert c.no_heads.k == sum(runner.correct(keep={}))
+    assert form_all_heads(2, 4)["last"] == {(layer, head) for layer in range(2) for head in range(4)}
