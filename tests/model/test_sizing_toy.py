@@ -43,3 +43,18 @@ def test_ceilings_on_a_toy_model(toy):
     assert c.form_all_heads.k == sum(form)
     assert c.no_heads.k == sum(runner.correct(keep={}))
     assert form_all_heads(2, 4)["last"] == {(layer, head) for layer in range(2) for head in range(4)}
+
+
+def test_discover_sized_by_faithfulness_records_ceilings_and_growth():
+    from etbench.metrics.discovery import discover
+
+    tok = word_level_tokenizer()
+    model = tiny_llama(len(tok), n_layers=2, n_heads=4, d_model=32, seed=3)
+    res = discover(model, "fast", tok, n_boxes=3, n=4, batch_size=4, minimality_mode="none", mean_n=4,
+                   size="faithfulness", sizing_n=6, model_name="toy")
+    assert res.ceilings is not None and res.growth is not None
+    assert res.ceilings.n == 6 and res.parameters["size"] == "faithfulness"
+    # the circuit is the growth's choice (A loses heads B also holds: the same kept set)
+    for g in ("position_transmitter", "position_detector", "structure_reader"):
+        assert len(res.circuit.groups[g]) == res.growth.chosen[g]
+    assert res.to_dict()["growth"]["target_fraction"] == 0.9

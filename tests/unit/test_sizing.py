@@ -75,3 +75,10 @@ def test_growth_rejects_a_bad_fraction():
         grow_circuit(PlantedRunner([set()]), {}, ceiling=FakeCeiling(1.0, 0.0, 1.0), target_fraction=1.5)
 
 
+
+
+def test_growth_with_an_undefined_ceiling_grows_nothing():
+    runner = PlantedRunner([set()] * 3)
+    growth = grow_circuit(runner, {g: [(0, 0)] for g in GROUPS}, ceiling=FakeCeiling(0.0001, 0.0, 0.0))
+    assert not growth.reached and growth.steps == [] and runner.calls == 0
+    assert "nothing to grow" in growth.note

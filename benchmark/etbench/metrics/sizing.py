@@ -173,9 +173,12 @@ def grow_circuit(runner: AblationRunner, rankings: Mapping[str, Sequence[Head]],
     def accuracy(trial: Mapping[str, int]) -> float:
         return _acc(runner.correct(keep=_circuit(rankings, trial).kept()))
 
+    if not math.isfinite(target) or target <= 0:
+        return CircuitGrowth("greedy-doubling", target_fraction, target, False, dict(sizes), [],
+                             "nothing to grow: the model or the form's ceiling scores 0 on these prompts")
     cur = accuracy(sizes)
     steps = [GrowthStep(dict(sizes), 0, cur, paper_ratio(cur, m), mib_normalised(cur, m, z), "")]
-    reached = math.isfinite(target) and steps[-1].faithfulness >= target
+    reached = steps[-1].faithfulness >= target
     while not reached and len(steps) <= max_steps:
         best = None
         for g in GROUPS:
