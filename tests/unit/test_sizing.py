@@ -82,3 +82,16 @@ def test_growth_with_an_undefined_ceiling_grows_nothing():
     growth = grow_circuit(runner, {g: [(0, 0)] for g in GROUPS}, ceiling=FakeCeiling(0.0001, 0.0, 0.0))
     assert not growth.reached and growth.steps == [] and runner.calls == 0
     assert "nothing to grow" in growth.note
+
+
+def test_mib_ci_brackets_the_point_and_is_degenerate_only_when_items_agree():
+    from etbench.metrics.sizing import mib_ci
+
+    model = [True] * 60 + [False] * 40
+    none = [False] * 95 + [True] * 5
+    circuit = [True] * 30 + [False] * 70
+    lo, hi = mib_ci(circuit, model, none, seed=1)
+    point = mib_normalised(0.30, 0.60, 0.05)
+    assert lo < point < hi and hi - lo > 0.05
+    assert mib_ci(model, model, none) == (1.0, 1.0)  # the model itself: exactly 1 in every resample
+    assert all(math.isnan(x) for x in mib_ci([True], [False], [True]))

@@ -201,3 +201,22 @@ def grow_circuit(runner: AblationRunner, rankings: Mapping[str, Sequence[Head]],
                                f"{max(s.faithfulness for s in steps):.3f} (form ceiling "
                                f"{ceiling.form_faithfulness:.3f})")
     return CircuitGrowth("greedy-doubling", target_fraction, target, reached, dict(sizes), steps, note)
+
+
+def mib_ci(circuit_flags: Sequence[bool], model_flags: Sequence[bool], none_flags: Sequence[bool], seed: int = 0,
+           draws: int = 2000, level: float = 0.95) -> tuple[float, float]:
+    """Paired percentile bootstrap CI (over items) of MIB's (m(C) - m(∅)) / (m(N) - m(∅)); resamples where
+    the model is no better than the empty circuit are left out (nan when all are)."""
+    import numpy as np
+
+    c, m, z = (np.asarray(x, dtype=float) for x in (circuit_flags, model_flags, none_flags))
+    if len(c) == 0 or not len(c) == len(m) == len(z):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(c), size=(draws, len(c)))
+    num, den = (c[idx] - z[idx]).sum(1), (m[idx] - z[idx]).sum(1)
+    ok = den > 0
+    if not ok.any():
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(num[ok] / den[ok], [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
