@@ -58,3 +58,18 @@ def test_discover_sized_by_faithfulness_records_ceilings_and_growth():
     for g in ("position_transmitter", "position_detector", "structure_reader"):
         assert len(res.circuit.groups[g]) == res.growth.chosen[g]
     assert res.to_dict()["growth"]["target_fraction"] == 0.9
+    from etbench.metrics.discovery import format_discovery
+
+    assert "size by faithfulness on 6 held-out prompts" in format_discovery(res)
+
+
+def test_discover_rejects_a_bad_target_before_any_work():
+    from etbench.core.errors import EtbenchError
+    from etbench.metrics.discovery import discover
+
+    tok = word_level_tokenizer()
+    model = tiny_llama(len(tok), n_layers=2, n_heads=4, d_model=32, seed=3)
+    with pytest.raises(EtbenchError, match="target fraction"):
+        discover(model, "fast", tok, size="faithfulness", target_fraction=1.5)
+    with pytest.raises(EtbenchError, match="size rule"):
+        discover(model, "fast", tok, size="biggest")

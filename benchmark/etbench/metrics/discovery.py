@@ -500,6 +500,8 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     the evaluation prompts of the same seed; the result carries the ceilings and the growth record."""
     if size not in SIZE_RULES:
         raise EtbenchError(f"circuit size rule must be one of {', '.join(SIZE_RULES)}, got {size!r}")
+    if size == "faithfulness" and not 0 < target_fraction <= 1:
+        raise EtbenchError(f"target fraction must be in (0, 1], got {target_fraction}")
     if mode not in MODES:
         raise EtbenchError(f"discovery mode must be one of {', '.join(MODES)}, got {mode!r}")
     minimality_mode = minimality_mode or ("pairs" if mode == "exact" else "single")
@@ -633,7 +635,15 @@ def format_discovery(res: DiscoveryResult) -> str:
     table = tabulate(rows, headers=["group", "position", "candidates", "kept", "heads", "fwd passes", "s"],
                      tablefmt="github")
     fp = res.forward_passes
-    return (f"model: {res.model}   mode: {res.mode}   circuit: {res.circuit.summary()}\n{table}\n"
+    sizing = ""
+    if res.growth is not None and res.ceilings is not None:
+        g, c = res.growth, res.ceilings
+        best = max((st.faithfulness for st in g.steps), default=float("nan"))
+        sizing = (f"size by faithfulness on {c.n} held-out prompts: form ceiling {c.form_faithfulness:.3f} "
+                  f"(model {c.model.value:.3f}, form {c.form_all_heads.value:.3f}, no heads {c.no_heads.value:.3f}); "
+                  f"target {g.target_faithfulness:.3f} {'reached' if g.reached else 'NOT reached'} "
+                  f"(best {best:.3f}) in {len(g.steps)} steps\n")
+    return (f"model: {res.model}   mode: {res.mode}   circuit: {res.circuit.summary()}\n{table}\n{sizing}"
             f"forward passes: search {fp['search']['calls']} (+{fp['search']['backward']} backward), "
             f"minimality {fp['minimality']['calls']}, mean {fp['mean']['calls']}; "
             f"wall: search {res.wall_s['search']:.1f} s, minimality {res.wall_s['minimality']:.1f} s")
