@@ -12,7 +12,7 @@ import yaml
 from etbench.metrics import accuracy
 from etbench.models import toy
 from etbench.task import prompts as data
-from etbench.task.harness import GROUPS, task_manager, tasks_dir
+from etbench.task.harness import TASK_GROUPS, task_manager, tasks_dir
 
 REPO = Path(__file__).resolve().parents[2]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -31,7 +31,7 @@ def test_package_tasks_dir_is_the_checkout_tasks_dir():
 
 def test_task_manager_indexes_groups_and_subtasks():
     names = set(task_manager(include_defaults=False).all_tasks)
-    assert set(GROUPS) <= names
+    assert set(TASK_GROUPS) <= names
     assert {f"entity_tracking_{n}boxes" for n in (3, 5, 7)} <= names
     assert {f"entity_tracking_mc_{n}boxes" for n in (3, 5, 7)} <= names
 

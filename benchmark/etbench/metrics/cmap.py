@@ -53,8 +53,8 @@ from etbench.core.stats import (
 from etbench.mech.heads import head_map
 from etbench.mech.interventions import Edit, read, replace, replace_where, run
 from etbench.mech.prefix import PatchRunner
-from etbench.metrics.dcm import DcmResult, Head, HeadsByGroup, by_layer, check_heads_fit, format_heads, normalise_heads
-from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, group_name
+from etbench.metrics.dcm import DcmResult, HeadsByGroup, by_layer, check_heads_fit, format_heads, normalise_heads
+from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Head, group_name
 from etbench.schema.scorecard import CmapScore
 from etbench.task.layout import Layout, layouts
 from etbench.task.prompts import Example

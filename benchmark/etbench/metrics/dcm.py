@@ -44,11 +44,11 @@ import torch
 from etbench.core.errors import EtbenchError
 from etbench.core.progress import track
 from etbench.core.stats import Proportion, proportion_ci, to_estimate
-from etbench.mech.forward import device_of
+from etbench.mech.forward import device_of, length_batches
 from etbench.mech.heads import HeadMap, HeadSpec, head_map
 from etbench.mech.interventions import Edit, mix, read, replace, run
 from etbench.mech.prefix import EditsFn, PatchRunner
-from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, group_name
+from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Head, group_name
 from etbench.schema.scorecard import DcmScore
 from etbench.task.counterfactuals import (
     ADDITIONAL_DESIDERATA,
@@ -61,7 +61,6 @@ from etbench.task.counterfactuals import (
 from etbench.task.layout import Layout, check_vocabulary
 from etbench.task.prompts import LABELS, Example, generate
 
-Head = tuple[int, int]  # (layer, head)
 HeadsByGroup = Mapping[str, Sequence[Sequence[int]]]
 
 #: Base examples of DCM and of the semantics check come from their own data streams, never the
@@ -214,29 +213,24 @@ def cache_at_positions(model, hm: HeadMap, lays: Sequence[Layout], heads: Mappin
     device = device_of(model)
     n = len(lays)
     out = {g: torch.empty((n, len(hs), hm.spec.d_head)) for g, hs in heads.items() if hs}
-    by_len: dict[int, list[int]] = {}
-    for i, lay in enumerate(lays):
-        by_len.setdefault(lay.length, []).append(i)
-    for idx in by_len.values():
-        for s in range(0, len(idx), batch_size):
-            rows = idx[s : s + batch_size]
-            ids = torch.tensor([lays[i].input_ids for i in rows], device=device)
-            store: dict = {}
-            edits = []
-            for g in out:
-                pos = torch.tensor([lays[i].position(positions[g]) for i in rows], device=device)
-                for layer, _, hs in by_layer(heads[g]):
-                    edits.append(read(layer, kind, store, pos, hs, key=(g, layer)))
-            if edits:  # nothing after the last layer read is needed: stop the forward there
-                edits.append(Edit(max(e.layer for e in edits), kind, _stop))
-            try:
-                run(model, hm, {"input_ids": ids}, edits)
-            except _Stop:
-                pass
-            r = torch.tensor(rows)
-            for g in out:
-                for layer, cols, _ in by_layer(heads[g]):
-                    out[g][r[:, None], torch.tensor(cols)[None, :]] = store[(g, layer)].float().cpu()
+    for rows in length_batches((lay.length for lay in lays), batch_size):
+        ids = torch.tensor([lays[i].input_ids for i in rows], device=device)
+        store: dict = {}
+        edits = []
+        for g in out:
+            pos = torch.tensor([lays[i].position(positions[g]) for i in rows], device=device)
+            for layer, _, hs in by_layer(heads[g]):
+                edits.append(read(layer, kind, store, pos, hs, key=(g, layer)))
+        if edits:  # nothing after the last layer read is needed: stop the forward there
+            edits.append(Edit(max(e.layer for e in edits), kind, _stop))
+        try:
+            run(model, hm, {"input_ids": ids}, edits)
+        except _Stop:
+            pass
+        r = torch.tensor(rows)
+        for g in out:
+            for layer, cols, _ in by_layer(heads[g]):
+                out[g][r[:, None], torch.tensor(cols)[None, :]] = store[(g, layer)].float().cpu()
     return out
 
 

@@ -1,15 +1,8 @@
 """Mean ablation and circuit faithfulness (docs/method.md §6): circuit accuracy, random-circuit baseline,
 completeness and a faithfulness curve over circuit size.
 
-* **Mean activations**: the position-wise mean of every head's ``z`` over prompts whose query letter
-  is a uniformly random letter (one prompt per fresh context, queried at segment 0, as in the paper's
-  500 ablation prompts). Prompts of one tokenizer normally share one length; if they do not, the mean
-  at position t is over the prompts that reach t (left-aligned), which equals the paper's mean when
-  lengths agree.
-* **Circuit accuracy**: every head's z is replaced by the mean at every position, except circuit heads
-  at their group's position class (A, B at the last token; C at the query label; D at the query label's
-  earlier copy). Positions outside the three classes are meaned for all heads. MLPs and embeddings are
-  never touched. Accuracy is the paper's full-vocabulary top-1.
+* **Circuit accuracy**: mean ablation of every head except the circuit's, at their position classes
+  (``etbench.metrics.ablation`` says exactly what is meaned and with which reference prompts).
 * ``faithfulness = circuit accuracy / model accuracy`` (not rounded; the paper rounded both to 2 dp).
 * **Random baseline**: circuits with the same group sizes, heads drawn uniformly (without replacement
   within a group; the reference drew with replacement), mean ± sd over draws.

@@ -27,10 +27,9 @@ from typing import Iterable, Mapping, Sequence
 
 from etbench.core.errors import EtbenchError
 from etbench.core.stats import bootstrap_mean, format_estimate_of, to_estimate
-from etbench.schema.circuit import GROUPS, Circuit, group_name
+from etbench.schema.circuit import GROUPS, Circuit, Head, group_name
 from etbench.schema.scorecard import Estimate, OverlapScore
 
-Head = tuple[int, int]
 ALL = "all"
 
 

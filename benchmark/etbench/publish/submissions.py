@@ -38,6 +38,7 @@ from etbench.task.layout import check_vocabulary
 
 SCHEMA_PATH = ASSETS_DIR / "schemas" / "submission.schema.json"
 MAX_SUBMISSION_BYTES = 1_000_000
+MAX_YAML_DEPTH = 16  # a submission is a few levels deep
 PATH_FIELDS = (("scorecard",), ("model", "path"), ("base", "path"))
 TOL = 1e-9
 
@@ -166,9 +167,19 @@ def parse(file: str | Path) -> Submission:
         raise EtbenchError(f"{origin}: larger than {MAX_SUBMISSION_BYTES} bytes; a submission is a short YAML file")
     try:
         text = file.read_text(encoding="utf-8")
-        # anchors/aliases are refused: a submission never needs them, and nested aliases can blow up
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
-            raise EtbenchError(f"{origin}: YAML aliases (*name) are not allowed in a submission")
+        # One streaming pass first: anchors/aliases are refused (a submission never needs them, and nested
+        # aliases can blow up), and so is deep nesting, as soon as it is seen (building a 5000-deep document
+        # only to reject it took PyYAML half a minute).
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise EtbenchError(f"{origin}: YAML aliases (*name) are not allowed in a submission")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise EtbenchError(f"{origin}: YAML nested too deeply (more than {MAX_YAML_DEPTH} levels)")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
         data = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise EtbenchError(f"{origin}: not UTF-8 text") from None

@@ -43,6 +43,9 @@ from etbench.core.io import atomic_write_json, finite, jsonable
 SCHEMA_VERSION = 1
 FORMAT = "etbench-circuit"
 
+#: One attention head: (layer, head index within the layer).
+Head = tuple[int, int]
+
 #: How a circuit can be discovered: exact path patching, or an attribution screen + exact verification.
 DISCOVERY_MODES: tuple[str, ...] = ("exact", "fast")
 

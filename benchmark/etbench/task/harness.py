@@ -12,7 +12,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-GROUPS = ("entity_tracking", "entity_tracking_mc")
+TASK_GROUPS = ("entity_tracking", "entity_tracking_mc")
 
 
 def tasks_dir() -> Path:
