@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from etbench.core.errors import EtbenchError
 from etbench.core.stats import proportion_ci
 from etbench.metrics.sizing import grow_circuit, mib_normalised, paper_ratio
