@@ -135,13 +135,22 @@ def circuit_discover(
     fast: bool = typer.Option(False, "--fast", help="Attribution screen + exact verification (default)."),
     n: int = typer.Option(64, "--n", help="Base prompts for path patching (the paper: 300)."),
     seed: int = typer.Option(0, help="Seed of the prompts and noise pairs."),
+    size: str = typer.Option("top-k", "--size", help="How the circuit's size is chosen: 'top-k' (the paper's k "
+                             "per group) or 'faithfulness' (grown along the ranking to --target x the ceiling of "
+                             "the circuit form; see docs/method.md)."),
+    target: float = typer.Option(0.9, "--target", help="With --size faithfulness: the fraction of the form's "
+                                 "ceiling to reach."),
+    minimality: Optional[str] = typer.Option(None, "--minimality", help="Pruning after the search: 'pairs' "
+                                             "(paper; default with --exact), 'single' (default with --fast) or "
+                                             "'none'. Pruning is most of the time of a fast run on a CPU: "
+                                             "'--n 32 --minimality none' is the quick preset's setting."),
     batch_size: int = typer.Option(16, "--batch-size"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """Find the four head groups (A value fetcher, B position transmitter, C position detector,
-    D structure reader) by path patching, then prune by minimality."""
+    D structure reader) by path patching, then size the circuit and prune by minimality."""
     from etbench import models
     from etbench.metrics import discovery
 
@@ -152,6 +161,7 @@ def circuit_discover(
     models.resolve(model)
     loaded = models.load(model, dtype=dtype, device=device)
     result = discovery.discover(loaded, mode="exact" if exact else "fast", n=n, seed=seed, batch_size=batch_size,
+                               minimality_mode=minimality, size=size, target_fraction=target,
                                model_name=model, progress=not no_progress)
     result.circuit.save(out)
     typer.echo(discovery.format_discovery(result))

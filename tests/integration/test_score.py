@@ -100,3 +100,31 @@ def test_score_of_the_paper_models_offline_fails_fast_with_one_line(tmp_path):
     assert lines[-1].startswith("etbench: error:") and "huggyllama/llama-7b" in lines[-1]
     assert time.perf_counter() - start < 60
     assert not (tmp_path / "o" / "scorecard.json").exists()
+
+
+def test_scorecard_reports_ceilings_mib_and_labelled_cmap_head_sets(toy_pair, tmp_path):
+    card = run_score(toy_pair, tmp_path / "a").card
+    assert {c.model for c in card.ceilings} == {"base", "ft"}
+    for c in card.ceilings:
+        # every head kept at every position through the ablation edits is the model itself
+        assert c.every_head_every_position.value == c.model_accuracy.value
+        assert c.form_accuracy.n == c.model_accuracy.n == MICRO.faithfulness_n
+    assert all(f.faithfulness_mib is not None for f in card.faithfulness)
+    assert {c.heads for c in card.cmap} == {"dcm", "circuit"}
+    assert {c.variant for c in card.cmap if c.heads == "circuit"} == {"output"}
+    assert all(s.size_rule == "given" for s in card.circuits)
+    # one circuit per model: the overlap carries no interval rather than one of width zero
+    assert all(o.base_in_ft.low is None for o in card.overlap if o.heads == "circuit")
+
+
+def test_circuits_sized_by_faithfulness_record_their_growth(toy_pair, tmp_path):
+    from dataclasses import replace
+
+    sized = replace(MICRO, circuit_size="faithfulness", sizing_n=8)
+    run = scoring.score(str(toy_pair / "base"), str(toy_pair / "ft"), tmp_path / "s", preset=sized, progress=False)
+    for summary in run.card.circuits:
+        assert summary.size_rule == "faithfulness" and summary.sizing is not None
+        assert summary.sizing["target_fraction"] == 0.9 and summary.sizing["n"] == 8
+        # random toys score 0: the growth says why it grew nothing instead of inventing a circuit
+        if not summary.sizing["reached"]:
+            assert summary.sizing["note"]

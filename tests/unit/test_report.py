@@ -118,3 +118,23 @@ def test_reads_cmap_rows_as_etbench_cmap_writes_them():
     assert len(tests) == 1 and tests[0].from_items
     assert tests[0].interval.value == pytest.approx(scores[0].gain.value)
     assert tests[0].p_value == stats.mcnemar(base, patched, n_resamples=99).p_value
+
+
+def test_report_and_terminal_show_ceilings_mib_sizing_and_cmap_head_sets(card_a):
+    from etbench.publish.terminal import format_scorecard
+
+    e = sc.Estimate(0.5, 0.4, 0.6, 100, "wilson")
+    ceiling = sc.CeilingScore("base", "paper", e, e, sc.Estimate(0.3, 0.2, 0.4, 100, "wilson"),
+                              sc.Estimate(0.02, 0.0, 0.07, 100, "wilson"), sc.Estimate(0.6, 0.45, 0.8, 100, "ratio"),
+                              sc.Estimate(0.59, 0.44, 0.79, 100, "mib"))
+    circuits = [sc.CircuitSummary(**{**c.__dict__, "size_rule": "faithfulness",
+                                     "sizing": {"target_faithfulness": 0.54, "reached": False,
+                                                "note": "target 0.540 not reached"}})
+                for c in card_a.card.circuits]
+    cmap = [sc.CmapScore(**{**c.__dict__, "heads": "circuit"}) for c in card_a.card.cmap]
+    card = sc.Scorecard(**{**card_a.card.__dict__, "ceilings": [ceiling], "circuits": circuits, "cmap": cmap})
+    doc = report.scorecard_report(card, card_a.items)
+    assert "Ceilings of the circuit form" in doc.markdown and "form faithfulness (MIB)" in doc.markdown
+    assert "target 0.540 not reached" in doc.markdown and "| circuit " in doc.markdown
+    text = format_scorecard(card)
+    assert "ceilings of the circuit form" in text and "0.300 [0.200, 0.400]" in text

@@ -20,6 +20,7 @@ from etbench.mech.heads import head_map
 from etbench.mech.interventions import Edit, Site, cache, read
 from etbench.mech.interventions import replace as replace_edit
 from etbench.metrics.ablation import AblationRunner, mean_activations
+from etbench.metrics.sizing import Ceilings, CircuitGrowth, ceilings, grow_circuit
 from etbench.models.load import as_loaded
 from etbench.schema.circuit import DISCOVERY_MODES, GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Node, group_name
 from etbench.task import prompts
@@ -64,6 +65,8 @@ _RECEIVERS: dict[str, tuple[str, str] | None] = {
 PAPER_RECEIVER_K = {"value_fetcher": 20, "position_transmitter": 5, "position_detector": 10, "structure_reader": 5}
 PAPER_CANDIDATE_K = {"value_fetcher": 58, "position_transmitter": 10, "position_detector": 25, "structure_reader": 5}
 MODES = DISCOVERY_MODES
+#: How a discovered circuit's size is chosen (``discover(size=...)``).
+SIZE_RULES = ("top-k", "faithfulness")
 
 
 def default_k(n_heads_total: int, paper: Mapping[str, int], minimum: int = 2) -> dict[str, int]:
@@ -446,6 +449,9 @@ class DiscoveryResult:
     forward_passes: dict[str, Any]  # {"search": {...}, "minimality": {...}, "mean": {...}}
     wall_s: dict[str, float]
     parameters: dict[str, Any]
+    # size="faithfulness": the form's ceilings on the sizing prompts, and the growth record
+    ceilings: Ceilings | None = None
+    growth: CircuitGrowth | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable({
@@ -453,6 +459,8 @@ class DiscoveryResult:
             "circuit": self.circuit.to_dict(), "candidate": self.candidate.to_dict(),
             "searches": {g: asdict(s) for g, s in self.searches.items()}, "minimality": self.minimality,
             "forward_passes": self.forward_passes, "wall_s": self.wall_s, "parameters": self.parameters,
+            "ceilings": None if self.ceilings is None else asdict(self.ceilings),
+            "growth": None if self.growth is None else asdict(self.growth),
         })
 
     def ranking(self) -> list[Node]:
@@ -475,6 +483,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
              candidate_k: Mapping[str, int] | int | None = None, verify_k: Mapping[str, int] | int | None = None,
              minimality_mode: str | None = None, minimality_n: int = 100, mean_n: int = 100,
              threshold: float = 0.01, percentage: float = 0.3, prefix_cache: bool = True,
+             size: str = "top-k", target_fraction: float = 0.9, sizing_n: int | None = None,
              model_name: str = "", progress: bool = False) -> DiscoveryResult:
     """Find the four groups on ``model`` (a loaded torch model + ``tokenizer``, a ``LoadedModel``, or a
     registry ref) by path patching (``mode="exact"``) or attribution screening + exact verification of
@@ -482,7 +491,17 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
 
     k values default to the paper's Llama-7B choices scaled to the model's head count
     (``default_k``); ``verify_k`` defaults to max(⌈1.2 × candidate_k⌉, candidate_k + 2, receiver_k + 2).
-    ``minimality_mode``: "pairs" (paper; default for exact), "single" (default for fast) or "none"."""
+    ``minimality_mode``: "pairs" (paper; default for exact), "single" (default for fast) or "none".
+
+    ``size``: "top-k" takes each group's top ``candidate_k`` (the paper's rule); "faithfulness" grows
+    the circuit along each group's ranking (``sizing.grow_circuit``) until its faithfulness reaches
+    ``target_fraction`` x the ceiling of the circuit form, both measured on ``sizing_n`` prompts
+    (default ``minimality_n``) drawn from the stream of seed ``seed + 1``, so the circuit is not sized on
+    the evaluation prompts of the same seed; the result carries the ceilings and the growth record."""
+    if size not in SIZE_RULES:
+        raise EtbenchError(f"circuit size rule must be one of {', '.join(SIZE_RULES)}, got {size!r}")
+    if size == "faithfulness" and not 0 < target_fraction <= 1:
+        raise EtbenchError(f"target fraction must be in (0, 1], got {target_fraction}")
     if mode not in MODES:
         raise EtbenchError(f"discovery mode must be one of {', '.join(MODES)}, got {mode!r}")
     minimality_mode = minimality_mode or ("pairs" if mode == "exact" else "single")
@@ -557,12 +576,28 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     # A head whose patch does not lower p(answer) (score >= 0) is never a candidate (the paper's top-k
     # would take it when a group has fewer than k harmful heads).
     cand = {g: [s for s in ranked[g][: candidate_k[g]] if searches[g].scores[s[0]][s[1]] < 0] for g in GROUPS}
+    ceiling, growth = None, None
+    mean = None
+    if size == "faithfulness":
+        t0 = time.perf_counter()
+        mean = mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
+                                counter=counters["mean"])
+        sizing_examples = prompts.generate(n_boxes=n_boxes, n=sizing_n or minimality_n, seed=seed + 1,
+                                           objects=pool, labels=labels)
+        runner = AblationRunner(model, hm, layouts(sizing_examples, tokenizer), mean, batch_size,
+                                counters.setdefault("sizing", PassCounter()))
+        ceiling = ceilings(runner, seed)
+        growth = grow_circuit(runner, ranked, ceiling=ceiling, target_fraction=target_fraction)
+        cand = {g: list(ranked[g][: growth.chosen[g]]) for g in GROUPS}
+        walls["sizing"] = time.perf_counter() - t0
     b_set = set(cand["position_transmitter"])
     cand["value_fetcher"] = [s for s in cand["value_fetcher"] if s not in b_set]
     params = {"mode": mode, "n_boxes": n_boxes, "n": n, "seed": seed, "batch_size": batch_size,
               "receiver_k": receiver_k, "candidate_k": candidate_k, "verify_k": verify if mode == "fast" else None,
               "minimality": minimality_mode, "minimality_n": minimality_n, "mean_n": mean_n, "threshold": threshold,
-              "percentage": percentage, "score": "mean relative change of p(answer), path-patched from noise prompts"}
+              "percentage": percentage, "score": "mean relative change of p(answer), path-patched from noise prompts",
+              "size": size, "target_fraction": target_fraction if size == "faithfulness" else None,
+              "sizing_n": (sizing_n or minimality_n) if size == "faithfulness" else None}
     method = "path_patching" if mode == "exact" else "attribution+path_patching"
     candidate = Circuit.from_heads(
         cand, {g: [searches[g].scores[layer][head] for layer, head in cand[g]] for g in GROUPS},
@@ -571,8 +606,9 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     records: list[dict] = []
     t0 = time.perf_counter()
     if minimality_mode != "none":
-        mean = mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
-                                counter=counters["mean"])
+        if mean is None:
+            mean = mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
+                                    counter=counters["mean"])
         lays = layouts(examples[:minimality_n], tokenizer)
         runner = AblationRunner(model, hm, lays, mean, batch_size, counters["minimality"])
         circuit, records = minimality(runner, candidate, minimality_mode, threshold, percentage, progress)
@@ -582,7 +618,8 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     passes = {k: v.as_dict() for k, v in counters.items()}
     passes["total_calls"] = sum(v.calls for v in counters.values())
     circuit = replace(circuit, stats={"forward_passes": passes, "wall_s": walls})
-    return DiscoveryResult(mode, model_name, circuit, candidate, searches, records, passes, walls, params)
+    return DiscoveryResult(mode, model_name, circuit, candidate, searches, records, passes, walls, params,
+                           ceiling, growth)
 
 
 def format_discovery(res: DiscoveryResult) -> str:
@@ -598,7 +635,15 @@ def format_discovery(res: DiscoveryResult) -> str:
     table = tabulate(rows, headers=["group", "position", "candidates", "kept", "heads", "fwd passes", "s"],
                      tablefmt="github")
     fp = res.forward_passes
-    return (f"model: {res.model}   mode: {res.mode}   circuit: {res.circuit.summary()}\n{table}\n"
+    sizing = ""
+    if res.growth is not None and res.ceilings is not None:
+        g, c = res.growth, res.ceilings
+        best = max((st.faithfulness for st in g.steps), default=float("nan"))
+        sizing = (f"size by faithfulness on {c.n} held-out prompts: form ceiling {c.form_faithfulness:.3f} "
+                  f"(model {c.model.value:.3f}, form {c.form_all_heads.value:.3f}, no heads {c.no_heads.value:.3f}); "
+                  f"target {g.target_faithfulness:.3f} {'reached' if g.reached else 'NOT reached'} "
+                  f"(best {best:.3f}) in {len(g.steps)} steps\n")
+    return (f"model: {res.model}   mode: {res.mode}   circuit: {res.circuit.summary()}\n{table}\n{sizing}"
             f"forward passes: search {fp['search']['calls']} (+{fp['search']['backward']} backward), "
             f"minimality {fp['minimality']['calls']}, mean {fp['mean']['calls']}; "
             f"wall: search {res.wall_s['search']:.1f} s, minimality {res.wall_s['minimality']:.1f} s")

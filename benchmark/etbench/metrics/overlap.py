@@ -11,12 +11,12 @@ Heads are ``(layer, head)`` pairs; for ``"all"`` a head counts once however many
 
 Two sources of head sets:
 
-* circuits (one set per model; no sampling, so the CI is the point: ``method="exact"``);
+* circuits (one set per model; no sampling, so no CI: ``method="exact"``, low = high = None);
 * DCM-selected heads (``etbench.metrics.dcm``), which depend on the DCM seed (pair sampling, batch order).
   ``dcm_overlap`` takes one DCM run per seed for each model, pairs run i of the base with run i of the
   fine-tuned model, computes the overlap per seed pair, and reports the **mean over seed pairs** with a
   **bootstrap CI over seed pairs** (seed pairs resampled with replacement; the DCM pairs and the
-  models are fixed). With a single seed there is no CI (low = high = value, noted). Seed pairs whose
+  models are fixed). With a single seed there is no CI (low = high = None, noted). Seed pairs whose
   overlap is undefined (empty sets) are left out and counted in the note.
 """
 
@@ -89,8 +89,10 @@ def group_overlaps(base: Circuit | Mapping[str, Iterable[Sequence[int]]],
 
 
 def _exact(value: float | None, n: int, what: str) -> Estimate:
-    note = "" if value is not None else f"undefined: {what}"
-    return Estimate(value, value, value, n, "exact", note=note)
+    # one circuit per model: no sampling to put an interval on, so none is given (an interval of width
+    # zero would read as certainty; the sampling variation of discovery is not measured here)
+    note = "one discovery per model: no CI" if value is not None else f"undefined: {what}"
+    return Estimate(value, None, None, n, "exact", note=note)
 
 
 def circuit_overlap(base: Circuit | Mapping[str, Iterable[Sequence[int]]],
@@ -109,7 +111,7 @@ def _seed_estimate(values: Sequence[float | None], seed: int, n_resamples: int, 
         return Estimate(None, None, None, 0, "bootstrap-over-seeds", note=f"undefined: {what}")
     if len(kept) == 1:
         v = kept[0]
-        return Estimate(v, v, v, 1, "bootstrap-over-seeds",
+        return Estimate(v, None, None, 1, "bootstrap-over-seeds",
                         note="; ".join(x for x in (note, "one DCM seed: no CI") if x))
     iv = bootstrap_mean(kept, seed=seed, n_resamples=n_resamples, method="percentile")
     est = to_estimate(iv)

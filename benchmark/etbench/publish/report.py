@@ -410,11 +410,27 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
         rows.append([str(k), format_estimate_of(get.get("base")), format_estimate_of(get.get("ft"))])
     if rows:
         tables.append(("Accuracy", ["boxes", f"base ({card.base.ref})", f"ft ({card.ft.ref})"], rows))
+    rows = [[c.model, c.form, format_estimate_of(c.model_accuracy), format_estimate_of(c.every_head_every_position),
+             format_estimate_of(c.form_accuracy), format_estimate_of(c.no_heads_accuracy),
+             format_estimate_of(c.form_faithfulness), format_estimate_of(c.form_faithfulness_mib)] for c in card.ceilings]
+    if rows:
+        tables.append(("Ceilings of the circuit form (every head kept at the form's positions; no heads = the floor)",
+                       ["model", "form", "model acc", "every head, every position", "form acc", "no heads acc",
+                        "form faithfulness", "form faithfulness (MIB)"], rows))
+    rows = [[c.name, c.size_rule, str(sum(len(h) for h in c.heads.values())),
+             "—" if not c.sizing else (f"target {c.sizing['target_faithfulness']:.3f} "
+                                       f"{'reached' if c.sizing['reached'] else 'not reached'}"
+                                       + (f": {c.sizing['note']}" if c.sizing.get("note") else ""))]
+            for c in card.circuits]
+    if rows:
+        tables.append(("Circuits", ["circuit", "size rule", "nodes", "sizing"], rows))
     rows = [[f.circuit, f.model, format_estimate_of(f.model_accuracy), format_estimate_of(f.circuit_accuracy),
-             format_estimate_of(f.faithfulness), format_estimate_of(f.random_circuit_accuracy)] for f in card.faithfulness]
+             format_estimate_of(f.faithfulness), format_estimate_of(f.faithfulness_mib),
+             format_estimate_of(f.random_circuit_accuracy)] for f in card.faithfulness]
     if rows:
         tables.append(("Faithfulness (mean ablation outside the circuit)",
-                       ["circuit", "model", "model acc", "circuit acc", "faithfulness", "random circuit acc"], rows))
+                       ["circuit", "model", "model acc", "circuit acc", "faithfulness", "faithfulness (MIB)",
+                        "random circuit acc"], rows))
     rows = [[o.heads, o.group, format_estimate_of(o.base_in_ft), format_estimate_of(o.jaccard)] for o in card.overlap]
     if rows:
         tables.append(("Head overlap", ["heads", "group", "base in ft", "Jaccard"], rows))
@@ -427,11 +443,12 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
     if rows:
         tables.append(("DCM semantics check (base DCM heads patched into each model; min/max over repeats)",
                        ["into", "group", "desideratum", "heads", "accuracy"], rows))
-    rows = [[c.variant, c.group, format_estimate_of(c.patched_accuracy), format_estimate_of(c.gain), format_estimate_of(c.normalised_gain)]
-            for c in card.cmap]
+    rows = [[c.heads, c.variant, c.group, format_estimate_of(c.patched_accuracy), format_estimate_of(c.gain),
+             format_estimate_of(c.normalised_gain)] for c in card.cmap]
     if rows:
-        tables.append(("CMAP (ft activations patched into base)",
-                       ["variant", "group", "patched acc", "gain", "normalised gain"], rows))
+        tables.append(("CMAP (ft activations patched into base; heads: dcm = the paper's DCM-filtered set, "
+                       "circuit = every head of the ft circuit)",
+                       ["heads", "variant", "group", "patched acc", "gain", "normalised gain"], rows))
     return tables
 
 

@@ -22,10 +22,18 @@ def format_scorecard(card: sc.Scorecard) -> str:
     parts.append("\n1. full-model accuracy (greedy top-1 over the vocabulary, 95% CI)\n" + tabulate(
         [[b, est(acc[("base", b)]), est(acc[("ft", b)])] for b in boxes], headers=["boxes", "base", "fine-tuned"],
         tablefmt="github"))
-    parts.append("\n2. circuit faithfulness (circuit acc / model acc, mean-ablated, 95% CI)\n" + tabulate(
-        [[f.circuit, f.model, est(f.circuit_accuracy), est(f.faithfulness), est(f.random_circuit_accuracy)]
-         for f in card.faithfulness],
-        headers=["circuit", "on model", "circuit acc", "faithfulness", "random circuit acc"], tablefmt="github"))
+    parts.append("\n2. circuit faithfulness (circuit acc / model acc, and MIB's (C - none) / (model - none), 95% CI)\n"
+                 + tabulate([[f.circuit, f.model, est(f.circuit_accuracy), est(f.faithfulness),
+                              est(f.faithfulness_mib) if f.faithfulness_mib else "—", est(f.random_circuit_accuracy)]
+                             for f in card.faithfulness],
+                            headers=["circuit", "on model", "circuit acc", "faithfulness", "MIB", "random circuit acc"],
+                            tablefmt="github"))
+    if card.ceilings:
+        parts.append("\n   ceilings of the circuit form (every head kept at its positions) and the floor (no heads)\n"
+                     + tabulate([[c.model, est(c.model_accuracy), est(c.form_accuracy), est(c.no_heads_accuracy),
+                                  est(c.form_faithfulness), est(c.form_faithfulness_mib)] for c in card.ceilings],
+                                headers=["model", "model acc", "form acc", "no heads acc", "form faithfulness",
+                                         "MIB"], tablefmt="github"))
     parts.append("\n3. head overlap, base heads found in the fine-tuned set\n" + tabulate(
         [[o.heads, o.group, est(o.base_in_ft), est(o.jaccard)] for o in card.overlap],
         headers=["heads", "group", "base in ft", "jaccard"], tablefmt="github"))
@@ -38,8 +46,8 @@ def format_scorecard(card: sc.Scorecard) -> str:
             [[s.model, s.group, s.desideratum, len(s.heads), est(s.accuracy)] for s in card.semantics],
             headers=["into", "group", "desideratum", "heads", "acc"], tablefmt="github"))
     parts.append("\n4. CMAP: fine-tuned heads patched into the base (gain = patched - base accuracy)\n" + tabulate(
-        [[c.variant, c.group, est(c.patched_accuracy), est(c.gain), est(c.normalised_gain)] for c in card.cmap],
-        headers=["variant", "group", "patched acc", "gain", "normalised gain"], tablefmt="github"))
+        [[c.heads, c.variant, c.group, est(c.patched_accuracy), est(c.gain), est(c.normalised_gain)] for c in card.cmap],
+        headers=["heads", "variant", "group", "patched acc", "gain", "normalised gain"], tablefmt="github"))
     return "\n".join(parts)
 
 

@@ -23,8 +23,10 @@ from etbench.schema.circuit import GROUPS
 
 __all__ = ["Estimate", "GROUPS", "config_hash"]  # re-exported: the types every score is built from
 
-#: 2: model sources are published forms (no local paths) and weights revisions are recorded; the fields are
-#: those of version 1, which is still read (reports, comparisons, the stored leaderboard) but not submitted.
+#: 2: model sources are published forms (no local paths) and weights revisions are recorded (issue #14);
+#: ceilings of the circuit form per model, MIB-normalised faithfulness, circuit sizing records, CMAP rows
+#: labelled by head set, overlap of single discoveries without a fake CI (issue #12). Version 1 is still
+#: read (reports, comparisons, the stored leaderboard) but not submitted.
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 #: Bump when prompts, metrics or presets change meaning: scorecards of another version are not comparable.
@@ -58,6 +60,10 @@ class CircuitSummary:
     found_on: str  # model ref it was discovered on, or "paper"
     method: str  # "path-patching", "attribution+verify", "given"
     heads: dict[str, list[list[int]]]  # group -> [[layer, head], ...]
+    size_rule: str = "top-k"  # "top-k" (the paper's k per group), "faithfulness" (grown to a target), "given"
+    # size_rule "faithfulness": target, whether it was reached, the chosen top-k per group and the growth
+    # curve (the record of the search), measured on the sizing prompts (see docs/method.md)
+    sizing: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -66,8 +72,25 @@ class FaithfulnessScore:
     model: Literal["base", "ft"]
     model_accuracy: Estimate
     circuit_accuracy: Estimate
-    faithfulness: Estimate  # circuit acc / model acc
+    faithfulness: Estimate  # circuit acc / model acc (the paper's ratio)
     random_circuit_accuracy: Estimate  # same group sizes, mean over draws (n = draws)
+    # MIB's (m(C) - m(none)) / (m(N) - m(none)), m(none) = every head meaned (the CeilingScore floor)
+    faithfulness_mib: Optional[Estimate] = None
+
+
+@dataclass
+class CeilingScore:
+    """What any circuit of one form can reach on one model: the same prompts and mean as the
+    faithfulness rows of that model."""
+
+    model: Literal["base", "ft"]
+    form: str  # "paper": A/B at the last token, C at the query label, D at its earlier copy
+    model_accuracy: Estimate  # no edits
+    every_head_every_position: Estimate  # through the ablation edits, nothing meaned: equals model_accuracy
+    form_accuracy: Estimate  # every head kept at the form's position classes, everything else meaned
+    no_heads_accuracy: Estimate  # every head meaned everywhere (the floor)
+    form_faithfulness: Estimate  # form_accuracy / model_accuracy, paired bootstrap CI
+    form_faithfulness_mib: Estimate  # (form - floor) / (model - floor)
 
 
 @dataclass
@@ -89,6 +112,9 @@ class CmapScore:
     patched_accuracy: Estimate
     gain: Estimate  # patched - base accuracy (paired CI)
     normalised_gain: Estimate  # (patched - base) / (ft - base); value None when ft == base
+    # which fine-tuned heads were patched: "dcm" (the paper's rule: A = DCM object-value heads, B and C =
+    # DCM positional heads, D = the whole group) or "circuit" (every head of the ft circuit's groups)
+    heads: str = "dcm"
 
 
 @dataclass
@@ -134,6 +160,7 @@ class Scorecard:
     accuracy: list[AccuracyScore] = field(default_factory=list)
     circuits: list[CircuitSummary] = field(default_factory=list)
     faithfulness: list[FaithfulnessScore] = field(default_factory=list)
+    ceilings: list[CeilingScore] = field(default_factory=list)
     overlap: list[OverlapScore] = field(default_factory=list)
     dcm: list[DcmScore] = field(default_factory=list)
     cmap: list[CmapScore] = field(default_factory=list)

@@ -43,10 +43,29 @@ def _faithfulness_score(ev: dict[str, Any], circuit: str, model: str) -> sc.Fait
     random_est = sc.Estimate(b.get("mean"), min(accs) if accs else None, max(accs) if accs else None, len(accs),
                              "random circuits, same group sizes",
                              note=f"low/high = min/max over draws; sd {b.get('sd', float('nan')):.3f}" if accs else "")
+    mib = None
+    if "mib" in ev:
+        mlow, mhigh = ev["mib_ci"]
+        mib = sc.Estimate(ev["mib"], mlow, mhigh, ev["n"], "paired-bootstrap (m(C)-m(none))/(m(N)-m(none))",
+                          note="" if ev["mib"] is not None else "undefined: the model is no better than no heads")
     return sc.FaithfulnessScore(
         circuit=circuit, model=model, model_accuracy=prop(ev["model_acc"]), circuit_accuracy=prop(ev["circuit_acc"]),
         faithfulness=sc.Estimate(ev["faithfulness"], low, high, ev["n"], "paired-bootstrap ratio"),
-        random_circuit_accuracy=random_est)
+        random_circuit_accuracy=random_est, faithfulness_mib=mib)
+
+
+def _ceiling_score(model: str, c: dict[str, Any]) -> sc.CeilingScore:
+    def prop(d) -> sc.Estimate:
+        return sc.Estimate(d["value"], d["ci95"][0], d["ci95"][1], d["n"], "wilson")
+
+    return sc.CeilingScore(
+        model=model, form=c["form"], model_accuracy=prop(c["model"]),
+        every_head_every_position=prop(c["every_head_every_position"]), form_accuracy=prop(c["form_all_heads"]),
+        no_heads_accuracy=prop(c["no_heads"]),
+        form_faithfulness=sc.Estimate(c["form_faithfulness"], *c["form_faithfulness_ci"], c["n"],
+                                      "paired-bootstrap ratio"),
+        form_faithfulness_mib=sc.Estimate(c["form_mib"], *c["form_mib_ci"], c["n"],
+                                          "paired-bootstrap (m(C)-m(none))/(m(N)-m(none))"))
 
 
 def _semantics_score(model: str, r: dict[str, Any]) -> sc.SemanticsScore:
@@ -66,7 +85,10 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
     circ = {w: Circuit.from_dict(circuits[w]["circuit"]) for w in ("base", "ft")}
     summaries = [sc.CircuitSummary(name=w, found_on=config[w] if circuits[w]["method"] != "given" else "given",
                                    method=circuits[w]["method"],
-                                   heads={g: [list(h) for h in circ[w].heads(g)] for g in sc.GROUPS})
+                                   heads={g: [list(h) for h in circ[w].heads(g)] for g in sc.GROUPS},
+                                   size_rule="given" if circuits[w]["method"] == "given" else
+                                   circuits[w].get("size_rule", "top-k"),
+                                   sizing=circuits[w].get("sizing"))
                  for w in ("base", "ft")]
     faithfulness = [_faithfulness_score(faith[model][name], name, model) for name in ("base", "ft")
                     for model in ("base", "ft")]
@@ -82,7 +104,9 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
     provenance = sc.Provenance(__version__, sc.BENCHMARK_VERSION, library_versions(), device, dtype)
     card = sc.from_dict(sc.to_dict(sc.Scorecard(
         base=sc.ModelCard(**cards["base"]), ft=sc.ModelCard(**cards["ft"]), config=config, config_hash=chash,
-        provenance=provenance, accuracy=accuracy, circuits=summaries, faithfulness=faithfulness, overlap=overlap,
+        provenance=provenance, accuracy=accuracy, circuits=summaries, faithfulness=faithfulness,
+        ceilings=[_ceiling_score(w, faith[w]["ceilings"]) for w in ("base", "ft") if "ceilings" in faith[w]],
+        overlap=overlap,
         dcm=dcm_scores, cmap=cmap_scores,
         semantics=[_semantics_score(w, r) for w in ("base", "ft") for r in semantics[w]["results"]])))
     items = list(acc["base"]["items"]) + list(acc["ft"]["items"])

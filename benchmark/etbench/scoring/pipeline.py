@@ -29,11 +29,13 @@ from etbench.metrics.cmap import check_compatible, paper_patch_heads, run_cmap
 from etbench.metrics.dcm import dcm_preset, semantics_check, train_masks
 from etbench.metrics.discovery import discover
 from etbench.metrics.faithfulness import evaluate_circuit, evaluation_runner
+from etbench.metrics.sizing import ceilings, mib_ci, mib_normalised
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit, load_circuit, paper_circuit
 from etbench.scoring.assemble import assemble_scorecard, model_card
 from etbench.scoring.presets import DEFAULT_BASE, DEFAULT_FT, Preset, resolve_preset
 from etbench.scoring.stages import StageCache
+from etbench.task.layout import usable_pool
 from etbench.task.prompts import generate
 
 
@@ -139,11 +141,26 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         if given is not None:
             return {"circuit": load_circuit(given).to_dict(), "method": "given", "forward_passes": {}}
         res = discover(model(which), mode=p.discovery_mode, n=p.discovery_n, seed=seed, batch_size=p.batch_size,
-                       minimality_mode=p.minimality, minimality_n=p.minimality_n, mean_n=p.mean_n, model_name=model(which).ref, progress=progress)
-        return {"circuit": res.circuit.to_dict(), "method": res.circuit.method, "forward_passes": res.forward_passes}
+                       minimality_mode=p.minimality, minimality_n=p.minimality_n, mean_n=p.mean_n,
+                       size=p.circuit_size, target_fraction=p.target_fraction, sizing_n=p.sizing_n,
+                       model_name=model(which).ref, progress=progress)
+        sizing = None
+        if res.growth is not None:
+            g, c = res.growth, res.ceilings
+            sizing = {"target_fraction": g.target_fraction, "target_faithfulness": g.target_faithfulness,
+                      "reached": g.reached, "chosen": g.chosen, "strategy": g.strategy, "note": g.note,
+                      "n": c.n, "mean_n": c.mean_n, "prompts": "seed + 1 stream (held out from evaluation)",
+                      "form_faithfulness": c.form_faithfulness, "model_accuracy": c.model.value,
+                      "no_heads_accuracy": c.no_heads.value,
+                      "curve": [{"size": st.size, "sizes": st.sizes, "accuracy": st.accuracy,
+                                 "faithfulness": st.faithfulness, "mib": st.mib, "added": st.added}
+                                for st in g.steps]}
+        return {"circuit": res.circuit.to_dict(), "method": res.circuit.method, "forward_passes": res.forward_passes,
+                "size_rule": p.circuit_size, "sizing": sizing}
 
     discovery_settings = {"mode": p.discovery_mode, "n": p.discovery_n, "minimality_n": p.minimality_n,
-                          "mean_n": p.mean_n, "minimality": p.minimality}
+                          "mean_n": p.mean_n, "minimality": p.minimality, "size": p.circuit_size,
+                          "target_fraction": p.target_fraction, "sizing_n": p.sizing_n}
     given = {"base": circuit_base, "ft": circuit_ft}
     recorded = {"base": recorded_base, "ft": recorded_ft}
     circuits = {w: cache.run(f"circuit_{w}", {**common, "model": ref[w], "given": recorded[w],
@@ -157,7 +174,16 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         # one runner for both circuits: the model's flags and the stored base runs are shared
         runner = evaluation_runner(m.model, m.tokenizer, 7, p.faithfulness_n, seed, p.mean_n, p.batch_size,
                                    progress=progress)
-        out = {}
+        # the form's ceilings and the floor on the same prompts and mean as the circuits' rows
+        ceil = ceilings(runner, seed)
+        out = {"ceilings": {
+            "form": ceil.form, "n": ceil.n, "mean_n": ceil.mean_n,
+            **{k: {"k": getattr(ceil, k).k, "n": getattr(ceil, k).n, "value": getattr(ceil, k).value,
+                   "ci95": [getattr(ceil, k).low, getattr(ceil, k).high]}
+               for k in ("model", "every_head_every_position", "form_all_heads", "no_heads")},
+            "form_faithfulness": ceil.form_faithfulness, "form_faithfulness_ci": list(ceil.form_faithfulness_ci),
+            "form_mib": ceil.form_mib, "form_mib_ci": list(mib_ci(ceil.form_correct, ceil.model_correct,
+                                                                  ceil.none_correct, seed))}}
         for name in ("base", "ft"):
             circ = Circuit.from_dict(circuits[name]["circuit"])
             own = name == which
@@ -166,6 +192,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                                   completeness_draws=p.completeness_draws if own else 0, curve=own,
                                   model_name=m.ref, progress=progress, runner=runner)
             out[name] = ev.to_dict()
+            out[name]["mib"] = mib_normalised(ev.circuit_acc.value, ev.model_acc.value, ceil.no_heads.value)
+            out[name]["mib_ci"] = list(mib_ci(ev.circuit_correct, ev.model_correct, ceil.none_correct, seed))
         return out
 
     faith_settings = {"n": p.faithfulness_n, "mean_n": p.mean_n, "random_draws": p.random_draws,
@@ -216,14 +244,29 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         heads = paper_patch_heads(circuit, selections) if circuit.size else {}
         if not any(heads.values()):
             return {"scores": [], "items": [], "heads": {}, "note": "no fine-tuned circuit heads to patch"}
-        examples = generate(n_boxes=7, n=p.cmap_n, seed=seed)
-        result = run_cmap(model("base").model, model("ft").model, model("base").tokenizer, heads, examples,
-                          tokenizer_ft=model("ft").tokenizer, variants=p.cmap_variants, batch_size=p.batch_size,
-                          base_name=ref["base"]["ref"], ft_name=ref["ft"]["ref"], progress=progress)
-        return {"scores": [asdict(s) for s in result.scores(seed=seed)], "items": result.item_rows(),
-                "heads": {g: [list(h) for h in hs] for g, hs in heads.items()}}
+        # the same usable-object filter as every other stage (objects and labels single tokens for both)
+        pool, labels = usable_pool(model("base").tokenizer, 7)
+        examples = generate(n_boxes=7, n=p.cmap_n, seed=seed, objects=pool, labels=labels)
+        scores, items = [], []
+        # two head sets, labelled: the paper's DCM-filtered heads (its rule) and every head of the ft
+        # circuit (output variant only), so a reader sees how much a conclusion depends on DCM
+        whole = {g: tuple(tuple(h) for h in circuit.heads(g)) for g in sc.GROUPS}
+        for label, hs, variants in (("dcm", heads, p.cmap_variants), ("circuit", whole, ("output",))):
+            if not any(hs.values()):
+                continue
+            result = run_cmap(model("base").model, model("ft").model, model("base").tokenizer, hs, examples,
+                              tokenizer_ft=model("ft").tokenizer, variants=variants, batch_size=p.batch_size,
+                              base_name=ref["base"]["ref"], ft_name=ref["ft"]["ref"], progress=progress)
+            scores += [{**asdict(s), "heads": label} for s in result.scores(seed=seed)]
+            rows = result.item_rows()
+            if label != "dcm":  # the unpatched base / ft rows are the same items: keep them once
+                rows = [r for r in rows if r["variant"] != "none"]
+            items += [{**r, "heads": label} for r in rows]
+        return {"scores": scores, "items": items, "heads": {g: [list(h) for h in hs] for g, hs in heads.items()},
+                "circuit_heads": {g: [list(h) for h in hs] for g, hs in whole.items()}}
 
-    cmap = cache.run("cmap", {**common, **ref, "n": p.cmap_n, "variants": p.cmap_variants,
+    cmap = cache.run("cmap", {**common, **ref, "n": p.cmap_n, "variants": p.cmap_variants, "head_sets": ["dcm", "circuit"],
+                              "objects": "usable",
                               "circuit_ft": circuit_keys["ft"], "dcm_ft": config_hash(dcm_runs["ft"][0])}, cmap_stage)
 
     card, items = assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device)

@@ -1,0 +1,98 @@
+"""The two faithfulness normalisations and circuit growth to a target, on a planted stand-in runner (no model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from etbench.core.errors import EtbenchError
+from etbench.core.stats import proportion_ci
+from etbench.metrics.sizing import grow_circuit, mib_normalised, paper_ratio
+from etbench.schema.circuit import GROUPS
+
+
+def test_normalisations():
+    assert paper_ratio(0.3, 0.6) == pytest.approx(0.5)
+    assert mib_normalised(0.3, 0.6, 0.1) == pytest.approx(0.4)
+    assert mib_normalised(0.6, 0.6, 0.1) == pytest.approx(1.0)
+    assert mib_normalised(0.1, 0.6, 0.1) == pytest.approx(0.0)
+    assert math.isnan(mib_normalised(0.3, 0.2, 0.2))  # model no better than the empty circuit
+    assert math.isnan(paper_ratio(0.3, 0.0))
+
+
+class PlantedRunner:
+    """Stands in for an AblationRunner: item i is correct iff every head of its required set is kept
+    at its position class. A known answer for the growth search, without a model."""
+
+    def __init__(self, required: list[set[tuple[str, int, int]]], n_layers: int = 4, n_heads: int = 4):
+        self.required = required
+        self.calls = 0
+
+    def correct(self, keep=None, ablate=None):
+        self.calls += 1
+        if keep is None:
+            return [True] * len(self.required)
+        kept = {(pc, layer, head) for pc, heads in keep.items() for layer, head in heads}
+        return [req <= kept for req in self.required]
+
+
+class FakeCeiling:
+    def __init__(self, model, none, form):
+        self.model = proportion_ci(round(model * 100), 100)
+        self.no_heads = proportion_ci(round(none * 100), 100)
+        self.form_faithfulness = form / model
+
+
+def test_growth_reaches_a_planted_target():
+    # 10 items; 9 need A:(3,1) at the last token and C:(1,2) at the query label; one needs a head
+    # the ranking puts last (an unreachable item: the target of 0.9 still holds)
+    need = {("last", 3, 1), ("query_label", 1, 2)}
+    required = [need] * 9 + [{("last", 0, 0), ("query_label", 0, 0), ("prev_query_label", 0, 0)}]
+    runner = PlantedRunner(required)
+    rankings = {g: [(3, 1), (2, 2), (1, 1), (0, 3)] for g in GROUPS}
+    rankings["position_detector"] = [(0, 1), (1, 2), (2, 0), (3, 3)]
+    growth = grow_circuit(runner, rankings, ceiling=FakeCeiling(1.0, 0.0, 1.0), target_fraction=0.9)
+    assert growth.reached
+    chosen = growth.chosen
+    assert chosen["value_fetcher"] >= 1 and chosen["position_detector"] >= 2
+    assert growth.steps[-1].faithfulness == pytest.approx(0.9)
+    assert growth.steps[0].size == 0 and growth.steps[0].faithfulness == 0
+    sizes = [s.size for s in growth.steps]
+    assert sizes == sorted(sizes)
+
+
+def test_growth_reports_an_unreachable_target():
+    runner = PlantedRunner([{("last", 9, 9)}] * 4)  # a head no ranking holds
+    rankings = {g: [(0, 0), (1, 1)] for g in GROUPS}
+    growth = grow_circuit(runner, rankings, ceiling=FakeCeiling(1.0, 0.0, 1.0), target_fraction=0.9)
+    assert not growth.reached
+    assert "not reached" in growth.note
+    assert all(v == 2 for v in growth.chosen.values())  # it tried everything the rankings hold
+
+
+def test_growth_rejects_a_bad_fraction():
+    with pytest.raises(EtbenchError):
+        grow_circuit(PlantedRunner([set()]), {}, ceiling=FakeCeiling(1.0, 0.0, 1.0), target_fraction=1.5)
+
+
+
+
+def test_growth_with_an_undefined_ceiling_grows_nothing():
+    runner = PlantedRunner([set()] * 3)
+    growth = grow_circuit(runner, {g: [(0, 0)] for g in GROUPS}, ceiling=FakeCeiling(0.0001, 0.0, 0.0))
+    assert not growth.reached and growth.steps == [] and runner.calls == 0
+    assert "nothing to grow" in growth.note
+
+
+def test_mib_ci_brackets_the_point_and_is_degenerate_only_when_items_agree():
+    from etbench.metrics.sizing import mib_ci
+
+    model = [True] * 60 + [False] * 40
+    none = [False] * 95 + [True] * 5
+    circuit = [True] * 30 + [False] * 70
+    lo, hi = mib_ci(circuit, model, none, seed=1)
+    point = mib_normalised(0.30, 0.60, 0.05)
+    assert lo < point < hi and hi - lo > 0.05
+    assert mib_ci(model, model, none) == (1.0, 1.0)  # the model itself: exactly 1 in every resample
+    assert all(math.isnan(x) for x in mib_ci([True], [False], [True]))
