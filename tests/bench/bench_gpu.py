@@ -247,7 +247,7 @@ def run_stages(model, tok, n: int, bs: int, device: torch.device, paper: dict, o
         stages["faithfulness_paper_estimate"] = {
             "paper_s": round((2 * core + paper["random_draws"] * per) * paper["faithfulness_n"] / n * 2, 1),
             "how": "(2 circuits x core + random_draws x (draw + completeness + curve)) x faithfulness_n/n x 2 models"}
-    dcm_cfg = dcm_preset("paper", n_train=paper["batch_size"] * 2, n_val=n, n_test=n, epochs=1, eval_every=1,
+    dcm_cfg = dcm_preset("paper", n_train=dcm_preset("paper").batch_size * 2, n_val=n, n_test=n, epochs=1, eval_every=1,
                          additional_for=(), semantics_n=n, semantics_repeats=1)
     dcm_res = record("dcm", lambda: train_masks(model, tok, circuit, dcm_cfg), None,
                      f"{dcm_cfg.steps} steps of batch {dcm_cfg.batch_size}, 4 groups x 3 desiderata, val/test {n}")
