@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .data import Example
+from .interventions import run as run_edited  # accuracy.run is this module's own entry point
 from .layout import Layout, layouts
 from .progress import track
 from .stats import Proportion, proportion_ci
@@ -79,11 +80,11 @@ def last_token_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     ``logits_to_keep=1`` skips the vocabulary projection everywhere else (a large saving with
     big vocabularies); models whose forward lacks it fall back to full logits.
     """
-    input_ids = input_ids.to(_model_device(model))
-    try:
-        out = model(input_ids=input_ids, logits_to_keep=1)
+    inputs = {"input_ids": input_ids.to(_model_device(model))}
+    try:  # through interventions.run: the forward backend in force (hooks or nnsight) runs it
+        out = run_edited(model, None, inputs, logits_to_keep=1)
     except TypeError:
-        out = model(input_ids=input_ids)
+        out = run_edited(model, None, inputs)
     return out.logits[:, -1].float()
 
 
