@@ -160,3 +160,18 @@ def test_remote_needs_an_api_key(monkeypatch):
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     with pytest.raises(EtbenchError, match="NDIF_API_KEY"):
         nb.NnsightRunner.for_ndif("meta-llama/Llama-2-7b-hf")
+
+
+def test_faithfulness_per_item_equals_hooks(base, tok):
+    from etbench.circuits import Circuit, Node
+    from etbench.faithfulness import evaluate_circuit
+
+    nodes = {"value_fetcher": [Node("value_fetcher", 1, 0)], "position_transmitter": [Node("position_transmitter", 0, 1)],
+             "position_detector": [Node("position_detector", 0, 3)], "structure_reader": [Node("structure_reader", 0, 0)]}
+    circuit = Circuit(nodes, model="toy", n_layers=2, n_heads=4)
+    kw = dict(n_boxes=3, n=12, mean_n=8, batch_size=6, random_draws=1, completeness_draws=1, curve=False)
+    hooks = evaluate_circuit(base, circuit, tok, **kw)
+    with iv.forward_backend(nb.run):
+        traced = evaluate_circuit(base, circuit, tok, **kw)
+    assert traced.model_correct == hooks.model_correct and traced.circuit_correct == hooks.circuit_correct
+    assert traced.baseline.accuracies == hooks.baseline.accuracies
