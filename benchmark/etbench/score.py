@@ -133,11 +133,16 @@ def _circuit_spec(given: str | None) -> str | None:
 
 def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = "etbench-out", *,
           preset: str | Preset = "quick", discovery: str | None = None, seed: int = 0, circuit_base: str | None = None,
-          circuit_ft: str | None = None, dtype: str = "float32", device: str = "cpu",
-          progress: bool = True) -> ScoreRun:
-    """Score ``ft`` against ``base``; write ``scorecard.json`` (+ items, report, figures) to ``out_dir``."""
+          circuit_ft: str | None = None, dtype: str | None = None, device: str = "cpu",
+          progress: bool = True, stage_plan=None) -> ScoreRun:
+    """Score ``ft`` against ``base``; write ``scorecard.json`` (+ items, report, figures) to ``out_dir``.
+
+    ``dtype=None``: bfloat16 on CUDA, float32 on CPU (``models.default_dtype``).
+    ``stage_plan``: this worker's share of the stages (``StageCache``'s ``plan``; ``etbench.distributed``);
+    a worker whose share ends raises ``stages.StagesHandedOff``."""
     from . import models
 
+    dtype = models.default_dtype(device) if dtype is None else dtype
     p = _preset(preset, discovery)
     circuit_base, circuit_ft = _circuit_spec(circuit_base), _circuit_spec(circuit_ft)
     out_dir = Path(out_dir)
@@ -147,7 +152,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     config["dcm"] = dcm_preset(p.dcm, seed=seed).to_dict()
     chash = sc.config_hash(config)
-    cache = StageCache(out_dir / "stages")
+    cache = StageCache(out_dir / "stages", plan=stage_plan)
     ref = {"base": base, "ft": ft}
     common = {"benchmark_version": sc.BENCHMARK_VERSION, "seed": seed, "dtype": dtype, "batch_size": p.batch_size}
 
@@ -156,7 +161,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     def model(which: str):
         if which not in loaded:
-            loaded[which] = models.load(base if which == "base" else ft, dtype=dtype, device=device)
+            loaded[which] = models.load(base if which == "base" else ft, dtype=dtype, device=device,
+                                        report=_stderr if progress else None)
         return loaded[which]
 
     # Fail fast on anything missing or incompatible before hours of work: both models must load
@@ -284,6 +290,12 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "peak_rss_mb": cache.peak_rss_mb,
                                                  "cached": cached})
     return ScoreRun(card, path, dict(cache.timings), cached, dict(cache.peak_rss_mb))
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 def _stage_names(p: Preset) -> list[str]:
