@@ -166,7 +166,7 @@ def score_many(jobs: Sequence[PairJob], *, preset: Any = "quick", seed: int = 0,
     started = False
     if not ray.is_initialized():
         if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            start_local(ray, num_cpus)
             started = True
         else:
             try:
@@ -179,6 +179,19 @@ def score_many(jobs: Sequence[PairJob], *, preset: Any = "quick", seed: int = 0,
     finally:
         if started:
             ray.shutdown()
+
+
+def start_local(ray, num_cpus: int | None, attempts: int = 2) -> None:
+    """A local Ray for this run. Ray waits a fixed 30 s for its raylet to register; on a loaded machine
+    that can run out (measured here on a shared 2-core box), so the start is tried twice."""
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this timeout
+            ray.shutdown()
+            if attempt == attempts - 1 or "timed out during startup" not in str(err):
+                raise EtbenchError(f"could not start a local Ray: {_one_line(err)}") from None
 
 
 def _schedule(ray, jobs, settings, cpus, gpus, retries, echo) -> list[PairResult]:

@@ -623,6 +623,33 @@ def load(ref: str, dtype: str | None = "float32", device: str = "cpu", trust_rem
                        merged=spec.kind == "peft" and spec.merge)
 
 
+def shares_base(base_ref: str, ft_ref: str, entries: Mapping[str, RegistryEntry] | None = None) -> bool:
+    """Whether ``ft`` is an unmerged adapter on exactly ``base``: then one copy of the base weights
+    computes both (``load_pair``)."""
+    try:
+        base, ft = resolve(base_ref, entries), resolve(ft_ref, entries)
+    except EtbenchError:
+        return False
+    return ft.kind == "peft" and not ft.merge and ft.base == base
+
+
+def load_pair(base_ref: str, ft_ref: str, dtype: str | None = "float32", device: str = "cpu",
+              trust_remote_code: bool = False, *, entries: Mapping[str, RegistryEntry] | None = None,
+              report=None) -> tuple[LoadedModel, LoadedModel]:
+    """Both models of a pair. An unmerged adapter on the base (``shares_base``) is loaded once: the
+    fine-tune is the ``PeftModel``, the base is the same object with its adapter off (half the
+    memory of two copies; identical results, tests/model/test_shared_lora.py)."""
+    if not shares_base(base_ref, ft_ref, entries):
+        return (load(base_ref, dtype, device, trust_remote_code, entries=entries, report=report),
+                load(ft_ref, dtype, device, trust_remote_code, entries=entries, report=report))
+    from .adapter import AdapterDisabled  # why here: it needs torch, which this module imports lazily
+
+    ft = load(ft_ref, dtype, device, trust_remote_code, entries=entries, report=report)
+    base = LoadedModel(ref=base_ref, source=ft.base_source or base_ref, model=AdapterDisabled(ft.model).eval(),
+                       tokenizer=ft.tokenizer, kind=resolve(base_ref, entries).kind, weights_dir=None)
+    return base, ft
+
+
 def _hub_kwargs(trust_remote_code: bool, local: bool) -> dict:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if local or hub_offline() or not hub_reachable():

@@ -161,8 +161,11 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     def model(which: str):
         if which not in loaded:
-            loaded[which] = models.load(base if which == "base" else ft, dtype=dtype, device=device,
-                                        report=_stderr if progress else None)
+            report = _stderr if progress else None
+            if models.shares_base(base, ft):  # an unmerged adapter on this base: one copy of the base weights
+                loaded["base"], loaded["ft"] = models.load_pair(base, ft, dtype=dtype, device=device, report=report)
+            else:
+                loaded[which] = models.load(base if which == "base" else ft, dtype=dtype, device=device, report=report)
         return loaded[which]
 
     # Fail fast on anything missing or incompatible before hours of work: both models must load

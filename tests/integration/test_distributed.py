@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 from etbench import score as scoring  # noqa: E402
 from etbench import toy  # noqa: E402
 from etbench.circuits import Circuit, Node  # noqa: E402
-from etbench.distributed import PairJob, score_many, stage_side  # noqa: E402
+from etbench.distributed import PairJob, score_many, stage_side, start_local  # noqa: E402
 from etbench.errors import EtbenchError  # noqa: E402
 from etbench.fileio import atomic_write_json  # noqa: E402
 
@@ -58,7 +58,7 @@ def test_two_pairs_on_ray_equal_sequential_and_resume_after_a_killed_worker(toys
                       circuit_ft=job.circuit_ft, progress=False)
     sequential_s = time.perf_counter() - t0
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a local Ray with 2 worker slots
+    start_local(ray, 2)  # a local Ray with 2 worker slots
     try:
         t0 = time.perf_counter()
         results = score_many(_jobs(toys, tmp_path / "ray"), preset=MICRO)
