@@ -95,15 +95,24 @@ def score_cmd(
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)."),
     device: str = typer.Option("cpu", help="cpu, cuda, or auto."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    backend: str = typer.Option("hooks", "--backend", help="hooks (torch hooks) or nnsight (the same edits through nnsight traces)."),
 ) -> None:
     """Score a fine-tuned model against its base: accuracy, faithfulness, head overlap, CMAP."""
+    from contextlib import nullcontext
+
     from . import score as scoring
+    from .interventions import forward_backend
 
     if exact and fast:
         _fail("--exact and --fast exclude each other")
-    run = scoring.score(base, ft, out, preset=preset, discovery="exact" if exact else "fast" if fast else None,
-                        seed=seed, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
-                        progress=not no_progress)
+    if backend not in ("hooks", "nnsight"):
+        _fail(f"--backend must be hooks or nnsight, got {backend!r}")
+    if backend == "nnsight":
+        from . import nnsight_backend
+    with forward_backend(nnsight_backend.run) if backend == "nnsight" else nullcontext():
+        run = scoring.score(base, ft, out, preset=preset, discovery="exact" if exact else "fast" if fast else None,
+                            seed=seed, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
+                            progress=not no_progress)
     typer.echo(scoring.format_scorecard(run.card))
     typer.echo(scoring.format_timings(run), err=True)
     typer.echo(f"wrote {run.path} (+ items.jsonl, report.md, report.html)", err=True)

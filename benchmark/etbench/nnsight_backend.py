@@ -131,7 +131,7 @@ class NnsightRunner:
 
         key = api_key if api_key is not None else os.environ.get("NDIF_API_KEY")
         if not key:
-            raise EtbenchError("--remote needs an NDIF API key: set NDIF_API_KEY (get one at https://login.ndif.us)")
+            raise EtbenchError("a remote (NDIF) run needs an NDIF API key: set NDIF_API_KEY or pass api_key")
         try:
             wrapped = TransformersModel(repo_id, revision=revision) if revision else TransformersModel(repo_id)
         except (OSError, ValueError) as err:

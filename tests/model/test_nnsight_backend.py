@@ -175,3 +175,25 @@ def test_faithfulness_per_item_equals_hooks(base, tok):
         traced = evaluate_circuit(base, circuit, tok, **kw)
     assert traced.model_correct == hooks.model_correct and traced.circuit_correct == hooks.circuit_correct
     assert traced.baseline.accuracies == hooks.baseline.accuracies
+
+
+def test_gradient_stages_equal_hooks(base, tok):
+    """Fast discovery (attribution: gradients w.r.t. head deltas) and DCM (gradients w.r.t. masks)
+    through nnsight traces give the hook backend's scores and masks."""
+    from dataclasses import replace
+
+    from etbench import dcm
+    from etbench.circuits import discover
+
+    kw = dict(n_boxes=3, n=4, batch_size=4, minimality_mode="none", mean_n=4)
+    cfg = replace(dcm.preset("quick"), n_train=8, n_val=8, n_test=8, epochs=1, batch_size=8, eval_every=1)
+    heads = {"A": [(1, 0), (1, 2)], "B": [(0, 1)]}
+    hooks = discover(base, "fast", tok, **kw), dcm.train_masks(base, tok, heads, cfg)
+    with iv.forward_backend(nb.run):
+        traced = discover(base, "fast", tok, **kw), dcm.train_masks(base, tok, heads, cfg)
+    for g in hooks[0].searches:
+        for row_t, row_h in zip(traced[0].searches[g].scores, hooks[0].searches[g].scores):
+            assert row_t == pytest.approx(row_h, abs=1e-6)
+    for m_t, m_h in zip(traced[1].masks, hooks[1].masks):
+        assert list(m_t.mask) == pytest.approx(list(m_h.mask), abs=1e-6)
+    assert [m.test_correct for m in traced[1].masks] == [m.test_correct for m in hooks[1].masks]
