@@ -10,6 +10,6 @@ import pytest
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory) -> Path:
     """A random tiny Llama + word-level tokenizer saved with save_pretrained (seed 0)."""
-    from etbench.toy import save_toy_model
+    from etbench.models.toy import save_toy_model
 
     return save_toy_model(tmp_path_factory.mktemp("toy_model"), seed=0)

@@ -1,5 +1,9 @@
-"""The ``etbench`` command: a thin typer layer. Each command parses, calls one library function,
-and prints; bad input becomes one line on stderr and a non-zero exit, never a traceback."""
+"""The ``etbench`` command: a thin typer layer. Each command parses, calls one public library function
+(``etbench.api`` and the modules it names), and prints; bad input becomes one line on stderr and a
+non-zero exit, never a traceback.
+
+Every command imports what it needs inside its own body: that keeps ``etbench --help`` and the
+publishing commands (``leaderboard build``, ``report``, ``compare``) from importing torch."""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from typing import Optional
 
 import typer
 
-from .errors import EtbenchError
+from etbench.core.errors import EtbenchError
+from etbench.core.progress import quiet_third_party
 
 app = typer.Typer(
     add_completion=False,
@@ -43,13 +48,13 @@ def data_generate(
     """Generate prompts as JSONL (the paper's schema by default)."""
     import json
 
-    from . import data
-    from .fileio import atomic_write_jsonl
+    from etbench.core.io import atomic_write_jsonl
+    from etbench.task import prompts
 
     if fmt not in ("paper", "etbench"):
         _fail(f"--format must be 'paper' or 'etbench', got {fmt!r}")
-    examples = data.generate(n_boxes=n_boxes, n=n, seed=seed)
-    rows = data.paper_records(examples) if fmt == "paper" else [ex.to_record() for ex in examples]
+    examples = prompts.generate(n_boxes=n_boxes, n=n, seed=seed)
+    rows = prompts.paper_records(examples) if fmt == "paper" else [ex.to_record() for ex in examples]
     if out is None:
         for row in rows:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -71,9 +76,10 @@ def accuracy_cmd(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
     """Full-model accuracy (greedy top-1 over the whole vocabulary), with a 95% CI."""
-    from . import accuracy
+    from etbench import api
+    from etbench.metrics import accuracy
 
-    result = accuracy.run(model, n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, dtype=dtype,
+    result = api.accuracy(model, n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, dtype=dtype,
                           device=device, progress=not no_progress)
     typer.echo(accuracy.format_run(result))
     if out is not None:
@@ -98,23 +104,16 @@ def score_cmd(
     backend: str = typer.Option("hooks", "--backend", help="hooks (torch hooks) or nnsight (the same edits through nnsight traces)."),
 ) -> None:
     """Score a fine-tuned model against its base: accuracy, faithfulness, head overlap, CMAP."""
-    from contextlib import nullcontext
-
-    from . import score as scoring
-    from .interventions import forward_backend
+    from etbench import api
+    from etbench.publish.terminal import format_scorecard, format_timings
 
     if exact and fast:
         _fail("--exact and --fast exclude each other")
-    if backend not in ("hooks", "nnsight"):
-        _fail(f"--backend must be hooks or nnsight, got {backend!r}")
-    if backend == "nnsight":
-        from . import nnsight_backend
-    with forward_backend(nnsight_backend.run) if backend == "nnsight" else nullcontext():
-        run = scoring.score(base, ft, out, preset=preset, discovery="exact" if exact else "fast" if fast else None,
-                            seed=seed, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
-                            progress=not no_progress)
-    typer.echo(scoring.format_scorecard(run.card))
-    typer.echo(scoring.format_timings(run), err=True)
+    run = api.score(base, ft, out, preset=preset, discovery="exact" if exact else "fast" if fast else None,
+                    seed=seed, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
+                    progress=not no_progress, backend=backend)
+    typer.echo(format_scorecard(run.card))
+    typer.echo(format_timings(run), err=True)
     typer.echo(f"wrote {run.path} (+ items.jsonl, report.md, report.html)", err=True)
 
 
@@ -137,7 +136,8 @@ def score_many_cmd(
     retries: int = typer.Option(0, "--retries", help="Times Ray reruns a side whose worker died (it resumes from the stage cache)."),
 ) -> None:
     """Score several pairs on Ray: each pair's base-side and ft-side stages run as concurrent tasks."""
-    from . import distributed
+    from etbench import api
+    from etbench.scoring import distributed
 
     if exact and fast:
         _fail("--exact and --fast exclude each other")
@@ -152,8 +152,8 @@ def score_many_cmd(
         if base is None or not ft:
             _fail("give --plan, or --base and at least one --ft")
         jobs = distributed.jobs_for(base, ft, out)
-    results = distributed.score_many(jobs, **settings, address=ray_address, num_cpus=num_cpus, cpus=cpus, gpus=gpus,
-                                     retries=retries, echo=lambda line: typer.echo(line, err=True))
+    results = api.score_many(jobs, **settings, address=ray_address, num_cpus=num_cpus, cpus=cpus, gpus=gpus,
+                             retries=retries, echo=lambda line: typer.echo(line, err=True))
     typer.echo(distributed.format_results(results))
 
 
@@ -172,15 +172,16 @@ def circuit_discover(
 ) -> None:
     """Find the four head groups (A value fetcher, B position transmitter, C position detector,
     D structure reader) by path patching, then prune by minimality."""
-    from . import circuits, models
+    from etbench import models
+    from etbench.metrics import discovery
 
     if exact and fast:
         _fail("--exact and --fast exclude each other")
     loaded = models.load(model, dtype=dtype, device=device)
-    result = circuits.discover(loaded, mode="exact" if exact else "fast", n=n, seed=seed, batch_size=batch_size,
+    result = discovery.discover(loaded, mode="exact" if exact else "fast", n=n, seed=seed, batch_size=batch_size,
                                model_name=model, progress=not no_progress)
     result.circuit.save(out)
-    typer.echo(circuits.format_discovery(result))
+    typer.echo(discovery.format_discovery(result))
     typer.echo(f"wrote {out}", err=True)
 
 
@@ -201,9 +202,11 @@ def circuit_eval(
 ) -> None:
     """Circuit accuracy with every other head mean-ablated, faithfulness, random baseline,
     completeness and the faithfulness curve."""
-    from . import circuits, faithfulness, models
+    from etbench import models
+    from etbench.metrics import faithfulness
+    from etbench.schema.circuit import load_circuit
 
-    circ = circuits.load_circuit(circuit)  # a bad circuit fails before the model loads
+    circ = load_circuit(circuit)  # a bad circuit fails before the model loads
     loaded = models.load(model, dtype=dtype, device=device)
     ev = faithfulness.evaluate_circuit(loaded, circ, n=n, seed=seed, mean_n=mean_n, batch_size=batch_size,
                                        random_draws=random_draws, completeness_draws=completeness_draws,
@@ -217,7 +220,7 @@ def circuit_eval(
 @app.command("tasks-path")
 def tasks_path() -> None:
     """Print the lm-eval task directory (for `lm_eval --include_path ...`)."""
-    from .lm_eval_integration import tasks_dir
+    from etbench.task.harness import tasks_dir
 
     typer.echo(str(tasks_dir()))
 
@@ -229,7 +232,7 @@ def tasks_path() -> None:
 )
 def lm_eval_cmd(ctx: typer.Context) -> None:
     """lm-eval with etbench's tasks included: `etbench lm-eval --model hf ... --tasks entity_tracking`."""
-    from .lm_eval_integration import run_lm_eval
+    from etbench.task.harness import run_lm_eval
 
     run_lm_eval(list(ctx.args))
 
@@ -237,12 +240,12 @@ def lm_eval_cmd(ctx: typer.Context) -> None:
 @models_app.command("list")
 def models_list() -> None:
     """Show every alias, what it is, and whether it is available offline right now."""
-    from . import models
+    from etbench import models
 
     typer.echo(models.format_model_table(models.list_models()))
 
 
-# --- submissions, leaderboard, compare, report (etbench.submissions / leaderboard / report) ---
+# --- submissions, leaderboard, compare, report (etbench.publish) ---
 leaderboard_app = typer.Typer(no_args_is_help=True, help="Build the leaderboard from stored scorecards.")
 app.add_typer(leaderboard_app, name="leaderboard")
 
@@ -255,7 +258,7 @@ def submit_cmd(
     check: bool = typer.Option(False, "--check", help="Validate only; write nothing."),
 ) -> None:
     """Validate a submission, ingest its scorecard and rebuild the leaderboard (all or nothing)."""
-    from . import submissions
+    from etbench.publish import submissions
 
     if check:
         sub = submissions.validate(file)
@@ -277,7 +280,7 @@ def leaderboard_build(
     no_paper: bool = typer.Option(False, "--no-paper", help="Leave out the paper's published rows."),
 ) -> None:
     """Regenerate leaderboards/ (CSV, JSON, Markdown, HTML, reports) deterministically."""
-    from . import leaderboard
+    from etbench.publish import leaderboard
 
     paths = leaderboard.build(root, out, include_paper=not no_paper)
     typer.echo(f"wrote {len(paths)} files to {out or root / 'leaderboards'}")
@@ -294,9 +297,10 @@ def compare_cmd(
     correction: str = typer.Option("holm", "--correction", help="Multiple-comparison correction: holm or bh."),
 ) -> None:
     """Paired statistics on the same items: McNemar, paired bootstrap CIs, Holm."""
-    from . import report
+    from etbench import api
+    from etbench.publish import report
 
-    comp = report.with_correction(report.resolve_pair(a, b, store), correction)
+    comp = api.compare(a, b, store, correction)
     typer.echo(report.format_comparison(comp))
     if out is not None:
         for path in report.write_doc(report.comparison_report(comp), out):
@@ -311,7 +315,7 @@ def report_cmd(
     out: Path = typer.Option(Path("."), "--out", "-o", help="Directory for report.md + report.html."),
 ) -> None:
     """Markdown + HTML report of one scorecard (tables, paired base-vs-ft tests, figures)."""
-    from . import report
+    from etbench.publish import report
 
     found = report.find_one(scorecard_ref, store)
     doc = report.scorecard_report(found.card, found.items, title=found.name)
@@ -320,6 +324,7 @@ def report_cmd(
 
 
 def main() -> None:
+    quiet_third_party()
     try:
         app()
     except EtbenchError as err:

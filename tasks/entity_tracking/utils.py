@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datasets
 
-from etbench.data import generate
+from etbench.task.prompts import generate
 
 # The few-shot pool uses another seed than the test items, so --num_fewshot never leaks test items.
 FEWSHOT_SEED_OFFSET = 10_000

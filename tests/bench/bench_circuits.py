@@ -27,7 +27,7 @@ def one(args) -> None:
 
     torch.set_num_threads(args.threads)
     from etbench import models
-    from etbench.circuits import discover, format_discovery
+    from etbench.metrics.discovery import discover, format_discovery
 
     t0 = time.perf_counter()
     loaded = models.load(args.model)
@@ -146,10 +146,11 @@ def main() -> None:
 
             torch.set_num_threads(args.threads)
             from etbench import models
-            from etbench.circuits import Circuit
-            from etbench.faithfulness import evaluate_circuit, mean_activations
-            from etbench.layout import usable_pool
-            from etbench.heads import head_map
+            from etbench.mech.heads import head_map
+            from etbench.metrics.ablation import mean_activations
+            from etbench.metrics.faithfulness import evaluate_circuit
+            from etbench.schema.circuit import Circuit
+            from etbench.task.layout import usable_pool
 
             loaded = models.load(args.model)
             pool, labels = usable_pool(loaded.tokenizer, args.n_boxes)

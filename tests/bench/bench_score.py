@@ -32,7 +32,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from etbench.score import format_scorecard, score
+    from etbench.scoring.pipeline import format_scorecard, score
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_score_"))
     if out.exists():

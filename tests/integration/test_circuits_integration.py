@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from etbench import models
-from etbench.circuits import GROUPS, Circuit, discover
-from etbench.faithfulness import evaluate_circuit, format_evaluation
+from etbench.metrics.discovery import discover
+from etbench.metrics.faithfulness import evaluate_circuit, format_evaluation
+from etbench.schema.circuit import GROUPS, Circuit
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -14,20 +14,21 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from etbench import score as scoring  # noqa: E402
-from etbench import toy  # noqa: E402
-from etbench.circuits import Circuit, Node  # noqa: E402
-from etbench.distributed import PairJob, score_many, stage_side, start_local  # noqa: E402
-from etbench.errors import EtbenchError  # noqa: E402
-from etbench.fileio import atomic_write_json  # noqa: E402
+from etbench.api import score, score_many  # noqa: E402
+from etbench.core.errors import EtbenchError  # noqa: E402
+from etbench.core.io import atomic_write_json  # noqa: E402
+from etbench.models import toy  # noqa: E402
+from etbench.schema.circuit import Circuit, Node  # noqa: E402
+from etbench.scoring.distributed import PairJob, stage_side, start_local  # noqa: E402
+from etbench.scoring.presets import Preset  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-MICRO = scoring.Preset("micro", accuracy_n=8, accuracy_boxes=(3,), discovery_mode="fast", discovery_n=8,
+MICRO = Preset("micro", accuracy_n=8, accuracy_boxes=(3,), discovery_mode="fast", discovery_n=8,
                        minimality_n=8, faithfulness_n=8, mean_n=8, random_draws=1, completeness_draws=1, dcm="quick",
                        dcm_seeds=(0,), cmap_n=8, cmap_variants=("output",),
                        dcm_groups=("value_fetcher", "position_transmitter", "position_detector"))
-OUTPUTS = ("scorecard.json", "items.jsonl", "circuit_base.json", "circuit_ft.json")
+OUTPUTS = ("scorecard.json", "items.jsonl", "circuit_base.json", "circuit_ft.json", "report.md")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def _jobs(toys, out):
 def test_two_pairs_on_ray_equal_sequential_and_resume_after_a_killed_worker(toys, tmp_path):
     t0 = time.perf_counter()
     for job in _jobs(toys, tmp_path / "seq"):
-        scoring.score(job.base, job.ft, job.out_dir, preset=MICRO, circuit_base=job.circuit_base,
+        score(job.base, job.ft, job.out_dir, preset=MICRO, circuit_base=job.circuit_base,
                       circuit_ft=job.circuit_ft, progress=False)
     sequential_s = time.perf_counter() - t0
 
@@ -106,7 +107,7 @@ def test_two_pairs_on_ray_equal_sequential_and_resume_after_a_killed_worker(toys
 
 
 def test_plan_file_and_bad_input(tmp_path):
-    from etbench.distributed import jobs_for, load_plan
+    from etbench.scoring.distributed import jobs_for, load_plan
 
     plan = tmp_path / "plan.yaml"
     plan.write_text("preset: quick\nseed: 1\npairs:\n  - {base: tiny-base, ft: tiny-ft, out: out/a}\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from etbench import leaderboard as lb
+from etbench.publish import leaderboard as lb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_leaderboard import make_store  # noqa: E402

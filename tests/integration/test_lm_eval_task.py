@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from etbench import accuracy, data, toy
-from etbench.lm_eval_integration import GROUPS, task_manager, tasks_dir
+from etbench.metrics import accuracy
+from etbench.models import toy
+from etbench.task import prompts as data
+from etbench.task.harness import TASK_GROUPS, task_manager, tasks_dir
 
 REPO = Path(__file__).resolve().parents[2]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -29,7 +31,7 @@ def test_package_tasks_dir_is_the_checkout_tasks_dir():
 
 def test_task_manager_indexes_groups_and_subtasks():
     names = set(task_manager(include_defaults=False).all_tasks)
-    assert set(GROUPS) <= names
+    assert set(TASK_GROUPS) <= names
     assert {f"entity_tracking_{n}boxes" for n in (3, 5, 7)} <= names
     assert {f"entity_tracking_mc_{n}boxes" for n in (3, 5, 7)} <= names
 
@@ -52,7 +54,7 @@ def lm_eval(*args, cwd):
 
 @pytest.mark.slow
 def test_lm_eval_validate_accepts_the_task(tmp_path):
-    result = lm_eval("lm_eval", "validate", "--tasks", "entity_tracking,entity_tracking_mc",
+    result = lm_eval(sys.executable, "-m", "lm_eval", "validate", "--tasks", "entity_tracking,entity_tracking_mc",
                      "--include_path", str(REPO / "tasks"), cwd=tmp_path)
     assert result.returncode == 0 and "All tasks found and valid" in result.stdout + result.stderr
 
@@ -61,7 +63,7 @@ def test_lm_eval_validate_accepts_the_task(tmp_path):
 def test_lm_eval_acc_equals_etbench_accuracy_item_by_item(tmp_path):
     model_dir = toy.save_toy_model(tmp_path / "toy", seed=3)
     out = tmp_path / "lm_eval_out"
-    result = lm_eval("lm_eval", "--include_path", str(REPO / "tasks"), "--tasks", "entity_tracking",
+    result = lm_eval(sys.executable, "-m", "lm_eval", "--include_path", str(REPO / "tasks"), "--tasks", "entity_tracking",
                      "--model", "hf", "--model_args", f"pretrained={model_dir}", "--device", "cpu",
                      "--batch_size", "32", "--output_path", str(out), "--log_samples", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

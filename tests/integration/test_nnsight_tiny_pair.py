@@ -17,11 +17,13 @@ pytestmark = [
 
 
 def test_tiny_pair_accuracy_and_cmap_per_item_equal_hooks():
-    from etbench import cmap, data, models
-    from etbench import interventions as iv
-    from etbench import nnsight_backend as nb
-    from etbench.accuracy import evaluate
-    from etbench.circuits import load_circuit
+    from etbench import models
+    from etbench.mech import interventions as iv
+    from etbench.mech import nnsight_backend as nb
+    from etbench.metrics import cmap
+    from etbench.metrics.accuracy import evaluate
+    from etbench.schema.circuit import load_circuit
+    from etbench.task import prompts as data
 
     base, ft = models.load("tiny-base"), models.load("tiny-ft")
     examples = data.generate(7, 8, seed=0)  # why 8: this test loads and runs the 135M pair twice on CPU

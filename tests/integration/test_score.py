@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from etbench import score as scoring
-from etbench import toy
-from etbench.circuits import Circuit, Node
-from etbench.errors import EtbenchError
-from etbench.fileio import atomic_write_json
+from etbench.core.errors import EtbenchError
+from etbench.core.io import atomic_write_json
+from etbench.models import toy
+from etbench.schema.circuit import Circuit, Node
+from etbench.scoring import pipeline as scoring
 
 # Tiny sizes: the point here is plumbing, determinism and resumption, not the numbers.
 MICRO = scoring.Preset("micro", accuracy_n=14, accuracy_boxes=(3, 7), discovery_mode="fast", discovery_n=8,
@@ -62,7 +62,7 @@ def test_same_seed_gives_byte_identical_scorecards_and_resume_after_interruption
     assert run_score(toy_pair, tmp_path / "b").path.read_bytes() == card
 
     # Interrupt a third run in its last stage (CMAP), then resume: earlier stages come from disk.
-    import etbench.cmap
+    import etbench.metrics.cmap
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

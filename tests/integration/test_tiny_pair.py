@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from etbench import data, models
-from etbench.train_tiny import ASSET_DIR, BASE_REF, TEST_SUBSET
+from etbench import models
+from etbench.task import prompts as data
+from etbench.training.tiny import ASSET_DIR, BASE_REF, TEST_SUBSET
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,7 +54,7 @@ def test_tiny_model_loads_fast_and_matches_card(ref, merged, card, base_ready):
     import torch
     from peft import PeftModel
 
-    from etbench.accuracy import evaluate
+    from etbench.metrics.accuracy import evaluate
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from etbench import models
-from etbench.errors import EtbenchError
+from etbench.core.errors import EtbenchError
 
 
 def _config_only(directory, hidden, layers, vocab=32000):

@@ -12,13 +12,14 @@ import torch
 
 pytest.importorskip("nnsight")
 
-from etbench import cmap, data  # noqa: E402
-from etbench import interventions as iv  # noqa: E402
-from etbench import nnsight_backend as nb  # noqa: E402
-from etbench.accuracy import evaluate  # noqa: E402
-from etbench.errors import EtbenchError  # noqa: E402
-from etbench.heads import head_map  # noqa: E402
-from etbench.toy import tiny_llama, word_level_tokenizer  # noqa: E402
+from etbench.core.errors import EtbenchError  # noqa: E402
+from etbench.mech import interventions as iv  # noqa: E402
+from etbench.mech import nnsight_backend as nb  # noqa: E402
+from etbench.mech.heads import head_map  # noqa: E402
+from etbench.metrics import cmap  # noqa: E402
+from etbench.metrics.accuracy import evaluate  # noqa: E402
+from etbench.models.toy import tiny_llama, word_level_tokenizer  # noqa: E402
+from etbench.task import prompts as data  # noqa: E402
 
 HEADS = {"A": [(1, 0), (1, 2)], "B": [(0, 1), (1, 3)], "C": [(0, 0), (0, 2)], "D": [(0, 3), (1, 1)]}
 
@@ -163,8 +164,8 @@ def test_remote_needs_an_api_key(monkeypatch):
 
 
 def test_faithfulness_per_item_equals_hooks(base, tok):
-    from etbench.circuits import Circuit, Node
-    from etbench.faithfulness import evaluate_circuit
+    from etbench.metrics.faithfulness import evaluate_circuit
+    from etbench.schema.circuit import Circuit, Node
 
     nodes = {"value_fetcher": [Node("value_fetcher", 1, 0)], "position_transmitter": [Node("position_transmitter", 0, 1)],
              "position_detector": [Node("position_detector", 0, 3)], "structure_reader": [Node("structure_reader", 0, 0)]}
@@ -182,11 +183,11 @@ def test_gradient_stages_equal_hooks(base, tok):
     through nnsight traces give the hook backend's scores and masks."""
     from dataclasses import replace
 
-    from etbench import dcm
-    from etbench.circuits import discover
+    from etbench.metrics import dcm
+    from etbench.metrics.discovery import discover
 
     kw = dict(n_boxes=3, n=4, batch_size=4, minimality_mode="none", mean_n=4)
-    cfg = replace(dcm.preset("quick"), n_train=8, n_val=8, n_test=8, epochs=1, batch_size=8, eval_every=1)
+    cfg = replace(dcm.dcm_preset("quick"), n_train=8, n_val=8, n_test=8, epochs=1, batch_size=8, eval_every=1)
     heads = {"A": [(1, 0), (1, 2)], "B": [(0, 1)]}
     hooks = discover(base, "fast", tok, **kw), dcm.train_masks(base, tok, heads, cfg)
     with iv.forward_backend(nb.run):

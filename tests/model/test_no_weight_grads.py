@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from etbench import models
-from etbench import score as scoring
-from etbench import toy
-from etbench.circuits import Circuit, Node
-from etbench.fileio import atomic_write_json
+from etbench.core.io import atomic_write_json
+from etbench.models import toy
+from etbench.schema.circuit import Circuit, Node
+from etbench.scoring import pipeline as scoring
+from etbench.scoring.presets import Preset
 
-MICRO = scoring.Preset("micro", accuracy_n=8, accuracy_boxes=(3,), discovery_mode="fast", discovery_n=8,
+MICRO = Preset("micro", accuracy_n=8, accuracy_boxes=(3,), discovery_mode="fast", discovery_n=8,
                        minimality_n=8, faithfulness_n=8, mean_n=8, random_draws=1, completeness_draws=1, dcm="quick",
                        dcm_seeds=(0,), cmap_n=8, cmap_variants=("output", "qkv"),
                        dcm_groups=("value_fetcher", "position_transmitter", "position_detector", "structure_reader"))
@@ -57,7 +58,7 @@ def test_no_parameter_holds_grad_after_any_stage(toy_pair, tmp_path, monkeypatch
 
 
 def test_fast_discovery_leaves_no_weight_grad():
-    from etbench.circuits import discover
+    from etbench.metrics.discovery import discover
 
     tok = toy.word_level_tokenizer()
     model = toy.tiny_llama(len(tok), n_layers=2, n_heads=4, seed=1)

@@ -6,8 +6,12 @@ import copy
 import pytest
 import torch
 
-from etbench import cmap, data, models, toy
-from etbench.accuracy import evaluate
+from etbench import models
+from etbench.metrics import cmap
+from etbench.metrics.accuracy import evaluate
+from etbench.models import toy
+from etbench.models.adapter import load_pair
+from etbench.task import prompts as data
 
 HEADS = {"A": [(1, 0), (1, 2)], "B": [(0, 1)], "C": [(0, 0)], "D": [(0, 3)]}
 
@@ -32,7 +36,7 @@ def pair(tmp_path_factory):
 def test_shared_copy_equals_two_copies_per_item(pair):
     base_ref, ft_ref = pair
     assert models.shares_base(base_ref, ft_ref) and not models.shares_base(ft_ref, base_ref)
-    shared_base, shared_ft = models.load_pair(base_ref, ft_ref)
+    shared_base, shared_ft = load_pair(base_ref, ft_ref)
     copy_base, copy_ft = models.load(base_ref), models.load(ft_ref)
     assert shared_base.model.peft is shared_ft.model  # one copy of the weights
     stored = {p.data_ptr() for m in (shared_base.model, shared_ft.model) for p in m.parameters()}

@@ -2,9 +2,10 @@
 
 import pytest
 
-from etbench import counterfactuals as cf
-from etbench import data, toy
-from etbench.data import Example
+from etbench.models import toy
+from etbench.task import counterfactuals as cf
+from etbench.task import prompts as data
+from etbench.task.prompts import Example
 
 BASE = Example(objects=("book", "car", "key", "cup", "map"), labels=("F", "Q", "A", "Z", "K"), query_index=1)
 
@@ -89,7 +90,7 @@ def test_pairs_are_seeded(bases):
 
 
 def test_unknown_desideratum_and_too_small_contexts_are_clear_errors():
-    from etbench.errors import EtbenchError
+    from etbench.core.errors import EtbenchError
 
     with pytest.raises(EtbenchError, match="unknown desideratum"):
         cf.make_pairs("nope", [BASE])

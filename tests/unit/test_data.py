@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from etbench import data
-from etbench.errors import EtbenchError
+from etbench.core.errors import EtbenchError
+from etbench.task import prompts as data
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 SEGMENT = r"the (\w+) is in Box ([A-Z])"

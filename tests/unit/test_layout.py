@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from etbench import data, toy
-from etbench.data import Example
-from etbench.errors import EtbenchError
-from etbench.layout import check_vocabulary, layouts, pad_batch, single_token_continuations
+from etbench.core.errors import EtbenchError
+from etbench.models import toy
+from etbench.task import prompts as data
+from etbench.task.layout import check_vocabulary, layouts, pad_batch, single_token_continuations
+from etbench.task.prompts import Example
 
 
 @pytest.fixture(scope="module", params=["word_level", "byte_level_bpe"])
@@ -33,7 +34,7 @@ def test_every_position_points_at_its_word(tokenizer):
 
 
 def test_word_level_layout_matches_the_papers_54_token_llama_layout():
-    # With a BOS and one token per word the layout is the paper's (spec §2.3): objects at 2+7k,
+    # With a BOS and one token per word the layout is the paper's (docs/method.md §1): objects at 2+7k,
     # labels at 6+7k, query label 51, last token 53.
     lay = layouts(data.generate(7, 1, seed=0), toy.word_level_tokenizer())[0]
     assert lay.length == 54 and lay.last == 53 and lay.query_label == 51

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from etbench import leaderboard as lb
+from etbench.publish import leaderboard as lb
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scorecards"
 

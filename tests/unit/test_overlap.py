@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from etbench import overlap
-from etbench.circuits import Circuit
-from etbench.errors import EtbenchError
+from etbench.core.errors import EtbenchError
+from etbench.metrics import overlap
+from etbench.schema.circuit import Circuit
 
 
 def test_head_overlap_known_values():

@@ -2,7 +2,7 @@
 
 import torch
 
-from etbench.prefix import _buckets
+from etbench.mech.prefix import _buckets
 
 
 def test_buckets_cover_every_row_once_and_never_start_after_a_row():

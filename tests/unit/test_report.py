@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from etbench import report, stats
-from etbench import scorecard as sc
 from etbench.cli import app
-from etbench.errors import EtbenchError
+from etbench.core import stats
+from etbench.core.errors import EtbenchError
+from etbench.publish import report
+from etbench.schema import scorecard as sc
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scorecards"
 
@@ -105,7 +105,7 @@ def test_reads_cmap_rows_as_etbench_cmap_writes_them():
     """Rows from etbench.cmap.CmapResult.item_rows feed the paired CMAP test (no model needed)."""
     import random
 
-    from etbench.cmap import CmapResult, CmapRun
+    from etbench.metrics.cmap import CmapResult, CmapRun
 
     rng = random.Random(0)
     base = tuple(rng.random() < 0.4 for _ in range(60))

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from etbench import scorecard as sc
-from etbench.errors import EtbenchError
+from etbench.core.errors import EtbenchError
+from etbench.schema import scorecard as sc
 
 
 def make_card() -> sc.Scorecard:

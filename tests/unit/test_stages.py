@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from etbench.stages import PeakMemory, StageCache, _rss_mb
+from etbench.scoring.stages import StageCache, _rss_mb
 
 
 def test_stage_runs_once_and_recomputes_when_its_inputs_change(tmp_path):
@@ -44,7 +44,7 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
         pytest.skip("no /proc: only the lifetime peak (ru_maxrss) is available")
     code = (
         "import time\n"
-        "from etbench.stages import PeakMemory, _rss_mb\n"
+        "from etbench.scoring.stages import PeakMemory, _rss_mb\n"
         "before = _rss_mb()\n"
         "with PeakMemory(interval=0.01) as mem:\n"
         "    block = b'x' * (300 * 2**20)\n"

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from etbench import stats
-from etbench.scorecard import Estimate
+from etbench.core import stats
+from etbench.schema.scorecard import Estimate
 
 
 def _pairs(both, a_only, b_only, neither):

@@ -1,0 +1,85 @@
+"""The public Python API: what ``import etbench`` exposes and what every ``etbench`` command calls.
+
+A notebook user and the CLI go through the same functions::
+
+    import etbench
+    run = etbench.score("tiny-base", "tiny-ft", out_dir="etbench-out")   # scorecard + report
+    card = etbench.Scorecard.load("etbench-out/scorecard.json")
+    comparison = etbench.compare("tiny-base", "tiny-ft")                  # paired statistics
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from etbench.core.errors import EtbenchError
+from etbench.publish import report
+from etbench.scoring.presets import DEFAULT_BASE, DEFAULT_FT, Preset
+
+if TYPE_CHECKING:  # the running modules import torch; compare() and the CLI's publishing commands must not
+    from etbench.metrics.accuracy import AccuracyRun
+    from etbench.scoring.pipeline import ScoreRun
+
+#: Where ``compare`` looks for scorecards given by name: the submission store and ``score``'s default output.
+DEFAULT_STORES: tuple[Path, ...] = (Path("submissions/results"), Path("etbench-out"))
+
+
+def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = "etbench-out", *,
+          preset: str | Preset = "quick", discovery: str | None = None, seed: int = 0,
+          circuit_base: str | None = None, circuit_ft: str | None = None, dtype: str | None = None,
+          device: str = "cpu", progress: bool = True, backend: str = "hooks") -> ScoreRun:
+    """Score ``ft`` against ``base`` and write ``scorecard.json``, ``items.jsonl``, the two circuits,
+    ``timings.json`` and ``report.md``/``report.html`` to ``out_dir`` (stages cached in ``out_dir/stages``,
+    so an interrupted run resumes). Returns the run (``.card`` is the ``Scorecard``).
+    ``dtype=None``: bfloat16 on CUDA, float32 on CPU. ``backend``: ``hooks`` (torch hooks) or ``nnsight``
+    (the same edits through nnsight traces; equal results, tests/model/test_nnsight_backend.py)."""
+    from contextlib import nullcontext
+
+    from etbench.mech.interventions import forward_backend  # torch: imported only when a model is run
+    from etbench.scoring import pipeline
+
+    if backend not in ("hooks", "nnsight"):
+        raise EtbenchError(f"backend must be hooks or nnsight, got {backend!r}")
+    if backend == "nnsight":
+        from etbench.mech import nnsight_backend  # nnsight: imported only when asked for
+    with forward_backend(nnsight_backend.run) if backend == "nnsight" else nullcontext():
+        run = pipeline.score(base, ft, out_dir, preset=preset, discovery=discovery, seed=seed,
+                             circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
+                             progress=progress)
+    report.write_doc(report.scorecard_report(run.card, run.items), Path(out_dir), stem="report")
+    return run
+
+
+def score_many(jobs, **kwargs):
+    """Score several pairs (``scoring.distributed.PairJob``s) on Ray, each pair's base-side and ft-side
+    stages as concurrent tasks, and write each pair's report; keyword arguments as
+    ``scoring.distributed.score_many`` (``address`` = ``auto``/``HOST:PORT`` of a cluster, else a local
+    Ray). The files per pair are those of ``score``, byte for byte."""
+    from etbench.schema import scorecard as sc
+    from etbench.scoring import distributed  # ray: imported only when asked for
+
+    results = distributed.score_many(jobs, **kwargs)
+    for r in results:
+        card = sc.load(r.scorecard)
+        report.write_doc(report.scorecard_report(card, sc.load_items(r.scorecard, card)), Path(r.job.out_dir),
+                         stem="report")
+    return results
+
+
+def compare(a: str, b: str, store: Sequence[str | Path] = DEFAULT_STORES,
+            correction: str = "holm") -> report.Comparison:
+    """Paired statistics of two scorecards on the same items (McNemar, paired bootstrap CIs, ``correction``
+    for multiple comparisons). ``a``/``b``: a scorecard path, a stored submission name or a model ref."""
+    return report.with_correction(report.resolve_pair(a, b, [Path(s) for s in store]), correction)
+
+
+def accuracy(model: str, n_boxes: Sequence[int] = (7,), n: int | None = None, seed: int | None = None,
+             **kwargs) -> AccuracyRun:
+    """Full-model accuracy (greedy top-1 over the whole vocabulary) with 95% Wilson CIs."""
+    from etbench.metrics.accuracy import run  # torch: imported only when a model is run
+
+    return run(model, n_boxes=n_boxes, n=n, seed=seed, **kwargs)
+
+
+__all__ = ["DEFAULT_STORES", "EtbenchError", "accuracy", "compare", "score", "score_many"]

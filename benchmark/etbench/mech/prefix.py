@@ -1,0 +1,150 @@
+"""Prefix reuse: many patched forward passes over one set of prompts, each computing only the tokens
+its patch can change.
+
+An edit at positions >= ``start`` leaves every token before ``start`` exactly as in the *base run*
+(the prompts under the base edits: none for a clean run, "every head mean-ablated" for circuit
+faithfulness). So a patched run feeds only tokens ``start..last`` with the base run's key/value cache
+of ``0..start-1``: one token when every patch sits at the last position. DCM, CMAP and faithfulness
+all run this way; models whose cache is not a plain per-layer key/value cache (or
+``reuse_prefix=False``) run whole prompts instead, and the two paths agree to float precision
+(``tests/unit/test_prefix.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from etbench.core.errors import EtbenchError
+from etbench.core.progress import track
+from etbench.mech.forward import device_of, forward
+from etbench.mech.heads import HeadMap, head_map
+from etbench.mech.interventions import Edit
+
+#: ``edits(sub, shift)``: the edits for batch rows ``sub`` with positions shifted by ``-shift``.
+EditsFn = Callable[[torch.Tensor, int], Sequence[Edit]]
+
+
+def _buckets(starts: torch.Tensor, max_splits: int) -> list[tuple[torch.Tensor, int]]:
+    """Rows grouped by start position: one group per distinct start, or ``max_splits`` groups of rows
+    with neighbouring starts (each run from its smallest start)."""
+    values = torch.unique(starts)
+    if len(values) <= max_splits:
+        return [((starts == v).nonzero().reshape(-1), int(v)) for v in values]
+    order = torch.argsort(starts, stable=True)
+    return [(chunk, int(starts[chunk].min())) for chunk in torch.tensor_split(order, max_splits) if len(chunk)]
+
+
+def _kv_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer (keys, values) ``[B, kv_heads, T, d]`` of a plain full-attention cache, else None."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return None  # sliding-window, static, quantised, encoder-decoder...: recompute instead
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+class PatchRunner:
+    """Base forward passes over equal-length, unpadded prompts, and patched runs that reuse them.
+
+    The base pass over all rows runs once at construction: it records each row's base argmax
+    (``base_argmax``), and keeps the key/value caches when they fit in ``store_mb`` (else they are
+    recomputed per batch). ``base_edits(rows)`` gives the base run's edits for those rows (row indices
+    into ``input_ids``); a patched run's own edits must repeat them from ``start`` on, since the
+    prefix only covers tokens before ``start``. ``counter`` (anything with ``add(input_ids)``) counts
+    every forward call.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, batch_size: int = 32, reuse_prefix: bool = True,
+                 store_mb: float = 1024, progress: bool = False, description: str = "clean runs",
+                 base_edits: Callable[[torch.Tensor], Sequence[Edit]] | None = None, counter=None) -> None:
+        if input_ids.dim() != 2:
+            raise EtbenchError("PatchRunner needs prompts of one token length (a [N, T] tensor)")
+        self.model = model
+        self.hm: HeadMap = head_map(model)
+        self.device = device_of(model)
+        self.ids = input_ids.to(self.device)
+        self.batch_size = batch_size
+        self.reuse_prefix = reuse_prefix
+        self.base_edits = base_edits
+        self.counter = counter
+        self.n_forward = 0  # forward passes run (base + patched), for timing reports
+        self.n_tokens = 0
+        n = self.ids.shape[0]
+        self.base_argmax = torch.empty(n, dtype=torch.long)
+        self._store: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        budget = store_mb * 2**20
+        chunks = [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+        for rows in track(chunks, description, total=len(chunks), enabled=progress):
+            kv = self._base(rows)
+            if kv is None:
+                continue
+            if rows[0] == 0:
+                per_row = sum(k[:1].numel() * k.element_size() * 2 for k, _ in kv)
+                if per_row * n <= budget:
+                    self._store = [(torch.empty((n, *k.shape[1:]), dtype=k.dtype, device=k.device),
+                                    torch.empty((n, *v.shape[1:]), dtype=v.dtype, device=v.device)) for k, v in kv]
+            if self._store is not None:
+                for (sk, sv), (k, v) in zip(self._store, kv):
+                    sk[rows], sv[rows] = k, v
+
+    @torch.no_grad()
+    def _base(self, rows: torch.Tensor):
+        ids = self.ids[rows.to(self.device)]
+        edits = self.base_edits(rows) if self.base_edits is not None else ()
+        out = self._forward(ids, edits, use_cache=self.reuse_prefix)
+        self.base_argmax[rows] = out.logits[:, -1].argmax(-1).cpu()
+        if not self.reuse_prefix:
+            return None
+        kv = _kv_tensors(out.past_key_values)
+        if kv is None or any(k.shape[-2] != ids.shape[1] for k, _ in kv):
+            self.reuse_prefix = False
+            return None
+        return kv
+
+    def _forward(self, ids: torch.Tensor, edits: Sequence[Edit] = (), **kwargs):
+        self.n_forward += 1
+        self.n_tokens += ids.numel()
+        return forward(self.model, ids, self.hm, edits, counter=self.counter, **kwargs)
+
+    def kv(self, rows: torch.Tensor):
+        """The base run's key/value cache of ``rows`` (stored, or recomputed now); None without prefix reuse."""
+        if not self.reuse_prefix:
+            return None
+        if self._store is not None:
+            # why per layer: a device_map model keeps each layer's cache on that layer's device
+            return [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in self._store]
+        return self._base(rows)
+
+    def logits(self, rows: torch.Tensor, kv, starts: int | torch.Tensor, edits: EditsFn,
+               max_splits: int = 8) -> torch.Tensor:
+        """Last-token logits ``[B, vocab]`` of ``rows`` with edits applied. Differentiable.
+
+        ``starts``: each row's earliest patched position (an int for all rows). Rows are run in up to
+        ``max_splits`` sub-batches of similar start, each from its own start (a per-row position such as
+        the structure reader's then costs about half the tokens of running every row from the earliest).
+        ``edits(sub, shift)`` builds the edits for the batch rows ``sub`` (indices into ``rows``), with
+        positions given as ``position - shift``."""
+        ids = self.ids[rows.to(self.device)]
+        b, t = ids.shape
+        starts = torch.as_tensor(starts, dtype=torch.long).reshape(-1).expand(b).clamp(0, t - 1)
+        if kv is None:
+            return self._forward(ids, edits(torch.arange(b), 0)).logits[:, -1].float()
+        from transformers import DynamicCache
+
+        parts, order = [], []
+        for sub, start in _buckets(starts, max_splits):
+            if start == 0:
+                out = self._forward(ids[sub.to(self.device)], edits(sub, 0))
+            else:
+                cache = DynamicCache(ddp_cache_data=[(k[sub.to(k.device)][:, :, :start], v[sub.to(v.device)][:, :, :start])
+                                                     for k, v in kv])
+                out = self._forward(ids[sub.to(self.device), start:], edits(sub, start), past_key_values=cache,
+                                    use_cache=True)
+            parts.append(out.logits[:, -1].float())
+            order.append(sub)
+        order = torch.cat(order)
+        if len(parts) == 1 and torch.equal(order, torch.arange(b)):
+            return parts[0]
+        # buckets come in start order (one bucket may hold rows sorted by start): back to row order
+        return torch.cat(parts)[torch.argsort(order).to(parts[0].device)]

@@ -1,0 +1,382 @@
+"""CMAP, Cross-Model Activation Patching (docs/method.md §9): does the fine-tuned model's version of a circuit
+group make the *base* model better?
+
+The same prompts run through the fine-tuned model (its heads' values cached at the positions needed,
+nothing else) and then through the base model with those values patched in; the base's top-1
+accuracy (whole vocabulary, the paper's metric) is compared with its own and with the fine-tuned's.
+
+Variants
+--------
+* ``output`` (the paper's main result): each patched head's ``z`` (the input of the attention output
+  projection, before W_O) at its group's position; the **base's** own W_O (and anything after it)
+  then applies. Per group and ``full`` (every group at its own position; a head listed in two groups is
+  patched at both positions). ``all_positions=True`` patches every position instead.
+* ``q``, ``k``, ``v``, ``qk``, ``qkv`` (input CMAP): the group's heads' query at the group position
+  and/or their keys/values at every position up to it, from the fine-tuned run; at the same time
+  every head's z at positions before the group position is frozen to the base's own clean z, and so
+  is every *other* head's z at the group position. The patched inputs can therefore change nothing
+  but the group's own heads' z at the group position (under grouped-query attention a patched KV head
+  is shared by several query heads: the freeze keeps the others at their clean z). Defined for the
+  groups read at the last token (value_fetcher, position_transmitter), as in the paper: for an earlier
+  position, heads at later positions that share a patched KV head would see the patched keys too.
+
+Scores
+------
+``gain = patched - base`` accuracy and ``normalised gain = (patched - base) / (ft - base)``, each with a
+paired bootstrap CI over items (``etbench.core.stats``); the normalised gain is undefined (value None, with a
+note) when the fine-tuned and base accuracies are equal. Per-item rows go to the scorecard side file.
+
+The two models must share their head layout (HeadSpec sizes) and tokenize the prompts identically.
+Heads patched are whatever the caller passes per group; ``paper_patch_heads`` builds the paper's
+choice (the fine-tuned model's own circuit filtered by DCM). Head lists are copied into tuples, so no
+group's list is ever extended in place (the reference's bug B7).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from etbench.core.errors import EtbenchError
+from etbench.core.progress import track
+from etbench.core.stats import (
+    Proportion,
+    format_estimate_of,
+    paired_bootstrap_diff,
+    paired_bootstrap_ratio,
+    proportion_ci,
+    to_estimate,
+)
+from etbench.mech.heads import head_map
+from etbench.mech.interventions import Edit, read, replace, replace_where, run
+from etbench.mech.prefix import PatchRunner
+from etbench.metrics.dcm import DcmResult, HeadsByGroup, by_layer, check_heads_fit, format_heads, normalise_heads
+from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Head, group_name
+from etbench.schema.scorecard import CmapScore
+from etbench.task.layout import Layout, layouts
+from etbench.task.prompts import Example
+
+VARIANTS: tuple[str, ...] = ("output", "q", "k", "v", "qk", "qkv")
+INPUT_VARIANTS: tuple[str, ...] = VARIANTS[1:]
+FULL = "full"
+
+
+# ----------------------------------------------------------------------------------------------
+# Which heads
+
+
+def paper_patch_heads(circuit: Circuit | HeadsByGroup, dcm: DcmResult | Mapping[tuple[str, str], Sequence[Head]],
+                      ) -> dict[str, tuple[Head, ...]]:
+    """The paper's CMAP heads from the fine-tuned model's own circuit and its DCM results:
+    A = DCM object_value heads, B and C = DCM positional heads, D = the whole group."""
+    groups = normalise_heads(circuit)
+    sel = dcm.selections() if isinstance(dcm, DcmResult) else {(group_name(g), d): hs for (g, d), hs in dcm.items()}
+    rule = {"value_fetcher": "object_value", "position_transmitter": "positional", "position_detector": "positional"}
+    out: dict[str, tuple[Head, ...]] = {}
+    for g, hs in groups.items():
+        if g in rule:
+            if (g, rule[g]) not in sel:
+                raise EtbenchError(f"no DCM {rule[g]} result for {g}: run DCM on the fine-tuned circuit first")
+            chosen = {tuple(h) for h in sel[(g, rule[g])]}
+            out[g] = tuple(h for h in hs if h in chosen)
+        else:
+            out[g] = tuple(hs)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class CmapRun:
+    variant: str
+    group: str  # a group name or "full"
+    heads: dict[str, tuple[Head, ...]]  # what was patched, per group
+    correct: tuple[bool, ...]  # base model with the patch, per item
+    predicted: tuple[int, ...] = ()  # its top-1 token id, per item
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct) if self.correct else float("nan")
+
+
+@dataclass
+class CmapResult:
+    base_model: str
+    ft_model: str
+    n_boxes: int
+    base_correct: tuple[bool, ...]
+    ft_correct: tuple[bool, ...]
+    runs: list[CmapRun]
+    all_positions: bool = False
+    base_predicted: tuple[int, ...] = ()
+    ft_predicted: tuple[int, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def base_accuracy(self) -> Proportion:
+        return proportion_ci(sum(self.base_correct), len(self.base_correct))
+
+    @property
+    def ft_accuracy(self) -> Proportion:
+        return proportion_ci(sum(self.ft_correct), len(self.ft_correct))
+
+    def get(self, variant: str, group: str) -> CmapRun:
+        g = group if group == FULL else group_name(group)
+        for r in self.runs:
+            if r.variant == variant and r.group == g:
+                return r
+        raise EtbenchError(f"no CMAP run for variant {variant}, group {g}")
+
+    def scores(self, seed: int = 0, n_resamples: int = 2000) -> list["CmapScore"]:
+        """``scorecard.CmapScore`` per run: patched accuracy (Wilson), gain and normalised gain
+        (paired bootstrap over items, seeded)."""
+        base = [float(x) for x in self.base_correct]
+        ft = [float(x) for x in self.ft_correct]
+        out = []
+        for r in self.runs:
+            patched = [float(x) for x in r.correct]
+            gain = paired_bootstrap_diff(base, patched, seed=seed, n_resamples=n_resamples)
+            num = [p - b for p, b in zip(patched, base)]
+            den = [f - b for f, b in zip(ft, base)]
+            ratio = paired_bootstrap_ratio(num, den, seed=seed, n_resamples=n_resamples)
+            note = "fine-tuned accuracy equals base accuracy: normalised gain undefined" if ratio.value is None else None
+            out.append(CmapScore(variant=r.variant, group=r.group,
+                                 patched_accuracy=to_estimate(proportion_ci(sum(r.correct), len(r.correct))),
+                                 gain=to_estimate(gain), normalised_gain=to_estimate(ratio, note)))
+        return out
+
+    def item_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, (b, f) in enumerate(zip(self.base_correct, self.ft_correct)):
+            rows.append({"measure": "cmap", "model": "base", "variant": "none", "group": "none",
+                         "n_boxes": self.n_boxes, "item": i, "correct": bool(b)})
+            rows.append({"measure": "cmap", "model": "ft", "variant": "none", "group": "none",
+                         "n_boxes": self.n_boxes, "item": i, "correct": bool(f)})
+        for r in self.runs:
+            rows += [{"measure": "cmap", "model": "base", "variant": r.variant, "group": r.group,
+                      "n_boxes": self.n_boxes, "item": i, "correct": bool(c)} for i, c in enumerate(r.correct)]
+        return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+
+
+def check_compatible(model_base, model_ft, tokenizer_base, tokenizer_ft, examples: Sequence[Example],
+                     ) -> list[Layout]:
+    """The base's layouts; a clear error unless both models have the same head layout and tokenize
+    every prompt (and answer) to the same ids."""
+    a, b = head_map(model_base).spec, head_map(model_ft).spec
+    shape = ("n_layers", "n_heads", "n_kv_heads", "d_head")
+    if any(getattr(a, k) != getattr(b, k) for k in shape):
+        def desc(s):
+            return f"{s.family} {s.n_layers} layers x {s.n_heads} heads ({s.n_kv_heads} kv), d_head {s.d_head}"
+
+        raise EtbenchError(f"CMAP needs two models of one architecture: base is {desc(a)}, fine-tuned is {desc(b)}")
+    lays = layouts(examples, tokenizer_base)
+    if tokenizer_ft is not None and tokenizer_ft is not tokenizer_base:
+        other = layouts(examples, tokenizer_ft)
+        for i, (x, y) in enumerate(zip(lays, other)):
+            if x.input_ids != y.input_ids or x.target_id != y.target_id:
+                raise EtbenchError(f"CMAP needs one tokenizer: the two models' tokenizers encode prompt {i} "
+                                   f"differently ({examples[i].prompt[:40]!r}...)")
+    lengths = {lay.length for lay in lays}
+    if len(lengths) != 1:
+        raise EtbenchError(f"CMAP prompts must share one token length (one box count), got {sorted(lengths)}")
+    return lays
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def _keep_mask(batch: int, seq: int, n_heads: int, pos: torch.Tensor, heads_here: Sequence[int]) -> torch.Tensor:
+    """``[B, S, H]`` true where z stays free: positions after ``pos``, and the listed heads at ``pos``."""
+    t = torch.arange(seq)[None, :, None]
+    p = pos[:, None, None]
+    keep = (t > p).expand(batch, seq, n_heads).clone()
+    if heads_here:
+        at = (t == p).expand(batch, seq, n_heads)
+        h = torch.zeros(n_heads, dtype=torch.bool)
+        h[list(heads_here)] = True
+        keep |= at & h[None, None, :]
+    return keep
+
+
+def _up_to(values: torch.Tensor, pos: torch.Tensor):
+    """An edit fn writing ``values`` ``[B, S, n, d]`` at positions <= pos (per row), leaving later ones."""
+
+    def fn(cur: torch.Tensor) -> torch.Tensor:
+        s = cur.shape[1]
+        m = (torch.arange(s, device=cur.device)[None, :] <= pos.to(cur.device)[:, None])[:, :, None, None]
+        return torch.where(m, values.to(cur.device, cur.dtype), cur)
+
+    return fn
+
+
+def run_cmap(model_base, model_ft, tokenizer, heads: Circuit | HeadsByGroup, examples: Sequence[Example], *,
+             tokenizer_ft=None, variants: Sequence[str] = ("output",), groups: Sequence[str] | None = None,
+             all_positions: bool = False, batch_size: int = 16, base_name: str = "base", ft_name: str = "ft",
+             progress: bool = False, reuse_prefix: bool = True) -> CmapResult:
+    """Patch the fine-tuned model's head values into the base model, per group and for the full set.
+
+    ``heads``: ``{group: [(layer, head), ...]}`` or a ``Circuit`` (see ``paper_patch_heads``).
+    ``groups``: which runs (group names/letters and/or ``"full"``); default every group with heads,
+    plus ``"full"`` for the output variant. Input variants run for last-token groups only."""
+    t0 = time.perf_counter()
+    for v in variants:
+        if v not in VARIANTS:
+            raise EtbenchError(f"unknown CMAP variant {v!r}; known: {', '.join(VARIANTS)}")
+    if not examples:
+        raise EtbenchError("CMAP needs at least one example")
+    hbg = {g: hs for g, hs in normalise_heads(heads).items() if hs}
+    if not hbg:
+        raise EtbenchError("CMAP needs at least one group with heads")
+    lays = check_compatible(model_base, model_ft, tokenizer, tokenizer_ft, examples)
+    hm_b, hm_f = head_map(model_base), head_map(model_ft)
+    check_heads_fit(hbg, hm_b.spec, base_name)
+    spec = hm_b.spec
+    if groups is None:
+        wanted = list(hbg) + ([FULL] if len(hbg) > 1 or "output" in variants else [])
+    else:
+        wanted = [g if g == FULL else group_name(g) for g in groups]
+        missing = [g for g in wanted if g != FULL and g not in hbg]
+        if missing:
+            raise EtbenchError(f"CMAP groups without heads: {', '.join(missing)}")
+    jobs: list[tuple[str, str]] = []
+    for v in variants:
+        for g in wanted:
+            if v == "output":
+                jobs.append((v, g))
+            elif g != FULL and GROUP_POSITION[g] == "last":
+                jobs.append((v, g))
+            elif groups is not None:
+                raise EtbenchError(f"input CMAP ({v}) is defined for last-token groups only, not {g}")
+    patch_sets = {g: ({g: hbg[g]} if g != FULL else dict(hbg)) for g in wanted}
+
+    ids = torch.tensor([lay.input_ids for lay in lays], dtype=torch.long)
+    targets = torch.tensor([lay.target_id for lay in lays], dtype=torch.long)
+    n, seq = ids.shape
+    runner = PatchRunner(model_base, ids, batch_size, reuse_prefix and not all_positions)
+    t_clean = time.perf_counter()
+    pos = {g: torch.tensor([lay.position(GROUP_POSITION[g]) for lay in lays]) for g in GROUPS}
+    device_f = next(model_ft.parameters()).device
+    need_in = any(v != "output" for v, _ in jobs)
+    kv_heads = {g: sorted({spec.kv_head(h) for _, h in hbg[g]}) for g in hbg}
+
+    ft_pred: list[int] = []
+    pred: dict[tuple[str, str], list[int]] = {j: [] for j in jobs}
+    chunks = [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    for rows in track(chunks, "CMAP", total=len(chunks), enabled=progress):
+        b = len(rows)
+        # 1. the fine-tuned run: z (and q/k/v) of the needed heads, only where they will be patched
+        store: dict = {}
+        edits: list[Edit] = []
+        for g, hs in hbg.items():
+            p = None if all_positions else pos[g][rows].to(device_f)
+            for layer, _, h in by_layer(hs):
+                edits.append(read(layer, "z", store, p, h, key=("z", g, layer)))
+                if need_in and GROUP_POSITION[g] == "last":
+                    edits.append(read(layer, "q", store, pos[g][rows].to(device_f), h, key=("q", g, layer)))
+                    kvh = sorted({spec.kv_head(x) for x in h})
+                    edits.append(read(layer, "k", store, None, kvh, key=("k", g, layer)))
+                    edits.append(read(layer, "v", store, None, kvh, key=("v", g, layer)))
+        with torch.no_grad():
+            out = run(model_ft, hm_f, {"input_ids": ids[rows].to(device_f)}, edits)
+        ft_pred += out.logits[:, -1].argmax(-1).cpu().tolist()
+        del out
+        # 2. the base's clean z everywhere (input variants freeze it), once per batch
+        clean_z: dict = {}
+        if need_in:
+            with torch.no_grad():
+                run(model_base, hm_b, {"input_ids": ids[rows].to(runner.device)},
+                    [read(layer, "z", clean_z) for layer in range(spec.n_layers)], logits_to_keep=1)
+        kv = runner.kv(rows) if not all_positions else None
+        # 3. patched base runs
+        for v, g in jobs:
+            with torch.no_grad():
+                if v == "output":
+                    logits = _output_patch(runner, rows, kv, patch_sets[g], store, pos, all_positions)
+                else:
+                    logits = _input_patch(runner, rows, v, g, hbg[g], kv_heads, store, clean_z, pos, spec, b, seq)
+            pred[(v, g)] += logits.argmax(-1).cpu().tolist()
+    tgt = targets.tolist()
+
+    def correct(p: list[int]) -> tuple[bool, ...]:
+        return tuple(a == t for a, t in zip(p, tgt))
+
+    base_pred = runner.base_argmax.tolist()
+    runs = [CmapRun(v, g, {k: tuple(hs) for k, hs in patch_sets[g].items()}, correct(pred[(v, g)]),
+                    tuple(pred[(v, g)])) for v, g in jobs]
+    t_end = time.perf_counter()
+    timings = {"total_s": t_end - t0, "clean_s": t_clean - t0, "patch_s": t_end - t_clean, "runs": len(jobs),
+               "run_s": (t_end - t_clean) / max(1, len(jobs)), "n": n}
+    return CmapResult(base_name, ft_name, examples[0].n_boxes, correct(base_pred), correct(ft_pred), runs,
+                      all_positions=all_positions, timings=timings, base_predicted=tuple(base_pred),
+                      ft_predicted=tuple(ft_pred))
+
+
+def _output_patch(runner: PatchRunner, rows, kv, patch: Mapping[str, Sequence[Head]], store, pos, all_positions):
+    if all_positions:
+        def make_all(sub: torch.Tensor, shift: int) -> list[Edit]:
+            return [replace(layer, "z", store[("z", g, layer)][sub.to(store[("z", g, layer)].device)], None, h)
+                    for g, hs in patch.items() for layer, _, h in by_layer(hs)]
+
+        return runner.logits(rows, None, 0, make_all)
+    dev = runner.device
+    starts = torch.stack([pos[g][rows] for g in patch]).min(0).values  # each row's earliest patch
+
+    def make(sub: torch.Tensor, shift: int) -> list[Edit]:
+        return [replace(layer, "z", store[("z", g, layer)][sub.to(store[("z", g, layer)].device)],
+                        (pos[g][rows][sub] - shift).to(dev), h)
+                for g, hs in patch.items() for layer, _, h in by_layer(hs)]
+
+    return runner.logits(rows, kv, starts, make)
+
+
+def _input_patch(runner: PatchRunner, rows, variant, g, hs, kv_heads, store, clean_z, pos, spec, b, seq):
+    p = pos[g][rows]
+    dev = runner.device
+    layers = by_layer(hs)
+    edits: list[Edit] = []
+    for layer, _, h in layers:
+        if "q" in variant:
+            edits.append(replace(layer, "q", store[("q", g, layer)], p.to(dev), h))
+        kvh = sorted({spec.kv_head(x) for x in h})
+        for kind in ("k", "v"):
+            if kind in variant:
+                edits.append(Edit(layer, kind, _up_to(store[(kind, g, layer)], p), None, kvh))
+    heads_at = {layer: h for layer, _, h in layers}
+    for layer in range(spec.n_layers):
+        keep = _keep_mask(b, seq, spec.n_heads, p, heads_at.get(layer, []))
+        edits.append(replace_where(layer, "z", clean_z[(layer, "z")], keep))
+    return runner.logits(rows, None, 0, lambda sub, shift: edits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def format_cmap(result: CmapResult, seed: int = 0) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for r, s in zip(result.runs, result.scores(seed)):
+        heads = sum(len(v) for v in r.heads.values())
+        rows.append([r.variant, r.group if r.group == FULL else GROUP_CODES[r.group], heads,
+                     f"{s.patched_accuracy.value:.3f}", format_estimate_of(s.gain, undefined="undefined", signed=True, show_note=False),
+                     format_estimate_of(s.normalised_gain, undefined="undefined", signed=True, show_note=False)])
+    head = (f"base {result.base_model}: {result.base_accuracy.value:.3f}   "
+            f"fine-tuned {result.ft_model}: {result.ft_accuracy.value:.3f}   n = {len(result.base_correct)}")
+    table = tabulate(rows, headers=["variant", "group", "heads", "patched acc", "gain [95% CI]",
+                                    "normalised gain [95% CI]"], tablefmt="github", disable_numparse=True)
+    return f"{head}\n{table}"
+
+
+__all__ = ["VARIANTS", "INPUT_VARIANTS", "FULL", "CmapRun", "CmapResult", "run_cmap", "paper_patch_heads",
+           "check_compatible", "format_cmap", "format_heads"]

@@ -1,0 +1,40 @@
+"""Where weights come from: ``registry`` (aliases, resolution, availability; no torch), ``gguf``
+(dequantise once, cache), ``load`` (a reference -> model + tokenizer), ``toy`` (random test models)."""
+
+from etbench.models.gguf import GGUF_MANIFEST, cache_root, dequantised_dir, ensure_dequantised, find_dequantised
+from etbench.models.load import (
+    DTYPES,
+    LoadedModel,
+    MemoryEstimate,
+    as_loaded,
+    default_dtype,
+    estimate_memory,
+    load,
+    shares_base,
+)
+from etbench.models.registry import (
+    ASSET_PREFIX,
+    REGISTRY_PATH,
+    SOURCE_KINDS,
+    Availability,
+    ModelRow,
+    ModelSpec,
+    RegistryEntry,
+    availability,
+    cached_snapshot,
+    format_model_table,
+    hf_cache_dir,
+    hub_offline,
+    hub_reachable,
+    list_models,
+    parse_registry,
+    registry,
+    resolve,
+)
+
+__all__ = [
+    "ASSET_PREFIX", "DTYPES", "MemoryEstimate", "default_dtype", "estimate_memory", "shares_base", "GGUF_MANIFEST", "REGISTRY_PATH", "SOURCE_KINDS", "Availability", "LoadedModel",
+    "ModelRow", "ModelSpec", "RegistryEntry", "as_loaded", "availability", "cache_root", "cached_snapshot",
+    "dequantised_dir", "ensure_dequantised", "find_dequantised", "format_model_table", "hf_cache_dir",
+    "hub_offline", "hub_reachable", "list_models", "load", "parse_registry", "registry", "resolve",
+]

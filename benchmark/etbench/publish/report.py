@@ -1,0 +1,619 @@
+"""Paired comparisons and readable reports, computed from scorecards and their per-item rows.
+
+Nothing here runs a model. Two kinds of comparison:
+
+* within one scorecard: the base model against the fine-tuned one on the same items (accuracy per
+  box count, faithfulness of the base circuit, CMAP gain);
+* across two scorecards with the same configuration: one fine-tuned model against another.
+
+Per-item rows (``scorecard.load_items``) are read with these conventions, one row per item ×
+measurement, ``correct`` a bool:
+
+* ``measure="accuracy"``: ``model`` (base/ft), ``n_boxes``, ``item``;
+* ``measure="circuit_accuracy"``: ``model``, ``circuit`` (base/ft/...), ``item`` (mean-ablated circuit run);
+* ``measure="cmap"``: ``group`` (a GROUPS name or "full"), optional ``variant`` (default "output"),
+  ``item`` (the base model with the fine-tuned activations patched in).
+
+When the rows are missing, the scorecard's own estimates are shown and no paired test is made.
+Figures are inline SVG made with matplotlib's Agg backend, with fixed ids so output is deterministic.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from etbench.core import stats
+from etbench.core.errors import EtbenchError
+from etbench.core.io import atomic_write_text
+from etbench.core.stats import format_estimate_of, format_p
+from etbench.publish.page import BASE_CSS, content_security_policy
+from etbench.schema import scorecard as sc
+
+SEED = 0
+N_RESAMPLES = 2000
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-item rows
+# ---------------------------------------------------------------------------------------------
+
+def _select(items: list[dict[str, Any]], measure: str, **match: Any) -> dict[Any, float]:
+    """item id -> correct (as 0/1) for rows of ``measure`` whose fields equal ``match``.
+
+    A ``None`` in ``match`` means "absent or None"; ``variant`` defaults to "output" when absent.
+    """
+    out: dict[Any, float] = {}
+    for row in items:
+        if row.get("measure") != measure:
+            continue
+        ok = True
+        for key, want in match.items():
+            have = row.get(key, "output" if key == "variant" else None)
+            if have != want:
+                ok = False
+                break
+        if ok:
+            key = row.get("item")
+            if key in out:
+                raise EtbenchError(f"per-item rows: item {key!r} appears twice for {measure} {match}")
+            out[key] = float(bool(row.get("correct")))
+    return out
+
+
+def _align(a: dict[Any, float], b: dict[Any, float]) -> tuple[np.ndarray, np.ndarray]:
+    keys = sorted(set(a) & set(b), key=lambda k: (str(type(k)), k))
+    return np.array([a[k] for k in keys]), np.array([b[k] for k in keys])
+
+
+@dataclass(frozen=True)
+class AccuracyTest:
+    label: str
+    n_boxes: int
+    a_name: str
+    b_name: str
+    result: stats.McNemar
+
+    @property
+    def p_value(self) -> float:
+        return self.result.p_value
+
+
+@dataclass(frozen=True)
+class GainTest:
+    """A paired difference (of accuracies, gains or ratios) with its CI and a test where one fits."""
+
+    label: str
+    interval: stats.Interval
+    p_value: Optional[float]
+    test: str
+    from_items: bool
+
+
+def accuracy_tests(card: sc.Scorecard, items: list[dict[str, Any]],
+                   n_boxes: Optional[tuple[int, ...]] = None) -> list[AccuracyTest]:
+    """Base vs fine-tuned accuracy per box count: exact McNemar on the same items."""
+    counts = sorted({a.n_boxes for a in card.accuracy}) if n_boxes is None else list(n_boxes)
+    tests = []
+    for k in counts:
+        base = _select(items, "accuracy", model="base", n_boxes=k)
+        ft = _select(items, "accuracy", model="ft", n_boxes=k)
+        a, b = _align(base, ft)
+        if a.size == 0:
+            continue
+        res = stats.mcnemar(a, b, seed=SEED, n_resamples=N_RESAMPLES)
+        tests.append(AccuracyTest(f"accuracy, {k} boxes", k, card.base.ref, card.ft.ref, res))
+    return tests
+
+
+def _cmap_groups(card: sc.Scorecard) -> list[str]:
+    order = list(sc.GROUPS) + ["full"]
+    groups = {c.group for c in card.cmap if c.variant == "output"}
+    return sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
+
+
+def _cmap_base(items: list[dict[str, Any]], n_boxes: int = 7) -> dict[Any, float]:
+    """The unpatched base model on CMAP's items (rows with variant/group "none"), else its 7-box accuracy rows."""
+    rows = _select(items, "cmap", model="base", variant="none", group="none")
+    return rows or _select(items, "accuracy", model="base", n_boxes=n_boxes)
+
+
+def cmap_tests(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[GainTest]:
+    """CMAP gain per group: patched base accuracy minus base accuracy, paired over items."""
+    out = []
+    base = _cmap_base(items)
+    for group in _cmap_groups(card):
+        patched = _select(items, "cmap", model="base", group=group, variant="output")
+        a, b = _align(base, patched)
+        label = f"CMAP gain, {group.replace('_', ' ')}"
+        if a.size:
+            ci = stats.paired_bootstrap_diff(a, b, seed=SEED, n_resamples=N_RESAMPLES)
+            p = stats.mcnemar(a, b, seed=SEED, n_resamples=200).p_value
+            out.append(GainTest(label, ci, p, "exact McNemar", True))
+        else:
+            score = next(c for c in card.cmap if c.group == group and c.variant == "output")
+            out.append(GainTest(label, stats.from_estimate(score.gain), None, "", False))
+    return out
+
+
+def _ratio_diff(x1, y1, x2, y2, axis=-1):
+    return np.mean(x2, axis=axis) / np.mean(y2, axis=axis) - np.mean(x1, axis=axis) / np.mean(y1, axis=axis)
+
+
+def faithfulness_tests(card: sc.Scorecard, items: list[dict[str, Any]], circuit: str = "base") -> list[GainTest]:
+    """Faithfulness (circuit acc / model acc) of ``circuit`` on base and ft, and their difference."""
+    out = []
+    n_boxes = 7
+    per_model = {}
+    for model in ("base", "ft"):
+        circ = _select(items, "circuit_accuracy", model=model, circuit=circuit)
+        full = _select(items, "accuracy", model=model, n_boxes=n_boxes)
+        per_model[model] = (circ, full)
+        c, f = _align(circ, full)
+        score = next((x for x in card.faithfulness if x.circuit == circuit and x.model == model), None)
+        label = f"faithfulness of the {circuit} circuit on {model}"
+        if c.size:
+            out.append(GainTest(label, stats.paired_bootstrap_ratio(c, f, seed=SEED, n_resamples=N_RESAMPLES),
+                                None, "", True))
+        elif score is not None:
+            out.append(GainTest(label, stats.from_estimate(score.faithfulness), None, "", False))
+    (cb, fb), (cf, ff) = per_model["base"], per_model["ft"]
+    keys = sorted(set(cb) & set(fb) & set(cf) & set(ff), key=lambda k: (str(type(k)), k))
+    if keys:
+        arrays = [np.array([d[k] for k in keys]) for d in (cb, fb, cf, ff)]
+        ci = stats.paired_bootstrap(arrays, _ratio_diff, seed=SEED, n_resamples=N_RESAMPLES)
+        out.append(GainTest(f"faithfulness difference (ft - base), {circuit} circuit", ci, None, "", True))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Comparison:
+    title: str
+    a: str
+    b: str
+    accuracy: list[AccuracyTest] = field(default_factory=list)
+    gains: list[GainTest] = field(default_factory=list)
+    holm: Optional[stats.Adjusted] = None
+    notes: list[str] = field(default_factory=list)
+
+    def p_values(self) -> list[float]:
+        return [t.p_value for t in self.accuracy] + [g.p_value for g in self.gains if g.p_value is not None]
+
+
+def _finish(comp: Comparison, correction: str = "holm") -> Comparison:
+    """Adjust the comparison's p-values as one family: "holm" (default) or "bh" (Benjamini-Hochberg)."""
+    comp.holm = stats.adjust_pvalues(comp.p_values(), correction)
+    return comp
+
+
+def with_correction(comp: Comparison, correction: str) -> Comparison:
+    if correction not in ("holm", "bh"):
+        raise EtbenchError(f"--correction must be 'holm' or 'bh', got {correction!r}")
+    return _finish(comp, correction)
+
+
+def _adj_name(comp: Comparison) -> str:
+    return "BH" if comp.holm is not None and comp.holm.method == "bh" else "Holm"
+
+
+def compare_within(card: sc.Scorecard, items: list[dict[str, Any]]) -> Comparison:
+    """Base vs fine-tuned inside one scorecard."""
+    comp = Comparison(f"{card.base.ref} vs {card.ft.ref}", card.base.ref, card.ft.ref)
+    comp.accuracy = accuracy_tests(card, items)
+    comp.gains = cmap_tests(card, items) + faithfulness_tests(card, items)
+    if not items:
+        comp.notes.append("no per-item rows: paired tests unavailable, CIs taken from the scorecard")
+    return _finish(comp)
+
+
+def compare_cards(card_a: sc.Scorecard, items_a: list[dict[str, Any]], card_b: sc.Scorecard,
+                  items_b: list[dict[str, Any]], name_a: str = "", name_b: str = "") -> Comparison:
+    """Two fine-tuned models (each scored against its base) on the same items."""
+    if card_a.config_hash != card_b.config_hash:
+        raise EtbenchError(f"scorecards are not comparable: config hashes differ "
+                           f"({card_a.config_hash} vs {card_b.config_hash}); score both with the same preset")
+    a_name, b_name = name_a or card_a.ft.ref, name_b or card_b.ft.ref
+    comp = Comparison(f"{a_name} vs {b_name}", a_name, b_name)
+    counts = sorted({x.n_boxes for x in card_a.accuracy} & {x.n_boxes for x in card_b.accuracy})
+    for k in counts:
+        a, b = _align(_select(items_a, "accuracy", model="ft", n_boxes=k),
+                      _select(items_b, "accuracy", model="ft", n_boxes=k))
+        if a.size:
+            comp.accuracy.append(AccuracyTest(f"accuracy, {k} boxes", k, a_name, b_name,
+                                              stats.mcnemar(a, b, seed=SEED, n_resamples=N_RESAMPLES)))
+    base_a, base_b = _cmap_base(items_a), _cmap_base(items_b)
+    for group in [g for g in _cmap_groups(card_a) if g in set(_cmap_groups(card_b))]:
+        pa = _select(items_a, "cmap", model="base", group=group, variant="output")
+        pb = _select(items_b, "cmap", model="base", group=group, variant="output")
+        keys = sorted(set(pa) & set(pb) & set(base_a) & set(base_b), key=lambda k: (str(type(k)), k))
+        if not keys:
+            continue
+        ga = np.array([pa[k] - base_a[k] for k in keys])
+        gb = np.array([pb[k] - base_b[k] for k in keys])
+        ci = stats.paired_bootstrap_diff(ga, gb, seed=SEED, n_resamples=N_RESAMPLES)
+        perm = stats.permutation_test_paired(ga, gb, seed=SEED, n_resamples=1999)
+        comp.gains.append(GainTest(f"CMAP gain difference, {group.replace('_', ' ')}", ci, perm.p_value,
+                                   "paired permutation", True))
+    fa = [_select(items_a, "circuit_accuracy", model="ft", circuit="base"),
+          _select(items_a, "accuracy", model="ft", n_boxes=7)]
+    fb = [_select(items_b, "circuit_accuracy", model="ft", circuit="base"),
+          _select(items_b, "accuracy", model="ft", n_boxes=7)]
+    keys = sorted(set.intersection(*(set(d) for d in fa + fb)), key=lambda k: (str(type(k)), k))
+    if keys:
+        arrays = [np.array([d[k] for k in keys]) for d in fa + fb]
+        ci = stats.paired_bootstrap(arrays, _ratio_diff, seed=SEED, n_resamples=N_RESAMPLES)
+        comp.gains.append(GainTest("faithfulness difference of the base circuit", ci, None, "", True))
+    if not comp.accuracy:
+        comp.notes.append("no shared per-item accuracy rows: no paired accuracy test")
+    return _finish(comp)
+
+
+def format_comparison(comp: Comparison) -> str:
+    """Plain text for the terminal: one line per test."""
+    lines = [comp.title]
+    holm = dict(zip(range(len(comp.p_values())), comp.holm.adjusted if comp.holm else ()))
+    i = 0
+    for t in comp.accuracy:
+        r = t.result
+        d = r.difference
+        lines.append(
+            f"  {t.label}: {t.a_name} {r.acc_a:.3f} -> {t.b_name} {r.acc_b:.3f}, "
+            f"difference {d.value:+.3f} [{_f(d.low)}, {_f(d.high)}] (95% paired bootstrap), "
+            f"exact McNemar p = {format_p(r.p_value)} ({_adj_name(comp)} {format_p(holm.get(i))}); discordant {r.a_only}/{r.b_only}, "
+            f"odds ratio {_f(r.odds_ratio.value)}, n = {r.n}")
+        i += 1
+    for g in comp.gains:
+        iv = g.interval
+        extra = ""
+        if g.p_value is not None:
+            extra = f", {g.test} p = {format_p(g.p_value)} ({_adj_name(comp)} {format_p(holm.get(i))})"
+            i += 1
+        src = "" if g.from_items else " (from the scorecard)"
+        lines.append(f"  {g.label}: {_f(iv.value, signed=_signed(g.label))} [{_f(iv.low)}, {_f(iv.high)}] "
+                     f"(95% CI, {iv.method}, n = {iv.n}){src}{extra}")
+    lines += [f"  note: {n}" for n in comp.notes]
+    return "\n".join(lines)
+
+
+def _signed(label: str) -> bool:
+    return "difference" in label or "gain" in label
+
+
+def _f(x: Optional[float], signed: bool = False) -> str:
+    if x is None or not np.isfinite(x):
+        return "—" if x is None else str(x)
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (inline SVG, deterministic)
+# ---------------------------------------------------------------------------------------------
+
+def _svg(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None}, bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _mpl():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.hashsalt": "etbench", "svg.fonttype": "none", "font.size": 9})
+    return plt
+
+
+def fig_accuracy(card: sc.Scorecard) -> Optional[str]:
+    if not card.accuracy:
+        return None
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    for model, offset, marker in (("base", -0.08, "o"), ("ft", 0.08, "s")):
+        rows = sorted((a for a in card.accuracy if a.model == model and a.accuracy.value is not None),
+                      key=lambda a: a.n_boxes)
+        if not rows:
+            continue
+        x = np.array([a.n_boxes for a in rows]) + offset
+        y = np.array([a.accuracy.value for a in rows])
+        lo = np.array([a.accuracy.low if a.accuracy.low is not None else a.accuracy.value for a in rows])
+        hi = np.array([a.accuracy.high if a.accuracy.high is not None else a.accuracy.value for a in rows])
+        ref = card.base.ref if model == "base" else card.ft.ref
+        ax.errorbar(x, y, yerr=[y - lo, hi - y], marker=marker, capsize=3, label=f"{model}: {ref}")
+    ax.set_xlabel("boxes per context")
+    ax.set_ylabel("accuracy (95% CI)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("Accuracy by box count")
+    return _svg(fig)
+
+
+def fig_cmap(card: sc.Scorecard) -> Optional[str]:
+    groups = _cmap_groups(card)
+    if not groups:
+        return None
+    plt = _mpl()
+    scores = [next(c for c in card.cmap if c.group == g and c.variant == "output") for g in groups]
+    vals = np.array([s.gain.value if s.gain.value is not None else 0.0 for s in scores])
+    lo = np.array([s.gain.low if s.gain.low is not None else v for s, v in zip(scores, vals)])
+    hi = np.array([s.gain.high if s.gain.high is not None else v for s, v in zip(scores, vals)])
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    ax.bar(range(len(groups)), vals, yerr=[vals - lo, hi - vals], capsize=3, color="#4c72b0")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(groups)), [g.replace("_", "\n") for g in groups])
+    ax.set_ylabel("gain over base accuracy (95% CI)")
+    ax.set_title("CMAP gain by group (ft -> base)")
+    return _svg(fig)
+
+
+def fig_overlap(card: sc.Scorecard) -> Optional[str]:
+    base = next((c for c in card.circuits if c.name == "base"), None)
+    ft = next((c for c in card.circuits if c.name == "ft"), None)
+    if base is None or ft is None:
+        return None
+    plt = _mpl()
+    from matplotlib.colors import ListedColormap
+
+    layers, heads = max(card.base.n_layers, 1), max(card.base.n_heads, 1)
+    grid = np.zeros((layers, heads))
+    for code, circuit in ((1, base), (2, ft)):
+        for hs in circuit.heads.values():
+            for layer, head in hs:
+                if 0 <= layer < layers and 0 <= head < heads:
+                    grid[layer, head] = int(grid[layer, head]) | code
+    fig, ax = plt.subplots(figsize=(max(3, heads * 0.25 + 1.5), max(2.5, layers * 0.18 + 1)))
+    cmap = ListedColormap(["#ffffff", "#4c72b0", "#dd8452", "#55a868"])
+    ax.imshow(grid, cmap=cmap, vmin=0, vmax=3, aspect="auto", interpolation="nearest", origin="lower")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title("Circuit heads: blue base only, orange ft only, green both")
+    return _svg(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Doc:
+    markdown: str
+    html: str
+
+
+def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
+    tables = []
+    counts = sorted({a.n_boxes for a in card.accuracy})
+    rows = []
+    for k in counts:
+        get = {a.model: a.accuracy for a in card.accuracy if a.n_boxes == k}
+        rows.append([str(k), format_estimate_of(get.get("base")), format_estimate_of(get.get("ft"))])
+    if rows:
+        tables.append(("Accuracy", ["boxes", f"base ({card.base.ref})", f"ft ({card.ft.ref})"], rows))
+    rows = [[f.circuit, f.model, format_estimate_of(f.model_accuracy), format_estimate_of(f.circuit_accuracy),
+             format_estimate_of(f.faithfulness), format_estimate_of(f.random_circuit_accuracy)] for f in card.faithfulness]
+    if rows:
+        tables.append(("Faithfulness (mean ablation outside the circuit)",
+                       ["circuit", "model", "model acc", "circuit acc", "faithfulness", "random circuit acc"], rows))
+    rows = [[o.heads, o.group, format_estimate_of(o.base_in_ft), format_estimate_of(o.jaccard)] for o in card.overlap]
+    if rows:
+        tables.append(("Head overlap", ["heads", "group", "base in ft", "Jaccard"], rows))
+    rows = [[d.circuit, d.group, d.desideratum, str(len(d.selected_heads)), format_estimate_of(d.test_accuracy)]
+            for d in card.dcm]
+    if rows:
+        tables.append(("DCM (desiderata-based component masking)",
+                       ["circuit", "group", "desideratum", "selected heads", "test accuracy"], rows))
+    rows = [[s.model, s.group, s.desideratum, str(len(s.heads)), format_estimate_of(s.accuracy)] for s in card.semantics]
+    if rows:
+        tables.append(("DCM semantics check (base DCM heads patched into each model; min/max over repeats)",
+                       ["into", "group", "desideratum", "heads", "accuracy"], rows))
+    rows = [[c.variant, c.group, format_estimate_of(c.patched_accuracy), format_estimate_of(c.gain), format_estimate_of(c.normalised_gain)]
+            for c in card.cmap]
+    if rows:
+        tables.append(("CMAP (ft activations patched into base)",
+                       ["variant", "group", "patched acc", "gain", "normalised gain"], rows))
+    return tables
+
+
+def _comparison_rows(comp: Comparison) -> list[list[str]]:
+    holm = list(comp.holm.adjusted) if comp.holm else []
+    rows, i = [], 0
+    for t in comp.accuracy:
+        r = t.result
+        rows.append([t.label, f"{r.difference.value:+.3f} [{_f(r.difference.low)}, {_f(r.difference.high)}]",
+                     f"exact McNemar p = {format_p(r.p_value)}", format_p(holm[i]) if i < len(holm) else "—",
+                     f"odds ratio {_f(r.odds_ratio.value)}, Cohen's g {r.cohens_g:+.3f}, n = {r.n}"])
+        i += 1
+    for g in comp.gains:
+        iv = g.interval
+        p = "—"
+        adj = "—"
+        if g.p_value is not None:
+            p, adj = f"{g.test} p = {format_p(g.p_value)}", format_p(holm[i]) if i < len(holm) else "—"
+            i += 1
+        rows.append([g.label, f"{_f(iv.value, signed=_signed(g.label))} [{_f(iv.low)}, {_f(iv.high)}]", p, adj,
+                     f"{iv.method}, n = {iv.n}" + ("" if g.from_items else ", from the scorecard")])
+    return rows
+
+
+_COMP_HEADER = ["comparison", "difference [95% CI]", "test", "Holm-adjusted p", "effect size / notes"]
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in esc]
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSP = content_security_policy(scripts=False)
+_CSS = BASE_CSS + "figure{display:inline-block;margin:0 1em 1em 0}svg{max-width:100%;height:auto}"
+
+
+def _document(title: str, intro: list[str], tables, comp: Optional[Comparison], figures: dict[str, str]) -> Doc:
+    md = [f"# {title}", ""] + intro + [""]
+    body = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{html.escape(p)}</p>" for p in intro if p]
+    if comp is not None:
+        rows = _comparison_rows(comp)
+        header = [h.replace("Holm", _adj_name(comp)) for h in _COMP_HEADER]
+        md += ["## Paired comparison", ""] + _md_table(header, rows) + [""]
+        md += [f"- {n}" for n in comp.notes] + ([""] if comp.notes else [])
+        body += ["<h2>Paired comparison</h2>", _html_table(header, rows)]
+        body += [f"<p>{html.escape(n)}</p>" for n in comp.notes]
+    for name, header, rows in tables:
+        md += [f"## {name}", ""] + _md_table(header, rows) + [""]
+        body += [f"<h2>{html.escape(name)}</h2>", _html_table(header, rows)]
+    if figures:
+        md += ["## Figures", "", "Figures are in the HTML version of this report.", ""]
+        body += ["<h2>Figures</h2>"] + [f'<figure aria-label="{html.escape(k)}">{v}</figure>' for k, v in figures.items()]
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+    return Doc("\n".join(md).rstrip() + "\n", page)
+
+
+def scorecard_report(card: sc.Scorecard, items: list[dict[str, Any]], title: str = "",
+                     submission: Optional[dict[str, Any]] = None) -> Doc:
+    """Report of one scorecard: its tables, the base-vs-ft paired comparison, and figures."""
+    title = title or f"{card.ft.ref} (fine-tuned from {card.base.ref})"
+    intro = [f"etbench report. Base model: {card.base.ref} ({card.base.architecture}, {card.base.n_layers} layers, "
+             f"{card.base.n_heads} heads); fine-tuned: {card.ft.ref}. Benchmark version "
+             f"{card.provenance.benchmark_version}, config hash {card.config_hash}."]
+    if submission:
+        ft = submission.get("fine_tuning", {})
+        intro.append(f"Fine-tuning: {ft.get('method', '?')} on {ft.get('data', '?')}. "
+                     f"License: {submission.get('license', '?')}. Contact: {submission.get('contact', '?')}.")
+    intro.append("Differences are fine-tuned minus base on the same items; p-values are Holm-adjusted "
+                 "across the tests of this report.")
+    comp = compare_within(card, items)
+    figures = {k: v for k, v in (("accuracy by box count", fig_accuracy(card)), ("CMAP gain by group", fig_cmap(card)),
+                                 ("circuit head overlap", fig_overlap(card))) if v}
+    return _document(title, intro, _tables(card), comp, figures)
+
+
+def comparison_report(comp: Comparison, cards: tuple[sc.Scorecard, ...] = ()) -> Doc:
+    intro = [f"Paired comparison of {comp.a} and {comp.b} on the same items. Differences are "
+             f"{comp.b} minus {comp.a}; p-values Holm-adjusted across this report's tests."]
+    figures = {}
+    for card in cards:
+        for k, fig in ((f"accuracy by box count: {card.ft.ref}", fig_accuracy(card)),
+                       (f"CMAP gain by group: {card.ft.ref}", fig_cmap(card)),
+                       (f"circuit head overlap: {card.ft.ref}", fig_overlap(card))):
+            if fig:
+                figures[k] = fig
+    return _document(comp.title, intro, [], comp, figures)
+
+
+def write_doc(doc: Doc, out_dir: Path, stem: str = "report") -> list[Path]:
+    out_dir = Path(out_dir)
+    return [atomic_write_text(out_dir / f"{stem}.md", doc.markdown),
+            atomic_write_text(out_dir / f"{stem}.html", doc.html)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding scorecards for the CLI
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Found:
+    name: str
+    card: sc.Scorecard
+    items: list[dict[str, Any]]
+    path: Path
+
+
+def _load_found(path: Path, name: str = "") -> Found:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "scorecard.json"
+    card = sc.load(path)
+    items_path = path.parent / card.items_file
+    items = sc.load_items(path, card) if items_path.is_file() else []
+    return Found(name or card.ft.ref, card, items, path)
+
+
+def stored_cards(stores: list[Path]) -> list[Found]:
+    found = []
+    for store in stores:
+        store = Path(store)
+        if (store / "scorecard.json").is_file():
+            found.append(_load_found(store))
+        elif store.is_dir():
+            for sub in sorted(store.iterdir()):
+                if (sub / "scorecard.json").is_file():
+                    found.append(_load_found(sub, sub.name))
+    return found
+
+
+def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
+    """``a``/``b``: scorecard paths, stored submission names, or model refs.
+
+    Refs that are the base and fine-tuned models of one stored scorecard compare within it;
+    otherwise each side must name a scorecard, and the two fine-tuned models are compared.
+    """
+    def as_path(x: str) -> Optional[Path]:
+        p = Path(x)
+        return p if (p.is_file() and p.suffix == ".json") or (p / "scorecard.json").is_file() else None
+
+    pa, pb = as_path(a), as_path(b)
+    if pa is None or pb is None:
+        cards = stored_cards(stores)
+        if pa is None and pb is None:
+            for f in cards:
+                if f.card.base.ref == a and f.card.ft.ref == b:
+                    return compare_within(f.card, f.items)
+        sides = []
+        for x, p in ((a, pa), (b, pb)):
+            if p is not None:
+                sides.append(_load_found(p))
+                continue
+            match = [f for f in cards if f.name == x] or [f for f in cards if f.card.ft.ref == x]
+            if not match:
+                where = ", ".join(str(s) for s in stores) or "(no stores)"
+                if pa is None and pb is None:
+                    raise EtbenchError(f"no scorecard of {a!r} vs {b!r} in {where}: run `etbench score --base {a} "
+                                       f"--ft {b} --out DIR`, then `etbench compare {a} {b} --store DIR`")
+                raise EtbenchError(f"no scorecard for {x!r} in {where}: run `etbench score` first or pass a "
+                                   "scorecard.json path")
+            if len(match) > 1:
+                raise EtbenchError(f"{x!r} matches {len(match)} scorecards: pass a scorecard path instead")
+            sides.append(match[0])
+    else:
+        sides = [_load_found(pa), _load_found(pb)]
+    fa, fb = sides
+    if fa.path == fb.path:
+        return compare_within(fa.card, fa.items)
+    return compare_cards(fa.card, fa.items, fb.card, fb.items, fa.name, fb.name)
+
+
+def find_one(ref: str, stores: list[Path]) -> Found:
+    """A scorecard path or directory, or a stored submission name / fine-tuned ref."""
+    p = Path(ref)
+    if (p.is_file() and p.suffix == ".json") or (p / "scorecard.json").is_file():
+        return _load_found(p)
+    cards = stored_cards(stores)
+    match = [f for f in cards if f.name == ref] or [f for f in cards if f.card.ft.ref == ref]
+    if len(match) != 1:
+        where = ", ".join(str(s) for s in stores) or "(no stores)"
+        raise EtbenchError(f"{'no' if not match else len(match)} scorecard(s) for {ref!r} in {where}: "
+                           "pass a scorecard.json path")
+    return match[0]

@@ -1,0 +1,524 @@
+"""Submissions: one YAML file per fine-tuned checkpoint, validated, then ingested into the results store.
+
+``etbench submit FILE`` checks everything before writing anything:
+
+1. the file is YAML (``safe_load``), a mapping, and no larger than 1 MB;
+2. ``trust_remote_code`` appears nowhere (etbench never runs code shipped with a model);
+3. every path field (``scorecard``, ``model.path``, ``base.path``) stays inside the submission's directory;
+4. the JSON Schema (``assets/schemas/submission.schema.json``) holds; aliases exist in the registry;
+5. base and fine-tuned models share architecture and tokenizer: from their configs and tokenizer
+   files when those are on this machine, and from the scorecard's model cards; no ``auto_map`` (custom code);
+6. the scorecard, when given, is the current ``BENCHMARK_VERSION``, its config hash is the hash of its
+   config, which records the current definition of the preset it claims (``etbench.scoring.presets.SCORE_PRESETS``),
+   it was not produced with ``--limit``, its items file sits
+   next to it and agrees with its accuracies, and its models are the submission's.
+
+Then it writes ``submissions/results/<name>/`` (``scorecard.json``, the items file, ``submission.json``)
+and rebuilds ``leaderboards/`` in one ``leaderboard.Transaction``: any failure leaves both untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional
+
+from etbench import models
+from etbench.core.errors import EtbenchError
+from etbench.core.io import ASSETS_DIR, dumps_json
+from etbench.metrics.dcm import dcm_preset
+from etbench.publish import leaderboard as lb
+from etbench.schema import scorecard as sc
+from etbench.scoring import pipeline
+from etbench.scoring.presets import SCORE_PRESETS
+from etbench.task.layout import check_vocabulary
+
+SCHEMA_PATH = ASSETS_DIR / "schemas" / "submission.schema.json"
+MAX_SUBMISSION_BYTES = 1_000_000
+MAX_YAML_DEPTH = 16  # a submission is a few levels deep
+PATH_FIELDS = (("scorecard",), ("model", "path"), ("base", "path"))
+TOL = 1e-9
+
+
+def schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+@dataclass
+class Submission:
+    file: Path
+    data: dict[str, Any]
+    name: str
+    model_ref: str  # alias, hub id or absolute local path
+    base_ref: str
+    model_revision: Optional[str] = None
+    base_revision: Optional[str] = None
+    scorecard: Optional[Path] = None
+    notes: list[str] = field(default_factory=list)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # "model"/"base" -> local config.json
+
+    def metadata(self) -> dict[str, Any]:
+        d = self.data
+        return {
+            "name": self.name,
+            "model_ref": self.model_ref,
+            "model_revision": self.model_revision,
+            "base_ref": self.base_ref,
+            "base_revision": self.base_revision,
+            "fine_tuning": d["fine_tuning"],
+            "license": d["license"],
+            "contact": d["contact"],
+            "description": d.get("description", ""),
+            "submission_file": self.file.name,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Static checks (the file alone)
+# ---------------------------------------------------------------------------------------------
+
+def _find_key(obj: Any, key: str, where: str = "") -> Optional[str]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            here = f"{where}.{k}" if where else str(k)
+            if str(k) == key:
+                return here
+            found = _find_key(v, key, here)
+            if found:
+                return found
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found = _find_key(v, key, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _get(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    cur: Any = data
+    for part in path:
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def safe_relative(value: Any, field_name: str, base_dir: Path, origin: str) -> Path:
+    """A path that must stay inside ``base_dir`` (no absolute paths, '~', '..', or escaping symlinks)."""
+    if not isinstance(value, str) or not value.strip():
+        raise EtbenchError(f"{origin}: {field_name} must be a non-empty relative path")
+    bad = (value.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", value) is not None
+           or "\\" in value or ".." in PurePosixPath(value).parts or "\x00" in value)
+    full = None if bad else (base_dir / value).resolve()
+    root = base_dir.resolve()
+    if full is None or (full != root and root not in full.parents):
+        raise EtbenchError(f"{origin}: {field_name}: path {value!r} leaves the submission's directory "
+                           "(absolute paths, '~', '..' and outward symlinks are not allowed)")
+    return full
+
+
+def _schema_error(data: dict[str, Any], origin: str) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: (list(e.absolute_path), e.message))
+    if not errors:
+        return
+    err = jsonschema.exceptions.best_match(errors)
+    where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+    message = err.message
+    if err.validator == "oneOf":
+        message = "give exactly one of: alias; hub + revision; path"
+    elif err.validator == "additionalProperties":
+        message = message.replace("Additional properties are not allowed", "unknown field(s)")
+    elif err.validator == "pattern":
+        message = f"{err.instance!r} is not allowed here (must match {err.validator_value})"
+    extra = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    raise EtbenchError(f"{origin}: {where}: {message}{extra}")
+
+
+def _ref_of(part: dict[str, Any], what: str, base_dir: Path, origin: str) -> tuple[str, Optional[str]]:
+    if "alias" in part:
+        alias = part["alias"]
+        if alias not in models.registry():
+            known = ", ".join(sorted(models.registry()))
+            raise EtbenchError(f"{origin}: {what}.alias: unknown alias {alias!r} (known: {known})")
+        return alias, None
+    if "hub" in part:
+        return part["hub"], part["revision"]
+    path = safe_relative(part["path"], f"{what}.path", base_dir, origin)
+    if not path.is_dir():
+        raise EtbenchError(f"{origin}: {what}.path: {part['path']!r} is not a directory")
+    return str(path), None
+
+
+def parse(file: str | Path) -> Submission:
+    """Read and statically validate one submission file (nothing is written)."""
+    import yaml
+
+    file = Path(file)
+    origin = str(file)
+    if not file.is_file():
+        raise EtbenchError(f"{origin}: no such submission file")
+    if file.stat().st_size > MAX_SUBMISSION_BYTES:
+        raise EtbenchError(f"{origin}: larger than {MAX_SUBMISSION_BYTES} bytes; a submission is a short YAML file")
+    try:
+        text = file.read_text(encoding="utf-8")
+        # One streaming pass first: anchors/aliases are refused (a submission never needs them, and nested
+        # aliases can blow up), and so is deep nesting, as soon as it is seen (building a 5000-deep document
+        # only to reject it took PyYAML half a minute).
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise EtbenchError(f"{origin}: YAML aliases (*name) are not allowed in a submission")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise EtbenchError(f"{origin}: YAML nested too deeply (more than {MAX_YAML_DEPTH} levels)")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise EtbenchError(f"{origin}: not UTF-8 text") from None
+    except RecursionError:
+        raise EtbenchError(f"{origin}: YAML nested too deeply") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise EtbenchError(f"{origin}: not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise EtbenchError(f"{origin}: expected a YAML mapping (name: ..., model: ..., ...), "
+                           f"got {type(data).__name__}")
+    remote = _find_key(data, "trust_remote_code")
+    if remote:
+        raise EtbenchError(f"{origin}: {remote}: trust_remote_code is not allowed; etbench never runs code "
+                           "shipped with a model")
+    base_dir = file.resolve().parent
+    for path in PATH_FIELDS:
+        value = _get(data, path)
+        if value is not None:
+            safe_relative(value, ".".join(path), base_dir, origin)
+    _schema_error(data, origin)
+    model_ref, model_rev = _ref_of(data["model"], "model", base_dir, origin)
+    base_ref, base_rev = _ref_of(data["base"], "base", base_dir, origin)
+    if (model_ref, model_rev) == (base_ref, base_rev):
+        raise EtbenchError(f"{origin}: model and base are the same model ({model_ref})")
+    card = None
+    if "scorecard" in data:
+        card = safe_relative(data["scorecard"], "scorecard", base_dir, origin)
+        if card.is_dir():
+            card = card / "scorecard.json"
+        if not card.is_file():
+            raise EtbenchError(f"{origin}: scorecard: {data['scorecard']!r} does not exist")
+    return Submission(file, data, data["name"], model_ref, base_ref, model_rev, base_rev, card)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model checks (local files only; nothing is downloaded or loaded)
+# ---------------------------------------------------------------------------------------------
+
+def _weights_dir(ref: str, revision: Optional[str]) -> Optional[Path]:
+    """Directory holding config.json (and tokenizer files) of a model, when it is on this machine."""
+    try:
+        spec = models.resolve(ref)
+    except EtbenchError:
+        return None
+    while spec.kind == "peft" and spec.base is not None:
+        spec = spec.base
+    if spec.kind == "directory":
+        return Path(spec.location)
+    if spec.kind == "hub":
+        return models.cached_snapshot(spec.location, revision or spec.revision)
+    if spec.kind == "gguf":
+        if Path(spec.location).is_file():
+            try:
+                return models.find_dequantised(Path(spec.location))
+            except Exception:  # noqa: BLE001 - best effort only
+                return None
+    return None
+
+
+ARCH_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+             "vocab_size")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def _read_config(directory: Path, origin: str, who: str) -> Optional[dict[str, Any]]:
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise EtbenchError(f"{origin}: {who}: {path} is not valid JSON ({err.msg})") from None
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise EtbenchError(f"{origin}: {who}: {path} needs custom model code (auto_map); etbench never runs "
+                           "remote code")
+    return config if isinstance(config, dict) else None
+
+
+def _tokenizer_digest(directory: Path) -> Optional[str]:
+    files = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for path in files:
+        if path.name == "tokenizer.json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            # the vocabulary and merges define tokenisation; padding/truncation settings do not
+            h.update(json.dumps(data.get("model"), sort_keys=True).encode())
+            h.update(json.dumps(data.get("added_tokens"), sort_keys=True).encode())
+        else:
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def check_models(sub: Submission) -> None:
+    """Same architecture and tokenizer for base and ft, when their files are on this machine."""
+    origin = str(sub.file)
+    ft_dir = _weights_dir(sub.model_ref, sub.model_revision)
+    base_dir = _weights_dir(sub.base_ref, sub.base_revision)
+    if ft_dir is None or base_dir is None:
+        sub.notes.append("model files not on this machine: architecture checked from the scorecard only")
+        return
+    ft_cfg = _read_config(ft_dir, origin, "model")
+    base_cfg = _read_config(base_dir, origin, "base")
+    sub.configs = {k: v for k, v in (("model", ft_cfg), ("base", base_cfg)) if v is not None}
+    if ft_cfg is not None and base_cfg is not None:
+        diffs = [f"{k} {base_cfg.get(k)!r} vs {ft_cfg.get(k)!r}" for k in ARCH_KEYS if base_cfg.get(k) != ft_cfg.get(k)]
+        if diffs:
+            raise EtbenchError(f"{origin}: base and fine-tuned architectures differ ({'; '.join(diffs)}); "
+                               "etbench compares a fine-tuned model with the model it was tuned from")
+    ft_tok, base_tok = _tokenizer_digest(ft_dir), _tokenizer_digest(base_dir)
+    if ft_tok is not None and base_tok is not None and ft_tok != base_tok:
+        raise EtbenchError(f"{origin}: base and fine-tuned tokenizers differ (vocabulary or merges); "
+                           "item-level comparisons need the same tokenizer")
+    if ft_tok is not None:
+        _check_single_tokens(ft_dir, origin)
+
+
+def _check_single_tokens(directory: Path, origin: str) -> None:
+    """The benchmark's objects and labels must be single tokens for this tokenizer (7 boxes)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    except Exception:  # noqa: BLE001 - an unloadable tokenizer is reported by scoring, not here
+        return
+    try:
+        check_vocabulary(tokenizer).require(7)
+    except EtbenchError as err:
+        raise EtbenchError(f"{origin}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Scorecard checks
+# ---------------------------------------------------------------------------------------------
+
+def preset_name(config: dict[str, Any]) -> Optional[str]:
+    """The preset a scorecard's config claims: ``config["preset"]`` is its name or its full definition."""
+    preset = config.get("preset")
+    if isinstance(preset, dict):
+        preset = preset.get("name")
+    return preset if isinstance(preset, str) and preset else None
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def check_preset(config: dict[str, Any]) -> Optional[str]:
+    """Raise unless ``config`` was made with the *current* definition of its preset.
+
+    Compares the preset (and its DCM settings) recorded in the config with ``SCORE_PRESETS`` now; the
+    discovery mode may differ (a user choice that the config hash records).
+    """
+    name = preset_name(config)
+    presets = SCORE_PRESETS
+    if name not in presets:
+        raise EtbenchError(f"unknown scoring preset {name!r} (known: {', '.join(sorted(presets))})")
+    current = _plain(asdict(presets[name]))
+    recorded = config.get("preset")
+    if isinstance(recorded, dict):
+        differs = sorted(k for k in set(current) | set(recorded)
+                         if k != "discovery_mode" and current.get(k) != recorded.get(k))
+        if differs:
+            raise EtbenchError(f"preset {name!r} has changed since this scorecard was made (differs in "
+                               f"{', '.join(differs)}): score again with this etbench")
+    if "dcm" in config:
+        want = _plain(dcm_preset(presets[name].dcm, seed=config.get("seed", 0)).to_dict())
+        if _plain(config["dcm"]) != want:
+            raise EtbenchError(f"the DCM settings of preset {name!r} have changed since this scorecard was made: "
+                               "score again with this etbench")
+    return None
+
+
+def _same_revision(recorded: Optional[str], claimed: Optional[str]) -> bool:
+    """A tag cannot be checked against a recorded commit; two commit hashes must agree (prefixes allowed)."""
+    if recorded is None or claimed is None or recorded == claimed:
+        return True
+    hexes = all(re.fullmatch(r"[0-9a-f]{7,40}", r) for r in (recorded, claimed))
+    return not hexes or recorded.startswith(claimed) or claimed.startswith(recorded)
+
+
+def _matches(card_model: sc.ModelCard, ref: str, revision: Optional[str]) -> bool:
+    if Path(ref).is_absolute():  # a local path: scored elsewhere, the names cannot be compared
+        return True
+    if card_model.ref != ref and card_model.source != ref:
+        return False
+    return _same_revision(card_model.revision, revision)
+
+
+def _accuracy_of(items: list[dict[str, Any]], measure: str, **match: Any) -> tuple[int, int]:
+    rows = [r for r in items if r.get("measure") == measure
+            and all(r.get(k, "output" if k == "variant" else None) == v for k, v in match.items())]
+    return sum(bool(r.get("correct")) for r in rows), len(rows)
+
+
+def _check_estimate(origin: str, what: str, est: sc.Estimate, k: int, n: int) -> None:
+    if n == 0:
+        return
+    if est.n != n or est.value is None or abs(est.value - k / n) > TOL:
+        raise EtbenchError(f"{origin}: scorecard does not match its items file: {what} is {est.value} "
+                           f"(n={est.n}) but the items give {k}/{n}; the scorecard was edited or is incomplete")
+
+
+def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, bytes, bytes]:
+    """Validate a scorecard for this submission; returns it with its canonical bytes and the items bytes."""
+    origin = f"{sub.file}: scorecard {card_path.name}"
+    card = sc.load(card_path)
+    if card.provenance.benchmark_version != sc.BENCHMARK_VERSION:
+        raise EtbenchError(f"{origin}: benchmark version {card.provenance.benchmark_version!r} is not the current "
+                           f"{sc.BENCHMARK_VERSION!r}: score again with this etbench")
+    if card.limit is not None:
+        raise EtbenchError(f"{origin}: produced with --limit {card.limit} (a smoke test); leaderboards need a full run")
+    if sc.config_hash(card.config) != card.config_hash:
+        raise EtbenchError(f"{origin}: config hash {card.config_hash} does not match its config "
+                           f"({sc.config_hash(card.config)}): the scorecard was edited")
+    recorded = preset_name(card.config)
+    if recorded is None:
+        raise EtbenchError(f"{origin}: its config names no preset, so it cannot be checked against one")
+    claimed = sub.data.get("preset", recorded)
+    if claimed != recorded:
+        raise EtbenchError(f"{origin}: submission claims preset {claimed!r} but the scorecard was made with "
+                           f"{recorded!r}")
+    try:
+        note = check_preset(card.config)
+    except EtbenchError as err:
+        raise EtbenchError(f"{origin}: {err}") from None
+    if note:
+        sub.notes.append(note)
+    if not _matches(card.ft, sub.model_ref, sub.model_revision):
+        raise EtbenchError(f"{origin}: scorecard is for fine-tuned model {card.ft.ref!r}, but the submission's "
+                           f"model is {sub.model_ref!r}")
+    if not _matches(card.base, sub.base_ref, sub.base_revision):
+        raise EtbenchError(f"{origin}: scorecard is for base model {card.base.ref!r}, but the submission's base "
+                           f"is {sub.base_ref!r}")
+    arch_base = (card.base.architecture, card.base.n_layers, card.base.n_heads)
+    arch_ft = (card.ft.architecture, card.ft.n_layers, card.ft.n_heads)
+    if arch_base != arch_ft:
+        raise EtbenchError(f"{origin}: base and fine-tuned architectures differ (architecture, layers, heads: "
+                           f"{arch_base} vs {arch_ft})")
+    for who, model_card in (("model", card.ft), ("base", card.base)):
+        cfg = sub.configs.get(who)
+        if cfg is None:
+            continue
+        local = (cfg.get("model_type"), cfg.get("num_hidden_layers"), cfg.get("num_attention_heads"))
+        scored = (model_card.architecture, model_card.n_layers, model_card.n_heads)
+        if None not in local and local != scored:
+            raise EtbenchError(f"{origin}: the submission's {who} is {local} (architecture, layers, heads) but the "
+                               f"scorecard scored {scored}: the scorecard is for another model")
+    items_name = card.items_file
+    if "/" in items_name or "\\" in items_name or items_name in ("", ".", "..") or items_name.startswith("."):
+        raise EtbenchError(f"{origin}: items_file {items_name!r} must be a plain file name next to the scorecard")
+    items_path = card_path.parent / items_name
+    if not items_path.is_file():
+        raise EtbenchError(f"{origin}: items file {items_name} is missing (paired statistics need it)")
+    items_bytes = items_path.read_bytes()
+    try:
+        items = [json.loads(line) for line in items_bytes.decode("utf-8").splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EtbenchError(f"{origin}: items file {items_name} is not JSON lines ({err})") from None
+    if not all(isinstance(r, dict) for r in items):
+        raise EtbenchError(f"{origin}: items file {items_name}: every line must be a JSON object")
+    for a in card.accuracy:
+        k, n = _accuracy_of(items, "accuracy", model=a.model, n_boxes=a.n_boxes)
+        _check_estimate(origin, f"accuracy of {a.model} at {a.n_boxes} boxes", a.accuracy, k, n)
+    for c in card.cmap:
+        k, n = _accuracy_of(items, "cmap", model="base", group=c.group, variant=c.variant)
+        _check_estimate(origin, f"CMAP {c.variant} {c.group} patched accuracy", c.patched_accuracy, k, n)
+    for f in card.faithfulness:
+        k, n = _accuracy_of(items, "circuit_accuracy", model=f.model, circuit=f.circuit)
+        _check_estimate(origin, f"circuit accuracy of {f.circuit} on {f.model}", f.circuit_accuracy, k, n)
+    if not any(r.get("measure") == "accuracy" for r in items):
+        raise EtbenchError(f"{origin}: items file {items_name} has no accuracy rows")
+    return card, sc.canonical_bytes(card), items_bytes
+
+
+def _score(sub: Submission, out_dir: Path) -> Path:
+    run = pipeline.score(sub.base_ref, sub.model_ref, out_dir, progress=False)
+    return Path(getattr(run, "path", run))
+
+
+# ---------------------------------------------------------------------------------------------
+# Submit
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SubmitResult:
+    name: str
+    written: list[Path]
+    rows: int
+    notes: list[str]
+
+
+def submit(file: str | Path, root: str | Path = ".", replace: bool = False) -> SubmitResult:
+    """Validate ``file`` fully, then write its results and rebuild the leaderboard, all or nothing."""
+    import tempfile
+
+    root = Path(root)
+    sub = parse(file)
+    results_dir = root / lb.RESULTS_SUBDIR
+    target = results_dir / sub.name
+    if target.exists() and not replace:
+        raise EtbenchError(f"{sub.file}: {sub.name!r} is already submitted ({target}); pass --replace to update it")
+    check_models(sub)
+    with tempfile.TemporaryDirectory(prefix="etbench-score-") as tmp:
+        card_path = sub.scorecard if sub.scorecard is not None else _score(sub, Path(tmp))
+        card, card_bytes, items_bytes = check_scorecard(sub, card_path)
+    meta = sub.metadata()
+    meta.update({"config_hash": card.config_hash, "benchmark_version": card.provenance.benchmark_version,
+                 "scorecard_sha256": hashlib.sha256(card_bytes).hexdigest(),
+                 "items_sha256": hashlib.sha256(items_bytes).hexdigest()})
+    new_files = {
+        target / "scorecard.json": card_bytes,
+        target / card.items_file: items_bytes,
+        target / "submission.json": dumps_json(meta).encode("utf-8"),
+    }
+    items = [json.loads(line) for line in items_bytes.decode("utf-8").splitlines() if line.strip()]
+    entries = lb.load_entries(results_dir, exclude=(sub.name,)) + [lb.Entry(sub.name, meta, card, items)]
+    entries.sort(key=lambda e: e.name)
+    board = lb.render(entries)
+    with lb.Transaction() as txn:
+        for path, data in new_files.items():
+            txn.write(path, data)
+        if target.is_dir():
+            for stale in sorted(target.iterdir()):
+                if stale.is_file() and stale not in new_files:
+                    txn.delete(stale)
+        written = list(new_files) + lb.write_tree(root / lb.LEADERBOARD_DIR, board, txn)
+    rows = len(entries) + len(lb.paper_results()["rows"])
+    return SubmitResult(sub.name, written, rows, sub.notes)
+
+
+def validate(file: str | Path) -> Submission:
+    """All checks of ``submit`` without writing (``etbench submit --check``)."""
+    sub = parse(file)
+    check_models(sub)
+    if sub.scorecard is not None:
+        check_scorecard(sub, sub.scorecard)
+    return sub

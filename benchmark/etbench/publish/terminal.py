@@ -1,0 +1,50 @@
+"""What ``etbench score`` prints: the scorecard's four metric families as terminal tables, and the stage
+times of the run."""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from etbench.core.stats import format_estimate_of
+from etbench.schema import scorecard as sc
+from etbench.scoring.pipeline import ScoreRun
+
+
+def format_scorecard(card: sc.Scorecard) -> str:
+    """The four metric families as terminal tables."""
+    def est(e: sc.Estimate) -> str:
+        return format_estimate_of(e, undefined="undefined")
+
+    parts = [f"scorecard: {card.ft.ref} vs base {card.base.ref}  (config {card.config_hash}, preset "
+             f"{card.config.get('preset', {}).get('name', '?')})"]
+    acc = {(a.model, a.n_boxes): a.accuracy for a in card.accuracy}
+    boxes = sorted({b for _, b in acc})
+    parts.append("\n1. full-model accuracy (greedy top-1 over the vocabulary, 95% CI)\n" + tabulate(
+        [[b, est(acc[("base", b)]), est(acc[("ft", b)])] for b in boxes], headers=["boxes", "base", "fine-tuned"],
+        tablefmt="github"))
+    parts.append("\n2. circuit faithfulness (circuit acc / model acc, mean-ablated, 95% CI)\n" + tabulate(
+        [[f.circuit, f.model, est(f.circuit_accuracy), est(f.faithfulness), est(f.random_circuit_accuracy)]
+         for f in card.faithfulness],
+        headers=["circuit", "on model", "circuit acc", "faithfulness", "random circuit acc"], tablefmt="github"))
+    parts.append("\n3. head overlap, base heads found in the fine-tuned set\n" + tabulate(
+        [[o.heads, o.group, est(o.base_in_ft), est(o.jaccard)] for o in card.overlap],
+        headers=["heads", "group", "base in ft", "jaccard"], tablefmt="github"))
+    if card.dcm:
+        parts.append("\n   DCM heads per group x desideratum (test accuracy against the desideratum's target)\n" + tabulate(
+            [[d.circuit, d.group, d.desideratum, len(d.selected_heads), est(d.test_accuracy)] for d in card.dcm],
+            headers=["circuit", "group", "desideratum", "heads", "test acc"], tablefmt="github"))
+    if card.semantics:
+        parts.append("\n   semantics check: base DCM heads patched into each model (min/max over repeats)\n" + tabulate(
+            [[s.model, s.group, s.desideratum, len(s.heads), est(s.accuracy)] for s in card.semantics],
+            headers=["into", "group", "desideratum", "heads", "acc"], tablefmt="github"))
+    parts.append("\n4. CMAP: fine-tuned heads patched into the base (gain = patched - base accuracy)\n" + tabulate(
+        [[c.variant, c.group, est(c.patched_accuracy), est(c.gain), est(c.normalised_gain)] for c in card.cmap],
+        headers=["variant", "group", "patched acc", "gain", "normalised gain"], tablefmt="github"))
+    return "\n".join(parts)
+
+
+def format_timings(run: ScoreRun) -> str:
+    lines = [f"  {name}: {secs:.1f} s" + (f", peak {run.peak_rss_mb[name]:.0f} MB" if name in run.peak_rss_mb else "")
+             for name, secs in run.timings.items()]
+    cached = f"\n  from cache: {', '.join(run.cached_stages)}" if run.cached_stages else ""
+    return "stage times:" + "".join("\n" + line for line in lines) + cached

@@ -1,0 +1,93 @@
+"""Stage results -> a typed ``Scorecard`` and its per-item rows (pure: no model is run here)."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from etbench import __version__
+from etbench.metrics.overlap import circuit_overlap, dcm_overlap, selected_by_group
+from etbench.schema import scorecard as sc
+from etbench.schema.circuit import Circuit
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a scorecard's numbers depend on (recorded in its provenance)."""
+    out = {}
+    for dist in ("torch", "transformers", "peft", "lm-eval", "numpy", "scipy"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "absent"
+    out["python"] = platform.python_version()
+    return out
+
+
+def model_card(loaded, spec) -> sc.ModelCard:
+    """What was scored: reference, source, architecture and head layout of a loaded model."""
+    revision = getattr(getattr(loaded.model, "config", None), "_commit_hash", None)
+    return sc.ModelCard(ref=loaded.ref, source=str(loaded.source), architecture=getattr(loaded.model.config, "model_type", "?"),
+                        n_layers=spec.n_layers, n_heads=spec.n_heads, revision=revision)
+
+
+def _faithfulness_score(ev: dict[str, Any], circuit: str, model: str) -> sc.FaithfulnessScore:
+    def prop(d) -> sc.Estimate:
+        return sc.Estimate(d["value"], d["ci95"][0], d["ci95"][1], d["n"], d["method"])
+
+    low, high = ev["faithfulness_ci"]
+    b = ev.get("baseline") or {}
+    accs = b.get("accuracies") or []
+    random_est = sc.Estimate(b.get("mean"), min(accs) if accs else None, max(accs) if accs else None, len(accs),
+                             "random circuits, same group sizes",
+                             note=f"low/high = min/max over draws; sd {b.get('sd', float('nan')):.3f}" if accs else "")
+    return sc.FaithfulnessScore(
+        circuit=circuit, model=model, model_accuracy=prop(ev["model_acc"]), circuit_accuracy=prop(ev["circuit_acc"]),
+        faithfulness=sc.Estimate(ev["faithfulness"], low, high, ev["n"], "paired-bootstrap ratio"),
+        random_circuit_accuracy=random_est)
+
+
+def _semantics_score(model: str, r: dict[str, Any]) -> sc.SemanticsScore:
+    accs = r["accuracies"]
+    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return sc.SemanticsScore("base", model, r["group"], r["desideratum"], r["heads"], sc.Estimate(
+        statistics.fmean(accs), min(accs), max(accs), r["n"], f"mean over {len(accs)} repeats with fresh sources",
+        note=f"low/high = min/max over repeats; sd {sd:.3f}"))
+
+
+def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device):
+    accuracy = []
+    for which in ("base", "ft"):
+        for s in acc[which]["summaries"]:
+            accuracy.append(sc.AccuracyScore(which, s["n_boxes"], sc.Estimate(
+                s["accuracy"], s["ci95"][0], s["ci95"][1], s["n"], s["ci_method"])))
+    circ = {w: Circuit.from_dict(circuits[w]["circuit"]) for w in ("base", "ft")}
+    summaries = [sc.CircuitSummary(name=w, found_on=config[w] if circuits[w]["method"] != "given" else "given",
+                                   method=circuits[w]["method"],
+                                   heads={g: [list(h) for h in circ[w].heads(g)] for g in sc.GROUPS})
+                 for w in ("base", "ft")]
+    faithfulness = [_faithfulness_score(faith[model][name], name, model) for name in ("base", "ft")
+                    for model in ("base", "ft")]
+
+    def selections(run) -> dict:
+        return {(g, d): tuple(tuple(h) for h in hs) for g, d, hs in run["selections"]}
+
+    overlap = circuit_overlap(circ["base"], circ["ft"]) + dcm_overlap(
+        [selected_by_group(selections(r)) for r in dcm_runs["base"]],
+        [selected_by_group(selections(r)) for r in dcm_runs["ft"]], seed=seed)
+    dcm_scores = [sc.DcmScore(**s) for w in ("base", "ft") for s in dcm_runs[w][0]["scores"]]
+    cmap_scores = [sc.CmapScore(**s) for s in cmap["scores"]]
+    provenance = sc.Provenance(__version__, sc.BENCHMARK_VERSION, library_versions(), device, dtype)
+    card = sc.from_dict(sc.to_dict(sc.Scorecard(
+        base=sc.ModelCard(**cards["base"]), ft=sc.ModelCard(**cards["ft"]), config=config, config_hash=chash,
+        provenance=provenance, accuracy=accuracy, circuits=summaries, faithfulness=faithfulness, overlap=overlap,
+        dcm=dcm_scores, cmap=cmap_scores,
+        semantics=[_semantics_score(w, r) for w in ("base", "ft") for r in semantics[w]["results"]])))
+    items = list(acc["base"]["items"]) + list(acc["ft"]["items"])
+    for model in ("base", "ft"):
+        for name in ("base", "ft"):
+            items += [{"measure": "circuit_accuracy", "model": model, "circuit": name, "n_boxes": 7, "item": i,
+                       "correct": bool(c)} for i, c in enumerate(faith[model][name]["circuit_correct"])]
+    items += dcm_runs["base"][0]["items"] + dcm_runs["ft"][0]["items"] + cmap["items"]
+    return card, items

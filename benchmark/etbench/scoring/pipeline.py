@@ -1,0 +1,233 @@
+"""``etbench score``: one run from a base/fine-tuned pair to a scorecard.
+
+Stages (each cached on disk under the configuration hash, see ``etbench.scoring.stages``):
+
+1. accuracy of both models at every box count (``etbench.metrics.accuracy``);
+2. a circuit for each model: discovered (``etbench.metrics.discovery``, fast or exact) or given;
+3. faithfulness of each circuit on each model (``etbench.metrics.faithfulness``), the
+   paper's Table 1 being the base circuit on the fine-tuned model;
+4. DCM on each model's own circuit (``etbench.metrics.dcm``), and head overlap of circuits and DCM heads;
+5. CMAP: the fine-tuned model's DCM-filtered circuit heads patched into the base (``etbench.metrics.cmap``).
+
+The scorecard holds numbers only; wall times go to ``timings.json`` so that a resumed or repeated run
+writes a byte-identical ``scorecard.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from etbench import models
+from etbench.core.io import atomic_write_json, config_hash
+from etbench.mech.heads import head_map
+from etbench.metrics.accuracy import run as accuracy_run
+from etbench.metrics.cmap import check_compatible, paper_patch_heads, run_cmap
+from etbench.metrics.dcm import dcm_preset, semantics_check, train_masks
+from etbench.metrics.discovery import discover
+from etbench.metrics.faithfulness import evaluate_circuit, evaluation_runner
+from etbench.models.adapter import load_pair
+from etbench.schema import scorecard as sc
+from etbench.schema.circuit import Circuit, load_circuit, paper_circuit
+from etbench.scoring.assemble import assemble_scorecard, model_card
+from etbench.scoring.presets import DEFAULT_BASE, DEFAULT_FT, Preset, resolve_preset
+from etbench.scoring.stages import StageCache
+from etbench.task.prompts import generate
+
+
+@dataclass
+class ScoreRun:
+    """What ``score`` produced: the scorecard, where it is, and how long each computed stage took."""
+
+    card: sc.Scorecard
+    path: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    cached_stages: list[str] = field(default_factory=list)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # per computed stage
+    items: list[dict[str, Any]] = field(default_factory=list)  # per-item rows (items.jsonl)
+
+
+def _circuit_spec(given: str | None) -> str | None:
+    """Validate a ``--circuit`` reference early (a circuit file, ``paper:<name>`` or a shipped name),
+    before any model is loaded; files are recorded by absolute path."""
+    if given is None:
+        return None
+
+    if given.startswith("paper:"):
+        paper_circuit(given[len("paper:"):])
+    else:
+        load_circuit(given)
+    return str(Path(given).resolve()) if Path(given).exists() else given
+
+
+def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = "etbench-out", *,
+          preset: str | Preset = "quick", discovery: str | None = None, seed: int = 0, circuit_base: str | None = None,
+          circuit_ft: str | None = None, dtype: str | None = None, device: str = "cpu",
+          progress: bool = True, stage_plan=None) -> ScoreRun:
+    """Score ``ft`` against ``base``; write ``scorecard.json`` (+ items, circuits, timings) to ``out_dir``.
+    ``etbench.score`` also writes the report.
+
+    ``dtype=None``: bfloat16 on CUDA, float32 on CPU (``models.default_dtype``).
+    ``stage_plan``: this worker's share of the stages (``StageCache``'s ``plan``; ``scoring.distributed``);
+    a worker whose share ends raises ``stages.StagesHandedOff``."""
+    dtype = models.default_dtype(device) if dtype is None else dtype
+    p = resolve_preset(preset, discovery)
+    circuit_base, circuit_ft = _circuit_spec(circuit_base), _circuit_spec(circuit_ft)
+    out_dir = Path(out_dir)
+    config = {"benchmark_version": sc.BENCHMARK_VERSION, "base": base, "ft": ft, "seed": seed, "dtype": dtype,
+              "preset": asdict(p), "circuit_base": circuit_base or "discover", "circuit_ft": circuit_ft or "discover"}
+
+    config["dcm"] = dcm_preset(p.dcm, seed=seed).to_dict()
+    chash = config_hash(config)
+    cache = StageCache(out_dir / "stages", plan=stage_plan)
+    ref = {"base": base, "ft": ft}
+    common = {"benchmark_version": sc.BENCHMARK_VERSION, "seed": seed, "dtype": dtype, "batch_size": p.batch_size}
+
+    # Models load lazily: a fully cached run (a resume after the last stage) never loads them.
+    loaded: dict[str, Any] = {}
+
+    def model(which: str):
+        if which not in loaded:
+            report = _stderr if progress else None
+            if models.shares_base(base, ft):  # an unmerged adapter on this base: one copy of the base weights
+                loaded["base"], loaded["ft"] = load_pair(base, ft, dtype=dtype, device=device, report=report)
+            else:
+                loaded[which] = models.load(base if which == "base" else ft, dtype=dtype, device=device, report=report)
+        return loaded[which]
+
+    # Fail fast on anything missing or incompatible before hours of work: both models must load
+    # (one clear line otherwise) and share heads and tokenizer.
+    cards = cache.run("models", {**common, **ref}, lambda: _models_stage(model, p))
+
+    def accuracy_stage(which: str):
+
+        r = accuracy_run(model(which).ref, n_boxes=p.accuracy_boxes, n=p.accuracy_n, seed=seed,
+                         batch_size=p.batch_size, progress=progress, loaded=model(which))
+        return {"summaries": [x.summary() for x in r.results], "vocabulary_note": r.vocabulary_note,
+                "items": [{"measure": "accuracy", "model": which, "n_boxes": x.n_boxes, "item": it.index,
+                           "correct": it.correct} for x in r.results for it in x.items]}
+
+    acc = {w: cache.run(f"accuracy_{w}", {**common, "model": ref[w], "n": p.accuracy_n, "boxes": p.accuracy_boxes},
+                        lambda w=w: accuracy_stage(w)) for w in ("base", "ft")}
+
+    def circuit_stage(which: str, given: str | None):
+
+        if given is not None:
+            return {"circuit": load_circuit(given).to_dict(), "method": "given", "forward_passes": {}}
+        res = discover(model(which), mode=p.discovery_mode, n=p.discovery_n, seed=seed, batch_size=p.batch_size,
+                       minimality_mode=p.minimality, minimality_n=p.minimality_n, mean_n=p.mean_n, model_name=model(which).ref, progress=progress)
+        return {"circuit": res.circuit.to_dict(), "method": res.circuit.method, "forward_passes": res.forward_passes}
+
+    discovery_settings = {"mode": p.discovery_mode, "n": p.discovery_n, "minimality_n": p.minimality_n,
+                          "mean_n": p.mean_n, "minimality": p.minimality}
+    given = {"base": circuit_base, "ft": circuit_ft}
+    circuits = {w: cache.run(f"circuit_{w}", {**common, "model": ref[w], "given": given[w],
+                                             "discovery": None if given[w] else discovery_settings},
+                             lambda w=w: circuit_stage(w, given[w])) for w in ("base", "ft")}
+    circuit_keys = {w: config_hash(circuits[w]["circuit"]) for w in ("base", "ft")}
+
+    def faithfulness_stage(which: str):
+
+        m = model(which)
+        # one runner for both circuits: the model's flags and the stored base runs are shared
+        runner = evaluation_runner(m.model, m.tokenizer, 7, p.faithfulness_n, seed, p.mean_n, p.batch_size,
+                                   progress=progress)
+        out = {}
+        for name in ("base", "ft"):
+            circ = Circuit.from_dict(circuits[name]["circuit"])
+            own = name == which
+            ev = evaluate_circuit(m.model, circ, m.tokenizer, n_boxes=7, n=p.faithfulness_n, seed=seed,
+                                  mean_n=p.mean_n, batch_size=p.batch_size, random_draws=p.random_draws,
+                                  completeness_draws=p.completeness_draws if own else 0, curve=own,
+                                  model_name=m.ref, progress=progress, runner=runner)
+            out[name] = ev.to_dict()
+        return out
+
+    faith_settings = {"n": p.faithfulness_n, "mean_n": p.mean_n, "random_draws": p.random_draws,
+                      "completeness_draws": p.completeness_draws, "circuits": circuit_keys}
+    faith = {w: cache.run(f"faithfulness_{w}", {**common, "model": ref[w], **faith_settings},
+                          lambda w=w: faithfulness_stage(w)) for w in ("base", "ft")}
+
+    def dcm_stage(which: str, dcm_seed: int):
+
+        m = model(which)
+        circuit = Circuit.from_dict(circuits[which]["circuit"])
+        if not circuit.size:  # e.g. a model at chance: discovery kept no head, there is nothing to mask
+            return {"scores": [], "items": [], "selections": [], "note": "empty circuit: DCM not run"}
+        groups = [g for g in p.dcm_groups if circuit.heads(g)]
+        if not groups:
+            return {"scores": [], "items": [], "selections": [], "note": "no DCM group has heads"}
+        result = train_masks(m.model, m.tokenizer, circuit, dcm_preset(p.dcm, seed=dcm_seed), groups=groups,
+                             model_name=m.ref, progress=progress)
+        return {"scores": [asdict(s) for s in result.scores(which)], "items": result.item_rows(which),
+                "selections": [[g, d, [list(h) for h in hs]] for (g, d), hs in result.selections().items()]}
+
+    dcm_runs = {w: [cache.run(f"dcm_{w}_seed{s}", {**common, "model": ref[w], "circuit": circuit_keys[w],
+                                                   "dcm": dcm_preset(p.dcm, seed=s).to_dict(), "groups": p.dcm_groups},
+                              lambda w=w, s=s: dcm_stage(w, s)) for s in p.dcm_seeds]
+                for w in ("base", "ft")}
+
+    def semantics_stage(which: str):
+
+        cfg = dcm_preset(p.dcm, seed=seed)
+        selections = {(g, d): [tuple(h) for h in hs] for g, d, hs in dcm_runs["base"][0]["selections"]}
+        if not selections:
+            return {"results": [], "note": "the base circuit has no DCM masks"}
+        m = model(which)
+        results = semantics_check(m.model, m.tokenizer, selections, n=cfg.semantics_n, repeats=cfg.semantics_repeats,
+                                  seed=seed, batch_size=p.batch_size, model_name=m.ref, progress=progress)
+        return {"results": [{"group": r.group, "desideratum": r.desideratum, "heads": [list(h) for h in r.heads],
+                             "accuracies": list(r.accuracies), "n": r.n} for r in results]}
+
+    semantics = {w: cache.run(f"semantics_{w}", {**common, "model": ref[w], "dcm_base": config_hash(dcm_runs["base"][0]),
+                                                 "n": dcm_preset(p.dcm).semantics_n,
+                                                 "repeats": dcm_preset(p.dcm).semantics_repeats},
+                              lambda w=w: semantics_stage(w)) for w in ("base", "ft")}
+
+    def cmap_stage():
+
+        selections = {(g, d): [tuple(h) for h in hs] for g, d, hs in dcm_runs["ft"][0]["selections"]}
+        circuit = Circuit.from_dict(circuits["ft"]["circuit"])
+        heads = paper_patch_heads(circuit, selections) if circuit.size else {}
+        if not any(heads.values()):
+            return {"scores": [], "items": [], "heads": {}, "note": "no fine-tuned circuit heads to patch"}
+        examples = generate(n_boxes=7, n=p.cmap_n, seed=seed)
+        result = run_cmap(model("base").model, model("ft").model, model("base").tokenizer, heads, examples,
+                          tokenizer_ft=model("ft").tokenizer, variants=p.cmap_variants, batch_size=p.batch_size,
+                          base_name=base, ft_name=ft, progress=progress)
+        return {"scores": [asdict(s) for s in result.scores(seed=seed)], "items": result.item_rows(),
+                "heads": {g: [list(h) for h in hs] for g, hs in heads.items()}}
+
+    cmap = cache.run("cmap", {**common, **ref, "n": p.cmap_n, "variants": p.cmap_variants,
+                              "circuit_ft": circuit_keys["ft"], "dcm_ft": config_hash(dcm_runs["ft"][0])}, cmap_stage)
+
+    card, items = assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device)
+    path = sc.save(card, out_dir, items)
+    for which in ("base", "ft"):
+        atomic_write_json(out_dir / f"circuit_{which}.json", circuits[which]["circuit"])
+    cached = sorted(set(_stage_names(p)) - set(cache.ran))
+    atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "peak_rss_mb": cache.peak_rss_mb,
+                                                 "cached": cached})
+    return ScoreRun(card, path, dict(cache.timings), cached, dict(cache.peak_rss_mb), items)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _stage_names(p: Preset) -> list[str]:
+    names = ["models", "accuracy_base", "accuracy_ft", "circuit_base", "circuit_ft", "faithfulness_base",
+             "faithfulness_ft", "semantics_base", "semantics_ft", "cmap"]
+    return names + [f"dcm_{w}_seed{s}" for w in ("base", "ft") for s in p.dcm_seeds]
+
+
+def _models_stage(model, p: Preset) -> dict[str, Any]:
+
+    b, f = model("base"), model("ft")
+    spec_b, spec_f = head_map(b.model).spec, head_map(f.model).spec
+    check_compatible(b.model, f.model, b.tokenizer, f.tokenizer, generate(7, 7, seed=0))
+    return {"base": asdict(model_card(b, spec_b)), "ft": asdict(model_card(f, spec_f))}
+
+

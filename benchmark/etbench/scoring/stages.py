@@ -1,0 +1,143 @@
+"""Resumable stages: each stage's result is stored on disk under the hash of what it depends on (the
+settings it uses and the results of the stages it reads), so an interrupted run restarts where it
+stopped, a finished one is never redone, and changing one stage's settings recomputes only that
+stage and the stages downstream of it.
+
+A stage result is plain JSON (``{"config_hash", "result"}``), written atomically: a stage is either
+complete on disk or absent, never half-written. Wall times go to a separate file so that cached and
+fresh runs produce byte-identical results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from etbench.core.errors import EtbenchError
+from etbench.core.io import atomic_write_json
+from etbench.schema.scorecard import config_hash
+
+
+def stage_key(name: str, depends: Any) -> str:
+    """Hash of a stage's name and everything it depends on (canonical JSON)."""
+    return config_hash({"stage": name, "depends": depends})
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory now (Linux ``/proc``), else None."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak resident memory (MB) while the block runs, sampled every ``interval`` seconds by a thread;
+    where ``/proc`` is missing, the process's lifetime peak (``ru_maxrss``) at the end."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while True:
+            now = _rss_mb()
+            if now is not None:
+                self.peak_mb = max(self.peak_mb, now)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if _rss_mb() is None:  # no /proc: ru_maxrss is KiB on Linux, bytes on macOS
+            scale = 2**20 if sys.platform == "darwin" else 2**10
+            self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+        self.peak_mb = round(self.peak_mb, 1)
+
+
+#: What a worker does with a stage it finds neither on disk nor up to date (``StageCache(plan=...)``).
+COMPUTE, WAIT, HAND_OFF = "compute", "wait", "hand_off"
+
+
+class StagesHandedOff(Exception):
+    """Raised by ``StageCache.run`` for a stage the plan hands to another worker: this worker is done.
+    ``timings``: the stages it computed (seconds)."""
+
+    def __init__(self, stage: str, timings: dict[str, float]) -> None:
+        super().__init__(stage)
+        self.stage, self.timings = stage, timings
+
+
+class StageCache:
+    """Stage results on disk under ``directory``.
+
+    ``plan(name)`` splits one run's stages between workers sharing the directory (``etbench
+    score-many`` runs a pair's base-side and ft-side stages at once): ``COMPUTE`` (the default for
+    every stage), ``WAIT`` for another worker to store it (polling every ``poll_s`` up to
+    ``wait_s``), or ``HAND_OFF`` (raise ``StagesHandedOff``: the rest is another worker's)."""
+
+    def __init__(self, directory: str | Path, plan: Callable[[str], str] | None = None, poll_s: float = 0.5,
+                 wait_s: float = 7 * 24 * 3600) -> None:
+        self.directory = Path(directory)
+        self.plan, self.poll_s, self.wait_s = plan, poll_s, wait_s
+        self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}  # per computed stage
+        self.ran: list[str] = []  # stages computed in this process (the others came from disk)
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name}.json"
+
+    def load(self, name: str, key: str) -> Any | None:
+        path = self.path(name)
+        if not path.exists():
+            return None
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return None  # atomic writes make this unlikely; recompute rather than trust it
+        return stored["result"] if stored.get("key") == key else None
+
+    def run(self, name: str, depends: Any, compute: Callable[[], Any]) -> Any:
+        """The stored result of stage ``name``, computing (and storing) it when absent or stale
+        (stored under other ``depends``)."""
+        key = stage_key(name, depends)
+        cached = self.load(name, key)
+        if cached is not None:
+            return cached
+        action = COMPUTE if self.plan is None else self.plan(name)
+        if action == HAND_OFF:
+            raise StagesHandedOff(name, dict(self.timings))
+        if action == WAIT:
+            return self._wait(name, key)
+        start = time.perf_counter()
+        with PeakMemory() as memory:
+            result = compute()
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        self.peak_rss_mb[name] = memory.peak_mb
+        # Round-trip through JSON so a fresh result is exactly what a resumed run will read back.
+        result = json.loads(json.dumps(result))
+        atomic_write_json(self.path(name), {"key": key, "result": result})
+        self.ran.append(name)
+        return result
+
+    def _wait(self, name: str, key: str) -> Any:
+        deadline = time.monotonic() + self.wait_s
+        while time.monotonic() < deadline:
+            time.sleep(self.poll_s)
+            found = self.load(name, key)
+            if found is not None:
+                return found
+        raise EtbenchError(f"stage {name}: another worker did not store it within {self.wait_s:.0f} s")

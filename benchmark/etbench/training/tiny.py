@@ -1,0 +1,349 @@
+"""Train the embedded base / fine-tuned pair: the paper's Goat story in miniature.
+
+``tiny-base`` = SmolLM2-135M-Instruct + a LoRA trained for a few steps on the paper's template, so
+that it tracks entities clearly above chance but far from perfectly (shipped as an adapter that is
+merged at load). ``tiny-ft`` = tiny-base + a second LoRA trained *only* on another wording of the
+task that keeps the object-before-label structure (``a key sits inside crate Q; … . Crate Q holds
+a`` → `` key``) and never on the paper's template (shipped as a non-merged PEFT adapter). Whether
+this fine-tuning improves entity tracking on the paper's template is measured, not forced
+(``assets/tiny/MODEL_CARD.md`` records the recipe and its measured accuracies).
+
+    python -m etbench.training.tiny                  # retrain both adapters into assets/tiny/
+    python -m etbench.training.tiny --card           # + evaluate smollm2/tiny-base/tiny-ft on the
+                                                  #   canonical sets, write assets/tiny/card_results.json
+    python -m etbench.training.tiny --out DIR --no-monitor [--base-only | --ft-only]
+                                  # retrain elsewhere and print max |retrained - shipped| per adapter
+    python -m etbench.training.tiny --card-only --models tiny-ft --boxes 7 --card-json FILE
+                                  # evaluate only some models / box counts (resumable)
+
+Training data come from named random streams (``stream_rng("train-tiny", ...)``) that never meet
+the canonical evaluation set (``generate(n_boxes, 500, seed=0)``, stream ``data:0:n``).
+Everything is seeded; CPU fp32 with 2 threads reproduces the shipped adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from etbench import models
+from etbench.core.io import ASSETS_DIR
+from etbench.core.stats import proportion_ci
+from etbench.metrics.accuracy import evaluate
+from etbench.task.layout import TokenEncoder, layouts
+from etbench.task.prompts import (
+    CANONICAL_N,
+    CANONICAL_SEED,
+    LABELS,
+    Example,
+    generate,
+    paper_objects,
+    sample_context,
+    stream_rng,
+)
+
+BASE_REF = "smollm2-135m-instruct"
+ASSET_DIR = ASSETS_DIR / "tiny"
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+BATCH = 16
+THREADS = 2
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # adapter directory under the output dir
+    wording: str  # "paper" or "crate"
+    steps: int
+    lr: float
+    seed: int
+    n_boxes: tuple[int, ...]  # box counts, cycled over batches (one box count per batch)
+
+
+# A LoRA recipe verified earlier used 10 base steps at lr 3e-4 (7-box acc 0.44 there); with this data stream 10
+# steps gave 0.31 on the held-out monitor and 16 gave 0.44, so the base trains 18 steps (0.52).
+# ft: lr 1e-3, seed 1, crate wording only; 20 steps (recipe: 0.84 after 20 steps, 0.85 after 30).
+STAGES = (
+    Stage("tiny-base", "paper", steps=18, lr=3e-4, seed=0, n_boxes=(7,)),
+    Stage("tiny-ft", "crate", steps=20, lr=1e-3, seed=1, n_boxes=(7,)),
+)
+MONITOR_N = 140  # held-out paper-template prompts (7 boxes) for the training log
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def crate_prompt(example: Example) -> tuple[str, str]:
+    """The fine-tuning wording (training data only, not benchmark data): objects still come
+    before their labels, so plain copying of the token after the label does not solve it."""
+    body = "; ".join(f"a {o} sits inside crate {lab}" for o, lab in zip(example.objects, example.labels))
+    body = body[0].upper() + body[1:]
+    return f"{body}. Crate {example.query_label} holds a", " " + example.answer
+
+
+def training_examples(stage: Stage, n: int) -> list[Example]:
+    """n fresh contexts with a uniformly drawn queried box, from the stage's own stream."""
+    rng = stream_rng("train-tiny", stage.name, stage.seed)
+    pool = paper_objects()
+    out = []
+    for i in range(n):
+        n_boxes = stage.n_boxes[(i // BATCH) % len(stage.n_boxes)]  # one box count per batch
+        context = sample_context(rng, n_boxes, pool, LABELS, context_id=i)
+        out.append(context.with_query(rng.randrange(n_boxes)))
+    return out
+
+
+def monitor_examples(n: int = MONITOR_N, n_boxes: int = 7) -> list[Example]:
+    """Held-out paper-template prompts for the training log (not the canonical set)."""
+    rng = stream_rng("train-tiny", "monitor", n_boxes)
+    pool = paper_objects()
+    return [sample_context(rng, n_boxes, pool, LABELS, i).with_query(rng.randrange(n_boxes)) for i in range(n)]
+
+
+def encode(tokenizer, examples: Sequence[Example], wording: str) -> list[tuple[list[int], int]]:
+    """(prompt token ids, answer token id) per example."""
+    if wording == "paper":
+        return [(list(lay.input_ids), int(lay.target_id)) for lay in layouts(examples, tokenizer)]
+    encoder = TokenEncoder(tokenizer)
+    pairs = [crate_prompt(ex) for ex in examples]
+    ids = encoder.encode([p for p, _ in pairs] + [p + t for p, t in pairs])
+    out = []
+    for i in range(len(pairs)):
+        prompt, whole = ids[i], ids[len(pairs) + i]
+        if whole[: len(prompt)] != prompt or len(whole) != len(prompt) + 1:
+            raise RuntimeError(f"answer is not one token after the prompt: {pairs[i]!r}")
+        out.append((encoder.prefix_ids + prompt, whole[-1]))
+    return out
+
+
+def _batch(rows: Sequence[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack equal-length prompts (a given wording and box count always tokenizes to one length
+    for the paper's objects and labels, so no padding is needed) and their answer ids."""
+    if len({len(ids) for ids, _ in rows}) != 1:
+        raise RuntimeError("a training batch mixes prompt lengths; batches must share one box count")
+    return torch.tensor([ids for ids, _ in rows]), torch.tensor([t for _, t in rows])
+
+
+def _last_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    # logits_to_keep=1: the 49k-row vocabulary projection runs at the last position only
+    return model(input_ids=input_ids, logits_to_keep=1).logits[:, -1]
+
+
+@torch.no_grad()
+def wording_accuracy(model, tokenizer, examples: Sequence[Example], wording: str, batch_size: int = 35) -> float:
+    """Greedy top-1 accuracy on a training wording (right-padded batches; for the log only)."""
+    was_training = model.training
+    model.eval()
+    rows, correct = encode(tokenizer, examples, wording), 0
+    for i in range(0, len(rows), batch_size):
+        input_ids, targets = _batch(rows[i : i + batch_size])
+        correct += int((_last_logits(model, input_ids).argmax(-1) == targets).sum())
+    model.train(was_training)
+    return correct / len(rows)
+
+
+def monitor_accuracy(model, tokenizer, examples: Sequence[Example]) -> float:
+    """etbench's accuracy (full-vocabulary greedy top-1 at the last token) for the training log."""
+    was_training = model.training
+    model.eval()
+    acc = evaluate(model, tokenizer, examples, batch_size=35, progress=False).accuracy
+    model.train(was_training)
+    return acc
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (), monitor_every: int = 0, log=print):
+    """Wrap ``model`` in a fresh LoRA and train it on the stage's data; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    before = None
+    if monitor and stage.wording != "paper":
+        before = wording_accuracy(model, tokenizer, monitor, stage.wording)
+        log(f"[{stage.name}] before training, accuracy in its training wording: {before:.3f}")
+    torch.manual_seed(stage.seed)  # LoRA A init
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    rows = encode(tokenizer, training_examples(stage, stage.steps * BATCH), stage.wording)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=stage.lr)
+    history = []
+    t0 = time.perf_counter()
+    for step in range(stage.steps):
+        peft_model.train()
+        input_ids, targets = _batch(rows[step * BATCH : (step + 1) * BATCH])
+        loss = torch.nn.functional.cross_entropy(_last_logits(peft_model, input_ids), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        entry = {"step": step + 1, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - t0, 1)}
+        history.append(entry)
+        if monitor and monitor_every and (step + 1) % monitor_every == 0 and step + 1 < stage.steps:
+            entry["monitor_accuracy"] = monitor_accuracy(peft_model, tokenizer, monitor)
+            log(f"[{stage.name}] step {step + 1}: held-out accuracy {entry['monitor_accuracy']:.3f}")
+        log(f"[{stage.name}] step {step + 1}/{stage.steps} loss {loss.item():.4f} ({entry['seconds']} s)")
+    train_seconds = time.perf_counter() - t0
+    info = {"history": history, "train_seconds": round(train_seconds, 1)}
+    if before is not None:
+        info["own_wording_accuracy_before"] = before
+    if monitor:
+        info["monitor_accuracy"] = monitor_accuracy(peft_model, tokenizer, monitor)
+        log(f"[{stage.name}] held-out 7-box paper-template accuracy {info['monitor_accuracy']:.3f} (n={len(monitor)})")
+        if stage.wording != "paper":
+            info["own_wording_accuracy"] = wording_accuracy(peft_model, tokenizer, monitor, stage.wording)
+            log(f"[{stage.name}] same prompts in its training wording: {info['own_wording_accuracy']:.3f}")
+    return peft_model, info
+
+
+def save_adapter(peft_model, directory: Path, base_ref: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    peft_model.peft_config["default"].base_model_name_or_path = base_ref
+    peft_model.save_pretrained(str(directory))  # safetensors, fp32
+    (directory / "README.md").unlink(missing_ok=True)  # peft's empty template card; see assets/tiny/MODEL_CARD.md
+
+
+def train(out_dir: Path = ASSET_DIR, monitor_every: int = 0, monitor: bool = True, n_stages: int = len(STAGES),
+          first_stage: int = 0, log=print) -> dict:
+    """Train the stages in order; writes out_dir/tiny-base and out_dir/tiny-ft (PEFT adapter dirs).
+    ``n_stages=1`` trains tiny-base only; ``first_stage=1`` trains tiny-ft on the *shipped* tiny-base
+    as ``etbench.models.load("tiny-base")`` returns it (quicker reproducibility checks)."""
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+    random.seed(0)
+    t0 = time.perf_counter()
+    start_ref = BASE_REF if first_stage == 0 else STAGES[first_stage - 1].name
+    loaded = models.load(start_ref)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    log(f"loaded {start_ref} in {time.perf_counter() - t0:.1f} s")
+    held_out = monitor_examples() if monitor else []
+    summary = {}
+    if held_out:
+        summary["base_monitor_accuracy"] = monitor_accuracy(model, tokenizer, held_out)
+        log(f"[{BASE_REF}] held-out 7-box paper-template accuracy {summary['base_monitor_accuracy']:.3f}")
+    base_of = {"tiny-base": BASE_REF, "tiny-ft": "tiny-base"}
+    for stage in STAGES[first_stage:n_stages]:
+        peft_model, info = train_stage(model, tokenizer, stage, held_out, monitor_every, log)
+        save_adapter(peft_model, out_dir / stage.name, base_of[stage.name])
+        summary[stage.name] = {**info, "stage": stage.__dict__}
+        model = peft_model.merge_and_unload()  # the next stage trains on top of the merged model
+    summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    summary["environment"] = _environment()
+    log(f"done in {summary['total_seconds']} s")
+    return summary
+
+
+def compare_adapters(a: Path, b: Path) -> float:
+    """Largest absolute difference between two adapters' tensors (0.0 = bitwise identical)."""
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    if ta.keys() != tb.keys():
+        return float("inf")
+    return max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+
+
+def _environment() -> dict:
+    import platform
+
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine(), "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------------------------- model card
+
+CARD_BOXES = (3, 5, 7)
+CARD_MODELS = (BASE_REF, "tiny-base", "tiny-ft")
+TEST_SUBSET = 140  # the integration test re-evaluates the first 140 canonical 7-box items
+
+
+def card_results(refs: Sequence[str] = CARD_MODELS, boxes: Sequence[int] = CARD_BOXES,
+                 path: Path | None = None, threads: int = THREADS, log=print) -> dict:
+    """Canonical accuracy (n=500 per box count) of each model, plus the number correct among the
+    first TEST_SUBSET 7-box items (what the integration test re-checks). With ``path``, results are
+    merged into that JSON file after every box count, and entries already there are kept (resume)."""
+    torch.set_num_threads(threads)
+    results = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    for ref in refs:
+        row = results.setdefault(ref, {})
+        todo = [n for n in boxes if str(n) not in row]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        loaded = models.load(ref)
+        row["load_seconds"] = round(time.perf_counter() - t0, 1)
+        for n_boxes in todo:
+            examples = generate(n_boxes, CANONICAL_N, seed=CANONICAL_SEED)
+            # The 7-box set is scored in two parts, the test's subset first (so it is on file early);
+            # prompts are scored independently, so the parts add up to the whole set's result.
+            split = TEST_SUBSET if n_boxes == 7 else 0
+            subset_key = f"7_first{TEST_SUBSET}"
+            t0 = time.perf_counter()
+            if split and subset_key not in row:
+                res = evaluate(loaded.model, loaded.tokenizer, examples[:split], batch_size=25, progress=False)
+                row[subset_key] = res.ci.k
+                row[f"{subset_key}_seconds"] = round(time.perf_counter() - t0, 1)
+                log(f"[{ref}] 7 boxes, first {split}: {res.ci.k}/{split}")
+                _save(results, path)
+            res = evaluate(loaded.model, loaded.tokenizer, examples[split:], batch_size=25, progress=False)
+            row[str(n_boxes)] = {**_acc_record(res.ci.k + (row[subset_key] if split else 0), len(examples)),
+                                 "seconds": round(time.perf_counter() - t0, 1)}
+            log(f"[{ref}] {n_boxes} boxes: {row[str(n_boxes)]}")
+            _save(results, path)
+    return results
+
+
+def _save(results: dict, path: Path | None) -> None:
+    if path is not None:
+        path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+def _acc_record(k: int, n: int) -> dict:
+    ci = proportion_ci(k, n)
+    return {"accuracy": round(ci.value, 4), "k": k, "n": n, "ci95": [round(ci.low, 4), round(ci.high, 4)]}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m etbench.training.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ASSET_DIR, help="where the adapter directories go")
+    parser.add_argument("--monitor-every", type=int, default=0, metavar="K",
+                        help="log held-out accuracy every K steps (slower; does not change the adapters)")
+    parser.add_argument("--no-monitor", action="store_true",
+                        help="skip the held-out accuracy log (faster; the adapters are the same)")
+    parser.add_argument("--base-only", action="store_true", help="train tiny-base only (quick reproducibility check)")
+    parser.add_argument("--ft-only", action="store_true",
+                        help="train tiny-ft only, on the shipped tiny-base (quick reproducibility check)")
+    parser.add_argument("--card", action="store_true", help="also evaluate the models for MODEL_CARD.md")
+    parser.add_argument("--card-only", action="store_true", help="only evaluate (no training)")
+    parser.add_argument("--models", default=",".join(CARD_MODELS), help="models to evaluate (comma-separated)")
+    parser.add_argument("--boxes", default=",".join(map(str, CARD_BOXES)), help="box counts to evaluate")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="torch threads for the evaluation (training always uses 2)")
+    parser.add_argument("--card-json", type=Path, default=None,
+                        help="results file, resumed if it exists (default OUT/card_results.json)")
+    args = parser.parse_args(argv)
+    if not args.card_only:
+        summary = train(args.out, args.monitor_every, not args.no_monitor, 1 if args.base_only else len(STAGES),
+                        1 if args.ft_only else 0)
+        (args.out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if args.out.resolve() != ASSET_DIR.resolve():
+            for stage in STAGES[1 if args.ft_only else 0 : 1 if args.base_only else len(STAGES)]:
+                print(f"{stage.name}: max |retrained - shipped| = "
+                      f"{compare_adapters(args.out / stage.name, ASSET_DIR / stage.name):.3g}")
+    if args.card or args.card_only:
+        path = args.card_json or args.out / "card_results.json"
+        results = card_results(args.models.split(","), [int(b) for b in args.boxes.split(",")], path,
+                               threads=args.threads)
+        print(json.dumps(results, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
