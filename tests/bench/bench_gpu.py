@@ -56,11 +56,15 @@ PAPER = dict(accuracy_n=500, accuracy_boxes=3, discovery_n=300, minimality_n=100
 PAPER_CANDIDATES = (58, 10, 25, 5)
 
 
+#: names that differ between the flat layout and the layered one
+_RENAMED = {("etbench.metrics.dcm", "preset"): "dcm_preset", ("etbench.scoring.presets", "PRESETS"): "SCORE_PRESETS"}
+
+
 def _get(name: str, *modules: str):
     """``name`` from the first of ``modules`` that has it (the package moved to a layered layout)."""
     for mod in modules:
         try:
-            return getattr(importlib.import_module(mod), name)
+            return getattr(importlib.import_module(mod), _RENAMED.get((mod, name), name))
         except (ImportError, AttributeError):
             continue
     raise ImportError(f"{name} not found in {modules}")
