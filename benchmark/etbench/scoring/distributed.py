@@ -211,6 +211,13 @@ def _schedule(ray, jobs, settings, cpus, gpus, retries, echo) -> list[PairResult
                                ).remote(job, side, settings)
             pending[ref] = (i, side)
     results = [PairResult(job, None) for job in jobs]
+
+    def release(i: int) -> None:
+        # why as soon as a pair ends: its placement group holds its slots until removed, and later
+        # pairs wait for them
+        if not any(k == i for k, _ in pending.values()):
+            remove_placement_group(groups[i])
+
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -223,15 +230,17 @@ def _schedule(ray, jobs, settings, cpus, gpus, retries, echo) -> list[PairResult
                     if k == i:  # the sibling may be waiting for this side's stages forever
                         ray.cancel(ref, force=True)
                         pending.pop(ref)
+                release(i)
                 continue
+            release(i)
             results[i].computed[side] = out["computed"]
             if out["scorecard"]:
                 results[i].scorecard = out["scorecard"]
             if echo is not None:
                 echo(f"{jobs[i].ft}: {side} side done ({len(out['computed'])} stages computed)")
     finally:
-        for pg in groups:
-            remove_placement_group(pg)
+        for i in {k for k, _ in pending.values()}:
+            remove_placement_group(groups[i])
     for r in results:
         if r.error is None and r.scorecard is None:
             r.error = "no scorecard was written"
