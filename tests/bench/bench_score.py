@@ -32,7 +32,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from etbench.scoring.pipeline import format_scorecard, score
+    from etbench.api import score  # what `etbench score` runs (scorecard + report)
+    from etbench.publish.terminal import format_scorecard
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_score_"))
     if out.exists():
