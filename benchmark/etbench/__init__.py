@@ -35,6 +35,7 @@ _PUBLIC: dict[str, str] = {
     "score": "etbench.api",
     "compare": "etbench.api",
     "accuracy": "etbench.api",
+    "score_many": "etbench.api",
 }
 _RENAMED = {"load_model": "load"}
 

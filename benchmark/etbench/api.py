@@ -27,18 +27,47 @@ DEFAULT_STORES: tuple[Path, ...] = (Path("submissions/results"), Path("etbench-o
 
 def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = "etbench-out", *,
           preset: str | Preset = "quick", discovery: str | None = None, seed: int = 0,
-          circuit_base: str | None = None, circuit_ft: str | None = None, dtype: str = "float32",
-          device: str = "cpu", progress: bool = True) -> ScoreRun:
+          circuit_base: str | None = None, circuit_ft: str | None = None, dtype: str | None = None,
+          device: str = "cpu", progress: bool = True, backend: str = "hooks",
+          share_base_weights: bool = False) -> ScoreRun:
     """Score ``ft`` against ``base`` and write ``scorecard.json``, ``items.jsonl``, the two circuits,
     ``timings.json`` and ``report.md``/``report.html`` to ``out_dir`` (stages cached in ``out_dir/stages``,
-    so an interrupted run resumes). Returns the run (``.card`` is the ``Scorecard``)."""
-    from etbench.scoring import pipeline  # torch: imported only when a model is run
+    so an interrupted run resumes). Returns the run (``.card`` is the ``Scorecard``).
+    ``dtype=None``: bfloat16 on CUDA, float32 on CPU. ``backend``: ``hooks`` (torch hooks) or ``nnsight``
+    (the same edits through nnsight traces; equal results, tests/model/test_nnsight_backend.py).
+    ``share_base_weights``: an unmerged adapter fine-tune and its base share one copy of the base weights
+    (half the memory for a 7B LoRA pair; the base's logits then differ from a separate copy by ~1e-7)."""
+    from contextlib import nullcontext
 
-    run = pipeline.score(base, ft, out_dir, preset=preset, discovery=discovery, seed=seed,
-                         circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
-                         progress=progress)
+    from etbench.mech.interventions import forward_backend  # torch: imported only when a model is run
+    from etbench.scoring import pipeline
+
+    if backend not in ("hooks", "nnsight"):
+        raise EtbenchError(f"backend must be hooks or nnsight, got {backend!r}")
+    if backend == "nnsight":
+        from etbench.mech import nnsight_backend  # nnsight: imported only when asked for
+    with forward_backend(nnsight_backend.run) if backend == "nnsight" else nullcontext():
+        run = pipeline.score(base, ft, out_dir, preset=preset, discovery=discovery, seed=seed,
+                             circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
+                             progress=progress, share_base_weights=share_base_weights)
     report.write_doc(report.scorecard_report(run.card, run.items), Path(out_dir), stem="report")
     return run
+
+
+def score_many(jobs, **kwargs):
+    """Score several pairs (``scoring.distributed.PairJob``s) on Ray, each pair's base-side and ft-side
+    stages as concurrent tasks, and write each pair's report; keyword arguments as
+    ``scoring.distributed.score_many`` (``address`` = ``auto``/``HOST:PORT`` of a cluster, else a local
+    Ray). The files per pair are those of ``score``, byte for byte."""
+    from etbench.schema import scorecard as sc
+    from etbench.scoring import distributed  # ray: imported only when asked for
+
+    results = distributed.score_many(jobs, **kwargs)
+    for r in results:
+        card = sc.load(r.scorecard)
+        report.write_doc(report.scorecard_report(card, sc.load_items(r.scorecard, card)), Path(r.job.out_dir),
+                         stem="report")
+    return results
 
 
 def compare(a: str, b: str, store: Sequence[str | Path] = DEFAULT_STORES,
@@ -56,4 +85,4 @@ def accuracy(model: str, n_boxes: Sequence[int] = (7,), n: int | None = None, se
     return run(model, n_boxes=n_boxes, n=n, seed=seed, **kwargs)
 
 
-__all__ = ["DEFAULT_STORES", "EtbenchError", "accuracy", "compare", "score"]
+__all__ = ["DEFAULT_STORES", "EtbenchError", "accuracy", "compare", "score", "score_many"]

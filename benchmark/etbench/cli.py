@@ -109,9 +109,11 @@ def score_cmd(
     seed: int = typer.Option(0, help="Seed of every sampled set."),
     circuit_base: Optional[str] = typer.Option(None, "--circuit-base", help="Circuit JSON or paper:<name> instead of discovery."),
     circuit_ft: Optional[str] = typer.Option(None, "--circuit-ft", help="Circuit JSON or paper:<name> instead of discovery."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)."),
     device: str = typer.Option("cpu", help="cpu, cuda, or auto."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    backend: str = typer.Option("hooks", "--backend", help="hooks (torch hooks) or nnsight (the same edits through nnsight traces)."),
+    share_base_weights: bool = typer.Option(False, "--share-base-weights", help="One copy of the base weights for a LoRA fine-tune of it (7B memory; logits equal to ~1e-7)."),
 ) -> None:
     """Score a fine-tuned model against its base: accuracy, faithfulness, head overlap, CMAP."""
     from etbench import api
@@ -120,11 +122,51 @@ def score_cmd(
     if exact and fast:
         _fail("--exact and --fast exclude each other")
     run = api.score(base, ft, out, preset=preset, discovery="exact" if exact else "fast" if fast else None,
-                        seed=seed, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
-                        progress=not no_progress)
+                    seed=seed, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
+                    progress=not no_progress, backend=backend, share_base_weights=share_base_weights)
     typer.echo(format_scorecard(run.card))
     typer.echo(format_timings(run), err=True)
     typer.echo(f"wrote {run.path} (+ items.jsonl, report.md, report.html)", err=True)
+
+
+@app.command("score-many")
+def score_many_cmd(
+    plan: Optional[Path] = typer.Option(None, "--plan", help="YAML/JSON plan: pairs [{base, ft, out}] (+ preset, seed, dtype, device)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model of every pair (with --ft)."),
+    ft: list[str] = typer.Option([], "--ft", help="A fine-tuned model; repeat for several (one pair each)."),
+    out: Path = typer.Option(Path("etbench-out"), "--out", "-o", help="With --base/--ft: one directory per fine-tune under it."),
+    preset: str = typer.Option("quick", help="quick or paper (a plan file's 'preset' wins)."),
+    exact: bool = typer.Option(False, "--exact", help="Exact path patching for discovery."),
+    fast: bool = typer.Option(False, "--fast", help="Attribution screen + exact verification."),
+    seed: int = typer.Option(0, help="Seed of every sampled set."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, or auto (on each worker)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="auto or HOST:PORT of a Ray cluster; default: start a local Ray for this run."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="Local Ray only: CPU slots (default: all CPUs)."),
+    cpus: float = typer.Option(1.0, "--cpus-per-side", help="CPUs each side of a pair requests."),
+    gpus: Optional[float] = typer.Option(None, "--gpus-per-side", help="GPUs each side requests (default: 1 with --device cuda, else 0)."),
+    retries: int = typer.Option(0, "--retries", help="Times Ray reruns a side whose worker died (it resumes from the stage cache)."),
+) -> None:
+    """Score several pairs on Ray: each pair's base-side and ft-side stages run as concurrent tasks."""
+    from etbench import api
+    from etbench.scoring import distributed
+
+    if exact and fast:
+        _fail("--exact and --fast exclude each other")
+    settings = {"preset": preset, "seed": seed, "dtype": dtype, "device": device,
+                "discovery": "exact" if exact else "fast" if fast else None}
+    if plan is not None:
+        if base is not None or ft:
+            _fail("give either --plan or --base/--ft, not both")
+        jobs, from_plan = distributed.load_plan(plan)
+        settings.update(from_plan)
+    else:
+        if base is None or not ft:
+            _fail("give --plan, or --base and at least one --ft")
+        jobs = distributed.jobs_for(base, ft, out)
+    results = api.score_many(jobs, **settings, address=ray_address, num_cpus=num_cpus, cpus=cpus, gpus=gpus,
+                             retries=retries, echo=lambda line: typer.echo(line, err=True))
+    typer.echo(distributed.format_results(results))
 
 
 @circuit_app.command("discover")

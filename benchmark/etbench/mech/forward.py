@@ -61,14 +61,12 @@ def forward(model, input_ids: torch.Tensor, hm: HeadMap | None = None, edits: Se
         counter.add(input_ids)
     inputs = {"input_ids": input_ids.to(device_of(model))}
     extra = {"logits_to_keep": 1} if last_only else {}
-    try:
-        if hm is None:
-            return model(**inputs, **extra, **kwargs)
+    try:  # through interventions.run even without edits: the forward backend in force (hooks or nnsight) runs it
         return run(model, hm, inputs, edits, **extra, **kwargs)
     except TypeError as err:
         if not extra or "logits_to_keep" not in str(err):
             raise
-        return run(model, hm, inputs, edits, **kwargs) if hm is not None else model(**inputs, **kwargs)
+        return run(model, hm, inputs, edits, **kwargs)
 
 
 @torch.no_grad()

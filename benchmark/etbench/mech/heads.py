@@ -93,6 +93,7 @@ class LayerModules:
     k_proj: nn.Module
     v_proj: nn.Module
     out_proj_name: str  # dotted path in the unwrapped model, for messages
+    block: nn.Module | None = None  # the decoder layer (accelerate hooks a device_map model per block)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,11 @@ class HeadMap:
         mods = self.layers[layer]
         return {"z": mods.out_proj, "q": mods.q_proj, "k": mods.k_proj, "v": mods.v_proj}[kind]
 
+    def layer_devices(self) -> list[torch.device]:
+        """The device each layer computes on: its output projection's weights', or accelerate's
+        execution device for a layer whose weights are offloaded (on ``meta`` between calls)."""
+        return [_execution_device(mods.out_proj, mods.block) for mods in self.layers]
+
     def view(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         """``[..., n_sites, d_head]`` view of a hooked tensor (o_proj input for z, projection output for q/k/v).
 
@@ -126,6 +132,17 @@ class HeadMap:
         # "interleaved" (GPT-NeoX): view(..., H, 3*D) then chunk(3) in the model's own forward.
         _check_width(x, 3 * s.n_heads * d, kind, s)
         return x.unflatten(-1, (s.n_heads, 3, d))[..., "qkv".index(kind), :]
+
+
+def _execution_device(module: nn.Module, block: nn.Module | None) -> torch.device:
+    # a PEFT wrapper's hook sits on the wrapped layer; a device_map's on the decoder block
+    for m in (module, getattr(module, "base_layer", None), block):
+        hook = getattr(m, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            device = hook.execution_device
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    param = next(module.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
 
 
 def _check_kind(kind: str) -> None:
@@ -223,7 +240,7 @@ def head_map(model: nn.Module) -> HeadMap:
         if layer_layout != layout:
             raise EtbenchError(f"{where}: attention layout changes between layers ({layout} vs {layer_layout})")
         _check_shapes(where, out_proj, q, k, v, layout, n_heads, n_kv_heads, d_head)
-        layers.append(LayerModules(out_proj, q, k, v, f"{stack_name}.{i}.{attn_name}.{out_name}"))
+        layers.append(LayerModules(out_proj, q, k, v, f"{stack_name}.{i}.{attn_name}.{out_name}", block))
 
     spec = HeadSpec(family, n_layers, n_heads, n_kv_heads, d_head, layout or "separate")
     return HeadMap(spec, tuple(layers))
@@ -308,7 +325,7 @@ def write_heads(view: torch.Tensor, values: torch.Tensor, positions=None, heads=
     b, s, n, _ = view.shape
     h = _heads(heads, n, view.device)
     if positions is None:
-        view[:, :, h] = values.to(view.dtype)
+        view[:, :, h] = values.to(view.device, view.dtype)
         return
     rows, pos, hh, single = _index(h, b, s, positions, view.device)
-    view[rows, pos, hh] = (values[:, None] if single else values).to(view.dtype)
+    view[rows, pos, hh] = (values[:, None] if single else values).to(view.device, view.dtype)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -106,8 +107,9 @@ def mix(layer: int, kind: str, source: torch.Tensor, mask: torch.Tensor, positio
 # Running
 
 
-def _apply(hm: HeadMap, kind: str, x: torch.Tensor, edits: Sequence[Edit]) -> torch.Tensor | None:
-    """Run ``edits`` in order on one hooked tensor; a new tensor if any wrote, else None."""
+def apply_edits(hm: HeadMap, kind: str, x: torch.Tensor, edits: Sequence[Edit]) -> torch.Tensor | None:
+    """Run ``edits`` in order on one hooked tensor; a new tensor if any wrote, else None (shared by
+    the hook backend here and the nnsight backend)."""
     out, view = x, hm.view(kind, x)
     for e in edits:
         new = e.fn(read_heads(view, e.positions, e.heads))
@@ -152,10 +154,10 @@ def applied(hm: HeadMap, edits: Sequence[Edit]) -> Iterator[None]:
 def _z_hook(hm: HeadMap, edits: Sequence[Edit]):
     def hook(module, args, kwargs):
         if args:
-            new = _apply(hm, "z", args[0], edits)
+            new = apply_edits(hm, "z", args[0], edits)
             return None if new is None else ((new, *args[1:]), kwargs)
         name = next(iter(kwargs))  # called as proj(x=...) / proj(input=...)
-        new = _apply(hm, "z", kwargs[name], edits)
+        new = apply_edits(hm, "z", kwargs[name], edits)
         return None if new is None else (args, {**kwargs, name: new})
 
     return hook
@@ -165,17 +167,38 @@ def _qkv_hook(hm: HeadMap, sites: Sequence[tuple[str, Sequence[Edit]]]):
     def hook(module, args, output):
         out = output
         for kind, edits in sites:
-            new = _apply(hm, kind, out, edits)
+            new = apply_edits(hm, kind, out, edits)
             out = out if new is None else new
         return None if out is output else out
 
     return hook
 
 
-def run(model, hm: HeadMap, inputs: Mapping[str, torch.Tensor], edits: Sequence[Edit] = (), **forward_kwargs):
+#: The function that runs forward passes instead of the hooks below (``forward_backend``); None = hooks.
+_BACKEND: ContextVar[Callable | None] = ContextVar("etbench_forward_backend", default=None)
+
+
+@contextmanager
+def forward_backend(run_fn: Callable | None) -> Iterator[None]:
+    """Inside the block every ``run`` (and so ``cache``, prefix reuse, accuracy) calls
+    ``run_fn(model, hm, inputs, edits, **forward_kwargs)``, e.g. ``etbench.nnsight_backend.run``."""
+    token = _BACKEND.set(run_fn)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def run(model, hm: HeadMap | None, inputs: Mapping[str, torch.Tensor], edits: Sequence[Edit] = (), **forward_kwargs):
     """``model(**inputs, **forward_kwargs)`` with ``edits`` applied; returns the model output.
+    ``hm`` may be None when there are no edits.
 
     Call it with the model you evaluate (a ``PeftModel`` stays a ``PeftModel``, so LoRA stays on)."""
+    other = _BACKEND.get()
+    if other is not None:
+        return other(model, hm, inputs, edits, **forward_kwargs)
+    if not edits:
+        return model(**inputs, **forward_kwargs)
     with applied(hm, edits):
         return model(**inputs, **forward_kwargs)
 

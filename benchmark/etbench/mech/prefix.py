@@ -112,8 +112,8 @@ class PatchRunner:
         if not self.reuse_prefix:
             return None
         if self._store is not None:
-            r = rows.to(self._store[0][0].device)
-            return [(k[r], v[r]) for k, v in self._store]
+            # why per layer: a device_map model keeps each layer's cache on that layer's device
+            return [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in self._store]
         return self._base(rows)
 
     def logits(self, rows: torch.Tensor, kv, starts: int | torch.Tensor, edits: EditsFn,
@@ -137,8 +137,8 @@ class PatchRunner:
             if start == 0:
                 out = self._forward(ids[sub.to(self.device)], edits(sub, 0))
             else:
-                d = sub.to(kv[0][0].device)
-                cache = DynamicCache(ddp_cache_data=[(k[d][:, :, :start], v[d][:, :, :start]) for k, v in kv])
+                cache = DynamicCache(ddp_cache_data=[(k[sub.to(k.device)][:, :, :start], v[sub.to(v.device)][:, :, :start])
+                                                     for k, v in kv])
                 out = self._forward(ids[sub.to(self.device), start:], edits(sub, start), past_key_values=cache,
                                     use_cache=True)
             parts.append(out.logits[:, -1].float())

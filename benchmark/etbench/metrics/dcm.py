@@ -521,9 +521,11 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
             src = torch.cat([sources[t][rows] for t in group_tasks]).to(device)
             kv_k = None if kv is None else [(key.repeat(k, 1, 1, 1), val.repeat(k, 1, 1, 1)) for key, val in kv]
             logits = runner.logits(rows.repeat(k), kv_k, p, _mix_edits(hbg[g], src, mask_rows, p.to(device)))
-            tgt = torch.cat([pair_sets[d].targets[rows] for _, d in group_tasks]).to(device)
+            # logits come from the last layer's device (a device_map model), the masks live on the first's
+            tgt = torch.cat([pair_sets[d].targets[rows] for _, d in group_tasks]).to(logits.device)
             picked = logits.gather(1, tgt[:, None])[:, 0].reshape(k, b)
-            loss = sum(-picked[i].mean() + cfg.lam * (1 - masks[t]).sum() for i, t in enumerate(group_tasks))
+            loss = sum(-picked[i].mean() + cfg.lam * (1 - masks[t]).sum().to(logits.device)
+                       for i, t in enumerate(group_tasks))
             # why autograd.grad: the caller's model may not be frozen; .backward() would also compute
             # (and keep) gradients for every weight after the first masked layer.
             grads = torch.autograd.grad(loss, [masks[t] for t in group_tasks])

@@ -261,24 +261,28 @@ class _PatchBatch:
         recv = _RECEIVERS[self.group]
         B = self.base_ids.shape[0]
         T = self.base_ids.shape[1] - self.split
-        dtype, dev = self.noise_z[0].dtype, self.noise_z[0].device
+        dtype = self.noise_z[0].dtype
+        layer_dev = self.hm.layer_devices()  # why per layer: a device_map model spreads layers over devices
         weights: dict[int, torch.Tensor] = {}
         by: dict[int, list[int]] = {}
         if recv is not None:
             by = dict(self.receivers_by_layer(receivers, recv[1]))
-            deltas_r = {m: torch.zeros(B, len(hs), spec.d_head, dtype=dtype, device=dev, requires_grad=True)
+            deltas_r = {m: torch.zeros(B, len(hs), spec.d_head, dtype=dtype, device=layer_dev[m], requires_grad=True)
                         for m, hs in by.items()}
             # step 2 overwrites every receiver's input, so one receiver's change must not reach another
             # receiver's input: hold them all at their clean values (detach) and differentiate there
             edits = [Edit(m, recv[1], (lambda d: lambda cur: cur.detach() + d)(deltas_r[m]), self.rel_recv, hs)
                      for m, hs in by.items()]
             p = self.prob(self.suffix(edits, grad=True))
-            (p / p.detach()).sum().backward()
+            # why autograd.grad w.r.t. the deltas only: .backward() would also compute (and keep) a
+            # gradient for every weight of a model that is not frozen (13.5 GB on Llama-7B in bf16)
+            grads_r = torch.autograd.grad((p / p.detach()).sum(), list(deltas_r.values()), allow_unused=True)
             if self.counter is not None:
                 self.counter.backward += 1
-            weights = {m: d.grad.detach() for m, d in deltas_r.items()}
-        deltas = [torch.zeros(B, T, spec.n_heads, spec.d_head, dtype=dtype, device=dev, requires_grad=True)
-                  for _ in range(spec.n_layers)]
+            weights = {m: torch.zeros_like(d) if g is None else g.detach()
+                       for (m, d), g in zip(deltas_r.items(), grads_r)}
+        deltas = [torch.zeros(B, T, spec.n_heads, spec.d_head, dtype=dtype, device=layer_dev[layer], requires_grad=True)
+                  for layer in range(spec.n_layers)]
         clean: dict = {}
         edits = []
         for layer in range(spec.n_layers):
@@ -296,20 +300,22 @@ class _PatchBatch:
             p = self.prob(logits)
             metric = (p / p.detach()).sum()
         else:
-            metric = sum((got[(m, recv[1])] * weights[m].to(got[(m, recv[1])].dtype)).sum() for m in by)
+            metric = sum((got[(m, recv[1])] * weights[m].to(got[(m, recv[1])].device, got[(m, recv[1])].dtype)).sum()
+                         for m in by)
+        grads: tuple[torch.Tensor | None, ...] | list[None] = [None] * spec.n_layers
         if isinstance(metric, torch.Tensor) and metric.requires_grad:
-            metric.backward()
+            grads = torch.autograd.grad(metric, deltas, allow_unused=True)
         if self.counter is not None:
             self.counter.backward += 1
-        rows = torch.arange(B, device=dev)
-        rel_s = self.rel_s.to(dev)
         out = torch.zeros(spec.n_layers, spec.n_heads)
         for layer in range(spec.n_layers):
-            if deltas[layer].grad is None:
+            if grads[layer] is None:
                 continue
-            g = deltas[layer].grad[rows, rel_s]  # [B, H, d]
+            dev = layer_dev[layer]
+            rows, rel_s = torch.arange(B, device=dev), self.rel_s.to(dev)
+            g = grads[layer][rows, rel_s]  # [B, H, d]
             z = clean[("clean", layer)][rows, rel_s]
-            out[layer] = (g * (self.noise_z[layer] - z)).sum(-1).sum(0).float().cpu()
+            out[layer] = (g * (self.noise_z[layer].to(dev) - z)).sum(-1).sum(0).float().cpu()
         return out
 
 

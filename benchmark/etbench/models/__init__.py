@@ -2,7 +2,18 @@
 (dequantise once, cache), ``load`` (a reference -> model + tokenizer), ``toy`` (random test models)."""
 
 from etbench.models.gguf import GGUF_MANIFEST, cache_root, dequantised_dir, ensure_dequantised, find_dequantised
-from etbench.models.load import DTYPES, LoadedModel, as_loaded, check_device, check_dtype, load
+from etbench.models.load import (
+    DTYPES,
+    LoadedModel,
+    MemoryEstimate,
+    as_loaded,
+    check_device,
+    check_dtype,
+    default_dtype,
+    estimate_memory,
+    load,
+    shares_base,
+)
 from etbench.models.registry import (
     ASSET_PREFIX,
     REGISTRY_PATH,
@@ -28,8 +39,9 @@ from etbench.models.registry import (
 )
 
 __all__ = [
-    "ASSET_PREFIX", "DTYPES", "GGUF_MANIFEST", "REGISTRY_PATH", "SOURCE_KINDS", "Availability", "LoadedModel",
-    "ModelRow", "ModelSpec", "RegistryEntry", "as_loaded", "availability", "check_device", "check_dtype", "cache_root", "cached_snapshot",
+    "ASSET_PREFIX", "DTYPES", "MemoryEstimate", "default_dtype", "estimate_memory", "shares_base", "GGUF_MANIFEST",
+    "REGISTRY_PATH", "SOURCE_KINDS", "Availability", "LoadedModel", "check_device", "check_dtype",
+    "ModelRow", "ModelSpec", "RegistryEntry", "as_loaded", "availability", "cache_root", "cached_snapshot",
     "dequantised_dir", "ensure_dequantised", "find_dequantised", "format_model_table", "hf_cache_dir",
     "hub_offline", "hub_reachable", "list_models", "load", "parse_registry", "published_ref", "published_source", "registry", "resolve",
     "spec_revision", "weights_revision",

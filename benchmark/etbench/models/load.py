@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from etbench.core.errors import EtbenchError, one_line
-from etbench.models.gguf import ensure_dequantised
+from etbench.models.gguf import ensure_dequantised, find_dequantised
 from etbench.models.registry import (
     ASSET_PREFIX,
     ModelSpec,
@@ -114,20 +114,115 @@ class _Loaded:
     base_source: str | None = None
 
 
-def load(ref: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False, *,
-         entries: Mapping[str, RegistryEntry] | None = None) -> LoadedModel:
+def default_dtype(device: str) -> str:
+    """bfloat16 on a CUDA device that supports it (half the memory of float32; the paper's 7B
+    models are trained in it), float32 elsewhere (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
+    import torch
+
+    if (device == "cuda" or device.startswith("cuda:") or device == "auto") and torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What loading and running a model needs, estimated from its config before any weight is read."""
+
+    parameters: int
+    weights_gb: float
+    activations_gb: float  # one forward + backward of a batch (DCM and attribution; forward-only stages need less)
+    available_gb: float | None  # free memory where the weights go (None: unknown, or spread by device_map)
+    where: str
+
+    @property
+    def fits(self) -> bool:
+        return self.available_gb is None or self.weights_gb + self.activations_gb <= self.available_gb
+
+    def line(self, name: str, dtype: str) -> str:
+        free = "" if self.available_gb is None else f"; {self.available_gb:.1f} GB free on {self.where}"
+        return (f"{name}: {self.parameters / 1e9:.2f} B parameters, ~{self.weights_gb:.1f} GB weights in {dtype} "
+                f"+ ~{self.activations_gb:.1f} GB activations{free}")
+
+
+def _config_dir(spec: ModelSpec) -> Path | None:
+    """A local directory holding the model's config.json, without downloading anything."""
+    if spec.kind == "peft":
+        return _config_dir(spec.base) if spec.base is not None else None
+    if spec.kind == "directory":
+        return Path(spec.location)
+    if spec.kind == "hub":
+        return cached_snapshot(spec.location, spec.revision)
+    gguf = Path(spec.location)  # gguf: the dequantised cache, once converted
+    return find_dequantised(gguf) if gguf.is_file() else None
+
+
+def _available_gb(device: str) -> float | None:
+    import torch
+
+    if device == "auto":
+        return None  # accelerate spreads over every GPU and offloads the rest
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.mem_get_info(torch.device(device))[0] / 2**30
+    try:
+        with open("/proc/meminfo") as fh:
+            info = dict(line.split(":", 1) for line in fh)
+        return int(info["MemAvailable"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def estimate_memory(spec: ModelSpec, dtype: str, device: str, tokens: int = 16 * 64) -> MemoryEstimate | None:
+    """Weights (parameter count from the config, on the meta device: no memory) and the activations
+    of a forward + backward over ``tokens`` tokens; None when the config is not on disk yet."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where = _config_dir(spec)
+    if where is None or not (where / "config.json").exists():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(where, local_files_only=True)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return None
+    n = sum(p.numel() for p in skeleton.parameters())
+    size = torch.empty((), dtype=_torch_dtype(dtype)).element_size()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # per token and layer, the tensors a decoder layer keeps for backward: ~10 of hidden size
+    # (norms, q/k/v/o, residuals) and ~3 of the MLP's intermediate size
+    per_token = text.num_hidden_layers * (10 * text.hidden_size + 3 * getattr(text, "intermediate_size", 4 * text.hidden_size))
+    return MemoryEstimate(n, n * size / 2**30, tokens * per_token * size / 2**30, _available_gb(device),
+                          device if device != "cpu" else "this machine")
+
+
+def load(ref: str, dtype: str | None = "float32", device: str = "cpu", trust_remote_code: bool = False, *,
+         entries: Mapping[str, RegistryEntry] | None = None, report=None) -> LoadedModel:
     """Load a causal LM and its tokenizer from any reference (see the module docstring).
 
     ``device="auto"`` spreads the model with ``device_map="auto"``; otherwise the model is loaded on
-    the CPU and moved. ``trust_remote_code`` is passed through and off by default. ``entries``
-    replaces the shipped registry.
+    the CPU and moved. ``dtype=None``: ``default_dtype(device)``. ``trust_remote_code`` is passed
+    through and off by default. ``entries`` replaces the shipped registry. Before loading, the memory
+    it needs is estimated (``report(line)`` gets it) and a model that cannot fit fails in one line.
     """
+    dtype = default_dtype(device) if dtype is None else dtype
     torch_dtype = _torch_dtype(dtype)
     check_device(device)
     spec = resolve(ref, entries)
     status = availability(spec, allow_download=True)
     if not status.ok:
         raise EtbenchError(f"{spec.name} is not available: {status.why}")
+    estimate = estimate_memory(spec, dtype, device)
+    if estimate is not None:
+        if report is not None:
+            report(estimate.line(spec.name, dtype))
+        if not estimate.fits:
+            raise EtbenchError(
+                f"{spec.name} does not fit: ~{estimate.weights_gb + estimate.activations_gb:.1f} GB needed "
+                f"({dtype}), {estimate.available_gb:.1f} GB free on {estimate.where}; try --dtype bfloat16, "
+                "--device auto (spread over GPUs, offload the rest) or a larger machine")
     loaded = _load_spec(spec, torch_dtype, device, trust_remote_code)
     model = loaded.model
     if device != "auto":
@@ -137,6 +232,16 @@ def load(ref: str, dtype: str = "float32", device: str = "cpu", trust_remote_cod
     return LoadedModel(ref=ref, source=loaded.source, model=model, tokenizer=loaded.tokenizer, kind=spec.kind,
                        weights_dir=loaded.weights_dir, base_source=loaded.base_source,
                        merged=spec.kind == "peft" and spec.merge)
+
+
+def shares_base(base_ref: str, ft_ref: str, entries: Mapping[str, RegistryEntry] | None = None) -> bool:
+    """Whether ``ft`` is an unmerged adapter on exactly ``base``: then one copy of the base weights
+    computes both (``load_pair``)."""
+    try:
+        base, ft = resolve(base_ref, entries), resolve(ft_ref, entries)
+    except EtbenchError:
+        return False
+    return ft.kind == "peft" and not ft.merge and ft.base == base
 
 
 def _hub_kwargs(trust_remote_code: bool, local: bool) -> dict:

@@ -15,6 +15,7 @@ writes a byte-identical ``scorecard.json``.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from etbench.metrics.dcm import dcm_preset, semantics_check, train_masks
 from etbench.metrics.discovery import discover
 from etbench.metrics.faithfulness import evaluate_circuit, evaluation_runner
 from etbench.metrics.sizing import ceilings, mib_ci, mib_normalised
+from etbench.models.adapter import load_pair
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit, load_circuit, paper_circuit
 from etbench.scoring.assemble import assemble_scorecard, model_card
@@ -92,10 +94,16 @@ def check_inputs(base: str, ft: str, out_dir: str | Path, *, seed: int, dtype: s
 
 def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = "etbench-out", *,
           preset: str | Preset = "quick", discovery: str | None = None, seed: int = 0, circuit_base: str | None = None,
-          circuit_ft: str | None = None, dtype: str = "float32", device: str = "cpu",
-          progress: bool = True) -> ScoreRun:
+          circuit_ft: str | None = None, dtype: str | None = None, device: str = "cpu",
+          progress: bool = True, stage_plan=None, share_base_weights: bool = False) -> ScoreRun:
     """Score ``ft`` against ``base``; write ``scorecard.json`` (+ items, circuits, timings) to ``out_dir``.
-    ``etbench.score`` also writes the report."""
+    ``etbench.score`` also writes the report.
+
+    ``dtype=None``: bfloat16 on CUDA, float32 on CPU (``models.default_dtype``).
+    ``share_base_weights``: load an unmerged adapter fine-tune and its base as one copy of the base weights.
+    ``stage_plan``: this worker's share of the stages (``StageCache``'s ``plan``; ``scoring.distributed``);
+    a worker whose share ends raises ``stages.StagesHandedOff``."""
+    dtype = models.default_dtype(device) if dtype is None else dtype
     p = resolve_preset(preset, discovery)
     identity = check_inputs(base, ft, out_dir, seed=seed, dtype=dtype, device=device)
     (circuit_base, recorded_base), (circuit_ft, recorded_ft) = _circuit_spec(circuit_base), _circuit_spec(circuit_ft)
@@ -106,7 +114,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     config["dcm"] = dcm_preset(p.dcm, seed=seed).to_dict()
     chash = config_hash(config)
-    cache = StageCache(out_dir / "stages")
+    cache = StageCache(out_dir / "stages", plan=stage_plan)
     # Stages are keyed by the weights' revision, not only the name: new weights under an old alias recompute.
     ref = {w: {"ref": identity[w]["ref"], "revision": identity[w]["revision"]} for w in ("base", "ft")}
     common = {"benchmark_version": sc.BENCHMARK_VERSION, "seed": seed, "dtype": dtype, "batch_size": p.batch_size}
@@ -116,9 +124,17 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     def model(which: str):
         if which not in loaded:
-            # named by the published ref: model names reach per-item rows, which are published
-            loaded[which] = replace(models.load(base if which == "base" else ft, dtype=dtype, device=device),
-                                    ref=identity[which]["ref"])
+            report = _stderr if progress else None
+            # One copy of the base weights for an unmerged adapter on this base (7B memory), when asked for:
+            # the base then runs with the adapter switched off, equal to a separate copy only to ~1e-7 in
+            # the logits (measured), so the default keeps two copies and byte-reproducible scorecards.
+            if share_base_weights and models.shares_base(base, ft):
+                pair = load_pair(base, ft, dtype=dtype, device=device, report=report)
+                loaded["base"], loaded["ft"] = (replace(m, ref=identity[w]["ref"]) for m, w in zip(pair, ("base", "ft")))
+            else:
+                # named by the published ref: model names reach per-item rows, which are published
+                loaded[which] = replace(models.load(base if which == "base" else ft, dtype=dtype, device=device,
+                                                    report=report), ref=identity[which]["ref"])
         return loaded[which]
 
     # Fail fast on anything missing or incompatible before hours of work: both models must load
@@ -277,6 +293,10 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "peak_rss_mb": cache.peak_rss_mb,
                                                  "cached": cached})
     return ScoreRun(card, path, dict(cache.timings), cached, dict(cache.peak_rss_mb), items)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _stage_names(p: Preset) -> list[str]:

@@ -100,9 +100,31 @@ class PeakMemory:
         self.peak_mb = round(self.peak_mb, 1)
 
 
+#: What a worker does with a stage it finds neither on disk nor up to date (``StageCache(plan=...)``).
+COMPUTE, WAIT, HAND_OFF = "compute", "wait", "hand_off"
+
+
+class StagesHandedOff(Exception):
+    """Raised by ``StageCache.run`` for a stage the plan hands to another worker: this worker is done.
+    ``timings``: the stages it computed (seconds)."""
+
+    def __init__(self, stage: str, timings: dict[str, float]) -> None:
+        super().__init__(stage)
+        self.stage, self.timings = stage, timings
+
+
 class StageCache:
-    def __init__(self, directory: str | Path) -> None:
+    """Stage results on disk under ``directory``.
+
+    ``plan(name)`` splits one run's stages between workers sharing the directory (``etbench
+    score-many`` runs a pair's base-side and ft-side stages at once): ``COMPUTE`` (the default for
+    every stage), ``WAIT`` for another worker to store it (polling every ``poll_s`` up to
+    ``wait_s``), or ``HAND_OFF`` (raise ``StagesHandedOff``: the rest is another worker's)."""
+
+    def __init__(self, directory: str | Path, plan: Callable[[str], str] | None = None, poll_s: float = 0.5,
+                 wait_s: float = 7 * 24 * 3600) -> None:
         self.directory = Path(directory)
+        self.plan, self.poll_s, self.wait_s = plan, poll_s, wait_s
         self.timings: dict[str, float] = {}
         self.peak_rss_mb: dict[str, float] = {}  # per computed stage
         self.ran: list[str] = []  # stages computed in this process (the others came from disk)
@@ -130,6 +152,11 @@ class StageCache:
         cached = self.load(name, key)
         if cached is not None:
             return cached
+        action = COMPUTE if self.plan is None else self.plan(name)
+        if action == HAND_OFF:
+            raise StagesHandedOff(name, dict(self.timings))
+        if action == WAIT:
+            return self._wait(name, key)
         start = time.perf_counter()
         with PeakMemory() as memory:
             result = compute()
@@ -144,3 +171,12 @@ class StageCache:
             raise EtbenchError(f"{self.path(name)}: cannot store stage {name!r} ({err.strerror or err})") from None
         self.ran.append(name)
         return result
+
+    def _wait(self, name: str, key: str) -> Any:
+        deadline = time.monotonic() + self.wait_s
+        while time.monotonic() < deadline:
+            time.sleep(self.poll_s)
+            found = self.load(name, key)
+            if found is not None:
+                return found
+        raise EtbenchError(f"stage {name}: another worker did not store it within {self.wait_s:.0f} s")

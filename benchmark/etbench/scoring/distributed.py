@@ -1,0 +1,262 @@
+"""Many pairs at once: ``etbench score-many`` schedules every pair's stages as Ray tasks.
+
+Each pair runs as two Ray tasks that share the pair's stage cache (``etbench.scoring.stages``): the *base side*
+computes the base model's accuracy, circuit, faithfulness and DCM; the *ft side* checks the pair
+(``models``), then the fine-tuned model's stages, the semantics checks and CMAP, and writes the
+scorecard. A side that needs the other's result waits for it on disk (``StageCache``'s ``WAIT``), so
+the two run concurrently and every stage is computed once, by one worker. The scorecard is assembled
+from exactly the stored results a sequential ``etbench score`` would read back, so its bytes are the
+same (tests/integration/test_distributed.py; the report is written by ``etbench.score_many``).
+
+The stage cache is the unit of resumption: when a worker dies, ``score-many`` fails with one line;
+running it again recomputes only the stages that were not stored (with ``retries`` > 0 Ray reruns a
+killed task by itself, which resumes the same way).
+
+Both sides of a pair are placed together (a Ray placement group of two bundles), so a side never waits
+on a sibling that cannot be scheduled. Resources per side: ``cpus`` CPUs and ``gpus`` GPUs (default: 1
+per side on CUDA, else 0); the ft side holds both models for semantics and CMAP.
+
+Ray: ``address=None`` starts a local Ray on demand (this machine's CPUs and GPUs) and stops it after;
+``"auto"`` or ``"HOST:PORT"`` attaches to a running cluster, whose nodes must have etbench installed
+and must all see the output directories (a shared file system).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+from etbench.core.errors import EtbenchError, one_line
+from etbench.core.io import atomic_write_json
+from etbench.models import DTYPES
+from etbench.schema.circuit import DISCOVERY_MODES
+from etbench.scoring import pipeline
+from etbench.scoring.presets import SCORE_PRESETS, Preset
+from etbench.scoring.stages import COMPUTE, HAND_OFF, WAIT, StagesHandedOff
+
+SIDES = ("base", "ft")
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """One pair to score into ``out_dir``."""
+
+    base: str
+    ft: str
+    out_dir: str
+    circuit_base: str | None = None
+    circuit_ft: str | None = None
+
+
+@dataclass
+class PairResult:
+    job: PairJob
+    scorecard: str | None  # path, when the pair finished
+    computed: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> stage -> seconds
+    error: str | None = None
+
+
+def stage_side(name: str) -> str:
+    """Which side computes stage ``name`` (see the module docstring)."""
+    base_side = name in ("accuracy_base", "circuit_base", "faithfulness_base") or name.startswith("dcm_base_")
+    return "base" if base_side else "ft"
+
+
+def side_plan(side: str, name: str) -> str:
+    """``StageCache`` plan of one side. The base side's share ends where the ft side's DCM starts
+    (stages run in ``score``'s order: everything after is the ft side's or waits on it)."""
+    if stage_side(name) == side:
+        return COMPUTE
+    if side == "base" and name.startswith("dcm_ft_"):
+        return HAND_OFF
+    return WAIT
+
+
+def load_plan(path: str | Path) -> tuple[list[PairJob], dict[str, Any]]:
+    """A plan file (YAML or JSON): ``pairs: [{base, ft, out, circuit_base?, circuit_ft?}]`` plus any of
+    ``preset``, ``seed``, ``dtype``, ``device``, ``discovery``. Returns (pairs, settings)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise EtbenchError(f"cannot read plan {path}: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("pairs"), list) or not doc["pairs"]:
+        raise EtbenchError(f"plan {path}: expected a mapping with a non-empty 'pairs' list")
+    known = {"pairs", "preset", "seed", "dtype", "device", "discovery"}
+    unknown = set(doc) - known
+    if unknown:
+        raise EtbenchError(f"plan {path}: unknown keys {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    jobs = []
+    for i, row in enumerate(doc["pairs"]):
+        if not isinstance(row, dict) or not {"base", "ft", "out"} <= set(row) or set(row) - {
+                "base", "ft", "out", "circuit_base", "circuit_ft"}:
+            raise EtbenchError(f"plan {path}: pair {i} needs base, ft and out (and optionally circuit_base, circuit_ft)")
+        out = Path(row["out"])
+        out = out if out.is_absolute() else path.parent / out
+        jobs.append(PairJob(str(row["base"]), str(row["ft"]), str(out), row.get("circuit_base"), row.get("circuit_ft")))
+    settings = {k: doc[k] for k in ("preset", "seed", "dtype", "device", "discovery") if k in doc}
+    return jobs, settings
+
+
+def jobs_for(base: str, fts: Sequence[str], out_root: str | Path) -> list[PairJob]:
+    """One base and several fine-tunes: ``out_root/<ft name>`` per pair."""
+    names = [Path(ft.rstrip("/")).name.replace(":", "_") or "ft" for ft in fts]
+    if len(set(names)) != len(names):
+        names = [f"{i:02d}-{n}" for i, n in enumerate(names)]
+    return [PairJob(base, ft, str(Path(out_root) / n)) for ft, n in zip(fts, names)]
+
+
+def run_side(job: PairJob, side: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """One side of one pair (the body of a Ray task; also callable directly)."""
+
+    marker = Path(job.out_dir) / "stages" / f"worker_{side}.json"
+    atomic_write_json(marker, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+    try:
+        run = pipeline.score(job.base, job.ft, job.out_dir, circuit_base=job.circuit_base, circuit_ft=job.circuit_ft,
+                    stage_plan=partial(side_plan, side), progress=False, **settings)
+        return {"side": side, "computed": dict(run.timings), "scorecard": str(run.path)}
+    except StagesHandedOff as handed:
+        return {"side": side, "computed": handed.timings, "scorecard": None}
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise EtbenchError("score-many needs Ray: pip install 'etbench[ray]'") from None
+    return ray
+
+
+def _check(jobs: Sequence[PairJob], settings: dict[str, Any]) -> None:
+    """Fail before starting Ray on what every worker would fail on."""
+    if not jobs:
+        raise EtbenchError("score-many needs at least one pair")
+    outs = [str(Path(j.out_dir).resolve()) for j in jobs]
+    if len(set(outs)) != len(outs):
+        raise EtbenchError("two pairs share an output directory")
+    if not isinstance(settings["preset"], Preset) and settings["preset"] not in SCORE_PRESETS:
+        raise EtbenchError(f"unknown preset {settings['preset']!r}; known: {', '.join(SCORE_PRESETS)}")
+    if settings["discovery"] not in (None, *DISCOVERY_MODES):
+        raise EtbenchError(f"discovery must be one of {', '.join(DISCOVERY_MODES)}, got {settings['discovery']!r}")
+    if settings["dtype"] not in (None, *DTYPES):
+        raise EtbenchError(f"dtype must be one of {', '.join(DTYPES)}, got {settings['dtype']!r}")
+
+
+def score_many(jobs: Sequence[PairJob], *, preset: Any = "quick", seed: int = 0, dtype: str | None = None,
+               device: str = "cpu", discovery: str | None = None, address: str | None = None,
+               num_cpus: int | None = None, cpus: float = 1, gpus: float | None = None, retries: int = 0,
+               echo=None) -> list[PairResult]:
+    """Score every pair through Ray (see the module docstring); one ``PairResult`` per job, in order.
+    Raises ``EtbenchError`` naming the failed pairs when any failed (the others are complete)."""
+    settings = {"preset": preset, "seed": seed, "dtype": dtype, "device": device, "discovery": discovery}
+    _check(jobs, settings)
+    ray = _ray()
+    gpus = (1.0 if device.startswith("cuda") else 0.0) if gpus is None else gpus
+    started = False
+    if not ray.is_initialized():
+        if address is None:
+            start_local(ray, num_cpus)
+            started = True
+        else:
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except ConnectionError as err:
+                raise EtbenchError(f"cannot attach to the Ray cluster at {address}: {err}") from None
+            started = True
+    try:
+        return _schedule(ray, jobs, settings, cpus, gpus, retries, echo)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def start_local(ray, num_cpus: int | None, attempts: int = 2) -> None:
+    """A local Ray for this run. Ray waits a fixed 30 s for its raylet to register; on a loaded machine
+    that can run out (measured here on a shared 2-core box), so the start is tried twice."""
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this timeout
+            ray.shutdown()
+            if attempt == attempts - 1 or "timed out during startup" not in str(err):
+                raise EtbenchError(f"could not start a local Ray: {one_line(err)}") from None
+
+
+def _schedule(ray, jobs, settings, cpus, gpus, retries, echo) -> list[PairResult]:
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    task = ray.remote(run_side)
+    pending: dict[Any, tuple[int, str]] = {}
+    groups = []
+    for i, job in enumerate(jobs):
+        # both sides of a pair are placed at once: a side waiting on its sibling never holds a slot
+        # the sibling needs
+        pg = placement_group([bundle, bundle], strategy="PACK")
+        groups.append(pg)
+        for j, side in enumerate(SIDES):
+            ref = task.options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
+                               scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=j),
+                               ).remote(job, side, settings)
+            pending[ref] = (i, side)
+    results = [PairResult(job, None) for job in jobs]
+
+    def release(i: int) -> None:
+        # why as soon as a pair ends: its placement group holds its slots until removed, and later
+        # pairs wait for them
+        if not any(k == i for k, _ in pending.values()):
+            remove_placement_group(groups[i])
+
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i, side = pending.pop(done[0])
+            try:
+                out = ray.get(done[0])
+            except Exception as err:  # noqa: BLE001 - a worker's failure of any kind fails its pair
+                results[i].error = f"{side} side: {one_line(err)}"
+                for ref, (k, other) in list(pending.items()):
+                    if k == i:  # the sibling may be waiting for this side's stages forever
+                        ray.cancel(ref, force=True)
+                        pending.pop(ref)
+                release(i)
+                continue
+            release(i)
+            results[i].computed[side] = out["computed"]
+            if out["scorecard"]:
+                results[i].scorecard = out["scorecard"]
+            if echo is not None:
+                echo(f"{jobs[i].ft}: {side} side done ({len(out['computed'])} stages computed)")
+    finally:
+        for i in {k for k, _ in pending.values()}:
+            remove_placement_group(groups[i])
+    for r in results:
+        if r.error is None and r.scorecard is None:
+            r.error = "no scorecard was written"
+        atomic_write_json(Path(r.job.out_dir) / "workers.json", {"computed_s": r.computed, "error": r.error})
+    failed = [r for r in results if r.error]
+    if failed:
+        raise EtbenchError(f"{len(failed)} of {len(results)} pairs failed ("
+                           + "; ".join(f"{r.job.ft}: {r.error}" for r in failed)
+                           + "); run the same command again to resume from the stage cache")
+    return results
+
+
+def format_results(results: Sequence[PairResult]) -> str:
+    lines = []
+    for r in results:
+        n = {side: len(stages) for side, stages in r.computed.items()}
+        lines.append(f"{r.job.ft}: {r.scorecard} (stages computed: base {n.get('base', 0)}, ft {n.get('ft', 0)})")
+    return "\n".join(lines)
+
