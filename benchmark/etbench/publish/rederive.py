@@ -32,7 +32,7 @@ TOL = 1e-9
 #: Resamples scoring uses for the CMAP gain CIs (``CmapResult.scores``) and the faithfulness CI.
 N_RESAMPLES = 2000
 #: Fields that identify one per-item row; two rows with the same values are a duplicate.
-ITEM_KEY = ("measure", "model", "circuit", "group", "variant", "desideratum", "n_boxes", "item")
+ITEM_KEY = ("measure", "model", "circuit", "heads", "group", "variant", "desideratum", "n_boxes", "item")
 
 
 def check_items(items: list[dict[str, Any]]) -> None:
@@ -174,9 +174,12 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
                                              group="none")]
         ft = [float(x) for x in check.rows("CMAP unpatched fine-tuned accuracy", "cmap", model="ft", variant="none",
                                            group="none")]
+        # CMAP rows are labelled by head set ("dcm", "circuit") since schema 2; older rows carry no label
+        labelled = any("heads" in r for r in items if r.get("measure") == "cmap")
         for c in card.cmap:
-            what = f"CMAP {c.variant} {c.group}"
-            patched = check.rows(f"{what} patched accuracy", "cmap", model="base", variant=c.variant, group=c.group)
+            what = f"CMAP {c.variant} {c.group}" + (f" ({c.heads} heads)" if labelled else "")
+            patched = check.rows(f"{what} patched accuracy", "cmap", model="base", variant=c.variant, group=c.group,
+                                 **({"heads": c.heads} if labelled else {}))
             if len(patched) != len(base) or len(ft) != len(base):
                 check.fail(what, f"{len(patched)} patched rows, {len(base)} base and {len(ft)} fine-tuned rows")
             check.expect(f"{what} patched accuracy", c.patched_accuracy,

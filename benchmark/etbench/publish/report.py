@@ -111,10 +111,21 @@ def accuracy_tests(card: sc.Scorecard, items: list[dict[str, Any]],
     return tests
 
 
-def _cmap_groups(card: sc.Scorecard) -> list[str]:
+def _cmap_groups(card: sc.Scorecard) -> list[tuple[str, str]]:
+    """(head set, group) of every output-variant CMAP row: "dcm" rows first (the paper's rule), then others."""
     order = list(sc.GROUPS) + ["full"]
-    groups = {c.group for c in card.cmap if c.variant == "output"}
-    return sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
+    keys = {(c.heads, c.group) for c in card.cmap if c.variant == "output"}
+    return sorted(keys, key=lambda k: (k[0] != "dcm", k[0], order.index(k[1]) if k[1] in order else len(order), k[1]))
+
+
+def _paper_cmap_groups(card: sc.Scorecard) -> list[str]:
+    """Groups of the paper's (DCM-filtered) head set, the set comparisons and the figure use."""
+    return [g for heads, g in _cmap_groups(card) if heads == "dcm"]
+
+
+def _select_paper_cmap(items: list[dict[str, Any]], group: str) -> dict[Any, float]:
+    labelled = any("heads" in row for row in items if row.get("measure") == "cmap")
+    return _select(items, "cmap", model="base", group=group, variant="output", **({"heads": "dcm"} if labelled else {}))
 
 
 def _cmap_base(items: list[dict[str, Any]], n_boxes: int = 7) -> dict[Any, float]:
@@ -127,16 +138,19 @@ def cmap_tests(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[GainTest
     """CMAP gain per group: patched base accuracy minus base accuracy, paired over items."""
     out = []
     base = _cmap_base(items)
-    for group in _cmap_groups(card):
-        patched = _select(items, "cmap", model="base", group=group, variant="output")
+    labelled = any("heads" in row for row in items if row.get("measure") == "cmap")
+    for heads, group in _cmap_groups(card):
+        # rows of scorecards before the head sets were labelled carry no "heads" field
+        patched = _select(items, "cmap", model="base", group=group, variant="output",
+                          **({"heads": heads} if labelled else {}))
         a, b = _align(base, patched)
-        label = f"CMAP gain, {group.replace('_', ' ')}"
+        label = f"CMAP gain, {group.replace('_', ' ')}" + ("" if heads == "dcm" else f" ({heads} heads)")
         if a.size:
             ci = stats.paired_bootstrap_diff(a, b, seed=SEED, n_resamples=N_RESAMPLES)
             p = stats.mcnemar(a, b, seed=SEED, n_resamples=200).p_value
             out.append(GainTest(label, ci, p, "exact McNemar", True))
         else:
-            score = next(c for c in card.cmap if c.group == group and c.variant == "output")
+            score = next(c for c in card.cmap if c.group == group and c.variant == "output" and c.heads == heads)
             out.append(GainTest(label, stats.from_estimate(score.gain), None, "", False))
     return out
 
@@ -235,9 +249,9 @@ def compare_cards(card_a: sc.Scorecard, items_a: list[dict[str, Any]], card_b: s
             comp.accuracy.append(AccuracyTest(f"accuracy, {k} boxes", k, a_name, b_name,
                                               stats.mcnemar(a, b, seed=SEED, n_resamples=N_RESAMPLES)))
     base_a, base_b = _cmap_base(items_a), _cmap_base(items_b)
-    for group in [g for g in _cmap_groups(card_a) if g in set(_cmap_groups(card_b))]:
-        pa = _select(items_a, "cmap", model="base", group=group, variant="output")
-        pb = _select(items_b, "cmap", model="base", group=group, variant="output")
+    for group in [g for g in _paper_cmap_groups(card_a) if g in set(_paper_cmap_groups(card_b))]:
+        pa = _select_paper_cmap(items_a, group)
+        pb = _select_paper_cmap(items_b, group)
         keys = sorted(set(pa) & set(pb) & set(base_a) & set(base_b), key=lambda k: (str(type(k)), k))
         if not keys:
             continue
@@ -349,11 +363,11 @@ def fig_accuracy(card: sc.Scorecard) -> Optional[str]:
 
 
 def fig_cmap(card: sc.Scorecard) -> Optional[str]:
-    groups = _cmap_groups(card)
+    groups = _paper_cmap_groups(card)
     if not groups:
         return None
     plt = _mpl()
-    scores = [next(c for c in card.cmap if c.group == g and c.variant == "output") for g in groups]
+    scores = [next(c for c in card.cmap if c.group == g and c.variant == "output" and c.heads == "dcm") for g in groups]
     vals = np.array([s.gain.value if s.gain.value is not None else 0.0 for s in scores])
     lo = np.array([s.gain.low if s.gain.low is not None else v for s, v in zip(scores, vals)])
     hi = np.array([s.gain.high if s.gain.high is not None else v for s, v in zip(scores, vals)])
