@@ -74,9 +74,10 @@ class Submission:
         d = self.data
         return {
             "name": self.name,
-            "model_ref": self.model_ref,
+            # published forms: a model submitted by local path is named, not located (no path of this machine)
+            "model_ref": models.published_ref(self.model_ref),
             "model_revision": self.model_revision,
-            "base_ref": self.base_ref,
+            "base_ref": models.published_ref(self.base_ref),
             "base_revision": self.base_revision,
             "fine_tuning": d["fine_tuning"],
             "license": d["license"],

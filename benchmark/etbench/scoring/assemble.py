@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from etbench import __version__
+from etbench.core.io import finite
 from etbench.metrics.overlap import circuit_overlap, dcm_overlap, selected_by_group
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit
@@ -45,9 +46,7 @@ def _faithfulness_score(ev: dict[str, Any], circuit: str, model: str) -> sc.Fait
                              note=f"low/high = min/max over draws; sd {b.get('sd', float('nan')):.3f}" if accs else "")
     mib = None
     if "mib" in ev:
-        mlow, mhigh = ev["mib_ci"]
-        mib = sc.Estimate(ev["mib"], mlow, mhigh, ev["n"], "paired-bootstrap (m(C)-m(none))/(m(N)-m(none))",
-                          note="" if ev["mib"] is not None else "undefined: the model is no better than no heads")
+        mib = _mib_estimate(ev["mib"], *ev["mib_ci"], ev["n"])
     return sc.FaithfulnessScore(
         circuit=circuit, model=model, model_accuracy=prop(ev["model_acc"]), circuit_accuracy=prop(ev["circuit_acc"]),
         faithfulness=sc.Estimate(ev["faithfulness"], low, high, ev["n"], "paired-bootstrap ratio"),
@@ -62,10 +61,22 @@ def _ceiling_score(model: str, c: dict[str, Any]) -> sc.CeilingScore:
         model=model, form=c["form"], model_accuracy=prop(c["model"]),
         every_head_every_position=prop(c["every_head_every_position"]), form_accuracy=prop(c["form_all_heads"]),
         no_heads_accuracy=prop(c["no_heads"]),
-        form_faithfulness=sc.Estimate(c["form_faithfulness"], *c["form_faithfulness_ci"], c["n"],
-                                      "paired-bootstrap ratio"),
-        form_faithfulness_mib=sc.Estimate(c["form_mib"], *c["form_mib_ci"], c["n"],
-                                          "paired-bootstrap (m(C)-m(none))/(m(N)-m(none))"))
+        form_faithfulness=_ratio_estimate(c["form_faithfulness"], *c["form_faithfulness_ci"], c["n"],
+                                          "paired-bootstrap ratio", "undefined: the model's accuracy is 0"),
+        form_faithfulness_mib=_mib_estimate(c["form_mib"], *c["form_mib_ci"], c["n"]))
+
+
+def _mib_estimate(value, low, high, n: int) -> sc.Estimate:
+    return _ratio_estimate(value, low, high, n, "paired-bootstrap (m(C)-m(none))/(m(N)-m(none))",
+                           "undefined: the model is no better than no heads")
+
+
+def _ratio_estimate(value, low, high, n: int, method: str, why_undefined: str) -> sc.Estimate:
+    """A ratio is undefined (NaN) when its denominator is 0: stored as None with the reason (JSON has no NaN)."""
+    value, low, high = finite(value), finite(low), finite(high)
+    if value is None:
+        return sc.Estimate(None, None, None, n, method, note=why_undefined)
+    return sc.Estimate(value, low, high, n, method)
 
 
 def _semantics_score(model: str, r: dict[str, Any]) -> sc.SemanticsScore:

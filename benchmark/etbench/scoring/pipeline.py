@@ -23,7 +23,7 @@ from typing import Any
 from etbench import models
 from etbench.core.checks import check_seed
 from etbench.core.errors import EtbenchError
-from etbench.core.io import atomic_write_json, check_output_dir, config_hash
+from etbench.core.io import atomic_write_json, check_output_dir, config_hash, jsonable
 from etbench.mech.heads import head_map
 from etbench.metrics.accuracy import run as accuracy_run
 from etbench.metrics.cmap import check_compatible, paper_patch_heads, run_cmap
@@ -171,8 +171,9 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                       "curve": [{"size": st.size, "sizes": st.sizes, "accuracy": st.accuracy,
                                  "faithfulness": st.faithfulness, "mib": st.mib, "added": st.added}
                                 for st in g.steps]}
+        # jsonable: a ratio over a model at 0 accuracy is NaN, stored as null (JSON has no NaN)
         return {"circuit": res.circuit.to_dict(), "method": res.circuit.method, "forward_passes": res.forward_passes,
-                "size_rule": p.circuit_size, "sizing": sizing}
+                "size_rule": p.circuit_size, "sizing": jsonable(sizing)}
 
     discovery_settings = {"mode": p.discovery_mode, "n": p.discovery_n, "minimality_n": p.minimality_n,
                           "mean_n": p.mean_n, "minimality": p.minimality, "size": p.circuit_size,
