@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import torch
 
 from etbench.core.errors import EtbenchError
-from etbench.core.stats import Proportion, proportion_ci
+from etbench.core.stats import Proportion, proportion_ci, ratio_of_sums_ci
 from etbench.mech.forward import forward
 from etbench.mech.interventions import replace_where
 from etbench.metrics.ablation import AblationRunner
@@ -67,23 +67,6 @@ def _acc(flags: Sequence[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
-def ratio_ci(num_flags: Sequence[bool], den_flags: Sequence[bool], seed: int = 0, draws: int = 2000,
-             level: float = 0.95) -> tuple[float, float]:
-    """Paired percentile bootstrap CI of sum(num)/sum(den) over items."""
-    import numpy as np
-
-    c = np.asarray(num_flags, dtype=float)
-    m = np.asarray(den_flags, dtype=float)
-    if len(c) == 0 or m.sum() == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(c), size=(draws, len(c)))
-    num, den = c[idx].sum(1), m[idx].sum(1)
-    ratios = num[den > 0] / den[den > 0]
-    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
-
 @torch.no_grad()
 def every_head_kept_correct(runner: AblationRunner) -> list[bool]:
     """Per prompt: correct with every head kept at every position *through* the ablation edits (a
@@ -125,7 +108,7 @@ def ceilings(runner: AblationRunner, seed: int = 0) -> Ceilings:
     m, f, z = _acc(model), _acc(form), _acc(none)
     prop = lambda flags: proportion_ci(sum(flags), len(flags))  # noqa: E731
     return Ceilings("paper", len(model), runner.mean.n_prompts, prop(model), prop(every), prop(form), prop(none),
-                    paper_ratio(f, m), ratio_ci(form, model, seed), mib_normalised(f, m, z),
+                    paper_ratio(f, m), ratio_of_sums_ci(form, model, seed=seed), mib_normalised(f, m, z),
                     tuple(model), tuple(form), tuple(none))
 
 
