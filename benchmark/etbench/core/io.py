@@ -105,17 +105,22 @@ def loads_json(text: str | bytes) -> Any:
     return json.loads(text, parse_constant=_refuse_constant)
 
 
-def read_json(path: str | os.PathLike, what: str = "") -> Any:
-    """Parse a strict JSON file; any failure (missing, unreadable, not UTF-8, not JSON, NaN) is an
-    ``EtbenchError`` naming the file."""
+def _read_bytes(path: str | os.PathLike, what: str) -> tuple[str, bytes]:
+    """(label naming the file for errors, its bytes); missing or unreadable is one ``EtbenchError``."""
     path = Path(path)
     label = f"{path}" + (f" ({what})" if what else "")
     try:
-        data = path.read_bytes()
+        return label, path.read_bytes()
     except FileNotFoundError:
         raise EtbenchError(f"{label}: no such file") from None
     except OSError as err:
         raise EtbenchError(f"{label}: cannot read ({err.strerror or err})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "") -> Any:
+    """Parse a strict JSON file; any failure (missing, unreadable, not UTF-8, not JSON, NaN) is an
+    ``EtbenchError`` naming the file."""
+    label, data = _read_bytes(path, what)
     try:
         return loads_json(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -128,14 +133,7 @@ def read_json(path: str | os.PathLike, what: str = "") -> Any:
 
 def read_jsonl(path: str | os.PathLike, what: str = "") -> list[dict]:
     """JSON lines, one object per line, strictly (see ``read_json``); errors name the file and line."""
-    path = Path(path)
-    label = f"{path}" + (f" ({what})" if what else "")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise EtbenchError(f"{label}: no such file") from None
-    except OSError as err:
-        raise EtbenchError(f"{label}: cannot read ({err.strerror or err})") from None
+    label, data = _read_bytes(path, what)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
