@@ -247,6 +247,24 @@ def _built_info(name: str, out_dir: Path) -> Path:
     return Path(models.resolve(name).location) / "zoo_training.json"
 
 
+def card_table(results: dict, boxes: Sequence[int] = CARD_BOXES) -> str:
+    """The model card's accuracy table, from card_results.json (a unit test keeps the two in step)."""
+    def cell(record) -> str:
+        if not isinstance(record, dict):
+            return "not measured"
+        low, high = record["ci95"]
+        return f"{record['accuracy']:.3f} [{low:.3f}, {high:.3f}] ({record['k']}/{record['n']})"
+
+    head = "| row | " + " | ".join(f"{b} boxes" for b in boxes) + f" | 7 boxes, first {TEST_SUBSET} (the test) |"
+    lines = [head, "|---" * (len(boxes) + 2) + "|"]
+    for row in ROWS:
+        got = results.get(row.name, {})
+        subset = got.get(f"7_first{TEST_SUBSET}")
+        lines.append(f"| `{row.name}` | " + " | ".join(cell(got.get(str(b))) for b in boxes)
+                     + f" | {'not measured' if subset is None else f'{subset}/{TEST_SUBSET}'} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m etbench.training.zoo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(ROW_BY_NAME), metavar="NAME",
