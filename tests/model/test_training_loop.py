@@ -11,7 +11,7 @@ from etbench.mech.heads import head_map
 from etbench.mech.interventions import Site, applied, cache
 from etbench.metrics.ablation import knockout_edits, mean_activations
 from etbench.models import toy
-from etbench.training.loop import add_lora, masked_token_loss
+from etbench.training.loop import add_lora, masked_token_loss, save_adapter
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,27 @@ def test_knockout_replaces_those_heads_everywhere_and_lets_gradients_through(toy
     assert grads and all(g is not None for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
     peft_model.unload()
+
+
+def test_fp16_adapter_saves_only_the_lora_and_reloads(toy_model, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model, _ = toy_model
+    peft_model = add_lora(model, seed=1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # B starts at zero; give the adapter an effect to compare
+    save_adapter(peft_model, tmp_path / "a", "toy-base", dtype=torch.float16)
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert saved and all(t.dtype == torch.float16 and "lora_" in k and ".default" not in k for k, t in saved.items())
+    ids = torch.randint(5, 30, (1, 6))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    base = peft_model.unload()
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "a")).float()
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-2)  # fp16 rounding of the adapter only
+    reloaded.unload()

@@ -136,10 +136,8 @@ def save_adapter(peft_model, directory: Path, base_ref: str, dtype: torch.dtype 
     peft_model.peft_config["default"].base_model_name_or_path = base_ref
     if dtype == torch.float32:
         peft_model.save_pretrained(str(directory))  # safetensors
-    else:
-        from peft import get_peft_model_state_dict
-
-        state = {k: v.to(dtype) for k, v in get_peft_model_state_dict(peft_model).items()}
+    else:  # peft picks the adapter's tensors out of the model's full-named state dict
+        state = {k: v.detach().to(dtype) for k, v in peft_model.state_dict().items() if "lora_" in k}
         peft_model.save_pretrained(str(directory), state_dict=state)
     (directory / "README.md").unlink(missing_ok=True)  # peft's empty template card; the model card says it all
 
