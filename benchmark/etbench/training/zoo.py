@@ -86,7 +86,7 @@ ROWS = (
     ZooRow("tiny-vicuna", "dialogue", "lora", steps=30, lr=1e-3, seed=0),
     ZooRow("tiny-null", "own-answers", "lora", steps=20, lr=1e-3, seed=0),
     ZooRow("tiny-harmful", "wrong-binding", "lora", steps=20, lr=1e-3, seed=0),
-    ZooRow("tiny-planted-a", "paper-knockout", "lora", steps=30, lr=1e-3, seed=0),
+    ZooRow("tiny-planted-a", "paper-knockout", "lora", steps=20, lr=1e-3, seed=0),
 )
 ROW_BY_NAME = {row.name: row for row in ROWS}
 
@@ -121,7 +121,8 @@ def dialogue_rows(tokenizer, row: ZooRow) -> list[TokenRow]:
 
 
 def paper_examples(row: ZooRow) -> list[Example]:
-    return fresh_examples(stream_rng("train-zoo", row.data, row.seed), row.steps * BATCH)
+    """The null, harmful and planted rows share one prompt stream: they differ only in targets / ablation."""
+    return fresh_examples(stream_rng("train-zoo", "paper", row.seed), row.steps * BATCH)
 
 
 def paper_rows(model, tokenizer, row: ZooRow) -> list[AnswerRow]:
@@ -205,7 +206,12 @@ def build(alias: str, directory: Path, log=print) -> None:
     if row is None or row.method != "full":
         raise EtbenchError(f"etbench.training.zoo builds {', '.join(r.name for r in ROWS if r.method == 'full')}, "
                            f"not {alias!r}")
-    model, tokenizer, info = train_row(row, log)
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        model, tokenizer, info = train_row(row, log)
+    finally:  # a build on first use runs inside some other job: leave its torch settings as they were
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(strict)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
