@@ -36,12 +36,37 @@ def _buckets(starts: torch.Tensor, max_splits: int) -> list[tuple[torch.Tensor, 
     return [(chunk, int(starts[chunk].min())) for chunk in torch.tensor_split(order, max_splits) if len(chunk)]
 
 
+#: Cache layer classes whose keys/values can be cut to a prefix and handed back (by class name).
+_REUSABLE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
 def _kv_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per-layer (keys, values) ``[B, kv_heads, T, d]`` of a plain full-attention cache, else None."""
+    """Per-layer (keys, values) ``[B, kv_heads, T, d]`` of a dynamic cache, else None.
+
+    Sliding-window layers (Gemma-3, Mistral) are included: the caller checks that every layer kept all
+    ``T`` tokens, i.e. that the prompt is shorter than the window, and recomputes otherwise."""
     layers = getattr(cache, "layers", None)
-    if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-        return None  # sliding-window, static, quantised, encoder-decoder...: recompute instead
+    if layers is None or any(type(layer).__name__ not in _REUSABLE_LAYERS for layer in layers):
+        return None  # static, quantised, encoder-decoder...: recompute instead
     return [(layer.keys, layer.values) for layer in layers]
+
+
+def _sliding_windows(cache) -> list[int | None]:
+    """Each cache layer's sliding window (None for full attention), to rebuild the same layer types."""
+    return [getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+            for layer in cache.layers]
+
+
+def prefix_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], windows: Sequence[int | None], rows, start: int):
+    """A ``DynamicCache`` holding tokens ``0..start-1`` of ``rows``, with the base run's layer types
+    (a sliding-window layer must stay one: its mask sizes differ once the window fills)."""
+    from transformers import DynamicCache
+
+    data = []
+    for (k, v), window in zip(kv, windows):
+        item = (k[rows.to(k.device)][:, :, :start], v[rows.to(v.device)][:, :, :start])
+        data.append(item if window is None else (*item, torch.tensor(window)))
+    return DynamicCache(ddp_cache_data=data)
 
 
 class PatchRunner:
@@ -73,6 +98,7 @@ class PatchRunner:
         n = self.ids.shape[0]
         self.base_argmax = torch.empty(n, dtype=torch.long)
         self._store: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.windows: list[int | None] = []  # per layer: the base cache's sliding window, or None
         budget = store_mb * 2**20
         chunks = [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
         for rows in track(chunks, description, total=len(chunks), enabled=progress):
@@ -97,9 +123,10 @@ class PatchRunner:
         if not self.reuse_prefix:
             return None
         kv = _kv_tensors(out.past_key_values)
-        if kv is None or any(k.shape[-2] != ids.shape[1] for k, _ in kv):
+        if kv is None or any(k.shape[-2] != ids.shape[1] for k, _ in kv):  # a sliding window dropped tokens
             self.reuse_prefix = False
             return None
+        self.windows = _sliding_windows(out.past_key_values)
         return kv
 
     def _forward(self, ids: torch.Tensor, edits: Sequence[Edit] = (), **kwargs):
@@ -130,15 +157,12 @@ class PatchRunner:
         starts = torch.as_tensor(starts, dtype=torch.long).reshape(-1).expand(b).clamp(0, t - 1)
         if kv is None:
             return self._forward(ids, edits(torch.arange(b), 0)).logits[:, -1].float()
-        from transformers import DynamicCache
-
         parts, order = [], []
         for sub, start in _buckets(starts, max_splits):
             if start == 0:
                 out = self._forward(ids[sub.to(self.device)], edits(sub, 0))
             else:
-                cache = DynamicCache(ddp_cache_data=[(k[sub.to(k.device)][:, :, :start], v[sub.to(v.device)][:, :, :start])
-                                                     for k, v in kv])
+                cache = prefix_cache(kv, self.windows, sub, start)
                 out = self._forward(ids[sub.to(self.device), start:], edits(sub, start), past_key_values=cache,
                                     use_cache=True)
             parts.append(out.logits[:, -1].float())

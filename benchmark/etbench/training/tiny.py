@@ -1,24 +1,33 @@
-"""Train the embedded base / fine-tuned pair: the paper's Goat story in miniature.
+"""Train the embedded model families: a base and its fine-tunes, the paper's Goat story in miniature.
 
-``tiny-base`` = SmolLM2-135M-Instruct + a LoRA trained for a few steps on the paper's template, so
-that it tracks entities clearly above chance but far from perfectly (shipped as an adapter that is
-merged at load). ``tiny-ft`` = tiny-base + a second LoRA trained *only* on another wording of the
-task that keeps the object-before-label structure (``a key sits inside crate Q; … . Crate Q holds
-a`` → `` key``) and never on the paper's template (shipped as a non-merged PEFT adapter). Whether
-this fine-tuning improves entity tracking on the paper's template is measured, not forced
-(``assets/tiny/MODEL_CARD.md`` records the recipe and its measured accuracies).
+A *family* is a pretrained model from PyPI plus stages, each a LoRA trained on top of its parent stage
+(or of the pretrained model). Two families share this code:
 
-    python -m etbench.training.tiny                  # retrain both adapters into assets/tiny/
-    python -m etbench.training.tiny --card           # + evaluate smollm2/tiny-base/tiny-ft on the
-                                                  #   canonical sets, write assets/tiny/card_results.json
-    python -m etbench.training.tiny --out DIR --no-monitor [--base-only | --ft-only]
-                                  # retrain elsewhere and print max |retrained - shipped| per adapter
+* ``tiny`` (SmolLM2-135M-Instruct, a Llama): ``tiny-base`` = SmolLM2 + a LoRA trained for a few steps on
+  the paper's template, so that it tracks entities clearly above chance but far from perfectly (merged at
+  load); ``tiny-ft`` = tiny-base + a second LoRA trained *only* on another wording of the task that keeps
+  the object-before-label structure (``a key sits inside crate Q; … . Crate Q holds a`` → `` key``) and
+  never on the paper's template (a non-merged PEFT adapter). ``assets/tiny/MODEL_CARD.md``.
+* ``gemma`` (Gemma-3-270M base, a second architecture: one KV head, q/k-norm, sliding-window layers, a
+  262k vocabulary): ``gemma-base`` the same way, and two fine-tunes of it, ``gemma-ft`` (crate wording)
+  and ``gemma-goat`` (Goat-style generated arithmetic, ``etbench.training.corpora``; loss on the written-out
+  answer). ``assets/gemma/MODEL_CARD.md``.
+
+Whether a fine-tune improves entity tracking on the paper's template is measured, not forced.
+
+    python -m etbench.training.tiny [--family gemma]  # retrain the family's adapters into assets/<family>/
+    python -m etbench.training.tiny --card            # + evaluate the family's models on the canonical
+                                                      #   sets, write assets/<family>/card_results.json
+    python -m etbench.training.tiny --out DIR --no-monitor [--stages NAME,... | --base-only | --ft-only]
+                                  # retrain elsewhere and print max |retrained - shipped| per adapter; a stage
+                                  # whose parent is not retrained in the same run trains on the shipped parent
     python -m etbench.training.tiny --card-only --models tiny-ft --boxes 7 --card-json FILE
                                   # evaluate only some models / box counts (resumable)
 
-Training data come from named random streams (``stream_rng("train-tiny", ...)``) that never meet
-the canonical evaluation set (``generate(n_boxes, 500, seed=0)``, stream ``data:0:n``).
-Everything is seeded; CPU fp32 with 2 threads reproduces the shipped adapters.
+Training data come from named random streams (``stream_rng("train-tiny", ...)``; the arithmetic from
+``stream_rng("train-zoo", "arithmetic", seed)``, the same problems as the tiny zoo's) that never meet the
+canonical evaluation set (``generate(n_boxes, 500, seed=0)``, stream ``data:0:n``). Everything is seeded;
+CPU fp32 with 2 threads reproduces the shipped adapters.
 """
 
 from __future__ import annotations
@@ -49,32 +58,65 @@ from etbench.training.loop import (
     environment,
     fresh_examples,
     last_logits,
+    masked_token_loss,
     run_steps,
     save_adapter,
     stack_rows,
 )
+from etbench.training.zoo import ZooRow, arithmetic_rows
 
-BASE_REF = "smollm2-135m-instruct"
-ASSET_DIR = ASSETS_DIR / "tiny"
+#: Training wordings: answer-token loss on an entity-tracking prompt, or the language-model loss on the
+#: written-out answer of a generated arithmetic problem.
+WORDINGS = ("paper", "crate", "arithmetic")
 
 
 @dataclass(frozen=True)
 class Stage:
-    name: str  # adapter directory under the output dir
-    wording: str  # "paper" or "crate"
+    name: str  # registry alias and adapter directory under the output dir
+    wording: str  # one of WORDINGS
     steps: int
     lr: float
     seed: int
-    n_boxes: tuple[int, ...]  # box counts, cycled over batches (one box count per batch)
+    n_boxes: tuple[int, ...] = (7,)  # box counts, cycled over batches (one box count per batch)
+    parent: str | None = None  # the stage this LoRA trains on (merged); None = the family's pretrained model
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # --family value and the asset directory
+    base_ref: str  # registry alias of the pretrained model
+    stages: tuple[Stage, ...]  # in training order: a parent before its children
+    adapter_dtype: torch.dtype = torch.float32  # as shipped (fp16 halves the files)
+    test_subset: int = 140  # canonical 7-box items a test re-evaluates against the card
+
+    @property
+    def asset_dir(self) -> Path:
+        return ASSETS_DIR / self.name
+
+    @property
+    def card_models(self) -> tuple[str, ...]:
+        return (self.base_ref, *(stage.name for stage in self.stages))
+
+    def parent_ref(self, stage: Stage) -> str:
+        return stage.parent or self.base_ref
 
 
 # A LoRA recipe verified earlier used 10 base steps at lr 3e-4 (7-box acc 0.44 there); with this data stream 10
 # steps gave 0.31 on the held-out monitor and 16 gave 0.44, so the base trains 18 steps (0.52).
 # ft: lr 1e-3, seed 1, crate wording only; 20 steps (recipe: 0.84 after 20 steps, 0.85 after 30).
-STAGES = (
-    Stage("tiny-base", "paper", steps=18, lr=3e-4, seed=0, n_boxes=(7,)),
-    Stage("tiny-ft", "crate", steps=20, lr=1e-3, seed=1, n_boxes=(7,)),
-)
+TINY = Family("tiny", "smollm2-135m-instruct", (
+    Stage("tiny-base", "paper", steps=18, lr=3e-4, seed=0),
+    Stage("tiny-ft", "crate", steps=20, lr=1e-3, seed=1, parent="tiny-base"),
+))
+# The same recipe on Gemma-3-270M; step counts chosen from the held-out monitor (MODEL_CARD.md).
+GEMMA = Family("gemma", "gemma3-270m", (
+    Stage("gemma-base", "paper", steps=12, lr=3e-4, seed=0),
+    Stage("gemma-ft", "crate", steps=20, lr=1e-3, seed=1, parent="gemma-base"),
+    Stage("gemma-goat", "arithmetic", steps=30, lr=1e-3, seed=0, parent="gemma-base"),
+), adapter_dtype=torch.float16, test_subset=100)
+FAMILIES = {family.name: family for family in (TINY, GEMMA)}
+# the tiny family's names, kept for callers of the single-family version
+BASE_REF, ASSET_DIR, STAGES = TINY.base_ref, TINY.asset_dir, TINY.stages
 MONITOR_N = 140  # held-out paper-template prompts (7 boxes) for the training log
 
 
@@ -145,11 +187,20 @@ def monitor_accuracy(model, tokenizer, examples: Sequence[Example]) -> float:
 def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (), monitor_every: int = 0, log=print):
     """Wrap ``model`` in a fresh LoRA and train it on the stage's data; returns the PeftModel."""
     before = None
-    if monitor and stage.wording != "paper":
+    if monitor and stage.wording == "crate":
         before = wording_accuracy(model, tokenizer, monitor, stage.wording)
         log(f"[{stage.name}] before training, accuracy in its training wording: {before:.3f}")
     peft_model = add_lora(model, stage.seed)
-    rows = encode(tokenizer, training_examples(stage, stage.steps * BATCH), stage.wording)
+    if stage.wording == "arithmetic":
+        # the tiny zoo's arithmetic data (same stream: the same problems as tiny-goat for the same seed)
+        rows: list = arithmetic_rows(tokenizer, ZooRow(stage.name, "arithmetic", "lora", stage.steps, stage.lr,
+                                                       stage.seed))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+        def loss_fn(m, batch):
+            return masked_token_loss(m, batch, pad_id)
+    else:
+        rows, loss_fn = encode(tokenizer, training_examples(stage, stage.steps * BATCH), stage.wording), answer_token_loss
 
     def after_step(step: int, entry: dict) -> None:
         if monitor and monitor_every and step % monitor_every == 0 and step < stage.steps:
@@ -157,41 +208,62 @@ def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (),
             log(f"[{stage.name}] step {step}: held-out accuracy {entry['monitor_accuracy']:.3f}")
 
     batches = [rows[step * BATCH : (step + 1) * BATCH] for step in range(stage.steps)]
-    history, train_seconds = run_steps(peft_model, batches, answer_token_loss, stage.lr, stage.name, log, after_step)
+    history, train_seconds = run_steps(peft_model, batches, loss_fn, stage.lr, stage.name, log, after_step)
     info = {"history": history, "train_seconds": round(train_seconds, 1)}
     if before is not None:
         info["own_wording_accuracy_before"] = before
     if monitor:
         info["monitor_accuracy"] = monitor_accuracy(peft_model, tokenizer, monitor)
         log(f"[{stage.name}] held-out 7-box paper-template accuracy {info['monitor_accuracy']:.3f} (n={len(monitor)})")
-        if stage.wording != "paper":
+        if stage.wording == "crate":
             info["own_wording_accuracy"] = wording_accuracy(peft_model, tokenizer, monitor, stage.wording)
             log(f"[{stage.name}] same prompts in its training wording: {info['own_wording_accuracy']:.3f}")
     return peft_model, info
 
 
-def train(out_dir: Path = ASSET_DIR, monitor_every: int = 0, monitor: bool = True, n_stages: int = len(STAGES),
-          first_stage: int = 0, log=print) -> dict:
-    """Train the stages in order; writes out_dir/tiny-base and out_dir/tiny-ft (PEFT adapter dirs).
-    ``n_stages=1`` trains tiny-base only; ``first_stage=1`` trains tiny-ft on the *shipped* tiny-base
-    as ``etbench.models.load("tiny-base")`` returns it (quicker reproducibility checks)."""
+def round_adapter(peft_model, dtype: torch.dtype) -> None:
+    """Round the LoRA weights to the shipped dtype in place, so that a child stage trained in this
+    process sees the parent exactly as loading the shipped (e.g. fp16) adapter gives it."""
+    if dtype != torch.float32:
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(param.to(dtype).float())
+
+
+def train(family: Family = TINY, out_dir: Path | None = None, monitor_every: int = 0, monitor: bool = True,
+          stages: Sequence[str] | None = None, log=print) -> dict:
+    """Train the family's stages (all, or the named ones) in order into ``out_dir/<stage>`` (PEFT
+    adapter dirs). A stage trains on its parent as trained in this run, or else on the *shipped* parent
+    as ``etbench.models.load`` returns it (quicker reproducibility checks of one stage)."""
+    out_dir = family.asset_dir if out_dir is None else out_dir
+    todo = [stage for stage in family.stages if stages is None or stage.name in stages]
+    unknown = set(stages or ()) - {stage.name for stage in family.stages}
+    if unknown:
+        raise ValueError(f"unknown stages for family {family.name}: {', '.join(sorted(unknown))}")
     deterministic()
     t0 = time.perf_counter()
-    start_ref = BASE_REF if first_stage == 0 else STAGES[first_stage - 1].name
-    loaded = models.load(start_ref)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    log(f"loaded {start_ref} in {time.perf_counter() - t0:.1f} s")
     held_out = monitor_examples() if monitor else []
-    summary = {}
-    if held_out:
-        summary["base_monitor_accuracy"] = monitor_accuracy(model, tokenizer, held_out)
-        log(f"[{BASE_REF}] held-out 7-box paper-template accuracy {summary['base_monitor_accuracy']:.3f}")
-    base_of = {"tiny-base": BASE_REF, "tiny-ft": "tiny-base"}
-    for stage in STAGES[first_stage:n_stages]:
+    summary: dict = {"family": family.name}
+    model = tokenizer = current = None  # current: the name of the (merged) model in memory
+    for stage in todo:
+        parent = family.parent_ref(stage)
+        if current != parent:
+            t1 = time.perf_counter()
+            loaded = models.load(parent)
+            model, tokenizer, current = loaded.model, loaded.tokenizer, parent
+            log(f"loaded {parent} in {time.perf_counter() - t1:.1f} s")
+            if held_out and parent == family.base_ref:
+                summary["base_monitor_accuracy"] = monitor_accuracy(model, tokenizer, held_out)
+                log(f"[{parent}] held-out 7-box paper-template accuracy {summary['base_monitor_accuracy']:.3f}")
         peft_model, info = train_stage(model, tokenizer, stage, held_out, monitor_every, log)
-        save_adapter(peft_model, out_dir / stage.name, base_of[stage.name])
-        summary[stage.name] = {**info, "stage": stage.__dict__}
-        model = peft_model.merge_and_unload()  # the next stage trains on top of the merged model
+        round_adapter(peft_model, family.adapter_dtype)
+        save_adapter(peft_model, out_dir / stage.name, parent, family.adapter_dtype)
+        summary[stage.name] = {**info, "stage": {**stage.__dict__, "adapter_dtype": str(family.adapter_dtype)}}
+        if any(later.parent == stage.name for later in todo):
+            model, current = peft_model.merge_and_unload(), stage.name  # its children train on it, merged
+        else:
+            model = peft_model.unload()  # the parent again, its weights untouched (the LoRA was never merged)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     summary["environment"] = environment()
     log(f"done in {summary['total_seconds']} s")
@@ -201,40 +273,51 @@ def train(out_dir: Path = ASSET_DIR, monitor_every: int = 0, monitor: bool = Tru
 # ---------------------------------------------------------------------------------- model card
 
 CARD_BOXES = (3, 5, 7)
-CARD_MODELS = (BASE_REF, "tiny-base", "tiny-ft")
-TEST_SUBSET = 140  # the integration test re-evaluates the first 140 canonical 7-box items
+CARD_MODELS = TINY.card_models
+TEST_SUBSET = TINY.test_subset  # the integration test re-evaluates the first 140 canonical 7-box items
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m etbench.training.tiny", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ASSET_DIR, help="where the adapter directories go")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="tiny", help="which model family")
+    parser.add_argument("--out", type=Path, default=None, help="where the adapter directories go "
+                        "(default: the package's assets/<family>/)")
     parser.add_argument("--monitor-every", type=int, default=0, metavar="K",
                         help="log held-out accuracy every K steps (slower; does not change the adapters)")
     parser.add_argument("--no-monitor", action="store_true",
                         help="skip the held-out accuracy log (faster; the adapters are the same)")
-    parser.add_argument("--base-only", action="store_true", help="train tiny-base only (quick reproducibility check)")
+    parser.add_argument("--stages", default=None, help="train only these stages (comma-separated)")
+    parser.add_argument("--base-only", action="store_true", help="train the first stage only")
     parser.add_argument("--ft-only", action="store_true",
-                        help="train tiny-ft only, on the shipped tiny-base (quick reproducibility check)")
+                        help="train every stage but the first, on the shipped first stage")
     parser.add_argument("--card", action="store_true", help="also evaluate the models for MODEL_CARD.md")
     parser.add_argument("--card-only", action="store_true", help="only evaluate (no training)")
-    parser.add_argument("--models", default=",".join(CARD_MODELS), help="models to evaluate (comma-separated)")
+    parser.add_argument("--models", default=None, help="models to evaluate (comma-separated; default: the family's)")
     parser.add_argument("--boxes", default=",".join(map(str, CARD_BOXES)), help="box counts to evaluate")
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="torch threads for the evaluation (training always uses 2)")
     parser.add_argument("--card-json", type=Path, default=None,
                         help="results file, resumed if it exists (default OUT/card_results.json)")
     args = parser.parse_args(argv)
+    family = FAMILIES[args.family]
+    out = args.out or family.asset_dir
+    names = [stage.name for stage in family.stages]
+    stages = (args.stages.split(",") if args.stages else names[:1] if args.base_only
+              else names[1:] if args.ft_only else names)
     if not args.card_only:
-        summary = train(args.out, args.monitor_every, not args.no_monitor, 1 if args.base_only else len(STAGES),
-                        1 if args.ft_only else 0)
-        (args.out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
-        if args.out.resolve() != ASSET_DIR.resolve():
-            for stage in STAGES[1 if args.ft_only else 0 : 1 if args.base_only else len(STAGES)]:
-                print(f"{stage.name}: max |retrained - shipped| = "
-                      f"{compare_adapters(args.out / stage.name, ASSET_DIR / stage.name):.3g}")
+        out.mkdir(parents=True, exist_ok=True)
+        summary = train(family, out, args.monitor_every, not args.no_monitor, stages)
+        log_path = out / ("training_log.json" if stages == names else f"training_log.{'+'.join(stages)}.json")
+        log_path.write_text(json.dumps(summary, indent=1) + "\n")
+        if out.resolve() != family.asset_dir.resolve():
+            for name in stages:
+                shipped = family.asset_dir / name
+                if (shipped / "adapter_model.safetensors").is_file():
+                    print(f"{name}: max |retrained - shipped| = {compare_adapters(out / name, shipped):.3g}")
     if args.card or args.card_only:
-        path = args.card_json or args.out / "card_results.json"
-        results = card_results(args.models.split(","), [int(b) for b in args.boxes.split(",")], TEST_SUBSET, path,
+        path = args.card_json or out / "card_results.json"
+        refs = args.models.split(",") if args.models else list(family.card_models)
+        results = card_results(refs, [int(b) for b in args.boxes.split(",")], family.test_subset, path,
                                threads=args.threads)
         print(json.dumps(results, indent=1, sort_keys=True))
 
