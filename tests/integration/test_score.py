@@ -1,5 +1,5 @@
 """etbench score end to end on a toy pair: deterministic bytes, resume after an interruption,
-clear failures. (The embedded tiny pair's numbers are in tests/integration/test_tiny_pair.py.)"""
+clear failures. (The embedded tiny pair's numbers are in tests/integration/test_trained_families.py.)"""
 
 import subprocess
 import sys

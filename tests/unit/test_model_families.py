@@ -1,0 +1,52 @@
+"""The trained model families (etbench.training.tiny): each stage is a registry alias whose adapter ships
+in the package, on the right base, small, and without the (Gemma: 262k-row) embedding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from etbench import models
+from etbench.training.tiny import FAMILIES, GEMMA, TINY, WORDINGS
+
+STAGES = [(family, stage) for family in FAMILIES.values() for stage in family.stages]
+
+
+@pytest.mark.parametrize("family,stage", STAGES, ids=[stage.name for _, stage in STAGES])
+def test_every_stage_is_a_registry_alias_on_its_parent(family, stage):
+    entry = models.registry()[stage.name]
+    assert entry.kind == "peft" and entry.base == family.parent_ref(stage)
+    assert entry.adapter == f"asset:{family.name}/{stage.name}"
+    # a stage that others train on is merged at load, as it was merged when they were trained
+    assert entry.merge == any(other.parent == stage.name for other in family.stages)
+    assert stage.wording in WORDINGS
+
+
+@pytest.mark.parametrize("family,stage", STAGES, ids=[stage.name for _, stage in STAGES])
+def test_shipped_adapter_is_small_and_has_no_embedding(family, stage):
+    directory = family.asset_dir / stage.name
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == family.parent_ref(stage)
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert not config.get("modules_to_save")
+    path = directory / "adapter_model.safetensors"
+    assert path.stat().st_size < 8_000_000
+    with safe_open(str(path), "pt") as handle:
+        names = list(handle.keys())
+        dtypes = {str(handle.get_slice(n).get_dtype()) for n in names}
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)
+    assert not any("embed" in n or "lm_head" in n for n in names)
+    assert dtypes == {"F16" if family.adapter_dtype.itemsize == 2 else "F32"}
+
+
+def test_families_order_parents_first_and_share_the_recipe():
+    for family in FAMILIES.values():
+        seen = set()
+        for stage in family.stages:
+            assert stage.parent is None or stage.parent in seen
+            seen.add(stage.name)
+    # the second family repeats the first one's base and crate stages, and adds an arithmetic one
+    assert [s.wording for s in TINY.stages] == [s.wording for s in GEMMA.stages][:2]
+    assert {s.wording for s in GEMMA.stages} == set(WORDINGS)
