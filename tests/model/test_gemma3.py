@@ -16,7 +16,7 @@ import transformers as tf
 
 from etbench.mech.heads import head_map
 from etbench.mech.interventions import Edit, Site, cache, read, replace, run
-from etbench.mech.prefix import PatchRunner, prefix_cache
+from etbench.mech.prefix import PatchRunner, cache_fits, prefix_cache
 
 V, B, S = 60, 4, 9
 
@@ -115,3 +115,15 @@ def test_prefix_reuse_matches_whole_prompts_with_sliding_window_layers(model, id
     if fast.reuse_prefix:  # the rebuilt prefix keeps the model's own mix of sliding and full layers
         kinds = [type(layer).__name__ for layer in prefix_cache(fast.kv(rows), fast.windows, rows, 5).layers]
         assert kinds == ["DynamicSlidingWindowLayer", "DynamicLayer", "DynamicSlidingWindowLayer"]
+
+
+def test_cache_fits_only_while_every_sliding_window_holds_the_prompt(model, ids):
+    """Discovery extends a cached prefix and crops it back: transformers refuses to crop a sliding
+    layer whose window has filled, so such a cache must not be reused (discovery runs whole prompts)."""
+    with torch.no_grad():
+        kv = model(input_ids=ids, use_cache=True).past_key_values
+    window = model.config.sliding_window
+    assert cache_fits(kv, S) == (window > S)
+    if window > S:
+        assert cache_fits(kv, window - 1) and not cache_fits(kv, window)
+    assert not cache_fits(kv, S - 1)  # the cache already holds more tokens than that

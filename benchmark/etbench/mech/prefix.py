@@ -51,6 +51,15 @@ def _kv_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     return [(layer.keys, layer.values) for layer in layers]
 
 
+def cache_fits(cache, n_tokens: int) -> bool:
+    """Whether a prefix of this cache can be extended to ``n_tokens`` and cut back again: a dynamic
+    cache whose sliding-window layers (if any) keep all ``n_tokens`` (transformers cannot crop a
+    sliding layer once its window has filled, and a filled one has dropped the earliest tokens)."""
+    if _kv_tensors(cache) is None or cache.get_seq_length() > n_tokens:
+        return False
+    return all(layer.sliding_window - 1 >= n_tokens for layer in cache.layers if getattr(layer, "is_sliding", False))
+
+
 def _sliding_windows(cache) -> list[int | None]:
     """Each cache layer's sliding window (None for full attention), to rebuild the same layer types."""
     return [getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
@@ -122,10 +131,10 @@ class PatchRunner:
         self.base_argmax[rows] = out.logits[:, -1].argmax(-1).cpu()
         if not self.reuse_prefix:
             return None
-        kv = _kv_tensors(out.past_key_values)
-        if kv is None or any(k.shape[-2] != ids.shape[1] for k, _ in kv):  # a sliding window dropped tokens
+        if not cache_fits(out.past_key_values, ids.shape[1]):  # e.g. a sliding window dropped prompt tokens
             self.reuse_prefix = False
             return None
+        kv = _kv_tensors(out.past_key_values)
         self.windows = _sliding_windows(out.past_key_values)
         return kv
 

@@ -19,6 +19,7 @@ from etbench.mech.forward import PassCounter, forward, length_batches
 from etbench.mech.heads import head_map
 from etbench.mech.interventions import Edit, Site, cache, read
 from etbench.mech.interventions import replace as replace_edit
+from etbench.mech.prefix import cache_fits
 from etbench.metrics.ablation import AblationRunner, mean_activations
 from etbench.metrics.sizing import Ceilings, CircuitGrowth, ceilings, grow_circuit
 from etbench.models.load import as_loaded
@@ -137,8 +138,9 @@ class _BatchCache:
             kv = None
             if split > 0:
                 kv = forward(self.model, self.base_ids[:, :split], counter=counter, use_cache=True).past_key_values
-                if kv is None:  # a model without a KV cache: run whole prompts
-                    split = 0
+                # a model without a reusable KV cache, or a sliding window shorter than the prompts: whole prompts
+                if kv is None or not cache_fits(kv, self.base_ids.shape[1]):
+                    split, kv = 0, None
             self._prefix[pc] = (split, kv)
         return self._prefix[pc]
 
