@@ -32,8 +32,15 @@ from etbench.mech.heads import head_map
 from etbench.metrics.ablation import mean_activations
 from etbench.models.kept_ablation import KEPT_ABLATION_FILE, KeptAblation, fold_kept_ablation, save_kept_ablation
 from etbench.schema.circuit import load_circuit
-from etbench.training.tiny import THREADS, Stage, compare_adapters, monitor_accuracy, monitor_examples, save_adapter, \
-    train_stage
+from etbench.training.tiny import (
+    THREADS,
+    Stage,
+    compare_adapters,
+    monitor_accuracy,
+    monitor_examples,
+    save_adapter,
+    train_stage,
+)
 
 ASSET_DIR = ASSETS_DIR / "planted" / "tiny-planted"
 BASE_REF = "tiny-base"
