@@ -112,3 +112,12 @@ def test_mib_ci_brackets_the_point_and_is_degenerate_only_when_items_agree():
     assert lo < point < hi and hi - lo > 0.05
     assert mib_ci(model, model, none) == (1.0, 1.0)  # the model itself: exactly 1 in every resample
     assert all(math.isnan(x) for x in mib_ci([True], [False], [True]))
+
+
+def test_magnitude_order_puts_exact_heads_first_by_size_of_effect_either_sign():
+    from etbench.metrics.discovery import GroupSearch, magnitude_order
+
+    scores = [[-0.5, 0.9, 0.0], [0.1, -0.05, 3.0]]  # (1, 2) is screened only: its attribution scale differs
+    exact = [[True, True, True], [True, True, False]]
+    search = GroupSearch("value_fetcher", [], scores, exact, None, [], {}, 0.0)
+    assert magnitude_order(search) == [(0, 1), (0, 0), (1, 0), (1, 1), (0, 2), (1, 2)]

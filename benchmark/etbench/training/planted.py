@@ -104,11 +104,21 @@ def train(out_dir: Path = ASSET_DIR, planted: set[tuple[int, int]] | None = None
     peft_model, info = train_stage(model, tokenizer, stage, held_out, monitor_every, log, lora=PLANTED_LORA)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_adapter(peft_model, out_dir, BASE_REF)
+    _to_half(out_dir / "adapter_model.safetensors")  # shipped in fp16: half of 17 MB
     save_kept_ablation(ablation, out_dir / KEPT_ABLATION_FILE)
     summary.update(info, stage=stage.__dict__, mean_n=MEAN_N, total_seconds=round(time.perf_counter() - t0, 1))
     atomic_write_text(out_dir.parent / "training_log.json", json.dumps(summary, indent=1) + "\n")
     log(f"done in {summary['total_seconds']} s")
     return summary
+
+
+def _to_half(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = {key: value.half() for key, value in load_file(str(path)).items()}
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(partial))
+    partial.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
