@@ -48,4 +48,7 @@ def test_search_recovers_the_planted_heads(search):
     planted = planted_heads()
     found = {(node.layer, node.head) for nodes in search.circuit.groups.values() for node in nodes}
     recall = len(found & planted) / len(planted)
+    chosen = next(st for st in search.growth.steps if st.sizes == search.growth.chosen)
+    print(f"tiny-planted: circuit {len(found)} heads ({chosen.size} nodes), recall of S {len(found & planted)}/"
+          f"{len(planted)}, sizing faithfulness {chosen.faithfulness:.3f} (target {search.growth.target_faithfulness:.3f})")
     assert recall >= RECALL, f"recall of the planted set {recall:.2f} < {RECALL} ({len(found & planted)}/{len(planted)})"
