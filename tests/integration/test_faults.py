@@ -572,6 +572,28 @@ FORGERIES: dict[str, tuple[str, Callable[[dict, list], list | None]]] = {
     "semantics-outside-range": ("semantics", lambda c, i: c["semantics"][0]["accuracy"].update(value=0.99)),
     "nan-cmap-normalised": ("cmap", lambda c, i: _find(c["cmap"], group="full", variant="output")[
         "normalised_gain"].update(high=-math.inf)),
+    "ceiling-form-accuracy": ("ceiling", lambda c, i: _set_est(_find(c["ceilings"], model="base")["form_accuracy"], 0.9)),
+    "ceiling-model-accuracy": ("ceiling", lambda c, i: _set_est(_find(c["ceilings"], model="ft")["model_accuracy"], 0.9)),
+    "ceiling-every-head-edited": ("ceiling", lambda c, i: _find(c["ceilings"], model="ft")[
+        "every_head_every_position"].update(low=0.01)),
+    "ceiling-floor": ("ceiling", lambda c, i: _set_est(_find(c["ceilings"], model="ft")["no_heads_accuracy"], 0.2)),
+    "ceiling-form-faithfulness": ("ceiling", lambda c, i: _set_est(
+        _find(c["ceilings"], model="base")["form_faithfulness"], 1.0)),
+    "ceiling-mib": ("ceiling", lambda c, i: _set_est(_find(c["ceilings"], model="ft")["form_faithfulness_mib"], 0.99)),
+    "ceiling-mib-ci-edited": ("ceiling", lambda c, i: _find(c["ceilings"], model="base")[
+        "form_faithfulness_mib"].update(low=0.8)),
+    "ceiling-rows-deleted": ("ceiling", lambda c, i: _drop_items(i, measure="ceiling", model="ft")),
+    "ceiling-form-rows-flipped": ("ceiling", lambda c, i: [dict(r, correct=True) if r["measure"] == "ceiling"
+                                                           and r["ablation"] == "form_all_heads" else r for r in i]),
+    "mib-faithfulness": ("mib", lambda c, i: _set_est(
+        _find(c["faithfulness"], circuit="base", model="ft")["faithfulness_mib"], 0.99)),
+    "mib-faithfulness-ci": ("mib", lambda c, i: _find(c["faithfulness"], circuit="ft", model="ft")[
+        "faithfulness_mib"].update(low=-0.5, high=0.5)),
+    "circuit-overlap-ci-invented": ("overlap", lambda c, i: _find(c["overlap"], heads="circuit", group="all")[
+        "jaccard"].update(low=0.1, high=0.9)),
+    "items-score-not-a-number": ("items", lambda c, i: i + [{"measure": "discovery_score", "model": "base",
+                                                             "group": "value_fetcher", "layer": 0, "head": 0,
+                                                             "item": 0, "score": "high"}]),
     "items-correct-not-bool": ("items", lambda c, i: [dict(r, correct="yes") if r["measure"] == "accuracy" else r
                                                       for r in i]),
     "items-duplicate-rows": ("items", lambda c, i: i + [r for r in i if r["measure"] == "accuracy"
