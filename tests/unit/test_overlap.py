@@ -108,10 +108,15 @@ def test_circuit_overlap_ci_is_zero_width_never_and_wide_when_the_ranking_is_a_c
     # two A heads of equal mean effect and noisy prompts: the chosen head flips between resamples,
     # independently for the two models (their per-prompt effects differ), so overlap spans 0..1
     tie = {"value_fetcher": {(1, 0): -0.3, (2, 0): -0.3}, "position_transmitter": {(5, 0): -0.4, (6, 0): 0.0}}
-    rows = {o.group: o for o in overlap.circuit_overlap(
-        base, ft, item_scores=(_scores(tie, spread=0.5, seed=1), _scores(tie, spread=0.5, seed=2)))}
+    scores = (_scores(tie, spread=0.5, seed=1), _scores(tie, spread=0.5, seed=2))
+
+    def found(sc):  # what discovery would keep from all 40 prompts: the A head of the lower mean
+        a = min(sc["value_fetcher"], key=lambda h: sum(sc["value_fetcher"][h]))
+        return Circuit.from_heads({"A": [list(a)], "B": [[5, 0]]})
+
+    rows = {o.group: o for o in overlap.circuit_overlap(found(scores[0]), found(scores[1]), item_scores=scores)}
     a = rows["value_fetcher"].base_in_ft
-    assert a.value == 1.0 and (a.low, a.high) == (0.0, 1.0) and "resamples of 40 discovery prompts" in a.note
+    assert (a.low, a.high) == (0.0, 1.0) and "resamples of 40 discovery prompts" in a.note
     assert rows["position_transmitter"].jaccard.low is None  # B stays clear-cut
     assert rows["all"].jaccard.low < rows["all"].jaccard.high
 
@@ -141,3 +146,13 @@ def test_dcm_overlap_equal_at_every_seed_has_no_zero_width_ci():
     rows = {o.group: o for o in overlap.dcm_overlap(runs, runs)}
     est = rows["value_fetcher"].jaccard
     assert est.value == 1.0 and est.low is None and "same value at all 3 DCM seeds" in est.note
+
+
+def test_circuit_overlap_of_a_pruned_circuit_has_no_ci():
+    # minimality dropped A's best head: re-ranking cannot give this circuit back, so no interval
+    scores = {"value_fetcher": {(1, 0): -0.5, (2, 0): -0.4, (3, 0): -0.1}}
+    pruned = Circuit.from_heads({"A": [[2, 0]]})
+    rows = {o.group: o for o in overlap.circuit_overlap(pruned, pruned, item_scores=(_scores(scores), _scores(scores)))}
+    for g in ("value_fetcher", "all"):
+        est = rows[g].jaccard
+        assert est.value == 1.0 and est.low is None and "not the top of their discovery ranking" in est.note

@@ -22,8 +22,10 @@ Two sources of head sets:
   percentiles. Held fixed: the receivers each search patched into, the circuit sizes (top-k or
   grown), minimality's pruning, the discovery seed's noise pairs. So the CI measures how much the
   *choice of heads* depends on which prompts discovery saw, not the whole pipeline's variation.
-  Without per-prompt scores (a given circuit, a stage computed before they were kept) there is no
-  CI (``method="exact"``, low = high = None, noted); when every resample gives the same value there
+  Without per-prompt scores (a given circuit, a stage computed before they were kept), or for a
+  group whose circuit heads the rule does not give back from all the prompts (minimality pruned
+  heads from the top of the ranking), there is no CI (``method="exact"``, low = high = None,
+  noted); when every resample gives the same value there
   is none either (an interval of width zero would read as certainty), noted with the resample count;
 * DCM-selected heads (``etbench.metrics.dcm``), which depend on the DCM seed (pair sampling, batch order).
   ``dcm_overlap`` takes one DCM run per seed for each model, pairs run i of the base with run i of the
@@ -196,18 +198,33 @@ def circuit_overlap(base: Circuit | Mapping[str, Iterable[Sequence[int]]],
                              base_in_ft=_exact(o.base_in_ft, o.n_base, "the base set is empty"),
                              jaccard=_exact(o.jaccard, o.n_union, "both sets are empty"))
                 for g, o in found.items()]
-    draws = np.random.default_rng(seed).integers(0, n_items, size=(n_resamples, n_items))
     b, f = _by_group(base), _by_group(ft)
+    # The rule must give back each circuit from all its prompts; a group it does not (minimality pruned
+    # heads out of the ranking's top, or the scores are not this circuit's) gets no CI: the resamples
+    # would vary around another set than the one reported.
+    whole = np.arange(n_items)[None, :]
+    (rb0,), (rf0,) = _redrawn(b, item_scores[0], whole), _redrawn(f, item_scores[1], whole)
+    off = {g for g in GROUPS if rb0.get(g, set()) != b.get(g, set()) or rf0.get(g, set()) != f.get(g, set())}
+    draws = np.random.default_rng(seed).integers(0, n_items, size=(n_resamples, n_items))
     redrawn = list(zip(_redrawn(b, item_scores[0], draws), _redrawn(f, item_scores[1], draws)))
     per_draw = [group_overlaps({g: hs for g, hs in rb.items() if g in b}, {g: hs for g, hs in rf.items() if g in f})
                 for rb, rf in redrawn]
-    return [OverlapScore(
-        heads="circuit", group=g,
-        base_in_ft=_bootstrap_estimate(o.base_in_ft, o.n_base, "the base set is empty",
-                                       [p[g].base_in_ft for p in per_draw], n_items),
-        jaccard=_bootstrap_estimate(o.jaccard, o.n_union, "both sets are empty",
-                                    [p[g].jaccard for p in per_draw], n_items))
-        for g, o in found.items()]
+    out = []
+    for g, o in found.items():
+        if g in off or (g == ALL and off):
+            why = (f"no CI: the circuit's {', '.join(group_name(x) for x in sorted(off))} heads are not the top of "
+                   "their discovery ranking (pruned), so resampling the ranking does not reproduce them")
+            out.append(OverlapScore(heads="circuit", group=g,
+                                    base_in_ft=Estimate(o.base_in_ft, None, None, o.n_base, "exact", note=why),
+                                    jaccard=Estimate(o.jaccard, None, None, o.n_union, "exact", note=why)))
+            continue
+        out.append(OverlapScore(
+            heads="circuit", group=g,
+            base_in_ft=_bootstrap_estimate(o.base_in_ft, o.n_base, "the base set is empty",
+                                           [p[g].base_in_ft for p in per_draw], n_items),
+            jaccard=_bootstrap_estimate(o.jaccard, o.n_union, "both sets are empty",
+                                        [p[g].jaccard for p in per_draw], n_items)))
+    return out
 
 
 def item_scores_from_rows(rows: Iterable[Sequence]) -> dict[str, dict[Head, list[float]]]:
