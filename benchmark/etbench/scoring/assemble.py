@@ -109,7 +109,8 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
 
     # per-prompt discovery effects (absent for given circuits and stages computed before they were kept)
     scores = {w: item_scores_from_rows(circuits[w].get("item_scores") or {}) for w in ("base", "ft")}
-    overlap = circuit_overlap(circ["base"], circ["ft"], item_scores=(scores["base"], scores["ft"]), seed=seed) + dcm_overlap(
+    overlap = circuit_overlap(circ["base"], circ["ft"], item_scores=(scores["base"], scores["ft"]), seed=seed)
+    overlap += dcm_overlap(
         [selected_by_group(selections(r)) for r in dcm_runs["base"]],
         [selected_by_group(selections(r)) for r in dcm_runs["ft"]], seed=seed)
     dcm_scores = [sc.DcmScore(**s) for w in ("base", "ft") for s in dcm_runs[w][0]["scores"]]
