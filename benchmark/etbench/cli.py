@@ -186,9 +186,10 @@ def circuit_discover(
                                              "(paper; default with --exact), 'single' or 'none' (default with "
                                              "--fast, as in the quick preset: on the tiny models 'single' pruned "
                                              "the fast circuits to 1 and 0 heads). Pruning is most of the time "
-                                             "of a run on a CPU; the defaults (--fast, --n 32, no pruning) take "
-                                             "about a minute on tiny-base on 2 cores "
-                                             "(tests/bench/bench_discover.py)."),
+                                             "of a run on a CPU. The defaults (--fast, --n 32, no pruning) are "
+                                             "the quick preset's circuit stage: 34-36 s of search on tiny-base on "
+                                             "2 idle cores, plus start-up and model load "
+                                             "(tests/bench/bench_discover.py times the whole command)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
