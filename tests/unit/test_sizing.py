@@ -53,13 +53,28 @@ def test_growth_reaches_a_planted_target():
     rankings = {g: [(3, 1), (2, 2), (1, 1), (0, 3)] for g in GROUPS}
     rankings["position_detector"] = [(0, 1), (1, 2), (2, 0), (3, 3)]
     growth = grow_circuit(runner, rankings, ceiling=FakeCeiling(1.0, 0.0, 1.0), target_fraction=0.9)
-    assert growth.reached
-    chosen = growth.chosen
-    assert chosen["value_fetcher"] >= 1 and chosen["position_detector"] >= 2
-    assert growth.steps[-1].faithfulness == pytest.approx(0.9)
+    assert growth.reached and growth.strategy == "scaled-shape"
+    # the smallest scale that keeps A's first head and C's first two: 2 heads per group
+    assert growth.chosen == {g: 2 for g in GROUPS}
+    chosen_step = next(s for s in growth.steps if s.sizes == growth.chosen)
+    assert chosen_step.faithfulness == pytest.approx(0.9)
     assert growth.steps[0].size == 0 and growth.steps[0].faithfulness == 0
+    assert all(s.faithfulness < 0.9 for s in growth.steps if s.size < chosen_step.size)
     sizes = [s.size for s in growth.steps]
     assert sizes == sorted(sizes)
+
+
+def test_growth_keeps_the_paper_shape_and_bisects():
+    # A needs its 6th head; the shape is A 8 : B 2 : C 4 : D 2, so scale 1 is the paper's top-k
+    runner = PlantedRunner([{("last", 5, 0)}] * 5)
+    rankings = {g: [(layer, 0) for layer in range(16)] for g in GROUPS}
+    shape = {"value_fetcher": 8, "position_transmitter": 2, "position_detector": 4, "structure_reader": 2}
+    growth = grow_circuit(runner, rankings, ceiling=FakeCeiling(1.0, 0.0, 1.0), shape=shape)
+    assert growth.reached
+    assert growth.chosen["value_fetcher"] == 6  # the smallest A size at the target, found by bisection
+    assert growth.chosen["position_transmitter"] == 2  # scale 0.75 of 2, rounded up
+    assert {s.added for s in growth.steps} == {"empty", "double", "bisect"}
+    assert runner.calls <= 6  # O(log N) evaluations, not one per node
 
 
 def test_growth_reports_an_unreachable_target():
@@ -69,6 +84,7 @@ def test_growth_reports_an_unreachable_target():
     assert not growth.reached
     assert "not reached" in growth.note
     assert all(v == 2 for v in growth.chosen.values())  # it tried everything the rankings hold
+    assert growth.steps[-1].sizes == {g: 2 for g in GROUPS}
 
 
 def test_growth_rejects_a_bad_fraction():

@@ -621,7 +621,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
         runner = AblationRunner(model, hm, layouts(sizing_examples, tokenizer), mean, batch_size,
                                 counters.setdefault("sizing", PassCounter()))
         ceiling = ceilings(runner, seed)
-        growth = grow_circuit(runner, ranked, ceiling=ceiling, target_fraction=target_fraction)
+        growth = grow_circuit(runner, ranked, ceiling=ceiling, target_fraction=target_fraction, shape=candidate_k)
         cand = {g: list(ranked[g][: growth.chosen[g]]) for g in GROUPS}
         walls["sizing"] = time.perf_counter() - t0
     b_set = set(cand["position_transmitter"])

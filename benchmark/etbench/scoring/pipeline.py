@@ -170,7 +170,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                       "form_faithfulness": c.form_faithfulness, "model_accuracy": c.model.value,
                       "no_heads_accuracy": c.no_heads.value,
                       "curve": [{"size": st.size, "sizes": st.sizes, "accuracy": st.accuracy,
-                                 "faithfulness": st.faithfulness, "mib": st.mib, "added": st.added}
+                                 "faithfulness": st.faithfulness, "mib": st.mib, "added": st.added, "scale": st.scale}
                                 for st in g.steps]}
         # jsonable: a ratio over a model at 0 accuracy is NaN, stored as null (JSON has no NaN)
         # item_scores: per-prompt effects of each group's top heads, for the circuit-overlap CI

@@ -160,8 +160,10 @@ def monitor_accuracy(model, tokenizer, examples: Sequence[Example]) -> float:
 # ------------------------------------------------------------------------------------ training
 
 
-def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (), monitor_every: int = 0, log=print):
-    """Wrap ``model`` in a fresh LoRA and train it on the stage's data; returns the PeftModel."""
+def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (), monitor_every: int = 0, log=print,
+                lora: dict = LORA):
+    """Wrap ``model`` in a fresh LoRA (``lora``: peft LoraConfig settings) and train it on the stage's data;
+    returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
     before = None
@@ -169,7 +171,7 @@ def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (),
         before = wording_accuracy(model, tokenizer, monitor, stage.wording)
         log(f"[{stage.name}] before training, accuracy in its training wording: {before:.3f}")
     torch.manual_seed(stage.seed)  # LoRA A init
-    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     rows = encode(tokenizer, training_examples(stage, stage.steps * BATCH), stage.wording)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=stage.lr)
