@@ -7,8 +7,8 @@ import math
 import pytest
 
 from etbench.core.errors import EtbenchError
-from etbench.core.stats import proportion_ci
-from etbench.metrics.sizing import grow_circuit, mib_normalised, paper_ratio
+from etbench.core.stats import mib_ci, mib_normalised, proportion_ci
+from etbench.metrics.sizing import grow_circuit, paper_ratio
 from etbench.schema.circuit import GROUPS
 
 
@@ -102,7 +102,6 @@ def test_growth_with_an_undefined_ceiling_grows_nothing():
 
 
 def test_mib_ci_brackets_the_point_and_is_degenerate_only_when_items_agree():
-    from etbench.metrics.sizing import mib_ci
 
     model = [True] * 60 + [False] * 40
     none = [False] * 95 + [True] * 5

@@ -7,7 +7,7 @@ import copy
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
@@ -164,7 +164,8 @@ class _SharedCaches:
     """``_BatchCache``s of every batch of ``encoded``, for searches that run over the same prompts."""
 
     def __init__(self, model, hm, encoded, batch_size: int, pad_id: int = 0, prefix_cache: bool = True):
-        self.batches = _batches(encoded, batch_size)
+        self.indices = _batch_indices(encoded, batch_size)
+        self.batches = [[encoded[i] for i in idx] for idx in self.indices]
         self.caches = [_BatchCache(model, hm, b, pad_id, prefix_cache) for b in self.batches]
         self.key = (id(encoded), len(encoded), batch_size, pad_id, prefix_cache)
 
@@ -325,6 +326,11 @@ class _PatchBatch:
         return out
 
 
+def _batch_indices(encoded, batch_size: int) -> list[list[int]]:
+    """Indices into ``encoded`` of each batch of equal-length noise pairs."""
+    return length_batches((ep.base_layout.length for ep in encoded), batch_size)
+
+
 def _batches(encoded, batch_size: int):
     """Noise pairs in batches of one base-prompt length (never padded)."""
     return [[encoded[i] for i in idx] for idx in length_batches((ep.base_layout.length for ep in encoded), batch_size)]
@@ -332,10 +338,12 @@ def _batches(encoded, batch_size: int):
 
 def path_patching_scores(model, hm, encoded, group: str, receivers=(), senders=None, batch_size: int = 16,
                          pad_id: int = 0, counter=None, prefix_cache: bool = True, progress: bool = False,
-                         shared: _SharedCaches | None = None):
+                         shared: _SharedCaches | None = None, item_effects: dict | None = None):
     """Exact path-patching score of each sender: ``{(layer, head): score}`` (mean relative change of
     p(answer); 0.0 exactly for senders that cannot reach a receiver). ``shared``: caches of the same
-    prompts and settings to take the clean and noise passes from (and leave them in)."""
+    prompts and settings to take the clean and noise passes from (and leave them in).
+    ``item_effects``: when given, filled with ``{(layer, head): [effect of item i for i in encoded order]}``
+    (the per-item terms of the mean, for bootstraps over the discovery prompts)."""
     spec = hm.spec
     senders = [(layer, head) for layer in range(spec.n_layers) for head in range(spec.n_heads)] \
         if senders is None else [tuple(s) for s in senders]
@@ -344,8 +352,11 @@ def path_patching_scores(model, hm, encoded, group: str, receivers=(), senders=N
     sums = {s: 0.0 for s in senders}
     if shared is not None:
         shared.check(encoded, batch_size, pad_id, prefix_cache)
-    batches = _batches(encoded, batch_size) if shared is None else shared.batches
+    indices = _batch_indices(encoded, batch_size) if shared is None else shared.indices
+    batches = [[encoded[i] for i in idx] for idx in indices] if shared is None else shared.batches
     total = sum(len(b) for b in batches)
+    if item_effects is not None:
+        item_effects.update({s: [0.0] * total for s in senders})
     work = [(bi, s) for bi in range(len(batches)) for s in senders]
     current = (None, None)
     for bi, (layer, head) in track(work, f"path patching {GROUP_CODES[group]}", total=len(work), enabled=progress):
@@ -355,6 +366,9 @@ def path_patching_scores(model, hm, encoded, group: str, receivers=(), senders=N
         eff = current[1].sender_effect(layer, head, receivers)
         if eff is not None:
             sums[(layer, head)] += float(eff.sum())
+            if item_effects is not None:
+                for i, e in zip(indices[bi], eff.tolist()):
+                    item_effects[(layer, head)][i] = e
     return {s: v / total for s, v in sums.items()}
 
 
@@ -464,6 +478,15 @@ class DiscoveryResult:
     # size="faithfulness": the form's ceilings on the sizing prompts, and the growth record
     ceilings: Ceilings | None = None
     growth: CircuitGrowth | None = None
+    # per group, the exact per-item scores of the heads at the top of its ranking (the verified heads in
+    # fast mode, as many in exact mode), in prompt order: what a bootstrap over discovery prompts re-ranks
+    item_scores: dict[str, dict[tuple[int, int], list[float]]] = field(default_factory=dict)
+
+    def item_score_rows(self) -> dict[str, list[list]]:
+        """``item_scores`` as JSON: ``{group: [[layer, head, [score of item 0, 1, ...]], ...]}``."""
+        # a non-finite effect (p_clean underflowed to 0) is stored as None: JSON has no NaN
+        return {g: [[layer, head, [x if math.isfinite(x) else None for x in v]] for (layer, head), v in hs.items()]
+                for g, hs in self.item_scores.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable({
@@ -473,6 +496,7 @@ class DiscoveryResult:
             "forward_passes": self.forward_passes, "wall_s": self.wall_s, "parameters": self.parameters,
             "ceilings": None if self.ceilings is None else asdict(self.ceilings),
             "growth": None if self.growth is None else asdict(self.growth),
+            "item_scores": self.item_score_rows(),
         })
 
     def ranking(self) -> list[Node]:
@@ -555,6 +579,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     walls: dict[str, float] = {}
     t_search = time.perf_counter()
     ranked: dict[str, list[tuple[int, int]]] = {}
+    item_scores: dict[str, dict[tuple[int, int], list[float]]] = {}
     # one noise pass per batch for all groups; A and B share the clean prefix/suffix passes; a fast
     # search's screen and verification share theirs. Bitwise the same scores as unshared searches.
     shared = _SharedCaches(model, hm, encoded, batch_size, pad_id, prefix_cache)
@@ -566,9 +591,10 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
         exact_mask = [[False] * spec.n_heads for _ in range(spec.n_layers)]
         scores = [[0.0] * spec.n_heads for _ in range(spec.n_layers)]
         attribution = None
+        effects: dict[tuple[int, int], list[float]] = {}
         if mode == "exact":
             sc = path_patching_scores(model, hm, encoded, g, receivers, None, batch_size, pad_id, c, prefix_cache,
-                                      progress, shared)
+                                      progress, shared, effects)
             for (layer, head), v in sc.items():
                 scores[layer][head], exact_mask[layer][head] = v, True
             order = sorted(sc, key=lambda s: sc[s])
@@ -580,13 +606,15 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
                             key=lambda s: attribution[s[0]][s[1]])
             top = screen[: verify[g]]
             sc = path_patching_scores(model, hm, encoded, g, receivers, top, batch_size, pad_id, c, prefix_cache,
-                                      progress, shared)
+                                      progress, shared, effects)
             for layer, row in enumerate(attribution):
                 scores[layer] = list(row)
             for (layer, head), v in sc.items():
                 scores[layer][head], exact_mask[layer][head] = v, True
             order = sorted(top, key=lambda s: sc[s]) + screen[verify[g]:]
         ranked[g] = order
+        # the top verify[g] of the ranking: exactly the verified heads in fast mode, as many in exact mode
+        item_scores[g] = {tuple(h): effects[tuple(h)] for h in order[: verify[g]]}
         searches[g] = GroupSearch(g, [tuple(r) for r in receivers], scores, exact_mask, attribution,
                                   [tuple(s) for s in order], c.as_dict(), time.perf_counter() - t0)
         for key, value in c.as_dict().items():
@@ -645,7 +673,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     passes["total_calls"] = sum(v.calls for v in counters.values())
     circuit = replace(circuit, stats={"forward_passes": passes, "wall_s": walls})
     return DiscoveryResult(mode, model_name, circuit, candidate, searches, records, passes, walls, params,
-                           ceiling, growth)
+                           ceiling, growth, item_scores)
 
 
 def format_discovery(res: DiscoveryResult) -> str:

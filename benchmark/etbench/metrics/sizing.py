@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import torch
 
 from etbench.core.errors import EtbenchError
-from etbench.core.stats import Proportion, proportion_ci, ratio_of_sums_ci
+from etbench.core.stats import Proportion, mib_normalised, proportion_ci, ratio_of_sums_ci
 from etbench.mech.forward import forward
 from etbench.mech.interventions import replace_where
 from etbench.metrics.ablation import AblationRunner
@@ -41,12 +41,6 @@ Head = tuple[int, int]
 def paper_ratio(circuit_acc: float, model_acc: float) -> float:
     """The paper's faithfulness: circuit accuracy / model accuracy (nan when the model scores 0)."""
     return circuit_acc / model_acc if model_acc > 0 else float("nan")
-
-
-def mib_normalised(circuit_acc: float, model_acc: float, empty_acc: float) -> float:
-    """MIB's (m(C) - m(∅)) / (m(N) - m(∅)); nan when the model is no better than the empty circuit."""
-    gap = model_acc - empty_acc
-    return (circuit_acc - empty_acc) / gap if gap > 0 else float("nan")
 
 
 @dataclass
@@ -67,6 +61,7 @@ class Ceilings:
     model_correct: tuple[bool, ...] = ()
     form_correct: tuple[bool, ...] = ()
     none_correct: tuple[bool, ...] = ()
+    every_correct: tuple[bool, ...] = ()
 
 
 def _acc(flags: Sequence[bool]) -> float:
@@ -115,7 +110,7 @@ def ceilings(runner: AblationRunner, seed: int = 0) -> Ceilings:
     prop = lambda flags: proportion_ci(sum(flags), len(flags))  # noqa: E731
     return Ceilings("paper", len(model), runner.mean.n_prompts, prop(model), prop(every), prop(form), prop(none),
                     paper_ratio(f, m), ratio_of_sums_ci(form, model, seed=seed), mib_normalised(f, m, z),
-                    tuple(model), tuple(form), tuple(none))
+                    tuple(model), tuple(form), tuple(none), tuple(every))
 
 
 @dataclass
@@ -217,22 +212,3 @@ def grow_circuit(runner: AblationRunner, rankings: Mapping[str, Sequence[Head]],
                                f"{max(s.faithfulness for s in steps):.3f} (form ceiling "
                                f"{ceiling.form_faithfulness:.3f})")
     return CircuitGrowth("scaled-shape", target_fraction, target, reached, chosen, steps, note)
-
-
-def mib_ci(circuit_flags: Sequence[bool], model_flags: Sequence[bool], none_flags: Sequence[bool], seed: int = 0,
-           draws: int = 2000, level: float = 0.95) -> tuple[float, float]:
-    """Paired percentile bootstrap CI (over items) of MIB's (m(C) - m(∅)) / (m(N) - m(∅)); resamples where
-    the model is no better than the empty circuit are left out (nan when all are)."""
-    import numpy as np
-
-    c, m, z = (np.asarray(x, dtype=float) for x in (circuit_flags, model_flags, none_flags))
-    if len(c) == 0 or not len(c) == len(m) == len(z):
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(c), size=(draws, len(c)))
-    num, den = (c[idx] - z[idx]).sum(1), (m[idx] - z[idx]).sum(1)
-    ok = den > 0
-    if not ok.any():
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(num[ok] / den[ok], [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)

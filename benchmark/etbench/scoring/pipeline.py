@@ -24,13 +24,14 @@ from etbench import models
 from etbench.core.checks import check_seed
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_json, check_output_dir, config_hash, jsonable
+from etbench.core.stats import mib_ci, mib_normalised
 from etbench.mech.heads import head_map
 from etbench.metrics.accuracy import run as accuracy_run
 from etbench.metrics.cmap import check_compatible, paper_patch_heads, run_cmap
 from etbench.metrics.dcm import dcm_preset, semantics_check, train_masks
 from etbench.metrics.discovery import discover
 from etbench.metrics.faithfulness import evaluate_circuit, evaluation_runner
-from etbench.metrics.sizing import ceilings, mib_ci, mib_normalised
+from etbench.metrics.sizing import ceilings
 from etbench.models.adapter import load_pair
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit, load_circuit, paper_circuit
@@ -172,8 +173,9 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                                  "faithfulness": st.faithfulness, "mib": st.mib, "added": st.added, "scale": st.scale}
                                 for st in g.steps]}
         # jsonable: a ratio over a model at 0 accuracy is NaN, stored as null (JSON has no NaN)
+        # item_scores: per-prompt effects of each group's top heads, for the circuit-overlap CI
         return {"circuit": res.circuit.to_dict(), "method": res.circuit.method, "forward_passes": res.forward_passes,
-                "size_rule": p.circuit_size, "sizing": jsonable(sizing)}
+                "size_rule": p.circuit_size, "sizing": jsonable(sizing), "item_scores": res.item_score_rows()}
 
     discovery_settings = {"mode": p.discovery_mode, "n": p.discovery_n, "minimality_n": p.minimality_n,
                           "mean_n": p.mean_n, "minimality": p.minimality, "size": p.circuit_size,
@@ -200,7 +202,10 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                for k in ("model", "every_head_every_position", "form_all_heads", "no_heads")},
             "form_faithfulness": ceil.form_faithfulness, "form_faithfulness_ci": list(ceil.form_faithfulness_ci),
             "form_mib": ceil.form_mib, "form_mib_ci": list(mib_ci(ceil.form_correct, ceil.model_correct,
-                                                                  ceil.none_correct, seed))}}
+                                                                  ceil.none_correct, seed)),
+            # per-item flags of the ablation runs (the model's are the accuracy items): submit re-derives from them
+            "items": {"every_head_every_position": list(ceil.every_correct), "form_all_heads": list(ceil.form_correct),
+                      "no_heads": list(ceil.none_correct)}}}
         for name in ("base", "ft"):
             circ = Circuit.from_dict(circuits[name]["circuit"])
             own = name == which
@@ -214,7 +219,9 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         return out
 
     faith_settings = {"n": p.faithfulness_n, "mean_n": p.mean_n, "random_draws": p.random_draws,
-                      "completeness_draws": p.completeness_draws, "circuits": circuit_keys}
+                      "completeness_draws": p.completeness_draws, "circuits": circuit_keys,
+                      # results without the ceilings' per-item flags cannot be submitted: compute them again
+                      "ceiling_items": True}
     faith = {w: cache.run(f"faithfulness_{w}", {**common, "model": ref[w], **faith_settings},
                           lambda w=w: faithfulness_stage(w)) for w in ("base", "ft")}
 
