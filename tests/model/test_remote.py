@@ -1,0 +1,139 @@
+"""``--remote`` (NDIF through nnsight): every refusal comes before a model loads (one line, exit 2,
+nothing written), and the remote scoring path run end to end through nnsight's local simulation of an
+NDIF request (the trace serialised and deserialised as for NDIF, etbench's own code shipped by value,
+then run here) writes the scorecard the same stages give locally with hooks. Nothing here reaches the
+network: the NDIF runner is swapped for the simulation, and the request itself is checked in
+tests/model/test_nnsight_backend.py (test_ndif_request_is_built_without_network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+pytest.importorskip("nnsight")
+
+from etbench import api, models  # noqa: E402
+from etbench.core.errors import EtbenchError  # noqa: E402
+from etbench.mech import nnsight_backend as nb  # noqa: E402
+from etbench.scoring import pipeline  # noqa: E402
+from etbench.scoring.presets import Preset  # noqa: E402
+
+HUB_BASE, HUB_FT = "example-org/tiny-base-hosted", "example-org/tiny-ft-hosted"  # never fetched
+CIRCUITS = dict(circuit_base="tiny-base", circuit_ft="tiny-base")
+# small enough for a CPU test; every remote stage runs (accuracy, ceilings, faithfulness with draws, CMAP)
+PRESET = Preset("remote-test", accuracy_n=8, accuracy_boxes=(3,), discovery_mode="fast", discovery_n=4,
+                minimality_n=4, faithfulness_n=8, mean_n=8, random_draws=1, completeness_draws=1, dcm="quick",
+                dcm_seeds=(0,), dcm_groups=("value_fetcher",), cmap_n=8, cmap_variants=("output",), batch_size=8)
+
+
+@pytest.fixture
+def no_key(monkeypatch):
+    from nnsight import CONFIG
+
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "test-key")
+
+
+def _cli(*args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "NDIF_API_KEY"}
+    env["NNSIGHT_CONFIG"] = str(tmp_path / "no-nnsight-config.yaml")  # no stored key either
+    return subprocess.run([sys.executable, "-m", "etbench.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["score", "--remote", "--base", HUB_BASE, "--ft", HUB_FT], "add --backend nnsight"),
+    (["accuracy", "-m", HUB_BASE, "--remote", "--backend", "nnsight"], "set NDIF_API_KEY, or store one with `nnsight login`"),
+])
+def test_cli_refuses_in_one_line_and_writes_nothing(tmp_path, args, fragment):
+    out = tmp_path / "out"
+    result = _cli(*args, "--out", str(out), tmp_path=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(lines) == 1 and lines[0].startswith("etbench: error:")
+    assert fragment in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(base="tiny-base"), "is an adapter"),
+    (dict(ft="gemma3-270m"), "is a GGUF file"),
+    (dict(circuit_ft=None), "give --circuit-ft"),
+    (dict(circuit_base=None, circuit_ft=None), "give --circuit-base and --circuit-ft"),
+    (dict(dtype="bfloat16"), "--dtype does not apply"),
+    (dict(device="auto"), "--device does not apply"),
+    (dict(share_base_weights=True), "--share-base-weights does not apply"),
+    (dict(backend="hooks"), "add --backend nnsight"),
+])
+def test_score_refuses_before_loading(tmp_path, key, monkeypatch, kwargs, fragment):
+    monkeypatch.setattr(nb.NnsightRunner, "for_ndif", _never)
+    args = dict(base=HUB_BASE, ft=HUB_FT, backend="nnsight", **CIRCUITS)
+    args.update(kwargs)
+    with pytest.raises(EtbenchError, match=re.escape(fragment)):
+        api.score(out_dir=tmp_path / "out", remote=True, progress=False, **args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_local_directory_is_not_a_hosted_model(tmp_path, key, toy_model_dir):
+    with pytest.raises(EtbenchError, match="is a local model directory"):
+        api.accuracy(str(toy_model_dir), backend="nnsight", remote=True)
+
+
+def test_api_key_comes_from_the_environment_then_nnsight_config(no_key, monkeypatch):
+    from nnsight import CONFIG
+
+    with pytest.raises(EtbenchError, match="NDIF_API_KEY.*nnsight login"):
+        nb.ndif_api_key()
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "stored-by-nnsight-login")
+    assert nb.ndif_api_key() == "stored-by-nnsight-login"
+    monkeypatch.setenv("NDIF_API_KEY", "from-env")
+    assert nb.ndif_api_key() == "from-env"
+    assert nb.ndif_api_key("given") == "given"
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("a model was loaded before the inputs were checked")
+
+
+def test_remote_scoring_writes_the_scorecard_local_hooks_give(tmp_path, key, monkeypatch):
+    local = {HUB_BASE: models.load("tiny-base"), HUB_FT: models.load("tiny-ft")}
+    # the reference first (the simulated run binds these model objects to their nnsight runners): the
+    # same stages on the same models, every pass through hooks, loaded as a remote run loads them
+    monkeypatch.setattr(nb, "load_remote", lambda ref, repo_id, **kw: replace(local[repo_id], ref=ref))
+    hooks = pipeline.score(HUB_BASE, HUB_FT, tmp_path / "hooks", preset=PRESET, remote=True, progress=False,
+                           **CIRCUITS)
+    monkeypatch.undo()
+    monkeypatch.setenv("NDIF_API_KEY", "test-key")
+    requests = []
+
+    def simulated_ndif(repo_id, *, api_key=None, host=None, revision=None):
+        assert api_key == "test-key" or api_key is None
+        runner = nb.NnsightRunner(local[repo_id].model, local[repo_id].tokenizer, remote="local")
+        real_backend = runner.backend
+        runner.backend = lambda: requests.append(repo_id) or real_backend()
+        return runner
+
+    monkeypatch.setattr(nb.NnsightRunner, "for_ndif", staticmethod(simulated_ndif))
+    remote = pipeline.score(HUB_BASE, HUB_FT, tmp_path / "remote", preset=PRESET, remote=True, progress=False,
+                            **CIRCUITS)
+    assert set(requests) == {HUB_BASE, HUB_FT} and len(requests) > 20  # every pass was one (simulated) request
+    assert (tmp_path / "remote" / "items.jsonl").read_bytes() == (tmp_path / "hooks" / "items.jsonl").read_bytes()
+    assert (tmp_path / "remote" / "scorecard.json").read_bytes() == (tmp_path / "hooks" / "scorecard.json").read_bytes()
+    card = remote.card
+    assert card.config["execution"] == "ndif" and card.provenance.device == "ndif"
+    assert card.accuracy and card.faithfulness and card.cmap
+    assert {s.heads for s in card.cmap} == {"circuit"} and not card.dcm  # no DCM remotely: the whole-circuit set
+    stage = json.loads(next((tmp_path / "remote" / "stages").glob("dcm_ft_seed0*")).read_text())
+    assert pipeline.REMOTE_DCM_NOTE in json.dumps(stage)
+    assert hooks.card.config == card.config
