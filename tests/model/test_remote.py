@@ -7,6 +7,7 @@ tests/model/test_nnsight_backend.py (test_ndif_request_is_built_without_network)
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -18,14 +19,19 @@ import pytest
 
 pytest.importorskip("nnsight")
 
+import torch  # noqa: E402
+
 from etbench import api, models  # noqa: E402
 from etbench.core.errors import EtbenchError  # noqa: E402
+from etbench.core.io import atomic_write_json  # noqa: E402
 from etbench.mech import nnsight_backend as nb  # noqa: E402
+from etbench.models import toy  # noqa: E402
+from etbench.schema.circuit import Circuit, Node  # noqa: E402
 from etbench.scoring import pipeline  # noqa: E402
 from etbench.scoring.presets import Preset  # noqa: E402
 
 HUB_BASE, HUB_FT = "example-org/tiny-base-hosted", "example-org/tiny-ft-hosted"  # never fetched
-CIRCUITS = dict(circuit_base="tiny-base", circuit_ft="tiny-base")
+CIRCUITS = dict(circuit_base="tiny-base", circuit_ft="tiny-base")  # for the refusals: never loaded
 # small enough for a CPU test; every remote stage runs (accuracy, ceilings, faithfulness with draws, CMAP)
 PRESET = Preset("remote-test", accuracy_n=8, accuracy_boxes=(3,), discovery_mode="fast", discovery_n=4,
                 minimality_n=4, faithfulness_n=8, mean_n=8, random_draws=1, completeness_draws=1, dcm="quick",
@@ -106,19 +112,38 @@ def _never(*args, **kwargs):
     raise AssertionError("a model was loaded before the inputs were checked")
 
 
-def test_remote_scoring_writes_the_scorecard_local_hooks_give(tmp_path, key, monkeypatch):
-    local = {HUB_BASE: models.load("tiny-base"), HUB_FT: models.load("tiny-ft")}
+@pytest.fixture(scope="module")
+def hosted(tmp_path_factory):
+    """Two toy models standing in for a hosted pair (a base and a perturbed copy), and a circuit file."""
+    tok = toy.word_level_tokenizer()
+    base = toy.tiny_llama(len(tok), n_layers=2, n_heads=4, seed=0)
+    ft = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    nodes = {"value_fetcher": [Node("value_fetcher", 1, 0)], "position_transmitter": [Node("position_transmitter", 0, 1)],
+             "position_detector": [Node("position_detector", 0, 3)], "structure_reader": [Node("structure_reader", 0, 0)]}
+    circuit = tmp_path_factory.mktemp("circuit") / "circuit.json"
+    atomic_write_json(circuit, Circuit(nodes, model="toy", n_layers=2, n_heads=4).to_dict())
+    loaded = {repo: models.LoadedModel(ref=repo, source=repo, model=m, tokenizer=tok, kind="hub")
+              for repo, m in ((HUB_BASE, base), (HUB_FT, ft))}
+    return loaded, str(circuit)
+
+
+def test_remote_scoring_writes_the_scorecard_local_hooks_give(tmp_path, key, monkeypatch, hosted):
+    local, circuit = hosted
+    circuits = dict(circuit_base=circuit, circuit_ft=circuit)
     # the reference first (the simulated run binds these model objects to their nnsight runners): the
     # same stages on the same models, every pass through hooks, loaded as a remote run loads them
     monkeypatch.setattr(nb, "load_remote", lambda ref, repo_id, **kw: replace(local[repo_id], ref=ref))
     hooks = pipeline.score(HUB_BASE, HUB_FT, tmp_path / "hooks", preset=PRESET, remote=True, progress=False,
-                           **CIRCUITS)
+                           **circuits)
     monkeypatch.undo()
     monkeypatch.setenv("NDIF_API_KEY", "test-key")
     requests = []
 
     def simulated_ndif(repo_id, *, api_key=None, host=None, revision=None):
-        assert api_key == "test-key" or api_key is None
         runner = nb.NnsightRunner(local[repo_id].model, local[repo_id].tokenizer, remote="local")
         real_backend = runner.backend
         runner.backend = lambda: requests.append(repo_id) or real_backend()
@@ -126,7 +151,7 @@ def test_remote_scoring_writes_the_scorecard_local_hooks_give(tmp_path, key, mon
 
     monkeypatch.setattr(nb.NnsightRunner, "for_ndif", staticmethod(simulated_ndif))
     remote = pipeline.score(HUB_BASE, HUB_FT, tmp_path / "remote", preset=PRESET, remote=True, progress=False,
-                            **CIRCUITS)
+                            **circuits)
     assert set(requests) == {HUB_BASE, HUB_FT} and len(requests) > 20  # every pass was one (simulated) request
     assert (tmp_path / "remote" / "items.jsonl").read_bytes() == (tmp_path / "hooks" / "items.jsonl").read_bytes()
     assert (tmp_path / "remote" / "scorecard.json").read_bytes() == (tmp_path / "hooks" / "scorecard.json").read_bytes()
@@ -134,6 +159,6 @@ def test_remote_scoring_writes_the_scorecard_local_hooks_give(tmp_path, key, mon
     assert card.config["execution"] == "ndif" and card.provenance.device == "ndif"
     assert card.accuracy and card.faithfulness and card.cmap
     assert {s.heads for s in card.cmap} == {"circuit"} and not card.dcm  # no DCM remotely: the whole-circuit set
-    stage = json.loads(next((tmp_path / "remote" / "stages").glob("dcm_ft_seed0*")).read_text())
+    stage = json.loads((tmp_path / "remote" / "stages" / "dcm_ft_seed0.json").read_text())
     assert pipeline.REMOTE_DCM_NOTE in json.dumps(stage)
     assert hooks.card.config == card.config
