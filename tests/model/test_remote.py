@@ -136,7 +136,7 @@ def test_remote_scoring_writes_the_scorecard_local_hooks_give(tmp_path, key, mon
     circuits = dict(circuit_base=circuit, circuit_ft=circuit)
     # the reference first (the simulated run binds these model objects to their nnsight runners): the
     # same stages on the same models, every pass through hooks, loaded as a remote run loads them
-    monkeypatch.setattr(nb, "load_remote", lambda ref, repo_id, **kw: replace(local[repo_id], ref=ref))
+    monkeypatch.setattr(pipeline, "load_remote", lambda ref, repo_id, **kw: replace(local[repo_id], ref=ref))
     hooks = pipeline.score(HUB_BASE, HUB_FT, tmp_path / "hooks", preset=PRESET, remote=True, progress=False,
                            **circuits)
     monkeypatch.undo()

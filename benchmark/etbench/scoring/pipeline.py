@@ -25,6 +25,7 @@ from etbench.core.checks import check_seed
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_json, check_output_dir, config_hash, jsonable
 from etbench.mech.heads import head_map
+from etbench.mech.nnsight_backend import load_remote, ndif_api_key
 from etbench.metrics.accuracy import run as accuracy_run
 from etbench.metrics.cmap import check_compatible, paper_patch_heads, run_cmap
 from etbench.metrics.dcm import dcm_preset, semantics_check, train_masks
@@ -102,10 +103,7 @@ def check_remote(base: str, ft: str, *, circuit_base: str | None, circuit_ft: st
         raise EtbenchError(f"--remote: circuit discovery does not run on NDIF (fast discovery needs gradients, "
                            f"exact discovery thousands of patched passes): give {' and '.join(missing)} "
                            "(a circuit file or paper:<name>; `etbench circuit discover` finds one locally)")
-    # why here: nnsight is imported only for a remote run (it mounts .save() on every object)
-    from etbench.mech.nnsight_backend import ndif_api_key
-
-    ndif_api_key(api_key)
+    ndif_api_key(api_key)  # nnsight itself is imported only now (it mounts .save() on every object)
 
 
 def check_no_local_options(given: dict[str, bool]) -> None:
@@ -147,7 +145,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
           preset: str | Preset = "quick", discovery: str | None = None, seed: int = 0, circuit_base: str | None = None,
           circuit_ft: str | None = None, dtype: str | None = None, device: str = "cpu",
           progress: bool = True, stage_plan=None, share_base_weights: bool = False, remote: bool = False,
-          ndif_api_key: str | None = None) -> ScoreRun:
+          ndif_key: str | None = None) -> ScoreRun:
     """Score ``ft`` against ``base``; write ``scorecard.json`` (+ items, circuits, timings) to ``out_dir``.
     ``etbench.score`` also writes the report.
 
@@ -158,11 +156,12 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     ``remote``: run every forward pass on NDIF through nnsight (``check_remote`` says what that needs):
     accuracy, faithfulness (with the ceilings) and CMAP run there on the given circuits; DCM and the
     semantics check record ``REMOTE_DCM_NOTE`` instead, so CMAP patches the fine-tuned circuit's heads
-    (the "circuit" head set) and not the DCM-filtered ones."""
+    (the "circuit" head set) and not the DCM-filtered ones. ``ndif_key``: the NDIF API key (default:
+    ``NDIF_API_KEY``, else the key ``nnsight login`` stored)."""
     p = resolve_preset(preset, discovery)
     if remote:
         check_remote(base, ft, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
-                     share_base_weights=share_base_weights, api_key=ndif_api_key)
+                     share_base_weights=share_base_weights, api_key=ndif_key)
         dtype, device = REMOTE_DTYPE, REMOTE_DEVICE
     dtype = models.default_dtype(device) if dtype is None else dtype
     identity = check_inputs(base, ft, out_dir, seed=seed, dtype=dtype, device=device, remote=remote)
@@ -187,12 +186,9 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     def model(which: str):
         if which not in loaded and remote:
-            # why here: nnsight is imported only for a remote run (it mounts .save() on every object)
-            from etbench.mech.nnsight_backend import load_remote
-
             spec = check_remote_model(f"--{which}", base if which == "base" else ft)
             loaded[which] = load_remote(identity[which]["ref"], spec.location, revision=spec.revision,
-                                        api_key=ndif_api_key)
+                                        api_key=ndif_key)
         if which not in loaded:
             report = _stderr if progress else None
             # One copy of the base weights for an unmerged adapter on this base (7B memory), when asked for:
