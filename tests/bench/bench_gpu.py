@@ -393,12 +393,12 @@ def main() -> None:
     parser.add_argument("--exact-senders", type=int, default=32, help="senders timed for exact path patching")
     parser.add_argument("--skip-split", action="store_true")
     args = parser.parse_args()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if args.device is None and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here (torch.cuda.is_available() is False): this script measures GPU "
               "time and memory; --device cpu runs it as a CPU smoke test", file=sys.stderr)
         sys.exit(2)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device or "cuda")
     shape = args.shape or ("llama7b" if device.type == "cuda" else "tiny")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
