@@ -162,3 +162,27 @@ def test_remote_scoring_writes_the_scorecard_local_hooks_give(tmp_path, key, mon
     stage = json.loads((tmp_path / "remote" / "stages" / "dcm_ft_seed0.json").read_text())
     assert pipeline.REMOTE_DCM_NOTE in json.dumps(stage)
     assert hooks.card.config == card.config
+
+
+def test_remote_accuracy_equals_local_hooks(key, monkeypatch, hosted):
+    local, _ = hosted
+    # the same weights in a fresh object: another test may have bound the fixture's model to an NDIF runner
+    fresh = toy.tiny_llama(len(local[HUB_BASE].tokenizer), n_layers=2, n_heads=4, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                 local[HUB_BASE].model.state_dict().values()))
+    base = replace(local[HUB_BASE], model=fresh)
+    reference = api.accuracy(HUB_BASE, n_boxes=(3,), n=8, seed=0, batch_size=8, progress=False, loaded=base)
+    requests = []
+
+    def simulated_ndif(repo_id, *, api_key=None, host=None, revision=None):
+        runner = nb.NnsightRunner(local[repo_id].model, local[repo_id].tokenizer, remote="local")
+        real_backend = runner.backend
+        runner.backend = lambda: requests.append(repo_id) or real_backend()
+        return runner
+
+    monkeypatch.setattr(nb.NnsightRunner, "for_ndif", staticmethod(simulated_ndif))
+    remote = api.accuracy(HUB_BASE, n_boxes=(3,), n=8, seed=0, batch_size=8, progress=False, backend="nnsight",
+                          remote=True)
+    assert requests and set(requests) == {HUB_BASE}
+    assert [(i.predicted_id, i.correct) for i in remote.results[0].items] == [
+        (i.predicted_id, i.correct) for i in reference.results[0].items]
