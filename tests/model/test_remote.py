@@ -141,15 +141,7 @@ def test_remote_scoring_writes_the_scorecard_local_hooks_give(tmp_path, key, mon
                            **circuits)
     monkeypatch.undo()
     monkeypatch.setenv("NDIF_API_KEY", "test-key")
-    requests = []
-
-    def simulated_ndif(repo_id, *, api_key=None, host=None, revision=None):
-        runner = nb.NnsightRunner(local[repo_id].model, local[repo_id].tokenizer, remote="local")
-        real_backend = runner.backend
-        runner.backend = lambda: requests.append(repo_id) or real_backend()
-        return runner
-
-    monkeypatch.setattr(nb.NnsightRunner, "for_ndif", staticmethod(simulated_ndif))
+    requests = _simulate_ndif(monkeypatch, local)
     remote = pipeline.score(HUB_BASE, HUB_FT, tmp_path / "remote", preset=PRESET, remote=True, progress=False,
                             **circuits)
     assert set(requests) == {HUB_BASE, HUB_FT} and len(requests) > 20  # every pass was one (simulated) request
@@ -172,7 +164,18 @@ def test_remote_accuracy_equals_local_hooks(key, monkeypatch, hosted):
                                                  local[HUB_BASE].model.state_dict().values()))
     base = replace(local[HUB_BASE], model=fresh)
     reference = api.accuracy(HUB_BASE, n_boxes=(3,), n=8, seed=0, batch_size=8, progress=False, loaded=base)
-    requests = []
+    requests = _simulate_ndif(monkeypatch, local)
+    remote = api.accuracy(HUB_BASE, n_boxes=(3,), n=8, seed=0, batch_size=8, progress=False, backend="nnsight",
+                          remote=True)
+    assert requests and set(requests) == {HUB_BASE}
+    assert [(i.predicted_id, i.correct) for i in remote.results[0].items] == [
+        (i.predicted_id, i.correct) for i in reference.results[0].items]
+
+
+def _simulate_ndif(monkeypatch, local) -> list[str]:
+    """``for_ndif`` builds a runner over the local model on nnsight's simulated remote path; returns the
+    list each request's repo id is appended to."""
+    requests: list[str] = []
 
     def simulated_ndif(repo_id, *, api_key=None, host=None, revision=None):
         runner = nb.NnsightRunner(local[repo_id].model, local[repo_id].tokenizer, remote="local")
@@ -181,8 +184,4 @@ def test_remote_accuracy_equals_local_hooks(key, monkeypatch, hosted):
         return runner
 
     monkeypatch.setattr(nb.NnsightRunner, "for_ndif", staticmethod(simulated_ndif))
-    remote = api.accuracy(HUB_BASE, n_boxes=(3,), n=8, seed=0, batch_size=8, progress=False, backend="nnsight",
-                          remote=True)
-    assert requests and set(requests) == {HUB_BASE}
-    assert [(i.predicted_id, i.correct) for i in remote.results[0].items] == [
-        (i.predicted_id, i.correct) for i in reference.results[0].items]
+    return requests
