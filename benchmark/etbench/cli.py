@@ -75,23 +75,28 @@ def accuracy_cmd(
     n: int = typer.Option(500, "--n", help="Examples per box count (the paper: 500)."),
     seed: int = typer.Option(0, help="Seed of the example stream (0 = the lm-eval task's items)."),
     batch_size: int = typer.Option(16, "--batch-size"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, or auto (device_map=auto)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for accuracy.json + accuracy_items.jsonl."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    backend: str = typer.Option("hooks", "--backend", help="hooks (torch hooks) or nnsight (nnsight traces)."),
+    remote: bool = typer.Option(False, "--remote", help="With --backend nnsight: run on NDIF (a hub model it "
+                                "hosts; NDIF_API_KEY or `nnsight login`)."),
 ) -> None:
     """Full-model accuracy (greedy top-1 over the whole vocabulary), with a 95% CI."""
     from etbench import api, models
     from etbench.metrics import accuracy
 
-    _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
+    _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype or "float32", device=device)
     for count in n_boxes:
         check_range(count, "--n-boxes", 2, 26)
     if out is not None:
         check_output_dir(out)
     models.resolve(model)  # a missing model is reported before anything is loaded
-    result = api.accuracy(model, n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, dtype=dtype,
-                          device=device, progress=not no_progress)
+    # remote: a given --dtype is refused (NDIF's dtype), so no default stands in for it
+    result = api.accuracy(model, n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, progress=not no_progress,
+                          dtype=dtype if remote else dtype or "float32", device=device, backend=backend,
+                          remote=remote)
     typer.echo(accuracy.format_run(result))
     if out is not None:
         for path in accuracy.write_run(result, out):
@@ -114,6 +119,7 @@ def score_cmd(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     backend: str = typer.Option("hooks", "--backend", help="hooks (torch hooks) or nnsight (the same edits through nnsight traces)."),
     share_base_weights: bool = typer.Option(False, "--share-base-weights", help="One copy of the base weights for a LoRA fine-tune of it (7B memory; logits equal to ~1e-7)."),
+    remote: bool = typer.Option(False, "--remote", help="With --backend nnsight: run on NDIF (hub models it hosts; NDIF_API_KEY or `nnsight login`; needs --circuit-base/--circuit-ft; DCM not run)."),
 ) -> None:
     """Score a fine-tuned model against its base: accuracy, faithfulness, head overlap, CMAP."""
     from etbench import api
@@ -123,7 +129,8 @@ def score_cmd(
         _fail("--exact and --fast exclude each other")
     run = api.score(base, ft, out, preset=preset, discovery="exact" if exact else "fast" if fast else None,
                     seed=seed, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
-                    progress=not no_progress, backend=backend, share_base_weights=share_base_weights)
+                    progress=not no_progress, backend=backend, share_base_weights=share_base_weights,
+                    remote=remote)
     typer.echo(format_scorecard(run.card))
     typer.echo(format_timings(run), err=True)
     typer.echo(f"wrote {run.path} (+ items.jsonl, report.md, report.html)", err=True)
