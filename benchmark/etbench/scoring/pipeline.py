@@ -246,6 +246,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     discovery_settings = {"mode": p.discovery_mode, "n": p.discovery_n, "minimality_n": p.minimality_n,
                           "mean_n": p.mean_n, "minimality": p.minimality, "size": p.circuit_size,
                           "target_fraction": p.target_fraction, "sizing_n": p.sizing_n}
+    if p.circuit_size == "faithfulness":  # a circuit cached under an earlier growth rule is a different circuit
+        discovery_settings["growth"] = "scaled-shape, magnitude order"
     given = {"base": circuit_base, "ft": circuit_ft}
     recorded = {"base": recorded_base, "ft": recorded_ft}
     circuits = {w: cache.run(f"circuit_{w}", {**common, "model": ref[w], "given": recorded[w],
