@@ -26,6 +26,7 @@ API key: ``api_key``, else ``NDIF_API_KEY``, else the key nnsight stored (``nnsi
 from __future__ import annotations
 
 import copy
+import linecache
 import os
 import weakref
 from dataclasses import dataclass
@@ -226,6 +227,10 @@ class NnsightRunner:
         self._check_remote(edits)
         readers: list[Reader] = []
         if self.remote:
+            # why: nnsight's request (de)serialisation can leave only the trace block's source in linecache under
+            # this file's name; the serializer then rebuilds _visit from that entry and fails ("Could not find
+            # function '_visit'") -- seen when a simulated remote run follows other nnsight tests in one process
+            linecache.cache.pop(__file__, None)
             # why slots: a remote trace cannot write into the caller's dict; its value comes back saved
             edits = [_slot(e, readers) if isinstance(e.fn, Reader) else e for e in edits]
             # why no cache: the KV cache of every pass would travel back (and up again for prefix reuse);
