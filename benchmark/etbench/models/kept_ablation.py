@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from etbench.core.errors import EtbenchError, one_line
+from etbench.core.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -49,16 +50,14 @@ class KeptAblation:
 
 def save_kept_ablation(ablation: KeptAblation, path: Path) -> None:
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {}
     for layer, (heads, mean_z) in sorted(ablation.removed.items()):
         tensors[f"layer.{layer}.heads"] = torch.tensor(heads, dtype=torch.int64)
         tensors[f"layer.{layer}.mean_z"] = mean_z.detach().to(torch.float32).contiguous().cpu()
     meta = {"n_layers": str(ablation.n_layers), "n_heads": str(ablation.n_heads), "d_head": str(ablation.d_head)}
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial), metadata=meta)
-    partial.replace(path)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def load_kept_ablation(path: Path) -> KeptAblation:

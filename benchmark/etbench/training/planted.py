@@ -8,8 +8,9 @@ is kept: the shipped adapter directory carries it, and ``etbench.models.load("ti
 it in. Entity tracking can then only move between positions through the heads of S, so a correct
 circuit search must return heads inside S, and the kept heads must carry the model's accuracy.
 
-    python -m etbench.training.planted              # retrain into assets/planted/tiny-planted/
-    python -m etbench.training.planted --out DIR    # elsewhere; prints max |retrained - shipped|
+    python -m etbench.training.planted              # retrain into assets/planted/ (tiny-planted/ + training_log.json)
+    python -m etbench.training.planted --out DIR    # DIR/tiny-planted/ + DIR/training_log.json;
+                                                    # prints max |retrained - shipped|
 
 S defaults to the heads of the shipped tiny-base circuit (``assets/circuits/tiny-base.json``), so the
 planted mechanism has the paper's shape; ``PLANTED_HEADS`` records it.
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from etbench import models
-from etbench.core.io import ASSETS_DIR, atomic_write_text
+from etbench.core.io import ASSETS_DIR, atomic_write_bytes, atomic_write_text
 from etbench.mech.heads import head_map
 from etbench.metrics.ablation import mean_activations
 from etbench.models.kept_ablation import KEPT_ABLATION_FILE, KeptAblation, fold_kept_ablation, save_kept_ablation
@@ -42,7 +43,10 @@ from etbench.training.tiny import (
     train_stage,
 )
 
-ASSET_DIR = ASSETS_DIR / "planted" / "tiny-planted"
+# Like etbench.training.tiny: an output root holds the adapter directory and the training log beside it.
+ASSET_ROOT = ASSETS_DIR / "planted"
+ADAPTER_NAME = "tiny-planted"
+ASSET_DIR = ASSET_ROOT / ADAPTER_NAME
 BASE_REF = "tiny-base"
 # q/k/v and the MLPs: never o_proj (models.kept_ablation.check_adapter_compatible says why)
 PLANTED_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
@@ -83,7 +87,7 @@ def kept_heads(n_heads: int, planted: set[tuple[int, int]], intact_below: int = 
     return set(planted) | {(layer, head) for layer in range(intact_below) for head in range(n_heads)}
 
 
-def train(out_dir: Path = ASSET_DIR, planted: set[tuple[int, int]] | None = None, steps: int = STAGE.steps,
+def train(out_root: Path = ASSET_ROOT, planted: set[tuple[int, int]] | None = None, steps: int = STAGE.steps,
           lr: float = STAGE.lr, monitor_every: int = 10, log=print) -> dict:
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
@@ -102,35 +106,35 @@ def train(out_dir: Path = ASSET_DIR, planted: set[tuple[int, int]] | None = None
         f"heads kept in layers >= {INTACT_BELOW}: {summary['ablated_monitor_accuracy']:.3f}")
     stage = Stage(STAGE.name, STAGE.wording, steps, lr, STAGE.seed, STAGE.n_boxes)
     peft_model, info = train_stage(model, tokenizer, stage, held_out, monitor_every, log, lora=PLANTED_LORA)
+    out_dir = out_root / ADAPTER_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
     save_adapter(peft_model, out_dir, BASE_REF)
     _to_half(out_dir / "adapter_model.safetensors")  # shipped in fp16: half of 17 MB
     save_kept_ablation(ablation, out_dir / KEPT_ABLATION_FILE)
     summary.update(info, stage=stage.__dict__, mean_n=MEAN_N, total_seconds=round(time.perf_counter() - t0, 1))
-    atomic_write_text(out_dir.parent / "training_log.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out_root / "training_log.json", json.dumps(summary, indent=1) + "\n")
     log(f"done in {summary['total_seconds']} s")
     return summary
 
 
 def _to_half(path: Path) -> None:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     tensors = {key: value.half() for key, value in load_file(str(path)).items()}
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial))
-    partial.replace(path)
+    atomic_write_bytes(path, save(tensors))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m etbench.training.planted", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ASSET_DIR, help="the adapter directory to write")
+    parser.add_argument("--out", type=Path, default=ASSET_ROOT,
+                        help=f"output root: receives {ADAPTER_NAME}/ (the adapter) and training_log.json")
     parser.add_argument("--steps", type=int, default=STAGE.steps, help="LoRA training steps (batch 16)")
     parser.add_argument("--lr", type=float, default=STAGE.lr, help="LoRA learning rate")
     parser.add_argument("--monitor-every", type=int, default=10, help="held-out accuracy every K steps")
     args = parser.parse_args(argv)
     train(args.out, steps=args.steps, lr=args.lr, monitor_every=args.monitor_every)
-    if args.out.resolve() != ASSET_DIR.resolve() and ASSET_DIR.exists():
-        print(f"max |retrained - shipped| = {compare_adapters(args.out, ASSET_DIR):.3g}")
+    if args.out.resolve() != ASSET_ROOT.resolve() and ASSET_DIR.exists():
+        print(f"max |retrained - shipped| = {compare_adapters(args.out / ADAPTER_NAME, ASSET_DIR):.3g}")
 
 
 if __name__ == "__main__":

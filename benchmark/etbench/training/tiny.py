@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 from etbench import models
-from etbench.core.io import ASSETS_DIR
+from etbench.core.io import ASSETS_DIR, atomic_write_text
 from etbench.core.stats import proportion_ci
 from etbench.metrics.accuracy import evaluate
 from etbench.task.layout import TokenEncoder, layouts
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.card_only:
         summary = train(args.out, args.monitor_every, not args.no_monitor, 1 if args.base_only else len(STAGES),
                         1 if args.ft_only else 0)
-        (args.out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(args.out / "training_log.json", json.dumps(summary, indent=1) + "\n")
         if args.out.resolve() != ASSET_DIR.resolve():
             for stage in STAGES[1 if args.ft_only else 0 : 1 if args.base_only else len(STAGES)]:
                 print(f"{stage.name}: max |retrained - shipped| = "
