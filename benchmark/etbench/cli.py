@@ -108,7 +108,8 @@ def score_cmd(
     base: str = typer.Option("tiny-base", "--base", help="Base model (alias, hub id, directory, .gguf, adapter)."),
     ft: str = typer.Option("tiny-ft", "--ft", help="Fine-tuned model, same architecture and tokenizer."),
     out: Path = typer.Option(Path("etbench-out"), "--out", "-o", help="Output directory (stages cached here)."),
-    preset: str = typer.Option("quick", help="quick (sized for a 2-core CPU) or paper (the paper's sizes)."),
+    preset: str = typer.Option("quick", help="quick (sized for a 2-core CPU), quick-sized, standard (the "
+                               "leaderboard's protocol) or paper (the paper's sizes)."),
     exact: bool = typer.Option(False, "--exact", help="Exact path patching for discovery (default of 'paper')."),
     fast: bool = typer.Option(False, "--fast", help="Attribution screen + exact verification (default of 'quick')."),
     seed: int = typer.Option(0, help="Seed of every sampled set."),
@@ -142,7 +143,7 @@ def score_many_cmd(
     base: Optional[str] = typer.Option(None, "--base", help="Base model of every pair (with --ft)."),
     ft: list[str] = typer.Option([], "--ft", help="A fine-tuned model; repeat for several (one pair each)."),
     out: Path = typer.Option(Path("etbench-out"), "--out", "-o", help="With --base/--ft: one directory per fine-tune under it."),
-    preset: str = typer.Option("quick", help="quick or paper (a plan file's 'preset' wins)."),
+    preset: str = typer.Option("quick", help="quick, quick-sized, standard or paper (a plan file's 'preset' wins)."),
     exact: bool = typer.Option(False, "--exact", help="Exact path patching for discovery."),
     fast: bool = typer.Option(False, "--fast", help="Attribution screen + exact verification."),
     seed: int = typer.Option(0, help="Seed of every sampled set."),

@@ -12,8 +12,8 @@ circuit search must return heads inside S, and the kept heads must carry the mod
     python -m etbench.training.planted --out DIR    # DIR/tiny-planted/ + DIR/training_log.json;
                                                     # prints max |retrained - shipped|
 
-S defaults to the heads of the shipped tiny-base circuit (``assets/circuits/tiny-base.json``), so the
-planted mechanism has the paper's shape; ``PLANTED_HEADS`` records it.
+S is the 26 heads of the tiny-base circuit shipped when the model was trained (the paper's top-k per group),
+so the planted mechanism has the paper's shape; ``PLANTED_HEADS`` records it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from etbench.core.io import ASSETS_DIR, atomic_write_bytes, atomic_write_text
 from etbench.mech.heads import head_map
 from etbench.metrics.ablation import mean_activations
 from etbench.models.kept_ablation import KEPT_ABLATION_FILE, KeptAblation, fold_kept_ablation, save_kept_ablation
-from etbench.schema.circuit import load_circuit
 from etbench.training.tiny import (
     THREADS,
     Stage,
@@ -59,10 +58,20 @@ INTACT_BELOW = 11
 MEAN_N = 200  # mean-ablation prompts the removed heads' constant output is averaged over
 
 
+#: S, as (layer, head): the 26 heads of the tiny-base circuit that etbench shipped when the planted model was
+#: trained (fast discovery, n 32, the paper's top-k per group, no pruning). Written out rather than read from
+#: ``assets/circuits/tiny-base.json`` because that file is re-found as discovery improves, and the shipped
+#: adapter and kept ablation were trained for exactly this set.
+PLANTED_HEADS: frozenset[tuple[int, int]] = frozenset({
+    (11, 8), (15, 8), (16, 1), (16, 2), (17, 2), (17, 4), (17, 5), (18, 6), (19, 1), (20, 1), (22, 4), (22, 6),
+    (22, 7), (23, 0), (23, 1), (23, 2), (23, 4), (24, 5), (24, 7), (27, 3), (27, 6), (28, 0), (29, 1), (29, 2),
+    (29, 7), (29, 8),
+})
+
+
 def planted_heads() -> set[tuple[int, int]]:
-    """S: every head of the shipped tiny-base circuit, whatever its group (all in layers >= INTACT_BELOW)."""
-    circuit = load_circuit(ASSETS_DIR / "circuits" / "tiny-base.json")
-    return {(node.layer, node.head) for nodes in circuit.groups.values() for node in nodes}
+    """S: the planted heads (all in layers >= INTACT_BELOW)."""
+    return set(PLANTED_HEADS)
 
 
 def kept_ablation(model, tokenizer, kept: set[tuple[int, int]], n: int = MEAN_N) -> KeptAblation:
