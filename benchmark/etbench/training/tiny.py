@@ -33,12 +33,13 @@ from typing import Sequence
 import torch
 
 from etbench import models
-from etbench.core.io import ASSETS_DIR
+from etbench.core.io import ASSETS_DIR, atomic_write_text
 from etbench.metrics.accuracy import evaluate
 from etbench.task.layout import TokenEncoder, layouts
 from etbench.task.prompts import LABELS, Example, paper_objects, sample_context, stream_rng
 from etbench.training.loop import (
     BATCH,
+    LORA,
     THREADS,
     AnswerRow,
     add_lora,
@@ -142,13 +143,15 @@ def monitor_accuracy(model, tokenizer, examples: Sequence[Example]) -> float:
 # ------------------------------------------------------------------------------------ training
 
 
-def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (), monitor_every: int = 0, log=print):
-    """Wrap ``model`` in a fresh LoRA and train it on the stage's data; returns the PeftModel."""
+def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (), monitor_every: int = 0, log=print,
+                lora: dict = LORA):
+    """Wrap ``model`` in a fresh LoRA (``lora``: peft LoraConfig settings) and train it on the stage's data;
+    returns the PeftModel."""
     before = None
     if monitor and stage.wording != "paper":
         before = wording_accuracy(model, tokenizer, monitor, stage.wording)
         log(f"[{stage.name}] before training, accuracy in its training wording: {before:.3f}")
-    peft_model = add_lora(model, stage.seed)
+    peft_model = add_lora(model, stage.seed, lora)
     rows = encode(tokenizer, training_examples(stage, stage.steps * BATCH), stage.wording)
 
     def after_step(step: int, entry: dict) -> None:
@@ -227,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.card_only:
         summary = train(args.out, args.monitor_every, not args.no_monitor, 1 if args.base_only else len(STAGES),
                         1 if args.ft_only else 0)
-        (args.out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(args.out / "training_log.json", json.dumps(summary, indent=1) + "\n")
         if args.out.resolve() != ASSET_DIR.resolve():
             for stage in STAGES[1 if args.ft_only else 0 : 1 if args.base_only else len(STAGES)]:
                 print(f"{stage.name}: max |retrained - shipped| = "
