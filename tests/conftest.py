@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# fixtures shared by several tiers' test files (tests/support is on sys.path: pyproject's pytest pythonpath)
+pytest_plugins = ["support.submission_store"]
+
 
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory) -> Path:

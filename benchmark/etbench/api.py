@@ -29,27 +29,28 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
           preset: str | Preset = "quick", discovery: str | None = None, seed: int = 0,
           circuit_base: str | None = None, circuit_ft: str | None = None, dtype: str | None = None,
           device: str = "cpu", progress: bool = True, backend: str = "hooks",
-          share_base_weights: bool = False) -> ScoreRun:
+          share_base_weights: bool = False, remote: bool = False) -> ScoreRun:
     """Score ``ft`` against ``base`` and write ``scorecard.json``, ``items.jsonl``, the two circuits,
     ``timings.json`` and ``report.md``/``report.html`` to ``out_dir`` (stages cached in ``out_dir/stages``,
     so an interrupted run resumes). Returns the run (``.card`` is the ``Scorecard``).
     ``dtype=None``: bfloat16 on CUDA, float32 on CPU. ``backend``: ``hooks`` (torch hooks) or ``nnsight``
     (the same edits through nnsight traces; equal results, tests/model/test_nnsight_backend.py).
     ``share_base_weights``: an unmerged adapter fine-tune and its base share one copy of the base weights
-    (half the memory for a 7B LoRA pair; the base's logits then differ from a separate copy by ~1e-7)."""
+    (half the memory for a 7B LoRA pair; the base's logits then differ from a separate copy by ~1e-7).
+    ``remote`` (with ``backend="nnsight"``): hub models hosted on NDIF, run there (NDIF_API_KEY or
+    ``nnsight login``); both circuits must be given, DCM is not run (``pipeline.check_remote``)."""
     from contextlib import nullcontext
 
     from etbench.mech.interventions import forward_backend  # torch: imported only when a model is run
     from etbench.scoring import pipeline
 
-    if backend not in ("hooks", "nnsight"):
-        raise EtbenchError(f"backend must be hooks or nnsight, got {backend!r}")
+    check_backend(backend, remote)
     if backend == "nnsight":
         from etbench.mech import nnsight_backend  # nnsight: imported only when asked for
     with forward_backend(nnsight_backend.run) if backend == "nnsight" else nullcontext():
         run = pipeline.score(base, ft, out_dir, preset=preset, discovery=discovery, seed=seed,
                              circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
-                             progress=progress, share_base_weights=share_base_weights)
+                             progress=progress, share_base_weights=share_base_weights, remote=remote)
     report.write_doc(report.scorecard_report(run.card, run.items), Path(out_dir), stem="report")
     return run
 
@@ -77,12 +78,36 @@ def compare(a: str, b: str, store: Sequence[str | Path] = DEFAULT_STORES,
     return report.with_correction(report.resolve_pair(a, b, [Path(s) for s in store]), correction)
 
 
-def accuracy(model: str, n_boxes: Sequence[int] = (7,), n: int | None = None, seed: int | None = None,
-             **kwargs) -> AccuracyRun:
-    """Full-model accuracy (greedy top-1 over the whole vocabulary) with 95% Wilson CIs."""
-    from etbench.metrics.accuracy import run  # torch: imported only when a model is run
+def check_backend(backend: str, remote: bool) -> None:
+    """``backend`` is one etbench has, and ``remote`` goes with nnsight (before anything is loaded)."""
+    if backend not in ("hooks", "nnsight"):
+        raise EtbenchError(f"backend must be hooks or nnsight, got {backend!r}")
+    if remote and backend != "nnsight":
+        raise EtbenchError("--remote runs the edits as nnsight traces on NDIF: add --backend nnsight")
 
-    return run(model, n_boxes=n_boxes, n=n, seed=seed, **kwargs)
+
+def accuracy(model: str, n_boxes: Sequence[int] = (7,), n: int | None = None, seed: int | None = None,
+             backend: str = "hooks", remote: bool = False, **kwargs) -> AccuracyRun:
+    """Full-model accuracy (greedy top-1 over the whole vocabulary) with 95% Wilson CIs. ``backend`` and
+    ``remote`` as for ``score`` (remote: a hub model hosted on NDIF; ``dtype``/``device`` do not apply)."""
+    from contextlib import nullcontext
+
+    from etbench.mech.interventions import forward_backend  # torch: imported only when a model is run
+    from etbench.metrics.accuracy import run
+
+    check_backend(backend, remote)
+    if backend == "nnsight":
+        from etbench.mech import nnsight_backend  # nnsight: imported only when asked for
+    if remote:
+        from etbench.scoring.pipeline import check_no_local_options, check_remote_model
+
+        check_no_local_options({"--dtype": kwargs.get("dtype") is not None,
+                                "--device": kwargs.get("device", "cpu") != "cpu"})
+        spec = check_remote_model("--model", model)
+        nnsight_backend.ndif_api_key()
+        kwargs["loaded"] = nnsight_backend.load_remote(model, spec.location, revision=spec.revision)
+    with forward_backend(nnsight_backend.run) if backend == "nnsight" else nullcontext():
+        return run(model, n_boxes=n_boxes, n=n, seed=seed, **kwargs)
 
 
 __all__ = ["DEFAULT_STORES", "EtbenchError", "accuracy", "compare", "score", "score_many"]

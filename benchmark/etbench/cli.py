@@ -75,23 +75,28 @@ def accuracy_cmd(
     n: int = typer.Option(500, "--n", help="Examples per box count (the paper: 500)."),
     seed: int = typer.Option(0, help="Seed of the example stream (0 = the lm-eval task's items)."),
     batch_size: int = typer.Option(16, "--batch-size"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, or auto (device_map=auto)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for accuracy.json + accuracy_items.jsonl."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    backend: str = typer.Option("hooks", "--backend", help="hooks (torch hooks) or nnsight (nnsight traces)."),
+    remote: bool = typer.Option(False, "--remote", help="With --backend nnsight: run on NDIF (a hub model it "
+                                "hosts; NDIF_API_KEY or `nnsight login`)."),
 ) -> None:
     """Full-model accuracy (greedy top-1 over the whole vocabulary), with a 95% CI."""
     from etbench import api, models
     from etbench.metrics import accuracy
 
-    _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
+    _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype or "float32", device=device)
     for count in n_boxes:
         check_range(count, "--n-boxes", 2, 26)
     if out is not None:
         check_output_dir(out)
     models.resolve(model)  # a missing model is reported before anything is loaded
-    result = api.accuracy(model, n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, dtype=dtype,
-                          device=device, progress=not no_progress)
+    # remote: a given --dtype is refused (NDIF's dtype), so no default stands in for it
+    result = api.accuracy(model, n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, progress=not no_progress,
+                          dtype=dtype if remote else dtype or "float32", device=device, backend=backend,
+                          remote=remote)
     typer.echo(accuracy.format_run(result))
     if out is not None:
         for path in accuracy.write_run(result, out):
@@ -103,7 +108,8 @@ def score_cmd(
     base: str = typer.Option("tiny-base", "--base", help="Base model (alias, hub id, directory, .gguf, adapter)."),
     ft: str = typer.Option("tiny-ft", "--ft", help="Fine-tuned model, same architecture and tokenizer."),
     out: Path = typer.Option(Path("etbench-out"), "--out", "-o", help="Output directory (stages cached here)."),
-    preset: str = typer.Option("quick", help="quick (sized for a 2-core CPU) or paper (the paper's sizes)."),
+    preset: str = typer.Option("quick", help="quick (sized for a 2-core CPU), quick-sized, standard (the "
+                               "leaderboard's protocol) or paper (the paper's sizes)."),
     exact: bool = typer.Option(False, "--exact", help="Exact path patching for discovery (default of 'paper')."),
     fast: bool = typer.Option(False, "--fast", help="Attribution screen + exact verification (default of 'quick')."),
     seed: int = typer.Option(0, help="Seed of every sampled set."),
@@ -114,6 +120,7 @@ def score_cmd(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     backend: str = typer.Option("hooks", "--backend", help="hooks (torch hooks) or nnsight (the same edits through nnsight traces)."),
     share_base_weights: bool = typer.Option(False, "--share-base-weights", help="One copy of the base weights for a LoRA fine-tune of it (7B memory; logits equal to ~1e-7)."),
+    remote: bool = typer.Option(False, "--remote", help="With --backend nnsight: run on NDIF (hub models it hosts; NDIF_API_KEY or `nnsight login`; needs --circuit-base/--circuit-ft; DCM not run)."),
 ) -> None:
     """Score a fine-tuned model against its base: accuracy, faithfulness, head overlap, CMAP."""
     from etbench import api
@@ -123,7 +130,8 @@ def score_cmd(
         _fail("--exact and --fast exclude each other")
     run = api.score(base, ft, out, preset=preset, discovery="exact" if exact else "fast" if fast else None,
                     seed=seed, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
-                    progress=not no_progress, backend=backend, share_base_weights=share_base_weights)
+                    progress=not no_progress, backend=backend, share_base_weights=share_base_weights,
+                    remote=remote)
     typer.echo(format_scorecard(run.card))
     typer.echo(format_timings(run), err=True)
     typer.echo(f"wrote {run.path} (+ items.jsonl, report.md, report.html)", err=True)
@@ -135,7 +143,7 @@ def score_many_cmd(
     base: Optional[str] = typer.Option(None, "--base", help="Base model of every pair (with --ft)."),
     ft: list[str] = typer.Option([], "--ft", help="A fine-tuned model; repeat for several (one pair each)."),
     out: Path = typer.Option(Path("etbench-out"), "--out", "-o", help="With --base/--ft: one directory per fine-tune under it."),
-    preset: str = typer.Option("quick", help="quick or paper (a plan file's 'preset' wins)."),
+    preset: str = typer.Option("quick", help="quick, quick-sized, standard or paper (a plan file's 'preset' wins)."),
     exact: bool = typer.Option(False, "--exact", help="Exact path patching for discovery."),
     fast: bool = typer.Option(False, "--fast", help="Attribution screen + exact verification."),
     seed: int = typer.Option(0, help="Seed of every sampled set."),
@@ -175,7 +183,7 @@ def circuit_discover(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the circuit JSON."),
     exact: bool = typer.Option(False, "--exact", help="Path patching of every head (the paper's method)."),
     fast: bool = typer.Option(False, "--fast", help="Attribution screen + exact verification (default)."),
-    n: int = typer.Option(64, "--n", help="Base prompts for path patching (the paper: 300)."),
+    n: int = typer.Option(32, "--n", help="Base prompts for path patching (the paper: 300; the quick preset: 32)."),
     seed: int = typer.Option(0, help="Seed of the prompts and noise pairs."),
     size: str = typer.Option("top-k", "--size", help="How the circuit's size is chosen: 'top-k' (the paper's k "
                              "per group) or 'faithfulness' (grown along the ranking to --target x the ceiling of "
@@ -183,9 +191,13 @@ def circuit_discover(
     target: float = typer.Option(0.9, "--target", help="With --size faithfulness: the fraction of the form's "
                                  "ceiling to reach."),
     minimality: Optional[str] = typer.Option(None, "--minimality", help="Pruning after the search: 'pairs' "
-                                             "(paper; default with --exact), 'single' (default with --fast) or "
-                                             "'none'. Pruning is most of the time of a fast run on a CPU: "
-                                             "'--n 32 --minimality none' is the quick preset's setting."),
+                                             "(paper; default with --exact), 'single' or 'none' (default with "
+                                             "--fast, as in the quick preset: on the tiny models 'single' pruned "
+                                             "the fast circuits to 1 and 0 heads). Pruning is most of the time "
+                                             "of a run on a CPU. The defaults (--fast, --n 32, no pruning) are "
+                                             "the quick preset's circuit stage: 34-36 s of search on tiny-base on "
+                                             "2 idle cores, plus start-up and model load "
+                                             "(tests/bench/bench_discover.py times the whole command)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
@@ -202,6 +214,8 @@ def circuit_discover(
     check_output_file(out)
     models.resolve(model)
     loaded = models.load(model, dtype=dtype, device=device)
+    # the command's fast default prunes nothing (the library's fast default, 'single', is kept for API users)
+    minimality = minimality or ("pairs" if exact else "none")
     result = discovery.discover(loaded, mode="exact" if exact else "fast", n=n, seed=seed, batch_size=batch_size,
                                minimality_mode=minimality, size=size, target_fraction=target,
                                model_name=model, progress=not no_progress)

@@ -7,9 +7,10 @@ a linear extrapolation to ``--preset paper`` into ``<out>/bench_gpu.json`` (also
 
 Then two correctness checks that need real devices:
 * split: a small Llama dispatched with accelerate over two devices (first half of the layers on
-  cuda:0, second half on the CPU; without CUDA: CPU + disk offload, weights on ``meta``) runs fast
-  discovery, faithfulness (prefix reuse), DCM and CMAP; its numbers are compared with the same model
-  on one device;
+  cuda:0, second half on cuda:1 when there are two GPUs, else on the CPU; in the CPU smoke test: CPU +
+  disk offload, weights on ``meta``) runs fast discovery, prefix reuse (a patched run from a stored KV
+  cache against the whole prompt), faithfulness, DCM and CMAP; its numbers are compared with the same
+  model on one device, and each check's wall time and peak GPU memory are recorded;
 * grads: no parameter of any model holds ``.grad`` afterwards (they all ``requires_grad``, as
   ``from_pretrained`` leaves them).
 
@@ -18,7 +19,9 @@ are what this measures. The fine-tuned side is the same model object (CMAP on ft
 same as on a real pair; a second 7B copy would only add 13.5 GB).
 
     python tests/bench/bench_gpu.py --out /tmp/bench                 # CUDA: llama7b shape, bf16
-    python tests/bench/bench_gpu.py --out /tmp/bench --shape tiny    # CPU smoke test (seconds)
+    python tests/bench/bench_gpu.py --out /tmp/bench --device cpu    # CPU smoke test of the script (tiny shape)
+
+Without CUDA and without ``--device cpu`` it says so in one line and exits 2.
 """
 
 from __future__ import annotations
@@ -281,17 +284,27 @@ def split_check(tok, device: torch.device, n: int, out: dict) -> None:
     run_cmap = _get("run_cmap", "etbench.metrics.cmap", "etbench.cmap")
     data = _module("etbench.task.prompts", "etbench.data")
 
+    PatchRunner = _get("PatchRunner", "etbench.mech.prefix", "etbench.prefix")
+    replace = _get("replace", "etbench.mech.interventions", "etbench.interventions")
+    layouts = _get("layouts", "etbench.task.layout", "etbench.layout")
+
     n_layers = 4
     ref = build_model("tiny", len(tok), torch.float32, device, seed=5, layers=n_layers)
     split = build_model("tiny", len(tok), torch.float32, torch.device("cpu"), seed=5, layers=n_layers)
     split.load_state_dict({k: v.cpu() for k, v in ref.state_dict().items()})
     half = n_layers // 2
     offload = None
+    first = device.index or 0
+    gpus = [first]
     if device.type == "cuda":
-        where = {i: (device.index or 0) if i < half else "cpu" for i in range(n_layers)}
-        dm = {"model.embed_tokens": device.index or 0, "model.rotary_emb": device.index or 0, "model.norm": "cpu",
-              "lm_head": "cpu", **{f"model.layers.{i}": d for i, d in where.items()}}
-        desc = f"layers 0-{half - 1} on cuda, {half}-{n_layers - 1} on the CPU (executed there)"
+        second = (first + 1) if torch.cuda.device_count() > first + 1 else "cpu"
+        if second != "cpu":
+            gpus.append(second)
+        where = {i: first if i < half else second for i in range(n_layers)}
+        dm = {"model.embed_tokens": first, "model.rotary_emb": first, "model.norm": second,
+              "lm_head": second, **{f"model.layers.{i}": d for i, d in where.items()}}
+        desc = (f"layers 0-{half - 1} on cuda:{first}, {half}-{n_layers - 1} on "
+                + (f"cuda:{second}" if second != "cpu" else "the CPU (executed there)"))
     else:
         offload = tempfile.mkdtemp(prefix="etbench-offload-")
         dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
@@ -305,9 +318,21 @@ def split_check(tok, device: torch.device, n: int, out: dict) -> None:
 
     def both(name, fn, compare):
         try:
-            a, b = fn(ref), fn(split)
+            a = fn(ref)
+            if device.type == "cuda":
+                for g in gpus:
+                    torch.cuda.synchronize(g)
+                    torch.cuda.reset_peak_memory_stats(g)
+            t0 = time.perf_counter()
+            b = fn(split)
+            peak = None
+            if device.type == "cuda":
+                for g in gpus:
+                    torch.cuda.synchronize(g)
+                peak = {f"cuda:{g}": round(torch.cuda.max_memory_allocated(g) / 2**30, 3) for g in gpus}
             diff = compare(a, b)
-            result["checks"][name] = {"ok": diff <= 1e-4, "max_abs_diff": diff}
+            result["checks"][name] = {"ok": diff <= 1e-4, "max_abs_diff": diff, "split_s": round(time.perf_counter() - t0, 3),
+                                      "split_peak_gb": peak}
         except Exception as err:  # noqa: BLE001
             result["checks"][name] = {"ok": False, "error": f"{type(err).__name__}: {err}",
                                       "traceback": traceback.format_exc()}
@@ -319,6 +344,31 @@ def split_check(tok, device: torch.device, n: int, out: dict) -> None:
 
     both("discovery_fast", lambda m: discover(m, "fast", tok, n_boxes=3, n=n, batch_size=n, minimality_mode="none",
                                               mean_n=n), scores_diff)
+    lays = layouts(examples, tok)
+    prompt_ids = torch.tensor([lay.input_ids for lay in lays], dtype=torch.long)
+    last = prompt_ids.shape[1] - 1
+
+    def prefix_logits(m):
+        """A patched last-token run from the stored KV cache (each layer's cache on its own device) and
+        the same run over whole prompts: (reused, whole)."""
+        source = torch.zeros(1, 1, SHAPES["tiny"]["hidden_size"] // SHAPES["tiny"]["num_attention_heads"])
+        rows = torch.arange(prompt_ids.shape[0])
+
+        def edits(sub, shift):
+            return [replace(n_layers - 1, "z", source, last - shift, heads=[0])]
+
+        outs = []
+        for reuse in (True, False):
+            runner = PatchRunner(m, prompt_ids, batch_size=n, reuse_prefix=reuse)
+            if reuse and not runner.reuse_prefix:
+                raise RuntimeError("prefix reuse fell back to whole prompts (no per-layer KV cache)")
+            with torch.no_grad():
+                outs.append(runner.logits(rows, runner.kv(rows), last, edits).cpu())
+        return outs
+
+    both("prefix_reuse", prefix_logits,
+         lambda a, b: max(float((a[0] - b[0]).abs().max()), float((b[0] - b[1]).abs().max()),
+                          float((a[0] - a[1]).abs().max())))
     both("faithfulness", lambda m: evaluate_circuit(m, circuit, tok, n_boxes=3, n=n, mean_n=n, batch_size=n,
                                                     random_draws=1, completeness_draws=1),
          lambda a, b: float(a.circuit_correct != b.circuit_correct) + abs(a.faithfulness - b.faithfulness)
@@ -343,9 +393,13 @@ def main() -> None:
     parser.add_argument("--exact-senders", type=int, default=32, help="senders timed for exact path patching")
     parser.add_argument("--skip-split", action="store_true")
     args = parser.parse_args()
+    if args.device is None and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device here (torch.cuda.is_available() is False): this script measures GPU "
+              "time and memory; --device cpu runs it as a CPU smoke test", file=sys.stderr)
+        sys.exit(2)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or "cuda")
     shape = args.shape or ("llama7b" if device.type == "cuda" else "tiny")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if device.type == "cpu":

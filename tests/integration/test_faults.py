@@ -523,6 +523,22 @@ def _drop_items(items: list[dict], **match: Any) -> list[dict]:
     return [r for r in items if not all(r.get(k) == v for k, v in match.items())]
 
 
+def _add_discovery_scores(card: dict, items: list) -> list:
+    """Per-prompt discovery scores under which the base circuit's heads are not a sure choice (an outside
+    head ranks below them on all 32 prompts but above them on resamples rich in its bad prompts), while
+    the scorecard still says the overlap has no CI: submit must recompute the interval and refuse."""
+    rows = []
+    for circuit in card["circuits"]:
+        for group, heads in circuit["heads"].items():
+            scored = [(h, [-1.0] * 32) for h in heads]
+            if circuit["name"] == "base" and heads:
+                outside = next([l, h] for l in range(30) for h in range(9) if [l, h] not in heads)
+                scored.append((outside, [-2.2 if i % 5 == 0 else -0.6 for i in range(32)]))  # mean -0.95
+            rows += [{"measure": "discovery_score", "model": circuit["name"], "group": group, "layer": lh[0],
+                      "head": lh[1], "item": i, "score": x} for lh, xs in scored for i, x in enumerate(xs)]
+    return items + rows
+
+
 FORGERIES: dict[str, tuple[str, Callable[[dict, list], list | None]]] = {
     # name: (field the message must name, mutate(card, items) -> new items or None)
     "faithfulness-0.99": ("faithfulness", lambda c, i: _set_est(
@@ -572,6 +588,29 @@ FORGERIES: dict[str, tuple[str, Callable[[dict, list], list | None]]] = {
     "semantics-outside-range": ("semantics", lambda c, i: c["semantics"][0]["accuracy"].update(value=0.99)),
     "nan-cmap-normalised": ("cmap", lambda c, i: _find(c["cmap"], group="full", variant="output")[
         "normalised_gain"].update(high=-math.inf)),
+    "ceiling-form-accuracy": ("ceiling", lambda c, i: _set_est(_find(c["ceilings"], model="base")["form_accuracy"], 0.9)),
+    "ceiling-model-accuracy": ("ceiling", lambda c, i: _set_est(_find(c["ceilings"], model="ft")["model_accuracy"], 0.9)),
+    "ceiling-every-head-edited": ("ceiling", lambda c, i: _find(c["ceilings"], model="ft")[
+        "every_head_every_position"].update(low=0.01)),
+    "ceiling-floor": ("ceiling", lambda c, i: _set_est(_find(c["ceilings"], model="ft")["no_heads_accuracy"], 0.2)),
+    "ceiling-form-faithfulness": ("ceiling", lambda c, i: _set_est(
+        _find(c["ceilings"], model="base")["form_faithfulness"], 1.0)),
+    "ceiling-mib": ("ceiling", lambda c, i: _set_est(_find(c["ceilings"], model="ft")["form_faithfulness_mib"], 0.99)),
+    "ceiling-mib-ci-edited": ("ceiling", lambda c, i: _find(c["ceilings"], model="base")[
+        "form_faithfulness_mib"].update(low=0.8)),
+    "ceiling-rows-deleted": ("ceiling", lambda c, i: _drop_items(i, measure="ceiling", model="ft")),
+    "ceiling-form-rows-flipped": ("ceiling", lambda c, i: [dict(r, correct=True) if r["measure"] == "ceiling"
+                                                           and r["ablation"] == "form_all_heads" else r for r in i]),
+    "mib-faithfulness": ("mib", lambda c, i: _set_est(
+        _find(c["faithfulness"], circuit="base", model="ft")["faithfulness_mib"], 0.99)),
+    "mib-faithfulness-ci": ("mib", lambda c, i: _find(c["faithfulness"], circuit="ft", model="ft")[
+        "faithfulness_mib"].update(low=-0.5, high=0.5)),
+    "circuit-overlap-ci-invented": ("overlap", lambda c, i: _find(c["overlap"], heads="circuit", group="all")[
+        "jaccard"].update(low=0.1, high=0.9)),
+    "discovery-scores-without-their-ci": ("overlap", _add_discovery_scores),
+    "items-score-not-a-number": ("items", lambda c, i: i + [{"measure": "discovery_score", "model": "base",
+                                                             "group": "value_fetcher", "layer": 0, "head": 0,
+                                                             "item": 0, "score": "high"}]),
     "items-correct-not-bool": ("items", lambda c, i: [dict(r, correct="yes") if r["measure"] == "accuracy" else r
                                                       for r in i]),
     "items-duplicate-rows": ("items", lambda c, i: i + [r for r in i if r["measure"] == "accuracy"

@@ -9,10 +9,8 @@ import pytest
 
 from etbench import api
 from etbench.core.errors import EtbenchError
-from etbench.core.io import atomic_write_json
-from etbench.models import toy
-from etbench.schema.circuit import Circuit, Node
 from etbench.scoring import pipeline as scoring
+from support.toy_pair import write_toy_pair
 
 # Tiny sizes: the point here is plumbing, determinism and resumption, not the numbers.
 MICRO = scoring.Preset("micro", accuracy_n=14, accuracy_boxes=(3, 7), discovery_mode="fast", discovery_n=8,
@@ -23,19 +21,7 @@ MICRO = scoring.Preset("micro", accuracy_n=14, accuracy_boxes=(3, 7), discovery_
 
 @pytest.fixture(scope="module")
 def toy_pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy_pair")
-    tokenizer = toy.word_level_tokenizer()
-    for seed, name in enumerate(("base", "ft")):
-        model = toy.tiny_llama(len(tokenizer), seed=seed, n_layers=2, n_heads=4)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    # A given circuit, so DCM and CMAP have heads to work on (random toys give empty discovered circuits).
-    nodes = {"value_fetcher": [Node("value_fetcher", 1, 0), Node("value_fetcher", 1, 2)],
-             "position_transmitter": [Node("position_transmitter", 0, 1)],
-             "position_detector": [Node("position_detector", 0, 3)],
-             "structure_reader": [Node("structure_reader", 0, 0)]}
-    atomic_write_json(root / "circuit.json", Circuit(nodes, model="toy", n_layers=2, n_heads=4).to_dict())
-    return root
+    return write_toy_pair(tmp_path_factory.mktemp("toy_pair"))
 
 
 def run_score(root, out, **kwargs):

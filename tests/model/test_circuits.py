@@ -229,6 +229,17 @@ def test_fast_verifies_with_exact_scores(toy):
     assert fast.searches["value_fetcher"].forward_passes["calls"] == 3 + 4
     assert fast.searches["value_fetcher"].forward_passes["backward"] == 1
     assert fast.searches["value_fetcher"].forward_passes["rows"] == 4 * 7
+    # per-prompt effects kept for the circuit-overlap bootstrap: the verified heads, in prompt order,
+    # averaging to their exact score
+    for g in GROUPS:
+        kept = fast.item_scores[g]
+        assert set(kept) == {h for h in fast.searches[g].ranking[:4]} and all(len(v) == 4 for v in kept.values())
+        for (layer, head), effects in kept.items():
+            assert sum(effects) / 4 == pytest.approx(fast.searches[g].scores[layer][head], abs=1e-12)
+    solo = discover(model, "fast", tok, verify_k=4, **{**kw, "n": 1})  # prompt 0 alone: its effect, unshared
+    for (layer, head), effects in solo.item_scores["value_fetcher"].items():
+        if (layer, head) in fast.item_scores["value_fetcher"]:
+            assert fast.item_scores["value_fetcher"][(layer, head)][0] == pytest.approx(effects[0], abs=1e-9)
 
 
 def _sender_runs(search, group) -> int:

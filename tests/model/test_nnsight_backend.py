@@ -83,8 +83,21 @@ def test_dry_run_of_the_ndif_path_equals_hooks(base, tok):
         expected = iv.cache(base, hm, {"input_ids": ids}, [iv.Site(1, "z", 9, [0])])
     assert torch.equal(out, ref)
     assert torch.equal(got[(1, "z")], expected[(1, "z")])
+    # a read stores into the caller's dict: remotely through a saved slot, seeing the edits listed before it
+    def plan(store):
+        return [iv.read(0, "z", store, 9, [1], key="before"), *edits, iv.read(0, "z", store, 9, [1], key="after"),
+                iv.read(1, "q", store, None, [3])]
+
+    hooks_store, traced_store = {}, {}
+    with torch.no_grad():
+        ref_mixed = iv.run(base, hm, {"input_ids": ids}, plan(hooks_store)).logits
+        traced_mixed = runner.run(hm, {"input_ids": ids}, plan(traced_store)).logits
+    assert torch.equal(traced_mixed, ref_mixed)
+    assert set(traced_store) == set(hooks_store) == {"before", "after", (1, "q")}
+    assert all(torch.equal(traced_store[k], hooks_store[k]) for k in hooks_store)
+    assert not torch.equal(hooks_store["before"], hooks_store["after"])  # the replace at (0, z, 9, head 1) is seen
     with pytest.raises(EtbenchError, match="cannot run remotely"):
-        runner.run(hm, {"input_ids": ids}, [iv.read(0, "z", {})])
+        runner.run(hm, {"input_ids": ids}, [iv.read(0, "z", {}, detach=False)])
 
 
 def test_accuracy_per_item_equals_hooks(base, tok):

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from etbench import models
-from etbench.core.io import atomic_write_json
 from etbench.models import toy
-from etbench.schema.circuit import Circuit, Node
 from etbench.scoring import pipeline as scoring
 from etbench.scoring.presets import Preset
+from support.toy_pair import write_toy_pair
 
 MICRO = Preset("micro", accuracy_n=8, accuracy_boxes=(3,), discovery_mode="fast", discovery_n=8,
                        minimality_n=8, faithfulness_n=8, mean_n=8, random_draws=1, completeness_draws=1, dcm="quick",
@@ -21,18 +20,7 @@ MICRO = Preset("micro", accuracy_n=8, accuracy_boxes=(3,), discovery_mode="fast"
 
 @pytest.fixture(scope="module")
 def toy_pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy_pair")
-    tokenizer = toy.word_level_tokenizer()
-    for seed, name in enumerate(("base", "ft")):
-        model = toy.tiny_llama(len(tokenizer), seed=seed, n_layers=2, n_heads=4)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    nodes = {"value_fetcher": [Node("value_fetcher", 1, 0), Node("value_fetcher", 1, 2)],
-             "position_transmitter": [Node("position_transmitter", 0, 1)],
-             "position_detector": [Node("position_detector", 0, 3)],
-             "structure_reader": [Node("structure_reader", 0, 0)]}
-    atomic_write_json(root / "circuit.json", Circuit(nodes, model="toy", n_layers=2, n_heads=4).to_dict())
-    return root
+    return write_toy_pair(tmp_path_factory.mktemp("toy_pair"))
 
 
 def test_no_parameter_holds_grad_after_any_stage(toy_pair, tmp_path, monkeypatch):

@@ -107,39 +107,3 @@ def test_shipped_tiny_base_circuit():
 def test_unknown_paper_circuit():
     with pytest.raises(EtbenchError, match="shipped: llama7b"):
         paper_circuit("gpt4")
-
-
-import torch  # noqa: E402
-
-from etbench.models.toy import tiny_llama, word_level_tokenizer  # noqa: E402
-from etbench.task import prompts as data  # noqa: E402
-from etbench.task.counterfactuals import encode_pairs, noise_pairs  # noqa: E402
-
-torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-D_MODEL, N_HEADS, N_LAYERS = 32, 4, 3
-
-
-def _rms_norm_float64(self, hidden_states):
-    # transformers' LlamaRMSNorm computes in float32 even for a float64 model, which would put
-    # ~1e-7 noise on every finite difference below
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
-@pytest.fixture(scope="module")
-def toy():
-    from transformers.models.llama import modeling_llama
-
-    original = modeling_llama.LlamaRMSNorm.forward
-    modeling_llama.LlamaRMSNorm.forward = _rms_norm_float64
-    try:
-        tok = word_level_tokenizer()
-        model = tiny_llama(len(tok), n_layers=N_LAYERS, n_heads=N_HEADS, d_model=D_MODEL, seed=3).double()
-        encoded = encode_pairs(noise_pairs(data.generate(3, 4, seed=1), seed=1), tok)
-        yield model, tok, encoded
-    finally:
-        modeling_llama.LlamaRMSNorm.forward = original
-
-

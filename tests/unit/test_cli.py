@@ -1,25 +1,11 @@
 """The etbench command: outputs, and bad input as one line + non-zero exit (never a traceback)."""
 
-
 import json
-import subprocess
-import sys
 
 import pytest
 
 from etbench.task import prompts as data
-
-
-def etbench(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "etbench.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
-
-
-def assert_one_line_error(result, fragment):
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in result.stderr and lines[-1].startswith("etbench: error:")
-    assert fragment in lines[-1]
+from support.commands import assert_one_line_error, etbench
 
 
 def test_data_generate_reproduces_the_template(tmp_path):

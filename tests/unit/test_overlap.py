@@ -86,3 +86,73 @@ def test_errors_and_table():
         overlap.circuit_overlap({"Z": []}, {})
     table = overlap.format_overlap(overlap.circuit_overlap({"A": [(1, 1)]}, {"A": [(1, 1)]}))
     assert "value_fetcher" in table and "1.000" in table
+
+
+def _scores(means: dict, n: int = 40, spread: float = 0.0, seed: int = 0) -> dict:
+    """Per-prompt effects around given means: ``{group: {head: [effect per prompt]}}``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {g: {h: list(m + spread * rng.standard_normal(n)) for h, m in hs.items()} for g, hs in means.items()}
+
+
+def test_circuit_overlap_ci_is_zero_width_never_and_wide_when_the_ranking_is_a_coin_toss():
+    base = Circuit.from_heads({"A": [[1, 0]], "B": [[5, 0]]})
+    ft = Circuit.from_heads({"A": [[1, 0]], "B": [[5, 0]]})
+    # well separated heads: every resample picks the same ones, so there is no interval to show
+    clear = {"value_fetcher": {(1, 0): -0.5, (2, 0): -0.1}, "position_transmitter": {(5, 0): -0.4, (6, 0): 0.0}}
+    rows = {o.group: o for o in overlap.circuit_overlap(base, ft, item_scores=(_scores(clear), _scores(clear)))}
+    a = rows["value_fetcher"].base_in_ft
+    assert a.value == 1.0 and a.low is None and a.high is None and "same value in all 2000" in a.note
+    assert a.method == overlap.CIRCUIT_CI_METHOD
+    # two A heads of equal mean effect and noisy prompts: the chosen head flips between resamples,
+    # independently for the two models (their per-prompt effects differ), so overlap spans 0..1
+    tie = {"value_fetcher": {(1, 0): -0.3, (2, 0): -0.3}, "position_transmitter": {(5, 0): -0.4, (6, 0): 0.0}}
+    scores = (_scores(tie, spread=0.5, seed=1), _scores(tie, spread=0.5, seed=2))
+
+    def found(sc):  # what discovery would keep from all 40 prompts: the A head of the lower mean
+        a = min(sc["value_fetcher"], key=lambda h: sum(sc["value_fetcher"][h]))
+        return Circuit.from_heads({"A": [list(a)], "B": [[5, 0]]})
+
+    rows = {o.group: o for o in overlap.circuit_overlap(found(scores[0]), found(scores[1]), item_scores=scores)}
+    a = rows["value_fetcher"].base_in_ft
+    assert (a.low, a.high) == (0.0, 1.0) and "resamples of 40 discovery prompts" in a.note
+    assert rows["position_transmitter"].jaccard.low is None  # B stays clear-cut
+    assert rows["all"].jaccard.low < rows["all"].jaccard.high
+
+
+def test_circuit_overlap_resample_keeps_sizes_unscored_heads_and_discoverys_a_without_b_rule():
+    import numpy as np
+
+    # A's best-scoring head is also B's pick: discovery drops it from A, and so does every resample
+    scores = {"value_fetcher": {(5, 0): -0.9, (1, 0): -0.5, (2, 0): -0.1},
+              "position_transmitter": {(5, 0): -0.4, (6, 0): 0.0}}
+    circuit = {"value_fetcher": {(1, 0), (9, 9)}, "position_transmitter": {(5, 0)}}  # (9, 9): not scored
+    draws = np.random.default_rng(0).integers(0, 10, size=(5, 10))
+    for redrawn in overlap._redrawn(circuit, _scores(scores, n=10), draws):
+        assert redrawn["value_fetcher"] == {(1, 0), (9, 9)} and redrawn["position_transmitter"] == {(5, 0)}
+
+
+def test_circuit_overlap_without_prompt_scores_has_no_ci():
+    base = Circuit.from_heads({"A": [[1, 0]]})
+    rows = overlap.circuit_overlap(base, base, item_scores=({}, {}))
+    assert all(o.base_in_ft.low is None and o.base_in_ft.method == "exact" for o in rows)
+    mismatched = ({"A": {(1, 0): [0.1, 0.2]}}, {"A": {(1, 0): [0.1, 0.2, 0.3]}})  # not the same prompts
+    assert overlap.circuit_overlap(base, base, item_scores=mismatched)[0].base_in_ft.method == "exact"
+
+
+def test_dcm_overlap_equal_at_every_seed_has_no_zero_width_ci():
+    runs = [{"value_fetcher": [(1, 1), (2, 2)]}] * 3
+    rows = {o.group: o for o in overlap.dcm_overlap(runs, runs)}
+    est = rows["value_fetcher"].jaccard
+    assert est.value == 1.0 and est.low is None and "same value at all 3 DCM seeds" in est.note
+
+
+def test_circuit_overlap_of_a_pruned_circuit_has_no_ci():
+    # minimality dropped A's best head: re-ranking cannot give this circuit back, so no interval
+    scores = {"value_fetcher": {(1, 0): -0.5, (2, 0): -0.4, (3, 0): -0.1}}
+    pruned = Circuit.from_heads({"A": [[2, 0]]})
+    rows = {o.group: o for o in overlap.circuit_overlap(pruned, pruned, item_scores=(_scores(scores), _scores(scores)))}
+    for g in ("value_fetcher", "all"):
+        est = rows[g].jaccard
+        assert est.value == 1.0 and est.low is None and "not the top of their discovery ranking" in est.note

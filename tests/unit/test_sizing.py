@@ -7,8 +7,8 @@ import math
 import pytest
 
 from etbench.core.errors import EtbenchError
-from etbench.core.stats import proportion_ci
-from etbench.metrics.sizing import grow_circuit, mib_normalised, paper_ratio
+from etbench.core.stats import mib_ci, mib_normalised, proportion_ci
+from etbench.metrics.sizing import grow_circuit, paper_ratio
 from etbench.schema.circuit import GROUPS
 
 
@@ -53,13 +53,28 @@ def test_growth_reaches_a_planted_target():
     rankings = {g: [(3, 1), (2, 2), (1, 1), (0, 3)] for g in GROUPS}
     rankings["position_detector"] = [(0, 1), (1, 2), (2, 0), (3, 3)]
     growth = grow_circuit(runner, rankings, ceiling=FakeCeiling(1.0, 0.0, 1.0), target_fraction=0.9)
-    assert growth.reached
-    chosen = growth.chosen
-    assert chosen["value_fetcher"] >= 1 and chosen["position_detector"] >= 2
-    assert growth.steps[-1].faithfulness == pytest.approx(0.9)
+    assert growth.reached and growth.strategy == "scaled-shape"
+    # the smallest scale that keeps A's first head and C's first two: 2 heads per group
+    assert growth.chosen == {g: 2 for g in GROUPS}
+    chosen_step = next(s for s in growth.steps if s.sizes == growth.chosen)
+    assert chosen_step.faithfulness == pytest.approx(0.9)
     assert growth.steps[0].size == 0 and growth.steps[0].faithfulness == 0
+    assert all(s.faithfulness < 0.9 for s in growth.steps if s.size < chosen_step.size)
     sizes = [s.size for s in growth.steps]
     assert sizes == sorted(sizes)
+
+
+def test_growth_keeps_the_paper_shape_and_bisects():
+    # A needs its 6th head; the shape is A 8 : B 2 : C 4 : D 2, so scale 1 is the paper's top-k
+    runner = PlantedRunner([{("last", 5, 0)}] * 5)
+    rankings = {g: [(layer, 0) for layer in range(16)] for g in GROUPS}
+    shape = {"value_fetcher": 8, "position_transmitter": 2, "position_detector": 4, "structure_reader": 2}
+    growth = grow_circuit(runner, rankings, ceiling=FakeCeiling(1.0, 0.0, 1.0), shape=shape)
+    assert growth.reached
+    assert growth.chosen["value_fetcher"] == 6  # the smallest A size at the target, found by bisection
+    assert growth.chosen["position_transmitter"] == 2  # scale 0.75 of 2, rounded up
+    assert {s.added for s in growth.steps} == {"empty", "double", "bisect"}
+    assert runner.calls <= 6  # O(log N) evaluations, not one per node
 
 
 def test_growth_reports_an_unreachable_target():
@@ -69,6 +84,7 @@ def test_growth_reports_an_unreachable_target():
     assert not growth.reached
     assert "not reached" in growth.note
     assert all(v == 2 for v in growth.chosen.values())  # it tried everything the rankings hold
+    assert growth.steps[-1].sizes == {g: 2 for g in GROUPS}
 
 
 def test_growth_rejects_a_bad_fraction():
@@ -86,7 +102,6 @@ def test_growth_with_an_undefined_ceiling_grows_nothing():
 
 
 def test_mib_ci_brackets_the_point_and_is_degenerate_only_when_items_agree():
-    from etbench.metrics.sizing import mib_ci
 
     model = [True] * 60 + [False] * 40
     none = [False] * 95 + [True] * 5
@@ -96,3 +111,12 @@ def test_mib_ci_brackets_the_point_and_is_degenerate_only_when_items_agree():
     assert lo < point < hi and hi - lo > 0.05
     assert mib_ci(model, model, none) == (1.0, 1.0)  # the model itself: exactly 1 in every resample
     assert all(math.isnan(x) for x in mib_ci([True], [False], [True]))
+
+
+def test_magnitude_order_puts_exact_heads_first_by_size_of_effect_either_sign():
+    from etbench.metrics.discovery import GroupSearch, magnitude_order
+
+    scores = [[-0.5, 0.9, 0.0], [0.1, -0.05, 3.0]]  # (1, 2) is screened only: its attribution scale differs
+    exact = [[True, True, True], [True, True, False]]
+    search = GroupSearch("value_fetcher", [], scores, exact, None, [], {}, 0.0)
+    assert magnitude_order(search) == [(0, 1), (0, 0), (1, 0), (1, 1), (0, 2), (1, 2)]

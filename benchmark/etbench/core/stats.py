@@ -397,3 +397,26 @@ def ratio_of_sums_ci(num_flags: Sequence[bool], den_flags: Sequence[bool], *, se
     ratios = num[den > 0] / den[den > 0]
     lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def mib_normalised(circuit_acc: float, model_acc: float, empty_acc: float) -> float:
+    """MIB's (m(C) - m(∅)) / (m(N) - m(∅)); nan when the model is no better than the empty circuit."""
+    gap = model_acc - empty_acc
+    return (circuit_acc - empty_acc) / gap if gap > 0 else float("nan")
+
+
+def mib_ci(circuit_flags: Sequence[bool], model_flags: Sequence[bool], none_flags: Sequence[bool], seed: int = 0,
+           draws: int = 2000, level: float = 0.95) -> tuple[float, float]:
+    """Paired percentile bootstrap CI (over items) of MIB's (m(C) - m(∅)) / (m(N) - m(∅)); resamples where
+    the model is no better than the empty circuit are left out (nan when all are)."""
+    c, m, z = (np.asarray(x, dtype=float) for x in (circuit_flags, model_flags, none_flags))
+    if len(c) == 0 or not len(c) == len(m) == len(z):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(c), size=(draws, len(c)))
+    num, den = (c[idx] - z[idx]).sum(1), (m[idx] - z[idx]).sum(1)
+    ok = den > 0
+    if not ok.any():
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(num[ok] / den[ok], [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)

@@ -15,8 +15,10 @@ from etbench.mech.interventions import Edit, run
 
 
 def device_of(model) -> torch.device:
-    """Where a model's inputs go: the device of its first parameter (the input embedding)."""
-    return next(model.parameters()).device
+    """Where a model's inputs go: the device of its first parameter (the input embedding); the CPU for
+    weights on ``meta`` (a remote model's skeleton, or accelerate's offload, whose hooks move inputs)."""
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def length_groups(lengths: Iterable[int]) -> list[list[int]]:

@@ -26,6 +26,7 @@ Usage (positions from ``etbench.task.layout``: ``batch.positions(layouts, "last"
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -63,12 +64,21 @@ def read(layer: int, kind: str, into: dict, positions=None, heads=None, detach: 
 
     For gradients with respect to a head's values (attribution patching) use an ``Edit`` whose fn
     returns ``cur + delta`` for a zero leaf ``delta``: the model is frozen, so ``cur`` has no graph."""
-    key = (layer, kind) if key is None else key
+    return Edit(layer, kind, Reader(into, (layer, kind) if key is None else key, detach), positions, heads)
 
-    def fn(cur: torch.Tensor) -> None:
-        into[key] = cur.detach() if detach else cur
 
-    return Edit(layer, kind, fn, positions, heads)
+@dataclass(frozen=True, eq=False)
+class Reader:
+    """``read``'s edit function: stores the values it is given at ``into[key]``. A class rather than a
+    closure so a backend that cannot write into the caller's dict (a remote trace: values come back
+    only as results) can recognise a read and store its result there afterwards."""
+
+    into: dict
+    key: object
+    detach: bool = True
+
+    def __call__(self, cur: torch.Tensor) -> None:
+        self.into[self.key] = cur.detach() if self.detach else cur
 
 
 def replace(layer: int, kind: str, values: torch.Tensor, positions=None, heads=None) -> Edit:
@@ -176,6 +186,14 @@ def _qkv_hook(hm: HeadMap, sites: Sequence[tuple[str, Sequence[Edit]]]):
 
 #: The function that runs forward passes instead of the hooks below (``forward_backend``); None = hooks.
 _BACKEND: ContextVar[Callable | None] = ContextVar("etbench_forward_backend", default=None)
+#: Models whose every forward pass runs through one function (``bind_runner``), whatever the backend.
+_BOUND: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
+def bind_runner(model: torch.nn.Module, run_fn: Callable) -> None:
+    """Every ``run`` on ``model`` calls ``run_fn`` (``forward_backend``'s signature): for a model that
+    cannot run here, such as the weightless skeleton of a model hosted on NDIF."""
+    _BOUND[model] = run_fn
 
 
 @contextmanager
@@ -194,7 +212,7 @@ def run(model, hm: HeadMap | None, inputs: Mapping[str, torch.Tensor], edits: Se
     ``hm`` may be None when there are no edits.
 
     Call it with the model you evaluate (a ``PeftModel`` stays a ``PeftModel``, so LoRA stays on)."""
-    other = _BACKEND.get()
+    other = _BOUND.get(model) or _BACKEND.get()
     if other is not None:
         return other(model, hm, inputs, edits, **forward_kwargs)
     if not edits:

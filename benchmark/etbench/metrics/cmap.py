@@ -50,6 +50,7 @@ from etbench.core.stats import (
     proportion_ci,
     to_estimate,
 )
+from etbench.mech.forward import device_of
 from etbench.mech.heads import head_map
 from etbench.mech.interventions import Edit, read, replace, replace_where, run
 from etbench.mech.prefix import PatchRunner
@@ -265,7 +266,7 @@ def run_cmap(model_base, model_ft, tokenizer, heads: Circuit | HeadsByGroup, exa
     runner = PatchRunner(model_base, ids, batch_size, reuse_prefix and not all_positions)
     t_clean = time.perf_counter()
     pos = {g: torch.tensor([lay.position(GROUP_POSITION[g]) for lay in lays]) for g in GROUPS}
-    device_f = next(model_ft.parameters()).device
+    device_f = device_of(model_ft)
     need_in = any(v != "output" for v, _ in jobs)
     kv_heads = {g: sorted({spec.kv_head(h) for _, h in hbg[g]}) for g in hbg}
 

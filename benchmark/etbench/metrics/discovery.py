@@ -7,7 +7,7 @@ import copy
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
@@ -68,6 +68,12 @@ PAPER_CANDIDATE_K = {"value_fetcher": 58, "position_transmitter": 10, "position_
 MODES = DISCOVERY_MODES
 #: How a discovered circuit's size is chosen (``discover(size=...)``).
 SIZE_RULES = ("top-k", "faithfulness")
+# How growth orders a group's heads: "magnitude" = exactly scored heads by |score|, then the rest by
+# |attribution|; "signed" = the top-k order (most negative score first). Measured on tiny-base (sizing n 100,
+# mean 500): along the signed order the faithfulness stayed at 0.21-0.30 from 27 to 714 nodes and reached
+# its target (0.43) only at 726 of 1,080 nodes, when the last heads of C's order entered -- heads whose patch
+# *raises* p(answer), which the signed order puts last although mean-ablating them matters.
+GROWTH_ORDERS = ("magnitude", "signed")
 
 
 def default_k(n_heads_total: int, paper: Mapping[str, int], minimum: int = 2) -> dict[str, int]:
@@ -160,7 +166,8 @@ class _SharedCaches:
     """``_BatchCache``s of every batch of ``encoded``, for searches that run over the same prompts."""
 
     def __init__(self, model, hm, encoded, batch_size: int, pad_id: int = 0, prefix_cache: bool = True):
-        self.batches = _batches(encoded, batch_size)
+        self.indices = _batch_indices(encoded, batch_size)
+        self.batches = [[encoded[i] for i in idx] for idx in self.indices]
         self.caches = [_BatchCache(model, hm, b, pad_id, prefix_cache) for b in self.batches]
         self.key = (id(encoded), len(encoded), batch_size, pad_id, prefix_cache)
 
@@ -321,6 +328,11 @@ class _PatchBatch:
         return out
 
 
+def _batch_indices(encoded, batch_size: int) -> list[list[int]]:
+    """Indices into ``encoded`` of each batch of equal-length noise pairs."""
+    return length_batches((ep.base_layout.length for ep in encoded), batch_size)
+
+
 def _batches(encoded, batch_size: int):
     """Noise pairs in batches of one base-prompt length (never padded)."""
     return [[encoded[i] for i in idx] for idx in length_batches((ep.base_layout.length for ep in encoded), batch_size)]
@@ -328,10 +340,12 @@ def _batches(encoded, batch_size: int):
 
 def path_patching_scores(model, hm, encoded, group: str, receivers=(), senders=None, batch_size: int = 16,
                          pad_id: int = 0, counter=None, prefix_cache: bool = True, progress: bool = False,
-                         shared: _SharedCaches | None = None):
+                         shared: _SharedCaches | None = None, item_effects: dict | None = None):
     """Exact path-patching score of each sender: ``{(layer, head): score}`` (mean relative change of
     p(answer); 0.0 exactly for senders that cannot reach a receiver). ``shared``: caches of the same
-    prompts and settings to take the clean and noise passes from (and leave them in)."""
+    prompts and settings to take the clean and noise passes from (and leave them in).
+    ``item_effects``: when given, filled with ``{(layer, head): [effect of item i for i in encoded order]}``
+    (the per-item terms of the mean, for bootstraps over the discovery prompts)."""
     spec = hm.spec
     senders = [(layer, head) for layer in range(spec.n_layers) for head in range(spec.n_heads)] \
         if senders is None else [tuple(s) for s in senders]
@@ -340,8 +354,11 @@ def path_patching_scores(model, hm, encoded, group: str, receivers=(), senders=N
     sums = {s: 0.0 for s in senders}
     if shared is not None:
         shared.check(encoded, batch_size, pad_id, prefix_cache)
-    batches = _batches(encoded, batch_size) if shared is None else shared.batches
+    indices = _batch_indices(encoded, batch_size) if shared is None else shared.indices
+    batches = [[encoded[i] for i in idx] for idx in indices] if shared is None else shared.batches
     total = sum(len(b) for b in batches)
+    if item_effects is not None:
+        item_effects.update({s: [0.0] * total for s in senders})
     work = [(bi, s) for bi in range(len(batches)) for s in senders]
     current = (None, None)
     for bi, (layer, head) in track(work, f"path patching {GROUP_CODES[group]}", total=len(work), enabled=progress):
@@ -351,6 +368,9 @@ def path_patching_scores(model, hm, encoded, group: str, receivers=(), senders=N
         eff = current[1].sender_effect(layer, head, receivers)
         if eff is not None:
             sums[(layer, head)] += float(eff.sum())
+            if item_effects is not None:
+                for i, e in zip(indices[bi], eff.tolist()):
+                    item_effects[(layer, head)][i] = e
     return {s: v / total for s, v in sums.items()}
 
 
@@ -460,6 +480,15 @@ class DiscoveryResult:
     # size="faithfulness": the form's ceilings on the sizing prompts, and the growth record
     ceilings: Ceilings | None = None
     growth: CircuitGrowth | None = None
+    # per group, the exact per-item scores of the heads at the top of its ranking (the verified heads in
+    # fast mode, as many in exact mode), in prompt order: what a bootstrap over discovery prompts re-ranks
+    item_scores: dict[str, dict[tuple[int, int], list[float]]] = field(default_factory=dict)
+
+    def item_score_rows(self) -> dict[str, list[list]]:
+        """``item_scores`` as JSON: ``{group: [[layer, head, [score of item 0, 1, ...]], ...]}``."""
+        # a non-finite effect (p_clean underflowed to 0) is stored as None: JSON has no NaN
+        return {g: [[layer, head, [x if math.isfinite(x) else None for x in v]] for (layer, head), v in hs.items()]
+                for g, hs in self.item_scores.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable({
@@ -469,6 +498,7 @@ class DiscoveryResult:
             "forward_passes": self.forward_passes, "wall_s": self.wall_s, "parameters": self.parameters,
             "ceilings": None if self.ceilings is None else asdict(self.ceilings),
             "growth": None if self.growth is None else asdict(self.growth),
+            "item_scores": self.item_score_rows(),
         })
 
     def ranking(self) -> list[Node]:
@@ -476,6 +506,16 @@ class DiscoveryResult:
         nodes = [Node(g, layer, head, s.scores[layer][head]) for g, s in self.searches.items()
                  for layer in range(len(s.scores)) for head in range(len(s.scores[layer]))]
         return sorted(nodes, key=lambda n: n.score)
+
+
+def magnitude_order(search: GroupSearch) -> list[tuple[int, int]]:
+    """A group's heads by the size of their effect, either sign: exactly scored heads by |score|, then the
+    screened rest by |attribution| (the two scores have different scales, so they are not interleaved)."""
+    heads = [(layer, head) for layer, row in enumerate(search.scores) for head in range(len(row))]
+    exact = [h for h in heads if search.exact[h[0]][h[1]]]
+    rest = [h for h in heads if not search.exact[h[0]][h[1]]]
+    by_size = lambda h: (-abs(search.scores[h[0]][h[1]]), h)  # noqa: E731
+    return sorted(exact, key=by_size) + sorted(rest, key=by_size)
 
 
 def _per_group(k: Mapping[str, int] | int | None) -> dict[str, int]:
@@ -492,7 +532,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
              minimality_mode: str | None = None, minimality_n: int = 100, mean_n: int = 100,
              threshold: float = 0.01, percentage: float = 0.3, prefix_cache: bool = True,
              size: str = "top-k", target_fraction: float = 0.9, sizing_n: int | None = None,
-             model_name: str = "", progress: bool = False) -> DiscoveryResult:
+             growth_order: str = "magnitude", model_name: str = "", progress: bool = False) -> DiscoveryResult:
     """Find the four groups on ``model`` (a loaded torch model + ``tokenizer``, a ``LoadedModel``, or a
     registry ref) by path patching (``mode="exact"``) or attribution screening + exact verification of
     the top ``verify_k`` heads per group (``mode="fast"``), then prune by minimality.
@@ -508,6 +548,8 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     the evaluation prompts of the same seed; the result carries the ceilings and the growth record."""
     if size not in SIZE_RULES:
         raise EtbenchError(f"circuit size rule must be one of {', '.join(SIZE_RULES)}, got {size!r}")
+    if growth_order not in GROWTH_ORDERS:
+        raise EtbenchError(f"growth order must be one of {', '.join(GROWTH_ORDERS)}, got {growth_order!r}")
     if size == "faithfulness" and not 0 < target_fraction <= 1:
         raise EtbenchError(f"target fraction must be in (0, 1], got {target_fraction}")
     if mode not in MODES:
@@ -539,6 +581,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     walls: dict[str, float] = {}
     t_search = time.perf_counter()
     ranked: dict[str, list[tuple[int, int]]] = {}
+    item_scores: dict[str, dict[tuple[int, int], list[float]]] = {}
     # one noise pass per batch for all groups; A and B share the clean prefix/suffix passes; a fast
     # search's screen and verification share theirs. Bitwise the same scores as unshared searches.
     shared = _SharedCaches(model, hm, encoded, batch_size, pad_id, prefix_cache)
@@ -550,9 +593,10 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
         exact_mask = [[False] * spec.n_heads for _ in range(spec.n_layers)]
         scores = [[0.0] * spec.n_heads for _ in range(spec.n_layers)]
         attribution = None
+        effects: dict[tuple[int, int], list[float]] = {}
         if mode == "exact":
             sc = path_patching_scores(model, hm, encoded, g, receivers, None, batch_size, pad_id, c, prefix_cache,
-                                      progress, shared)
+                                      progress, shared, effects)
             for (layer, head), v in sc.items():
                 scores[layer][head], exact_mask[layer][head] = v, True
             order = sorted(sc, key=lambda s: sc[s])
@@ -564,13 +608,15 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
                             key=lambda s: attribution[s[0]][s[1]])
             top = screen[: verify[g]]
             sc = path_patching_scores(model, hm, encoded, g, receivers, top, batch_size, pad_id, c, prefix_cache,
-                                      progress, shared)
+                                      progress, shared, effects)
             for layer, row in enumerate(attribution):
                 scores[layer] = list(row)
             for (layer, head), v in sc.items():
                 scores[layer][head], exact_mask[layer][head] = v, True
             order = sorted(top, key=lambda s: sc[s]) + screen[verify[g]:]
         ranked[g] = order
+        # the top verify[g] of the ranking: exactly the verified heads in fast mode, as many in exact mode
+        item_scores[g] = {tuple(h): effects[tuple(h)] for h in order[: verify[g]]}
         searches[g] = GroupSearch(g, [tuple(r) for r in receivers], scores, exact_mask, attribution,
                                   [tuple(s) for s in order], c.as_dict(), time.perf_counter() - t0)
         for key, value in c.as_dict().items():
@@ -595,8 +641,9 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
         runner = AblationRunner(model, hm, layouts(sizing_examples, tokenizer), mean, batch_size,
                                 counters.setdefault("sizing", PassCounter()))
         ceiling = ceilings(runner, seed)
-        growth = grow_circuit(runner, ranked, ceiling=ceiling, target_fraction=target_fraction)
-        cand = {g: list(ranked[g][: growth.chosen[g]]) for g in GROUPS}
+        order = {g: ranked[g] if growth_order == "signed" else magnitude_order(searches[g]) for g in GROUPS}
+        growth = grow_circuit(runner, order, ceiling=ceiling, target_fraction=target_fraction, shape=candidate_k)
+        cand = {g: list(order[g][: growth.chosen[g]]) for g in GROUPS}
         walls["sizing"] = time.perf_counter() - t0
     b_set = set(cand["position_transmitter"])
     cand["value_fetcher"] = [s for s in cand["value_fetcher"] if s not in b_set]
@@ -605,7 +652,8 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
               "minimality": minimality_mode, "minimality_n": minimality_n, "mean_n": mean_n, "threshold": threshold,
               "percentage": percentage, "score": "mean relative change of p(answer), path-patched from noise prompts",
               "size": size, "target_fraction": target_fraction if size == "faithfulness" else None,
-              "sizing_n": (sizing_n or minimality_n) if size == "faithfulness" else None}
+              "sizing_n": (sizing_n or minimality_n) if size == "faithfulness" else None,
+              "growth_order": growth_order if size == "faithfulness" else None}
     method = "path_patching" if mode == "exact" else "attribution+path_patching"
     candidate = Circuit.from_heads(
         cand, {g: [searches[g].scores[layer][head] for layer, head in cand[g]] for g in GROUPS},
@@ -627,7 +675,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     passes["total_calls"] = sum(v.calls for v in counters.values())
     circuit = replace(circuit, stats={"forward_passes": passes, "wall_s": walls})
     return DiscoveryResult(mode, model_name, circuit, candidate, searches, records, passes, walls, params,
-                           ceiling, growth)
+                           ceiling, growth, item_scores)
 
 
 def format_discovery(res: DiscoveryResult) -> str:

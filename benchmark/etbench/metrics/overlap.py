@@ -11,7 +11,22 @@ Heads are ``(layer, head)`` pairs; for ``"all"`` a head counts once however many
 
 Two sources of head sets:
 
-* circuits (one set per model; no sampling, so no CI: ``method="exact"``, low = high = None);
+* circuits (one set per model). The value is the overlap of the two circuits as found. Its CI
+  (``circuit_overlap(..., item_scores=...)``) comes from a bootstrap over the **discovery prompts**:
+  discovery keeps the exact per-prompt path-patching effect of the heads at the top of each group's
+  ranking (the verified heads in fast mode); each resample draws the prompts with replacement (the
+  same draw for both models: they are scored on the same prompts), re-ranks those heads by their
+  mean effect on the draw and refills each group's circuit to its reported size (heads of the
+  circuit outside the stored set stay; A excludes the heads drawn for B, as discovery does); the
+  overlap of the two redrawn circuits is computed per resample and the CI is its 2.5/97.5
+  percentiles. Held fixed: the receivers each search patched into, the circuit sizes (top-k or
+  grown), minimality's pruning, the discovery seed's noise pairs. So the CI measures how much the
+  *choice of heads* depends on which prompts discovery saw, not the whole pipeline's variation.
+  Without per-prompt scores (a given circuit, a stage computed before they were kept), or for a
+  group whose circuit heads the rule does not give back from all the prompts (minimality pruned
+  heads from the top of the ranking), there is no CI (``method="exact"``, low = high = None,
+  noted); when every resample gives the same value there
+  is none either (an interval of width zero would read as certainty), noted with the resample count;
 * DCM-selected heads (``etbench.metrics.dcm``), which depend on the DCM seed (pair sampling, batch order).
   ``dcm_overlap`` takes one DCM run per seed for each model, pairs run i of the base with run i of the
   fine-tuned model, computes the overlap per seed pair, and reports the **mean over seed pairs** with a
@@ -24,6 +39,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
+
+import numpy as np
 
 from etbench.core.errors import EtbenchError
 from etbench.core.stats import bootstrap_mean, format_estimate_of, to_estimate
@@ -95,12 +112,132 @@ def _exact(value: float | None, n: int, what: str) -> Estimate:
     return Estimate(value, None, None, n, "exact", note=note)
 
 
+#: Resamples of the discovery prompts behind a circuit-overlap CI.
+CIRCUIT_RESAMPLES = 2000
+#: Items, resamples held fixed: the method string of a circuit-overlap CI.
+CIRCUIT_CI_METHOD = "bootstrap over discovery prompts"
+
+ItemScores = Mapping[str, Mapping[Head, Sequence[float]]]
+
+
+def _item_count(scores: ItemScores) -> int | None:
+    """The number of prompts behind ``scores`` (None when they disagree or there are none)."""
+    ns = {len(v) for hs in scores.values() for v in hs.values()}
+    return ns.pop() if len(ns) == 1 else None
+
+
+#: Order in which a resample refills the groups: B before A, since A excludes B's heads (discovery's rule).
+_REFILL_ORDER = ("position_transmitter", "value_fetcher", "position_detector", "structure_reader")
+
+
+def _redrawn(circuit: Mapping[str, set[Head]], scores: ItemScores, draws: np.ndarray) -> list[dict[str, set[Head]]]:
+    """Per resample (a row of item indices), the circuit refilled from the heads re-ranked on it."""
+    ranked = {}
+    for g, hs in scores.items():
+        heads = list(hs)
+        if heads:
+            mat = np.asarray([hs[h] for h in heads], dtype=float)  # [heads, items]
+            means = mat[:, draws].mean(axis=2).T  # [resamples, heads]
+            ranked[g] = (heads, np.argsort(means, axis=1, kind="stable"))  # most negative effect first
+    out = []
+    for r in range(draws.shape[0]):
+        chosen: dict[str, set[Head]] = {}
+        for g in _REFILL_ORDER:
+            kept = circuit.get(g, set())
+            if g not in ranked:
+                chosen[g] = set(kept)
+                continue
+            heads, order = ranked[g]
+            stored = set(heads)
+            fixed = {h for h in kept if h not in stored}
+            k = len(kept) - len(fixed)
+            barred = chosen.get("position_transmitter", set()) if g == "value_fetcher" else set()
+            pick = [heads[i] for i in order[r] if heads[i] not in barred][:k]
+            chosen[g] = fixed | set(pick)
+        out.append(chosen)
+    return out
+
+
+def _bootstrap_estimate(value: float | None, n: int, what: str, samples: Sequence[float | None],
+                        n_items: int, level: float = 0.95) -> Estimate:
+    if value is None:
+        return Estimate(None, None, None, n, CIRCUIT_CI_METHOD, note=f"undefined: {what}")
+    kept = np.asarray([v for v in samples if v is not None], dtype=float)
+    dropped = len(samples) - len(kept)
+    held = "receivers, circuit sizes and pruning held fixed"
+    if len(kept) == 0:
+        return Estimate(value, None, None, n, CIRCUIT_CI_METHOD,
+                        note=f"no CI: undefined in all {len(samples)} resamples of {n_items} discovery prompts")
+    low, high = (float(x) for x in np.quantile(kept, [(1 - level) / 2, 1 - (1 - level) / 2]))
+    parts = [f"percentile CI over {len(samples)} resamples of {n_items} discovery prompts; {held}"]
+    if dropped:
+        parts.append(f"{dropped} resamples undefined ({what}) and left out")
+    if low == high:  # every resample agrees: a width-zero interval would read as certainty
+        return Estimate(value, None, None, n, CIRCUIT_CI_METHOD,
+                        note=f"no CI: the same value in all {len(kept)} defined resamples of {n_items} discovery "
+                             f"prompts ({held})")
+    return Estimate(value, low, high, n, CIRCUIT_CI_METHOD, level=level, note="; ".join(parts))
+
+
 def circuit_overlap(base: Circuit | Mapping[str, Iterable[Sequence[int]]],
-                    ft: Circuit | Mapping[str, Iterable[Sequence[int]]]) -> list[OverlapScore]:
-    """``OverlapScore``s of two circuits, per group and ``"all"`` (exact: no sampling; n = |B|, |B ∪ F|)."""
-    return [OverlapScore(heads="circuit", group=g, base_in_ft=_exact(o.base_in_ft, o.n_base, "the base set is empty"),
-                         jaccard=_exact(o.jaccard, o.n_union, "both sets are empty"))
-            for g, o in group_overlaps(base, ft).items()]
+                    ft: Circuit | Mapping[str, Iterable[Sequence[int]]], *,
+                    item_scores: tuple[ItemScores, ItemScores] | None = None, seed: int = 0,
+                    n_resamples: int = CIRCUIT_RESAMPLES) -> list[OverlapScore]:
+    """``OverlapScore``s of two circuits, per group and ``"all"`` (n = |B|, |B ∪ F|).
+
+    ``item_scores``: (base, ft) per-prompt discovery effects ``{group: {(layer, head): [effect per
+    prompt]}}`` on the same prompts; with them each estimate gets a bootstrap CI over the prompts (see
+    the module docstring), without them none (``method="exact"``)."""
+    found = group_overlaps(base, ft)
+    n_items = None
+    if item_scores is not None:
+        nb, nf = _item_count(item_scores[0]), _item_count(item_scores[1])
+        n_items = nb if nb is not None and nb == nf and nb > 1 else None
+    if n_items is None:
+        return [OverlapScore(heads="circuit", group=g,
+                             base_in_ft=_exact(o.base_in_ft, o.n_base, "the base set is empty"),
+                             jaccard=_exact(o.jaccard, o.n_union, "both sets are empty"))
+                for g, o in found.items()]
+    b, f = _by_group(base), _by_group(ft)
+    # The rule must give back each circuit from all its prompts; a group it does not (minimality pruned
+    # heads out of the ranking's top, or the scores are not this circuit's) gets no CI: the resamples
+    # would vary around another set than the one reported.
+    whole = np.arange(n_items)[None, :]
+    (rb0,), (rf0,) = _redrawn(b, item_scores[0], whole), _redrawn(f, item_scores[1], whole)
+    off = {g for g in GROUPS if rb0.get(g, set()) != b.get(g, set()) or rf0.get(g, set()) != f.get(g, set())}
+    draws = np.random.default_rng(seed).integers(0, n_items, size=(n_resamples, n_items))
+    redrawn = list(zip(_redrawn(b, item_scores[0], draws), _redrawn(f, item_scores[1], draws)))
+    per_draw = [group_overlaps({g: hs for g, hs in rb.items() if g in b}, {g: hs for g, hs in rf.items() if g in f})
+                for rb, rf in redrawn]
+    out = []
+    for g, o in found.items():
+        if g in off or (g == ALL and off):
+            why = (f"no CI: the circuit's {', '.join(group_name(x) for x in sorted(off))} heads are not the top of "
+                   "their discovery ranking (pruned), so resampling the ranking does not reproduce them")
+            out.append(OverlapScore(heads="circuit", group=g,
+                                    base_in_ft=Estimate(o.base_in_ft, None, None, o.n_base, "exact", note=why),
+                                    jaccard=Estimate(o.jaccard, None, None, o.n_union, "exact", note=why)))
+            continue
+        out.append(OverlapScore(
+            heads="circuit", group=g,
+            base_in_ft=_bootstrap_estimate(o.base_in_ft, o.n_base, "the base set is empty",
+                                           [p[g].base_in_ft for p in per_draw], n_items),
+            jaccard=_bootstrap_estimate(o.jaccard, o.n_union, "both sets are empty",
+                                        [p[g].jaccard for p in per_draw], n_items)))
+    return out
+
+
+def item_scores_from_rows(rows: Iterable[Sequence]) -> dict[str, dict[Head, list[float]]]:
+    """``{group: {(layer, head): scores}}`` from ``[[group, layer, head, [scores]], ...]`` or a mapping
+    ``{group: [[layer, head, [scores]], ...]}`` (``DiscoveryResult.item_score_rows``)."""
+    out: dict[str, dict[Head, list[float]]] = {}
+    if isinstance(rows, Mapping):
+        rows = [[g, *r] for g, rs in rows.items() for r in rs]
+    for g, layer, head, scores in rows:
+        # None: a non-finite effect; NaN ranks it last in every resample
+        out.setdefault(group_name(g), {})[(int(layer), int(head))] = [float("nan") if x is None else float(x)
+                                                                      for x in scores]
+    return out
 
 
 def _seed_estimate(values: Sequence[float | None], seed: int, n_resamples: int, what: str) -> Estimate:
@@ -113,6 +250,9 @@ def _seed_estimate(values: Sequence[float | None], seed: int, n_resamples: int, 
         v = kept[0]
         return Estimate(v, None, None, 1, "bootstrap-over-seeds",
                         note="; ".join(x for x in (note, "one DCM seed: no CI") if x))
+    if len(set(kept)) == 1:  # every seed agrees: a width-zero interval would read as certainty
+        return Estimate(kept[0], None, None, len(kept), "bootstrap-over-seeds",
+                        note="; ".join(x for x in (note, f"no CI: the same value at all {len(kept)} DCM seeds") if x))
     iv = bootstrap_mean(kept, seed=seed, n_resamples=n_resamples, method="percentile")
     est = to_estimate(iv)
     est.method = "bootstrap-over-seeds"

@@ -18,6 +18,12 @@ from typing import Any
 from etbench.core.errors import EtbenchError, one_line
 from etbench.core.io import atomic_write_json
 from etbench.models.gguf import ensure_dequantised, find_dequantised
+from etbench.models.kept_ablation import (
+    KEPT_ABLATION_FILE,
+    check_adapter_compatible,
+    fold_kept_ablation,
+    load_kept_ablation,
+)
 from etbench.models.registry import (
     ASSET_PREFIX,
     BUILT_MANIFEST,
@@ -311,7 +317,9 @@ def shares_base(base_ref: str, ft_ref: str, entries: Mapping[str, RegistryEntry]
         base, ft = resolve(base_ref, entries), resolve(ft_ref, entries)
     except EtbenchError:
         return False
-    return ft.kind == "peft" and not ft.merge and ft.base == base
+    # A planted adapter's base is changed at load (its kept ablation), so it cannot share the base's copy.
+    return ft.kind == "peft" and not ft.merge and ft.base == base \
+        and not (Path(ft.location) / KEPT_ABLATION_FILE).is_file()
 
 
 def _hub_kwargs(trust_remote_code: bool, local: bool) -> dict:
@@ -382,6 +390,10 @@ def _load_peft(spec: ModelSpec, torch_dtype, device: str, trust_remote_code: boo
     if not Path(adapter).exists():
         snapshot = cached_snapshot(adapter)
         adapter = str(snapshot) if snapshot else adapter
+    kept = Path(adapter) / KEPT_ABLATION_FILE
+    if kept.is_file():  # a planted model: its heads outside the planted set stay removed (models.kept_ablation)
+        check_adapter_compatible(Path(adapter))
+        fold_kept_ablation(base.model, load_kept_ablation(kept))
     try:
         model = PeftModel.from_pretrained(base.model, adapter, is_trainable=False)
     except (OSError, ValueError) as err:

@@ -184,6 +184,14 @@ def _package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _module_exists(name: str) -> bool:
+    """Whether a module can be imported (found, not imported; its parent packages are imported)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _gguf_location(entry: RegistryEntry) -> str:
     if entry.assemble:
         return str(cache_root() / "gguf-src" / entry.file)
@@ -473,7 +481,7 @@ def _built_availability(spec: ModelSpec, allow_download: bool) -> Availability:
     entry = spec.entry
     if find_built(spec) is not None:
         return Availability(True, f"built and verified in {spec.location}")
-    if _package_dir(entry.builder.rpartition(".")[0]) is None or importlib.util.find_spec(entry.builder) is None:
+    if not _module_exists(entry.builder):
         return _missing(spec, f"its builder {entry.builder} is not installed")
     base = availability(spec.base, allow_download)
     if not base.ok:

@@ -5,7 +5,10 @@ recomputed with the function scoring used (same seed, same number of resamples) 
 1e-9: accuracies and their Wilson CIs, circuit and model accuracy on the faithfulness items,
 faithfulness (circuit correct / model correct) and its bootstrap CI, head overlap of the two circuits,
 DCM test accuracies and (one DCM seed) the overlap of DCM selections, CMAP patched accuracy, gain and
-normalised gain with their paired-bootstrap CIs. An estimate without item rows is refused. What the
+normalised gain with their paired-bootstrap CIs; the circuit-form ceilings of each model (model,
+every-head, form and no-heads accuracy, the form's faithfulness in both normalisations with their CIs)
+and each circuit's MIB-normalised faithfulness, from the ceilings' per-item flags; the circuit-overlap
+CIs, from the discovery's per-prompt scores. An estimate without item rows is refused. What the
 items cannot recompute is checked for consistency: the random-circuit baseline and the semantics
 check lie inside their [min, max] over draws or repeats. Non-finite numbers never get this far
 (``scorecard.load`` refuses them).
@@ -19,27 +22,40 @@ from typing import Any, Optional
 from etbench.core.errors import EtbenchError
 from etbench.core.stats import (
     Estimate,
+    mib_ci,
+    mib_normalised,
     paired_bootstrap_diff,
     paired_bootstrap_ratio,
     proportion_ci,
     ratio_of_sums_ci,
     to_estimate,
 )
-from etbench.metrics.overlap import circuit_overlap, dcm_overlap, selected_by_group
+from etbench.metrics.overlap import circuit_overlap, dcm_overlap, item_scores_from_rows, selected_by_group
 from etbench.schema import scorecard as sc
 
 TOL = 1e-9
 #: Resamples scoring uses for the CMAP gain CIs (``CmapResult.scores``) and the faithfulness CI.
 N_RESAMPLES = 2000
 #: Fields that identify one per-item row; two rows with the same values are a duplicate.
-ITEM_KEY = ("measure", "model", "circuit", "heads", "group", "variant", "desideratum", "n_boxes", "item")
+ITEM_KEY = ("measure", "model", "circuit", "heads", "group", "variant", "desideratum", "ablation", "layer", "head",
+            "n_boxes", "item")
+#: Measures whose rows carry a number ``score`` (or null where it was not finite) instead of ``correct``.
+SCORE_MEASURES = ("discovery_score",)
+#: Ceiling rows (``ablation``) -> the ``CeilingScore`` field they derive.
+CEILING_FIELDS = {"every_head_every_position": "every_head_every_position", "form_all_heads": "form_accuracy",
+                  "no_heads": "no_heads_accuracy"}
 
 
 def check_items(items: list[dict[str, Any]]) -> None:
     """Per-item rows are well formed: ``correct`` a bool, ``item`` an int, no row twice."""
     seen = set()
     for number, row in enumerate(items, 1):
-        if not isinstance(row.get("correct"), bool):
+        if row.get("measure") in SCORE_MEASURES:
+            score = row.get("score", "absent")
+            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
+                                      or not math.isfinite(score)):
+                raise EtbenchError(f"items line {number}: 'score' must be a finite number or null, got {score!r}")
+        elif not isinstance(row.get("correct"), bool):
             raise EtbenchError(f"items line {number}: 'correct' must be true or false, got {row.get('correct')!r}")
         item = row.get("item")
         if isinstance(item, bool) or not isinstance(item, int):
@@ -106,6 +122,33 @@ class _Check:
             self.fail(what, f"{est.value} lies outside its range [{est.low}, {est.high}]")
 
 
+def _mib(circuit: list[bool], model: list[bool], none: list[bool], seed: int) -> Estimate:
+    """MIB-normalised faithfulness and its CI as scoring computes them (None where undefined)."""
+    n = len(circuit)
+    value = mib_normalised(sum(circuit) / n, sum(model) / n, sum(none) / n) if n else math.nan
+    low, high = mib_ci(circuit, model, none, seed)
+    if not math.isfinite(value):
+        return Estimate(None, None, None, n, "")
+    return Estimate(value, _finite_or_none(low), _finite_or_none(high), n, "")
+
+
+def _discovery_scores(items: list[dict[str, Any]], model: str) -> dict:
+    """``{group: {(layer, head): [score per prompt]}}`` of ``model``'s discovery_score rows."""
+    rows: dict[tuple, dict[int, Any]] = {}
+    for r in items:
+        if r.get("measure") == "discovery_score" and r.get("model") == model:
+            rows.setdefault((r.get("group"), r.get("layer"), r.get("head")), {})[r["item"]] = r.get("score")
+    out = []
+    for (group, layer, head), by_item in rows.items():
+        if sorted(by_item) != list(range(len(by_item))):
+            raise EtbenchError(f"items: discovery scores of {model} {group} L{layer}H{head} are not prompts 0..n-1")
+        out.append([group, layer, head, [by_item[i] for i in range(len(by_item))]])
+    try:
+        return item_scores_from_rows(out)
+    except (TypeError, ValueError, EtbenchError) as err:
+        raise EtbenchError(f"items: malformed discovery score rows of {model} ({err})") from None
+
+
 def _dcm_seeds(card: sc.Scorecard) -> list:
     preset = card.config.get("preset")
     return list(preset.get("dcm_seeds", [0])) if isinstance(preset, dict) else [0]
@@ -135,13 +178,38 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
         low, high = ratio_of_sums_ci(circ, full, seed=seed, draws=N_RESAMPLES)
         value = sum(circ) / sum(full) if sum(full) else None
         check.expect(what, f.faithfulness, Estimate(value, _finite_or_none(low), _finite_or_none(high), n, ""))
+        if f.faithfulness_mib is not None:
+            mib_what = f"MIB faithfulness of the {f.circuit} circuit on {f.model}"
+            none = check.rows(f"no-heads ceiling of {f.model} in the {mib_what}", "ceiling", n=n, model=f.model,
+                              ablation="no_heads")
+            check.expect(mib_what, f.faithfulness_mib, _mib(circ, full, none, seed))
         check.within(f"random circuit accuracy in the {what}", f.random_circuit_accuracy)
+    for c in card.ceilings:
+        what = f"ceiling of the {c.form} form on {c.model}"
+        n = c.model_accuracy.n
+        model = check.rows(f"model accuracy in the {what}", "accuracy", n=n, model=c.model, n_boxes=7)
+        check.expect(f"model accuracy in the {what}", c.model_accuracy, to_estimate(proportion_ci(sum(model), n)))
+        flags = {}
+        for ablation, name in CEILING_FIELDS.items():
+            flags[ablation] = check.rows(f"{name} in the {what}", "ceiling", model=c.model, ablation=ablation)
+            check.expect(f"{name} in the {what}", getattr(c, name),
+                         to_estimate(proportion_ci(sum(flags[ablation]), len(flags[ablation]))))
+        form, none = flags["form_all_heads"], flags["no_heads"]
+        if not len(form) == len(none) == n:
+            check.fail(what, f"{len(form)} form rows and {len(none)} no-heads rows for n = {n}")
+        low, high = ratio_of_sums_ci(form, model, seed=seed, draws=N_RESAMPLES)
+        value = sum(form) / sum(model) if sum(model) else None
+        check.expect(f"form faithfulness in the {what}", c.form_faithfulness,
+                     Estimate(value, _finite_or_none(low), _finite_or_none(high), n, ""))
+        check.expect(f"form MIB faithfulness in the {what}", c.form_faithfulness_mib, _mib(form, model, none, seed))
     circuits = {c.name: c.heads for c in card.circuits}
     circuit_rows = [o for o in card.overlap if o.heads == "circuit"]
     if circuit_rows:
         if "base" not in circuits or "ft" not in circuits:
             check.fail("circuit head overlap", "the scorecard lists no base and ft circuits to derive it from")
-        derived = {o.group: o for o in circuit_overlap(circuits["base"], circuits["ft"])}
+        scores = {w: _discovery_scores(items, w) for w in ("base", "ft")}
+        derived = {o.group: o for o in circuit_overlap(circuits["base"], circuits["ft"],
+                                                       item_scores=(scores["base"], scores["ft"]), seed=seed)}
         for o in circuit_rows:
             want = derived.get(o.group)
             if want is None:

@@ -30,7 +30,8 @@ __all__ = ["Estimate", "GROUPS", "config_hash"]  # re-exported: the types every 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 #: Bump when prompts, metrics or presets change meaning: scorecards of another version are not comparable.
-BENCHMARK_VERSION = "1.0"
+#: 1.1: circuits grown by size of effect (scaled-shape growth), the ``standard`` preset (issues #12, #13).
+BENCHMARK_VERSION = "1.1"
 
 
 @dataclass

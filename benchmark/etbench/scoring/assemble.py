@@ -9,7 +9,7 @@ from typing import Any
 
 from etbench import __version__
 from etbench.core.io import finite
-from etbench.metrics.overlap import circuit_overlap, dcm_overlap, selected_by_group
+from etbench.metrics.overlap import circuit_overlap, dcm_overlap, item_scores_from_rows, selected_by_group
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit
 
@@ -107,7 +107,10 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
     def selections(run) -> dict:
         return {(g, d): tuple(tuple(h) for h in hs) for g, d, hs in run["selections"]}
 
-    overlap = circuit_overlap(circ["base"], circ["ft"]) + dcm_overlap(
+    # per-prompt discovery effects (absent for given circuits and stages computed before they were kept)
+    scores = {w: item_scores_from_rows(circuits[w].get("item_scores") or {}) for w in ("base", "ft")}
+    overlap = circuit_overlap(circ["base"], circ["ft"], item_scores=(scores["base"], scores["ft"]), seed=seed)
+    overlap += dcm_overlap(
         [selected_by_group(selections(r)) for r in dcm_runs["base"]],
         [selected_by_group(selections(r)) for r in dcm_runs["ft"]], seed=seed)
     dcm_scores = [sc.DcmScore(**s) for w in ("base", "ft") for s in dcm_runs[w][0]["scores"]]
@@ -125,5 +128,14 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
         for name in ("base", "ft"):
             items += [{"measure": "circuit_accuracy", "model": model, "circuit": name, "n_boxes": 7, "item": i,
                        "correct": bool(c)} for i, c in enumerate(faith[model][name]["circuit_correct"])]
+    for model in ("base", "ft"):
+        for ablation, flags in faith[model].get("ceilings", {}).get("items", {}).items():
+            items += [{"measure": "ceiling", "model": model, "ablation": ablation, "n_boxes": 7, "item": i,
+                       "correct": bool(c)} for i, c in enumerate(flags)]
     items += dcm_runs["base"][0]["items"] + dcm_runs["ft"][0]["items"] + cmap["items"]
+    # the circuit-overlap CI's inputs, re-derived by submit: one row per (model, group, head, prompt)
+    for model in ("base", "ft"):
+        for group, heads in scores[model].items():
+            items += [{"measure": "discovery_score", "model": model, "group": group, "layer": layer, "head": head,
+                       "item": i, "score": x} for (layer, head), xs in heads.items() for i, x in enumerate(xs)]
     return card, items

@@ -24,13 +24,15 @@ from etbench import models
 from etbench.core.checks import check_seed
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_json, check_output_dir, config_hash, jsonable
+from etbench.core.stats import mib_ci, mib_normalised
 from etbench.mech.heads import head_map
+from etbench.mech.nnsight_backend import load_remote, ndif_api_key
 from etbench.metrics.accuracy import run as accuracy_run
 from etbench.metrics.cmap import check_compatible, paper_patch_heads, run_cmap
 from etbench.metrics.dcm import dcm_preset, semantics_check, train_masks
 from etbench.metrics.discovery import discover
 from etbench.metrics.faithfulness import evaluate_circuit, evaluation_runner
-from etbench.metrics.sizing import ceilings, mib_ci, mib_normalised
+from etbench.metrics.sizing import ceilings
 from etbench.models.adapter import load_pair
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit, load_circuit, paper_circuit
@@ -77,12 +79,60 @@ def _same_weights(a: models.ModelSpec, b: models.ModelSpec) -> bool:
     return key(a) == key(b)
 
 
-def check_inputs(base: str, ft: str, out_dir: str | Path, *, seed: int, dtype: str, device: str) -> dict[str, Any]:
+#: What a remote run records as its dtype and device: NDIF's, not chosen (or known) here.
+REMOTE_DTYPE, REMOTE_DEVICE = "as-hosted", "ndif"
+
+#: The note a remote run's DCM and semantics stages record instead of results.
+REMOTE_DCM_NOTE = ("not run: --remote (DCM trains masks by gradient descent, hundreds of passes with "
+                   "gradients; NDIF runs etbench's forward passes only)")
+
+_KIND_NAMES = {"directory": "a local model directory", "gguf": "a GGUF file",
+               "peft": "an adapter (NDIF serves hosted base weights, not adapters)"}
+
+
+def check_remote(base: str, ft: str, *, circuit_base: str | None, circuit_ft: str | None, dtype: str | None,
+                 device: str, share_base_weights: bool, api_key: str | None = None) -> None:
+    """What a remote (NDIF) run needs, checked before anything is loaded or written: both models hub ids
+    (NDIF hosts hub models only), both circuits given (discovery does not run remotely), no local
+    dtype/device/sharing options, and an NDIF API key."""
+    check_no_local_options({"--dtype": dtype is not None, "--device": device != "cpu",
+                            "--share-base-weights": share_base_weights})
+    check_remote_model("--base", base)
+    check_remote_model("--ft", ft)
+    missing = [flag for flag, given in (("--circuit-base", circuit_base), ("--circuit-ft", circuit_ft)) if not given]
+    if missing:
+        raise EtbenchError(f"--remote: circuit discovery does not run on NDIF (fast discovery needs gradients, "
+                           f"exact discovery thousands of patched passes): give {' and '.join(missing)} "
+                           "(a circuit file or paper:<name>; `etbench circuit discover` finds one locally)")
+    ndif_api_key(api_key)  # nnsight itself is imported only now (it mounts .save() on every object)
+
+
+def check_no_local_options(given: dict[str, bool]) -> None:
+    """A remote run refuses the options that choose local precision, placement or loading."""
+    for flag, is_given in given.items():
+        if is_given:
+            raise EtbenchError(f"--remote runs on NDIF's GPUs, in the dtype NDIF loaded the model in: {flag} "
+                               "does not apply")
+
+
+def check_remote_model(flag: str, ref: str) -> models.ModelSpec:
+    """``ref``'s spec if NDIF could host it (a hub id, not a local directory, GGUF file or adapter)."""
+    spec = models.resolve(ref)
+    if spec.kind != "hub" or Path(ref).expanduser().exists():
+        raise EtbenchError(f"--remote: {flag} {ref} is {_KIND_NAMES.get(spec.kind, 'not a hub model')}; "
+                           "NDIF hosts Hugging Face hub models only: give a hub id NDIF serves "
+                           "(nnsight.ndif.status() lists them)")
+    return spec
+
+
+def check_inputs(base: str, ft: str, out_dir: str | Path, *, seed: int, dtype: str, device: str,
+                 remote: bool = False) -> dict[str, Any]:
     """Everything ``score`` can check before loading a model (seed, dtype, device, ``out_dir``, both models
     resolvable and distinct). Returns each model's published identity (ref, source, weights revision)."""
     check_seed(seed)
-    models.check_dtype(dtype)
-    models.check_device(device)
+    if not remote:  # a remote run's dtype and device are NDIF's
+        models.check_dtype(dtype)
+        models.check_device(device)
     check_output_dir(out_dir)
     specs = {"base": models.resolve(base), "ft": models.resolve(ft)}
     if _same_weights(specs["base"], specs["ft"]):
@@ -95,17 +145,27 @@ def check_inputs(base: str, ft: str, out_dir: str | Path, *, seed: int, dtype: s
 def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = "etbench-out", *,
           preset: str | Preset = "quick", discovery: str | None = None, seed: int = 0, circuit_base: str | None = None,
           circuit_ft: str | None = None, dtype: str | None = None, device: str = "cpu",
-          progress: bool = True, stage_plan=None, share_base_weights: bool = False) -> ScoreRun:
+          progress: bool = True, stage_plan=None, share_base_weights: bool = False, remote: bool = False,
+          ndif_key: str | None = None) -> ScoreRun:
     """Score ``ft`` against ``base``; write ``scorecard.json`` (+ items, circuits, timings) to ``out_dir``.
     ``etbench.score`` also writes the report.
 
     ``dtype=None``: bfloat16 on CUDA, float32 on CPU (``models.default_dtype``).
     ``share_base_weights``: load an unmerged adapter fine-tune and its base as one copy of the base weights.
     ``stage_plan``: this worker's share of the stages (``StageCache``'s ``plan``; ``scoring.distributed``);
-    a worker whose share ends raises ``stages.StagesHandedOff``."""
-    dtype = models.default_dtype(device) if dtype is None else dtype
+    a worker whose share ends raises ``stages.StagesHandedOff``.
+    ``remote``: run every forward pass on NDIF through nnsight (``check_remote`` says what that needs):
+    accuracy, faithfulness (with the ceilings) and CMAP run there on the given circuits; DCM and the
+    semantics check record ``REMOTE_DCM_NOTE`` instead, so CMAP patches the fine-tuned circuit's heads
+    (the "circuit" head set) and not the DCM-filtered ones. ``ndif_key``: the NDIF API key (default:
+    ``NDIF_API_KEY``, else the key ``nnsight login`` stored)."""
     p = resolve_preset(preset, discovery)
-    identity = check_inputs(base, ft, out_dir, seed=seed, dtype=dtype, device=device)
+    if remote:
+        check_remote(base, ft, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
+                     share_base_weights=share_base_weights, api_key=ndif_key)
+        dtype, device = REMOTE_DTYPE, REMOTE_DEVICE
+    dtype = models.default_dtype(device) if dtype is None else dtype
+    identity = check_inputs(base, ft, out_dir, seed=seed, dtype=dtype, device=device, remote=remote)
     (circuit_base, recorded_base), (circuit_ft, recorded_ft) = _circuit_spec(circuit_base), _circuit_spec(circuit_ft)
     out_dir = Path(out_dir)
     config = {"benchmark_version": sc.BENCHMARK_VERSION, "base": identity["base"]["ref"],
@@ -113,16 +173,23 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
               "circuit_base": recorded_base or "discover", "circuit_ft": recorded_ft or "discover"}
 
     config["dcm"] = dcm_preset(p.dcm, seed=seed).to_dict()
+    if remote:  # only then: a local run's config (and so its hash and cached stages) is unchanged
+        config["execution"] = REMOTE_DEVICE
     chash = config_hash(config)
     cache = StageCache(out_dir / "stages", plan=stage_plan)
     # Stages are keyed by the weights' revision, not only the name: new weights under an old alias recompute.
     ref = {w: {"ref": identity[w]["ref"], "revision": identity[w]["revision"]} for w in ("base", "ft")}
-    common = {"benchmark_version": sc.BENCHMARK_VERSION, "seed": seed, "dtype": dtype, "batch_size": p.batch_size}
+    common = {"benchmark_version": sc.BENCHMARK_VERSION, "seed": seed, "dtype": dtype, "batch_size": p.batch_size,
+              **({"execution": REMOTE_DEVICE} if remote else {})}
 
     # Models load lazily: a fully cached run (a resume after the last stage) never loads them.
     loaded: dict[str, Any] = {}
 
     def model(which: str):
+        if which not in loaded and remote:
+            spec = check_remote_model(f"--{which}", base if which == "base" else ft)
+            loaded[which] = load_remote(identity[which]["ref"], spec.location, revision=spec.revision,
+                                        api_key=ndif_key)
         if which not in loaded:
             report = _stderr if progress else None
             # One copy of the base weights for an unmerged adapter on this base (7B memory), when asked for:
@@ -169,15 +236,18 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                       "form_faithfulness": c.form_faithfulness, "model_accuracy": c.model.value,
                       "no_heads_accuracy": c.no_heads.value,
                       "curve": [{"size": st.size, "sizes": st.sizes, "accuracy": st.accuracy,
-                                 "faithfulness": st.faithfulness, "mib": st.mib, "added": st.added}
+                                 "faithfulness": st.faithfulness, "mib": st.mib, "added": st.added, "scale": st.scale}
                                 for st in g.steps]}
         # jsonable: a ratio over a model at 0 accuracy is NaN, stored as null (JSON has no NaN)
+        # item_scores: per-prompt effects of each group's top heads, for the circuit-overlap CI
         return {"circuit": res.circuit.to_dict(), "method": res.circuit.method, "forward_passes": res.forward_passes,
-                "size_rule": p.circuit_size, "sizing": jsonable(sizing)}
+                "size_rule": p.circuit_size, "sizing": jsonable(sizing), "item_scores": res.item_score_rows()}
 
     discovery_settings = {"mode": p.discovery_mode, "n": p.discovery_n, "minimality_n": p.minimality_n,
                           "mean_n": p.mean_n, "minimality": p.minimality, "size": p.circuit_size,
                           "target_fraction": p.target_fraction, "sizing_n": p.sizing_n}
+    if p.circuit_size == "faithfulness":  # a circuit cached under an earlier growth rule is a different circuit
+        discovery_settings["growth"] = "scaled-shape, magnitude order"
     given = {"base": circuit_base, "ft": circuit_ft}
     recorded = {"base": recorded_base, "ft": recorded_ft}
     circuits = {w: cache.run(f"circuit_{w}", {**common, "model": ref[w], "given": recorded[w],
@@ -200,7 +270,10 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                for k in ("model", "every_head_every_position", "form_all_heads", "no_heads")},
             "form_faithfulness": ceil.form_faithfulness, "form_faithfulness_ci": list(ceil.form_faithfulness_ci),
             "form_mib": ceil.form_mib, "form_mib_ci": list(mib_ci(ceil.form_correct, ceil.model_correct,
-                                                                  ceil.none_correct, seed))}}
+                                                                  ceil.none_correct, seed)),
+            # per-item flags of the ablation runs (the model's are the accuracy items): submit re-derives from them
+            "items": {"every_head_every_position": list(ceil.every_correct), "form_all_heads": list(ceil.form_correct),
+                      "no_heads": list(ceil.none_correct)}}}
         for name in ("base", "ft"):
             circ = Circuit.from_dict(circuits[name]["circuit"])
             own = name == which
@@ -214,12 +287,16 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         return out
 
     faith_settings = {"n": p.faithfulness_n, "mean_n": p.mean_n, "random_draws": p.random_draws,
-                      "completeness_draws": p.completeness_draws, "circuits": circuit_keys}
+                      "completeness_draws": p.completeness_draws, "circuits": circuit_keys,
+                      # results without the ceilings' per-item flags cannot be submitted: compute them again
+                      "ceiling_items": True}
     faith = {w: cache.run(f"faithfulness_{w}", {**common, "model": ref[w], **faith_settings},
                           lambda w=w: faithfulness_stage(w)) for w in ("base", "ft")}
 
     def dcm_stage(which: str, dcm_seed: int):
 
+        if remote:
+            return {"scores": [], "items": [], "selections": [], "note": REMOTE_DCM_NOTE}
         m = model(which)
         circuit = Circuit.from_dict(circuits[which]["circuit"])
         if not circuit.size:  # e.g. a model at chance: discovery kept no head, there is nothing to mask
@@ -239,6 +316,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     def semantics_stage(which: str):
 
+        if remote:
+            return {"results": [], "note": REMOTE_DCM_NOTE}
         cfg = dcm_preset(p.dcm, seed=seed)
         selections = {(g, d): [tuple(h) for h in hs] for g, d, hs in dcm_runs["base"][0]["selections"]}
         if not selections:
@@ -258,8 +337,9 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
         selections = {(g, d): [tuple(h) for h in hs] for g, d, hs in dcm_runs["ft"][0]["selections"]}
         circuit = Circuit.from_dict(circuits["ft"]["circuit"])
-        heads = paper_patch_heads(circuit, selections) if circuit.size else {}
-        if not any(heads.values()):
+        # remote: no DCM, so no DCM-filtered head set; the whole-circuit set below still runs
+        heads = paper_patch_heads(circuit, selections) if circuit.size and not remote else {}
+        if not (any(heads.values()) or (remote and circuit.size)):
             return {"scores": [], "items": [], "heads": {}, "note": "no fine-tuned circuit heads to patch"}
         # the same usable-object filter as every other stage (objects and labels single tokens for both)
         pool, labels = usable_pool(model("base").tokenizer, 7)
@@ -276,7 +356,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                               base_name=ref["base"]["ref"], ft_name=ref["ft"]["ref"], progress=progress)
             scores += [{**asdict(s), "heads": label} for s in result.scores(seed=seed)]
             rows = result.item_rows()
-            if label != "dcm":  # the unpatched base / ft rows are the same items: keep them once
+            if label != "dcm" and any(heads.values()):  # the unpatched base / ft rows are the same items: once
                 rows = [r for r in rows if r["variant"] != "none"]
             items += [{**r, "heads": label} for r in rows]
         return {"scores": scores, "items": items, "heads": {g: [list(h) for h in hs] for g, hs in heads.items()},

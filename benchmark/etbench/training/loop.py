@@ -49,12 +49,13 @@ def deterministic(threads: int = THREADS) -> None:
     random.seed(0)
 
 
-def add_lora(model, seed: int):
-    """``model`` wrapped in a fresh LoRA (``LORA``); ``seed`` fixes the A matrices' init."""
+def add_lora(model, seed: int, lora: dict = LORA):
+    """``model`` wrapped in a fresh LoRA (``lora``: peft LoraConfig settings, default ``LORA``); ``seed`` fixes
+    the A matrices' init."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
 
 
 def fresh_examples(rng: random.Random, n: int, n_boxes: Sequence[int] = (7,)) -> list[Example]:

@@ -42,12 +42,13 @@ from typing import Sequence
 import torch
 
 from etbench import models
-from etbench.core.io import ASSETS_DIR
+from etbench.core.io import ASSETS_DIR, atomic_write_text
 from etbench.metrics.accuracy import evaluate
 from etbench.task.layout import TokenEncoder, layouts
 from etbench.task.prompts import LABELS, Example, paper_objects, sample_context, stream_rng
 from etbench.training.loop import (
     BATCH,
+    LORA,
     THREADS,
     AnswerRow,
     add_lora,
@@ -185,13 +186,15 @@ def monitor_accuracy(model, tokenizer, examples: Sequence[Example]) -> float:
 # ------------------------------------------------------------------------------------ training
 
 
-def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (), monitor_every: int = 0, log=print):
-    """Wrap ``model`` in a fresh LoRA and train it on the stage's data; returns the PeftModel."""
+def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (), monitor_every: int = 0, log=print,
+                lora: dict = LORA):
+    """Wrap ``model`` in a fresh LoRA (``lora``: peft LoraConfig settings) and train it on the stage's data;
+    returns the PeftModel."""
     before = None
     if monitor and stage.wording == "crate":
         before = wording_accuracy(model, tokenizer, monitor, stage.wording)
         log(f"[{stage.name}] before training, accuracy in its training wording: {before:.3f}")
-    peft_model = add_lora(model, stage.seed)
+    peft_model = add_lora(model, stage.seed, lora)
     if stage.wording == "arithmetic":
         # the tiny zoo's arithmetic data (same stream: the same problems as tiny-goat for the same seed)
         rows: list = arithmetic_rows(tokenizer, ZooRow(stage.name, "arithmetic", "lora", stage.steps, stage.lr,
@@ -309,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         summary = train(family, out, args.monitor_every, not args.no_monitor, stages)
         log_path = out / ("training_log.json" if stages == names else f"training_log.{'+'.join(stages)}.json")
-        log_path.write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(log_path, json.dumps(summary, indent=1) + "\n")
         if out.resolve() != family.asset_dir.resolve():
             for name in stages:
                 shipped = family.asset_dir / name
