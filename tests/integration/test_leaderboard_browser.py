@@ -37,9 +37,17 @@ window.addEventListener('load', function () {
   var initial = order();
   ths[col].click(); var asc = order();
   ths[col].click(); var desc = order();
+  // every column once, ascending: header -> the column's data-sort values in the order shown
+  var everyColumn = {};
+  for (var c = 0; c < ths.length; c++) {
+    ths[c].click(); if (ths[c].getAttribute('aria-sort') !== 'ascending') ths[c].click();
+    everyColumn[ths[c].textContent] = Array.prototype.map.call(
+      document.querySelectorAll('#leaderboard tbody tr'), function (r) { return r.cells[c].getAttribute('data-sort'); });
+  }
   setTimeout(function () {
     var pre = document.createElement('pre'); pre.id = 'etbench-test';
     pre.textContent = JSON.stringify({initial: initial, asc: asc, desc: desc, violations: violations,
+      everyColumn: everyColumn,
       resources: performance.getEntriesByType('resource').length,
       // HTML links and the SVG figures' links (xlink:href) alike
       links: Array.prototype.map.call(document.querySelectorAll('a'), function (a) {
@@ -113,6 +121,19 @@ def test_page_renders_figures_and_the_comparison_matrix(board, tmp_path):
     assert cell["visible"] and "Δacc" in cell["text"] and "Holm" in cell["text"]
     assert (board / cell["href"]).is_file()
     assert (board / cell["href"]).read_text().count("accuracy, 7 boxes") == 1
+
+
+def test_every_metric_column_sorts(board, tmp_path):
+    result = run_page(_with_harness(board), tmp_path)
+    metric_headers = [h for k, h, kind in lb.COLUMNS if kind in ("est", "p")]
+    assert set(metric_headers) <= set(result["everyColumn"])
+    for header in metric_headers:
+        shown = result["everyColumn"][header]
+        values = [float(v) for v in shown if v != ""]
+        assert values == sorted(values), header
+        assert shown[:len(values)] == [v for v in shown if v != ""], header  # rows without a value last
+    gains = [float(v) for v in result["everyColumn"]["Accuracy gain (ft − base)"] if v != ""]
+    assert len(gains) == 6  # both measured rows and the four paper rows
 
 
 def test_harness_detects_a_network_request(board, tmp_path):

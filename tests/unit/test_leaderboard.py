@@ -127,7 +127,8 @@ def test_committed_leaderboard_is_what_build_produces(tmp_path):
 
 
 def _hrefs(page: str) -> list[str]:
-    return re.findall(r'(?:xlink:)?href="([^"]+)"', page)
+    """Targets of the page's links, HTML and SVG (not the SVG's own ``<use xlink:href="#...">``)."""
+    return re.findall(r'<a [^>]*?(?:xlink:)?href="([^"]+)"', page)
 
 
 def test_every_link_of_the_page_resolves_and_measured_numbers_link_to_their_report(built):
