@@ -157,6 +157,9 @@ def test_page_has_figures_and_matrix(built):
     assert group["members"] == ["synthetic-ft-a", "synthetic-ft-b"] and data["alone_on_their_base"] == []
     (cell,) = group["pairs"]
     assert cell["status"] == "compared" and (out / cell["report"]).is_file()
+    # the fixtures' planted accuracies (0.75 vs 0.6 on the same 120 items) show as a significant cell
+    assert cell["accuracy"]["difference"] < 0 and cell["accuracy"]["p_adjusted"] < 0.05
+    assert 'class="pair significant"' in page
     acc = json.loads((out / "leaderboard.json").read_text())["rows"]
     by_name = {r["name"]: r for r in acc}
     # the matrix's difference is the two rows' 7-box accuracies apart, on the same 120 items
