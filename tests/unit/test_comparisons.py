@@ -15,7 +15,6 @@ from etbench.core import stats
 from etbench.publish import comparisons, report
 from etbench.publish import leaderboard as lb
 from etbench.schema import scorecard as sc
-
 from fixtures.scorecards import make as fixtures  # the fixture generator (tests/ is on pytest's pythonpath)
 
 
