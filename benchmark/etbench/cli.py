@@ -195,9 +195,11 @@ def circuit_discover(
                                              "--fast, as in the quick preset: on the tiny models 'single' pruned "
                                              "the fast circuits to 1 and 0 heads). Pruning is most of the time "
                                              "of a run on a CPU. The defaults (--fast, --n 32, no pruning) are "
-                                             "the quick preset's circuit stage: 34-36 s of search on tiny-base on "
-                                             "2 idle cores, plus start-up and model load "
-                                             "(tests/bench/bench_discover.py times the whole command)."),
+                                             "the quick preset's circuit stage: on tiny-base, 153 s for the whole "
+                                             "command (141 s of search, 130 forward passes) on a 2-core AVX2 CPU "
+                                             "(34-36 s of search on a faster 2-core machine). To about halve the "
+                                             "search, use --n 16: half the forward passes (65), a noisier "
+                                             "ranking (tests/bench/bench_discover.py times the whole command)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
