@@ -564,6 +564,22 @@ class Doc:
     html: str
 
 
+def format_sizing(sizing: Optional[dict[str, Any]]) -> str:
+    """A circuit's size search in one line: target, reached or not (and why), and the curve over size that is
+    its record (nodes → faithfulness). The target is null when the model or the form scores 0 (a NaN ratio)."""
+    if not sizing:
+        return "—"
+    target = sizing.get("target_faithfulness")
+    text = (f"target {'undefined' if target is None else f'{target:.3f}'} "
+            f"{'reached' if sizing.get('reached') else 'not reached'}")
+    if sizing.get("note"):
+        text += f": {sizing['note']}"
+    curve = [p for p in sizing.get("curve") or [] if p.get("faithfulness") is not None]
+    if curve:
+        text += "; curve (nodes→faithfulness) " + ", ".join(f"{p['size']}→{p['faithfulness']:.3f}" for p in curve)
+    return text
+
+
 def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
     counts = sorted({a.n_boxes for a in card.accuracy})
@@ -580,10 +596,7 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
         tables.append(("Ceilings of the circuit form (every head kept at the form's positions; no heads = the floor)",
                        ["model", "form", "model acc", "every head, every position", "form acc", "no heads acc",
                         "form faithfulness", "form faithfulness (MIB)"], rows))
-    rows = [[c.name, c.size_rule, str(sum(len(h) for h in c.heads.values())),
-             "—" if not c.sizing else (f"target {c.sizing['target_faithfulness']:.3f} "
-                                       f"{'reached' if c.sizing['reached'] else 'not reached'}"
-                                       + (f": {c.sizing['note']}" if c.sizing.get("note") else ""))]
+    rows = [[c.name, c.size_rule, str(sum(len(h) for h in c.heads.values())), format_sizing(c.sizing)]
             for c in card.circuits]
     if rows:
         tables.append(("Circuits", ["circuit", "size rule", "nodes", "sizing"], rows))
