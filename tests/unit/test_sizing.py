@@ -120,3 +120,17 @@ def test_magnitude_order_puts_exact_heads_first_by_size_of_effect_either_sign():
     exact = [[True, True, True], [True, True, False]]
     search = GroupSearch("value_fetcher", [], scores, exact, None, [], {}, 0.0)
     assert magnitude_order(search) == [(0, 1), (0, 0), (1, 0), (1, 1), (0, 2), (1, 2)]
+
+
+def test_a_preset_with_a_bad_size_rule_is_refused_before_anything_runs():
+    from dataclasses import replace
+
+    from etbench.scoring.presets import SCORE_PRESETS, resolve_preset
+
+    quick = SCORE_PRESETS["quick"]
+    with pytest.raises(EtbenchError, match="size rule"):
+        resolve_preset(replace(quick, circuit_size="faithfulnes"))
+    with pytest.raises(EtbenchError, match="target fraction"):
+        resolve_preset(replace(quick, circuit_size="faithfulness", target_fraction=0.0))
+    for name in SCORE_PRESETS:
+        assert resolve_preset(name) == SCORE_PRESETS[name]

@@ -22,7 +22,16 @@ from etbench.mech.interventions import replace as replace_edit
 from etbench.metrics.ablation import AblationRunner, mean_activations
 from etbench.metrics.sizing import Ceilings, CircuitGrowth, ceilings, grow_circuit
 from etbench.models.load import as_loaded
-from etbench.schema.circuit import DISCOVERY_MODES, GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Node, group_name
+from etbench.schema.circuit import (
+    DISCOVERY_MODES,
+    GROUP_CODES,
+    GROUP_POSITION,
+    GROUPS,
+    Circuit,
+    Node,
+    check_sizing,
+    group_name,
+)
 from etbench.task import prompts
 from etbench.task.counterfactuals import encode_pairs, noise_pairs
 from etbench.task.layout import layouts, pad_batch, pad_id_of, usable_pool
@@ -65,8 +74,6 @@ _RECEIVERS: dict[str, tuple[str, str] | None] = {
 PAPER_RECEIVER_K = {"value_fetcher": 20, "position_transmitter": 5, "position_detector": 10, "structure_reader": 5}
 PAPER_CANDIDATE_K = {"value_fetcher": 58, "position_transmitter": 10, "position_detector": 25, "structure_reader": 5}
 MODES = DISCOVERY_MODES
-#: How a discovered circuit's size is chosen (``discover(size=...)``).
-SIZE_RULES = ("top-k", "faithfulness")
 # How growth orders a group's heads: "magnitude" = exactly scored heads by |score|, then the rest by
 # |attribution|; "signed" = the top-k order (most negative score first). Measured on tiny-base (sizing n 100,
 # mean 500): along the signed order the faithfulness stayed at 0.21-0.30 from 27 to 714 nodes and reached
@@ -544,12 +551,9 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     ``target_fraction`` x the ceiling of the circuit form, both measured on ``sizing_n`` prompts
     (default ``minimality_n``) drawn from the stream of seed ``seed + 1``, so the circuit is not sized on
     the evaluation prompts of the same seed; the result carries the ceilings and the growth record."""
-    if size not in SIZE_RULES:
-        raise EtbenchError(f"circuit size rule must be one of {', '.join(SIZE_RULES)}, got {size!r}")
+    check_sizing(size, target_fraction)
     if growth_order not in GROWTH_ORDERS:
         raise EtbenchError(f"growth order must be one of {', '.join(GROWTH_ORDERS)}, got {growth_order!r}")
-    if size == "faithfulness" and not 0 < target_fraction <= 1:
-        raise EtbenchError(f"target fraction must be in (0, 1], got {target_fraction}")
     if mode not in MODES:
         raise EtbenchError(f"discovery mode must be one of {', '.join(MODES)}, got {mode!r}")
     minimality_mode = minimality_mode or ("pairs" if mode == "exact" else "single")
