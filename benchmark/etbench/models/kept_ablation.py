@@ -62,6 +62,7 @@ def save_kept_ablation(ablation: KeptAblation, path: Path) -> None:
 
 def load_kept_ablation(path: Path) -> KeptAblation:
     """The file's ablation; a malformed file is one ``EtbenchError`` naming it."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -77,6 +78,9 @@ def load_kept_ablation(path: Path) -> KeptAblation:
                     if not 0 <= layer < n_layers or any(not 0 <= h < n_heads for h in heads) \
                             or tuple(mean_z.shape) != (len(heads), d_head) or len(set(heads)) != len(heads):
                         raise ValueError(f"layer {layer}: heads or mean_z out of range")
+                    # folded into a bias, one non-finite mean makes every logit of the model NaN
+                    if not mean_z.is_floating_point() or not torch.isfinite(mean_z).all():
+                        raise ValueError(f"layer {layer}: mean_z is not all finite floats")
                     removed[layer] = (heads, mean_z)
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
         raise EtbenchError(f"{path}: not a kept-ablation file ({one_line(err)})") from None
@@ -115,11 +119,23 @@ def _fold(model, ablation: KeptAblation) -> None:
     projections = _output_projections(model)
     if len(projections) != ablation.n_layers:
         raise EtbenchError(f"kept ablation is for {ablation.n_layers} layers, the model has {len(projections)}")
+    # The head layout, not only the width: 4 heads of 8 read the same 32 features as 8 heads of 4, and folding
+    # one for the other would zero the wrong columns. Checked for every layer before any weight changes.
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_heads = getattr(config, "num_attention_heads", None)
+    d_head = getattr(config, "head_dim", None) or (
+        getattr(config, "hidden_size", 0) // n_heads if n_heads else None)
+    if n_heads is not None and (n_heads, d_head) != (ablation.n_heads, ablation.d_head):
+        raise EtbenchError(f"kept ablation is for {ablation.n_heads} heads of width {ablation.d_head}; the model has "
+                           f"{n_heads} heads of width {d_head}")
+    for layer in ablation.removed:
+        if projections[layer][1].in_features != ablation.n_heads * ablation.d_head:
+            raise EtbenchError(f"kept ablation is for {ablation.n_heads} heads of width {ablation.d_head}; "
+                               f"layer {layer}'s output projection reads {projections[layer][1].in_features} "
+                               "features")
     for layer, (heads, mean_z) in ablation.removed.items():
         attn, proj = projections[layer]
-        if proj.in_features != ablation.n_heads * ablation.d_head:
-            raise EtbenchError(f"kept ablation is for {ablation.n_heads} heads of width {ablation.d_head}; "
-                               f"layer {layer}'s output projection reads {proj.in_features} features")
         weight = proj.weight
         bias = torch.zeros(proj.out_features, dtype=torch.float64, device=weight.device)
         if proj.bias is not None:

@@ -1,0 +1,96 @@
+"""The kept-ablation file of a planted adapter: malformed files are one error, refused before any model loads,
+and an ablation made for another head layout is never folded (toy tensors and stand-in modules, no model)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from etbench.core.errors import EtbenchError
+from etbench.models.kept_ablation import (
+    KEPT_ABLATION_FILE,
+    KeptAblation,
+    fold_kept_ablation,
+    load_kept_ablation,
+    save_kept_ablation,
+)
+from etbench.models.registry import ModelSpec
+
+# the module (etbench.models re-exports its load() function under the same name)
+load_module = importlib.import_module("etbench.models.load")
+
+
+def _write(path, mean_z, heads=(0, 2), meta=None):
+    save_file({"layer.1.heads": torch.tensor(heads, dtype=torch.int64), "layer.1.mean_z": mean_z}, str(path),
+              metadata=meta or {"n_layers": "2", "n_heads": "4", "d_head": "3"})
+
+
+def test_a_good_file_round_trips(tmp_path):
+    ablation = KeptAblation(2, 4, 3, {1: ((0, 2), torch.randn(2, 3))})
+    save_kept_ablation(ablation, tmp_path / KEPT_ABLATION_FILE)
+    back = load_kept_ablation(tmp_path / KEPT_ABLATION_FILE)
+    assert back.removed_heads() == {(1, 0), (1, 2)} and torch.equal(back.removed[1][1], ablation.removed[1][1])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_mean_is_refused(tmp_path, bad):
+    # folded into the output projection's bias, one NaN makes every logit of the model NaN
+    mean_z = torch.zeros(2, 3)
+    mean_z[1, 2] = bad
+    _write(tmp_path / KEPT_ABLATION_FILE, mean_z)
+    with pytest.raises(EtbenchError, match="not a kept-ablation file.*finite"):
+        load_kept_ablation(tmp_path / KEPT_ABLATION_FILE)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.o_proj = torch.nn.Linear(in_features, out_features, bias=False)
+
+
+class _StandIn(torch.nn.Module):
+    """Only what the fold touches: config, get_decoder().layers[i].self_attn.o_proj (8 heads of width 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(num_attention_heads=8, head_dim=4, hidden_size=16)
+        self.layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(2))
+        for layer in self.layers:
+            layer.self_attn = _Attention(32, 16)
+
+    def get_decoder(self):
+        return self
+
+
+def test_an_ablation_for_another_head_layout_of_the_same_width_is_not_folded():
+    # 4 heads of width 8 read the same 32 features as the model's 8 heads of width 4: folding it would zero
+    # half of two heads each instead of the heads it names
+    model = _StandIn()
+    before = model.layers[1].self_attn.o_proj.weight.clone()
+    with pytest.raises(EtbenchError, match="8 heads"):
+        fold_kept_ablation(model, KeptAblation(2, 4, 8, {1: ((0,), torch.zeros(1, 8))}))
+    assert torch.equal(model.layers[1].self_attn.o_proj.weight, before)
+    fold_kept_ablation(model, KeptAblation(2, 8, 4, {1: ((0,), torch.ones(1, 4))}))
+    assert not model.layers[1].self_attn.o_proj.weight[:, :4].any()
+
+
+def test_a_malformed_kept_ablation_is_refused_before_the_base_model_loads(tmp_path, monkeypatch):
+    (tmp_path / "adapter_config.json").write_text('{"target_modules": ["q_proj"]}')
+    (tmp_path / KEPT_ABLATION_FILE).write_bytes(b"not safetensors")
+
+    def base_loaded(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the kept ablation was read")
+
+    monkeypatch.setattr(load_module, "_load_spec", base_loaded)
+    spec = ModelSpec(ref="planted", kind="peft", location=str(tmp_path),
+                     base=ModelSpec(ref="base", kind="directory", location=str(tmp_path / "base")))
+    with pytest.raises(EtbenchError, match=KEPT_ABLATION_FILE):
+        load_module._load_peft(spec, torch.float32, "cpu", False)
+    (tmp_path / "adapter_config.json").write_text('{"target_modules": ["q_proj", "o_proj"]}')
+    with pytest.raises(EtbenchError, match="o_proj"):
+        load_module._load_peft(spec, torch.float32, "cpu", False)
