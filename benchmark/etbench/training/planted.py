@@ -117,9 +117,11 @@ def train(out_root: Path = ASSET_ROOT, planted: set[tuple[int, int]] | None = No
     peft_model, info = train_stage(model, tokenizer, stage, held_out, monitor_every, log, lora=PLANTED_LORA)
     out_dir = out_root / ADAPTER_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The kept ablation first: a run stopped in between then leaves an ablation without an adapter (loading
+    # fails loudly), never an adapter without its ablation (it would load, silently, as an un-ablated LoRA).
+    save_kept_ablation(ablation, out_dir / KEPT_ABLATION_FILE)
     save_adapter(peft_model, out_dir, BASE_REF)
     _to_half(out_dir / "adapter_model.safetensors")  # shipped in fp16: half of 17 MB
-    save_kept_ablation(ablation, out_dir / KEPT_ABLATION_FILE)
     summary.update(info, stage=stage.__dict__, mean_n=MEAN_N, total_seconds=round(time.perf_counter() - t0, 1))
     atomic_write_text(out_root / "training_log.json", json.dumps(summary, indent=1) + "\n")
     log(f"done in {summary['total_seconds']} s")
