@@ -94,3 +94,24 @@ def test_a_malformed_kept_ablation_is_refused_before_the_base_model_loads(tmp_pa
     (tmp_path / "adapter_config.json").write_text('{"target_modules": ["q_proj", "o_proj"]}')
     with pytest.raises(EtbenchError, match="o_proj"):
         load_module._load_peft(spec, torch.float32, "cpu", False)
+
+
+@pytest.mark.parametrize("targets", ['"all-linear"', '".*o_proj"', '["self_attn.o_proj", "q_proj"]', '["o_proj"]',
+                                     '"model.layers.0.self_attn.o_proj"'])
+def test_an_adapter_reading_the_removed_heads_through_o_proj_is_refused_however_it_names_it(tmp_path, targets):
+    # peft matches a list entry as a module-name suffix, a string as a regex over the full name, and
+    # "all-linear" as every linear layer: each of these puts a LoRA on o_proj
+    from etbench.models.kept_ablation import check_adapter_compatible
+
+    (tmp_path / "adapter_config.json").write_text(f'{{"target_modules": {targets}}}')
+    with pytest.raises(EtbenchError, match="o_proj"):
+        check_adapter_compatible(tmp_path)
+
+
+@pytest.mark.parametrize("targets", ['["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]',
+                                     '"q_proj|v_proj"', '".*(q|v)_proj"', "null"])
+def test_an_adapter_that_leaves_o_proj_alone_is_accepted(tmp_path, targets):
+    from etbench.models.kept_ablation import check_adapter_compatible
+
+    (tmp_path / "adapter_config.json").write_text(f'{{"target_modules": {targets}}}')
+    check_adapter_compatible(tmp_path)

@@ -152,14 +152,36 @@ def _fold(model, ablation: KeptAblation) -> None:
         proj.bias.copy_(bias.to(proj.bias.dtype))
 
 
+#: An output projection's module name as peft matches target_modules against it (Llama-style models).
+_O_PROJ_KEY = "model.layers.0.self_attn.o_proj"
+
+
+def _names_o_proj(targets) -> bool:
+    """Whether peft would put a module on o_proj for ``targets`` (its matching rules: "all-linear" is every
+    linear layer, a string is a regex over the full module name, a list entry is the name or a suffix of it)."""
+    import re
+
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        try:
+            return targets == "all-linear" or re.fullmatch(targets, _O_PROJ_KEY) is not None
+        except re.error:
+            return True  # peft could not read it either; refuse rather than guess
+    return any(isinstance(t, str) and (t == _O_PROJ_KEY or _O_PROJ_KEY.endswith("." + t)) for t in targets)
+
+
 def check_adapter_compatible(adapter_dir: Path) -> None:
-    """A LoRA on the output projection would read the removed heads again: refuse it."""
+    """A LoRA on the output projection (or a trained copy of it) would read the removed heads again: refuse it."""
     import json
 
     try:
-        targets = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("target_modules")
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise EtbenchError(f"{adapter_dir}: unreadable adapter_config.json ({one_line(err)})") from None
-    if targets and "o_proj" in (targets if isinstance(targets, (list, tuple)) else [targets]):
-        raise EtbenchError(f"{adapter_dir}: an adapter with a kept ablation must not target o_proj "
-                           "(its LoRA would read the removed heads)")
+    if not isinstance(config, dict):
+        raise EtbenchError(f"{adapter_dir}: adapter_config.json is not a JSON object")
+    for key in ("target_modules", "modules_to_save"):
+        if _names_o_proj(config.get(key)):
+            raise EtbenchError(f"{adapter_dir}: an adapter with a kept ablation must not target o_proj ({key} "
+                               f"{config.get(key)!r} includes it: its weights would read the removed heads)")
