@@ -45,3 +45,16 @@ def test_an_interrupted_save_never_leaves_an_adapter_without_its_kept_ablation(t
     out = tmp_path / planted.ADAPTER_NAME
     if (out / "adapter_model.safetensors").exists():
         assert (out / KEPT_ABLATION_FILE).is_file()
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-3"], ["--lr", "0"], ["--lr", "nan"], ["--lr", "-1e-3"],
+                                  ["--monitor-every", "-1"]])
+def test_bad_training_options_are_refused_before_anything_loads(argv, monkeypatch, capsys):
+    # the default --out is the shipped adapter: a run with 0 steps or lr 0 would replace it with an untrained one
+    def train(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(planted, "train", train)
+    with pytest.raises(SystemExit) as exit_info:
+        planted.main(argv)
+    assert exit_info.value.code == 2 and argv[0] in capsys.readouterr().err

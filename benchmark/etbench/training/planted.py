@@ -143,6 +143,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=STAGE.lr, help="LoRA learning rate")
     parser.add_argument("--monitor-every", type=int, default=10, help="held-out accuracy every K steps")
     args = parser.parse_args(argv)
+    # refused before the base loads: the default --out is the shipped adapter, which a bad run would replace
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if not 0 < args.lr < float("inf"):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if args.monitor_every < 0:
+        parser.error(f"--monitor-every must be 0 or more, got {args.monitor_every}")
     train(args.out, steps=args.steps, lr=args.lr, monitor_every=args.monitor_every)
     if args.out.resolve() != ASSET_ROOT.resolve() and ASSET_DIR.exists():
         print(f"max |retrained - shipped| = {compare_adapters(args.out / ADAPTER_NAME, ASSET_DIR):.3g}")
