@@ -158,3 +158,16 @@ def test_sizing_of_a_model_at_zero_accuracy_and_the_growth_curve_are_shown(card_
     assert "0→0.070, 27→0.210, 1080→0.300" in doc.markdown  # the curve: the record of the search
     text = format_scorecard(card)
     assert "not reached" in text and "27→0.210" in text and "target undefined" in text
+
+
+def test_comparisons_print_no_width_zero_interval():
+    # a ratio of a circuit that keeps no item is 0 in every resample: "0.000 [0.000, 0.000]" read as certainty
+    point = stats.Interval(0.0, 0.0, 0.0, 50, "paired-bootstrap-percentile", note="no variation across items")
+    wide = stats.Interval(0.2, 0.1, 0.3, 50, "paired-bootstrap-percentile")
+    comp = report.Comparison("t", "a", "b", gains=[report.GainTest("faithfulness of the ft circuit on ft", point, None,
+                                                                   "", True),
+                                                   report.GainTest("CMAP gain, full", wide, 0.01, "perm", True)])
+    text = report.format_comparison(comp)
+    assert "[0.000, 0.000]" not in text and "[0.100, 0.300]" in text
+    rows = report._comparison_rows(comp)
+    assert "[0.000, 0.000]" not in rows[0][1] and "no variation across items" in rows[0][4]
