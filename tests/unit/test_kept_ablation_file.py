@@ -115,3 +115,22 @@ def test_an_adapter_that_leaves_o_proj_alone_is_accepted(tmp_path, targets):
 
     (tmp_path / "adapter_config.json").write_text(f'{{"target_modules": {targets}}}')
     check_adapter_compatible(tmp_path)
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"layer.1.heads": torch.tensor([0.7, 2.0]), "layer.1.mean_z": torch.zeros(2, 3)}, "integer"),  # was head 0
+    ({"layer.1.heads": torch.tensor([0, 2]), "layer.1.mean_z": torch.zeros(2, 3),
+      "layer.0.mean_z": torch.zeros(1, 3)}, "unexpected tensors"),  # a mean without its heads: was ignored
+    ({"layer.1.extra.heads": torch.tensor([0]), "layer.1.mean_z": torch.zeros(1, 3)}, "unexpected tensors"),
+    ({"weights": torch.zeros(1)}, "unexpected tensors"),
+])
+def test_a_file_of_another_shape_is_refused(tmp_path, tensors, message):
+    save_file(tensors, str(tmp_path / KEPT_ABLATION_FILE), metadata={"n_layers": "2", "n_heads": "4", "d_head": "3"})
+    with pytest.raises(EtbenchError, match=f"not a kept-ablation file.*{message}"):
+        load_kept_ablation(tmp_path / KEPT_ABLATION_FILE)
+
+
+def test_a_file_that_removes_no_head_is_refused(tmp_path):
+    save_file({}, str(tmp_path / KEPT_ABLATION_FILE), metadata={"n_layers": "2", "n_heads": "4", "d_head": "3"})
+    with pytest.raises(EtbenchError, match="removes no head"):
+        load_kept_ablation(tmp_path / KEPT_ABLATION_FILE)

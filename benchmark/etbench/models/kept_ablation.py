@@ -73,7 +73,10 @@ def load_kept_ablation(path: Path) -> KeptAblation:
             for key in handle.keys():
                 if key.endswith(".heads"):
                     layer = int(key.split(".")[1])
-                    heads = tuple(int(h) for h in handle.get_tensor(key).tolist())
+                    head_ids = handle.get_tensor(key)
+                    if head_ids.is_floating_point() or head_ids.dtype == torch.bool or head_ids.dim() != 1:
+                        raise ValueError(f"{key}: head indices must be a 1-d integer tensor")
+                    heads = tuple(int(h) for h in head_ids.tolist())
                     mean_z = handle.get_tensor(f"layer.{layer}.mean_z")
                     if not 0 <= layer < n_layers or any(not 0 <= h < n_heads for h in heads) \
                             or tuple(mean_z.shape) != (len(heads), d_head) or len(set(heads)) != len(heads):
@@ -82,6 +85,13 @@ def load_kept_ablation(path: Path) -> KeptAblation:
                     if not mean_z.is_floating_point() or not torch.isfinite(mean_z).all():
                         raise ValueError(f"layer {layer}: mean_z is not all finite floats")
                     removed[layer] = (heads, mean_z)
+            # every tensor is one of a layer's pair: a stray or misnamed one means another format, not this one
+            expected = {f"layer.{layer}.{part}" for layer in removed for part in ("heads", "mean_z")}
+            stray = sorted(set(handle.keys()) - expected)
+            if stray:
+                raise ValueError(f"unexpected tensors {stray[:3]}")
+            if not removed:
+                raise ValueError("it removes no head")
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
         raise EtbenchError(f"{path}: not a kept-ablation file ({one_line(err)})") from None
     return KeptAblation(n_layers, n_heads, d_head, removed)
