@@ -138,6 +138,8 @@ def test_report_and_terminal_show_ceilings_mib_sizing_and_cmap_head_sets(card_a)
     assert "target 0.540 not reached" in doc.markdown and "| circuit " in doc.markdown
     text = format_scorecard(card)
     assert "ceilings of the circuit form" in text and "0.300 [0.200, 0.400]" in text
+    # the random-circuit range is min/max over draws, under a header that says "95% CI" for the others
+    assert "random circuit acc (mean [min, max] over draws)" in text
 
 
 def test_sizing_of_a_model_at_zero_accuracy_and_the_growth_curve_are_shown(card_a):

@@ -27,7 +27,8 @@ def format_scorecard(card: sc.Scorecard) -> str:
                  + tabulate([[f.circuit, f.model, est(f.circuit_accuracy), est(f.faithfulness),
                               est(f.faithfulness_mib) if f.faithfulness_mib else "—", est(f.random_circuit_accuracy)]
                              for f in card.faithfulness],
-                            headers=["circuit", "on model", "circuit acc", "faithfulness", "MIB", "random circuit acc"],
+                            headers=["circuit", "on model", "circuit acc", "faithfulness", "MIB",
+                                     "random circuit acc (mean [min, max] over draws)"],
                             tablefmt="github"))
     if card.ceilings:
         parts.append("\n   ceilings of the circuit form (every head kept at its positions) and the floor (no heads)\n"
