@@ -510,16 +510,26 @@ class DiscoveryResult:
         """Every (group, head) node ordered by score, most negative first (for faithfulness curves)."""
         nodes = [Node(g, layer, head, s.scores[layer][head]) for g, s in self.searches.items()
                  for layer in range(len(s.scores)) for head in range(len(s.scores[layer]))]
-        return sorted(nodes, key=lambda n: n.score)
+        return sorted(nodes, key=lambda n: most_negative_first(n.score))
+
+
+def most_negative_first(x: float) -> tuple[bool, float]:
+    """Sort key of a score, most negative first and a non-finite one (p_clean underflowed to 0) last: a NaN key
+    compares false with everything, and one NaN left the whole ranking in input order."""
+    return (not math.isfinite(x), x if math.isfinite(x) else 0.0)
 
 
 def magnitude_order(search: GroupSearch) -> list[tuple[int, int]]:
     """A group's heads by the size of their effect, either sign: exactly scored heads by |score|, then the
-    screened rest by |attribution| (the two scores have different scales, so they are not interleaved)."""
+    screened rest by |attribution| (the two scores have different scales, so they are not interleaved).
+    A non-finite score ranks last among its kind."""
     heads = [(layer, head) for layer, row in enumerate(search.scores) for head in range(len(row))]
     exact = [h for h in heads if search.exact[h[0]][h[1]]]
     rest = [h for h in heads if not search.exact[h[0]][h[1]]]
-    by_size = lambda h: (-abs(search.scores[h[0]][h[1]]), h)  # noqa: E731
+
+    def by_size(h: tuple[int, int]) -> tuple[tuple[bool, float], tuple[int, int]]:
+        return most_negative_first(-abs(search.scores[h[0]][h[1]])), h
+
     return sorted(exact, key=by_size) + sorted(rest, key=by_size)
 
 
@@ -601,13 +611,13 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
                                       progress, shared, effects)
             for (layer, head), v in sc.items():
                 scores[layer][head], exact_mask[layer][head] = v, True
-            order = sorted(sc, key=lambda s: sc[s])
+            order = sorted(sc, key=lambda s: most_negative_first(sc[s]))
         else:
             att = attribution_scores(model, hm, encoded, g, receivers, batch_size, pad_id, c, prefix_cache, progress,
                                      shared)
             attribution = att.tolist()
             screen = sorted(((layer, head) for layer in range(spec.n_layers) for head in range(spec.n_heads)),
-                            key=lambda s: attribution[s[0]][s[1]])
+                            key=lambda s: most_negative_first(attribution[s[0]][s[1]]))
             top = screen[: verify[g]]
             sc = path_patching_scores(model, hm, encoded, g, receivers, top, batch_size, pad_id, c, prefix_cache,
                                       progress, shared, effects)
@@ -615,7 +625,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
                 scores[layer] = list(row)
             for (layer, head), v in sc.items():
                 scores[layer][head], exact_mask[layer][head] = v, True
-            order = sorted(top, key=lambda s: sc[s]) + screen[verify[g]:]
+            order = sorted(top, key=lambda s: most_negative_first(sc[s])) + screen[verify[g]:]
         ranked[g] = order
         # the top verify[g] of the ranking: exactly the verified heads in fast mode, as many in exact mode
         item_scores[g] = {tuple(h): effects[tuple(h)] for h in order[: verify[g]]}
