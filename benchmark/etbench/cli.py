@@ -209,10 +209,12 @@ def circuit_discover(
     D structure reader) by path patching, then size the circuit and prune by minimality."""
     from etbench import models
     from etbench.metrics import discovery
+    from etbench.schema.circuit import check_sizing
 
     if exact and fast:
         _fail("--exact and --fast exclude each other")
     _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
+    check_sizing(size, target)
     check_output_file(out)
     models.resolve(model)
     loaded = models.load(model, dtype=dtype, device=device)

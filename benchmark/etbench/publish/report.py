@@ -309,7 +309,7 @@ def format_comparison(comp: Comparison) -> str:
         d = r.difference
         lines.append(
             f"  {t.label}: {t.a_name} {r.acc_a:.3f} -> {t.b_name} {r.acc_b:.3f}, "
-            f"difference {d.value:+.3f} [{_f(d.low)}, {_f(d.high)}] (95% paired bootstrap), "
+            f"difference {_with_ci(d.value, d.low, d.high, signed=True)} (95% paired bootstrap), "
             f"exact McNemar p = {format_p(r.p_value)} ({_adj_name(comp)} {format_p(holm.get(i))}); discordant {r.a_only}/{r.b_only}, "
             f"odds ratio {_f(r.odds_ratio.value)}, n = {r.n}")
         i += 1
@@ -320,14 +320,21 @@ def format_comparison(comp: Comparison) -> str:
             extra = f", {g.test} p = {format_p(g.p_value)} ({_adj_name(comp)} {format_p(holm.get(i))})"
             i += 1
         src = "" if g.from_items else " (from the scorecard)"
-        lines.append(f"  {g.label}: {_f(iv.value, signed=_signed(g.label))} [{_f(iv.low)}, {_f(iv.high)}] "
-                     f"(95% CI, {iv.method}, n = {iv.n}){src}{extra}")
+        lines.append(f"  {g.label}: {_with_ci(iv.value, iv.low, iv.high, signed=_signed(g.label))} "
+                     f"(95% CI, {iv.method}, n = {iv.n}{'; ' + iv.note if iv.note else ''}){src}{extra}")
     lines += [f"  note: {n}" for n in comp.notes]
     return "\n".join(lines)
 
 
 def _signed(label: str) -> bool:
     return "difference" in label or "gain" in label
+
+
+def _with_ci(value: Optional[float], low: Optional[float], high: Optional[float], signed: bool = False) -> str:
+    """``value [low, high]``; the interval left out when it is missing or of width zero (not a CI)."""
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)) or low == high:
+        return _f(value, signed)
+    return f"{_f(value, signed)} [{_f(low)}, {_f(high)}]"
 
 
 def _f(x: Optional[float], signed: bool = False) -> str:
@@ -564,6 +571,22 @@ class Doc:
     html: str
 
 
+def format_sizing(sizing: Optional[dict[str, Any]]) -> str:
+    """A circuit's size search in one line: target, reached or not (and why), and the curve over size that is
+    its record (nodes → faithfulness). The target is null when the model or the form scores 0 (a NaN ratio)."""
+    if not sizing:
+        return "—"
+    target = sizing.get("target_faithfulness")
+    text = (f"target {'undefined' if target is None else f'{target:.3f}'} "
+            f"{'reached' if sizing.get('reached') else 'not reached'}")
+    if sizing.get("note"):
+        text += f": {sizing['note']}"
+    curve = [p for p in sizing.get("curve") or [] if p.get("faithfulness") is not None]
+    if curve:
+        text += "; curve (nodes→faithfulness) " + ", ".join(f"{p['size']}→{p['faithfulness']:.3f}" for p in curve)
+    return text
+
+
 def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
     counts = sorted({a.n_boxes for a in card.accuracy})
@@ -580,10 +603,7 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
         tables.append(("Ceilings of the circuit form (every head kept at the form's positions; no heads = the floor)",
                        ["model", "form", "model acc", "every head, every position", "form acc", "no heads acc",
                         "form faithfulness", "form faithfulness (MIB)"], rows))
-    rows = [[c.name, c.size_rule, str(sum(len(h) for h in c.heads.values())),
-             "—" if not c.sizing else (f"target {c.sizing['target_faithfulness']:.3f} "
-                                       f"{'reached' if c.sizing['reached'] else 'not reached'}"
-                                       + (f": {c.sizing['note']}" if c.sizing.get("note") else ""))]
+    rows = [[c.name, c.size_rule, str(sum(len(h) for h in c.heads.values())), format_sizing(c.sizing)]
             for c in card.circuits]
     if rows:
         tables.append(("Circuits", ["circuit", "size rule", "nodes", "sizing"], rows))
@@ -620,7 +640,7 @@ def _comparison_rows(comp: Comparison) -> list[list[str]]:
     rows, i = [], 0
     for t in comp.accuracy:
         r = t.result
-        rows.append([t.label, f"{r.difference.value:+.3f} [{_f(r.difference.low)}, {_f(r.difference.high)}]",
+        rows.append([t.label, _with_ci(r.difference.value, r.difference.low, r.difference.high, signed=True),
                      f"exact McNemar p = {format_p(r.p_value)}", format_p(holm[i]) if i < len(holm) else "—",
                      f"odds ratio {_f(r.odds_ratio.value)}, Cohen's g {r.cohens_g:+.3f}, n = {r.n}"])
         i += 1
@@ -631,8 +651,9 @@ def _comparison_rows(comp: Comparison) -> list[list[str]]:
         if g.p_value is not None:
             p, adj = f"{g.test} p = {format_p(g.p_value)}", format_p(holm[i]) if i < len(holm) else "—"
             i += 1
-        rows.append([g.label, f"{_f(iv.value, signed=_signed(g.label))} [{_f(iv.low)}, {_f(iv.high)}]", p, adj,
-                     f"{iv.method}, n = {iv.n}" + ("" if g.from_items else ", from the scorecard")])
+        rows.append([g.label, _with_ci(iv.value, iv.low, iv.high, signed=_signed(g.label)), p, adj,
+                     f"{iv.method}, n = {iv.n}" + (f"; {iv.note}" if iv.note else "")
+                     + ("" if g.from_items else ", from the scorecard")])
     return rows
 
 
