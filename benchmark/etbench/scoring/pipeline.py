@@ -197,7 +197,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         return {w: done[w] for w in SIDES}
 
     # Stages are keyed by the weights' revision, not only the name: new weights under an old alias recompute.
-    ref = {w: {"ref": identity[w]["ref"], "revision": identity[w]["revision"]} for w in ("base", "ft")}
+    ref = {w: {"ref": identity[w]["ref"], "revision": identity[w]["revision"]} for w in SIDES}
     common = {"benchmark_version": sc.BENCHMARK_VERSION, "seed": seed, "dtype": dtype, "batch_size": p.batch_size,
               **({"execution": REMOTE_DEVICE} if remote else {})}
 
@@ -216,7 +216,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
             # the logits (measured), so the default keeps two copies and byte-reproducible scorecards.
             if share_base_weights and models.shares_base(base, ft):
                 pair = load_pair(base, ft, dtype=dtype, device=device, report=report)
-                loaded["base"], loaded["ft"] = (replace(m, ref=identity[w]["ref"]) for m, w in zip(pair, ("base", "ft")))
+                loaded["base"], loaded["ft"] = (replace(m, ref=identity[w]["ref"]) for m, w in zip(pair, SIDES))
             else:
                 # named by the published ref: model names reach per-item rows, which are published
                 loaded[which] = replace(models.load(base if which == "base" else ft, dtype=dtype, device=device,
@@ -273,7 +273,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     circuits = per_side("circuit_{}", lambda w: cache.run(f"circuit_{w}", {
         **common, "model": ref[w], "given": recorded[w], "discovery": None if given[w] else discovery_settings},
         lambda: circuit_stage(w, given[w])))
-    circuit_keys = {w: config_hash(circuits[w]["circuit"]) for w in ("base", "ft")}
+    circuit_keys = {w: config_hash(circuits[w]["circuit"]) for w in SIDES}
 
     def faithfulness_stage(which: str):
 
@@ -294,7 +294,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
             # per-item flags of the ablation runs (the model's are the accuracy items): submit re-derives from them
             "items": {"every_head_every_position": list(ceil.every_correct), "form_all_heads": list(ceil.form_correct),
                       "no_heads": list(ceil.none_correct)}}}
-        for name in ("base", "ft"):
+        for name in SIDES:
             circ = Circuit.from_dict(circuits[name]["circuit"])
             own = name == which
             ev = evaluate_circuit(m.model, circ, m.tokenizer, n_boxes=7, n=p.faithfulness_n, seed=seed,
@@ -388,7 +388,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     card, items = assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device)
     path = sc.save(card, out_dir, items)
-    for which in ("base", "ft"):
+    for which in SIDES:
         atomic_write_json(out_dir / f"circuit_{which}.json", circuits[which]["circuit"])
     cached = sorted(set(_stage_names(p)) - set(cache.ran))
     atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "peak_rss_mb": cache.peak_rss_mb,
@@ -403,7 +403,7 @@ def _stderr(line: str) -> None:
 def _stage_names(p: Preset) -> list[str]:
     names = ["models", "accuracy_base", "accuracy_ft", "circuit_base", "circuit_ft", "faithfulness_base",
              "faithfulness_ft", "semantics_base", "semantics_ft", "cmap"]
-    return names + [f"dcm_{w}_seed{s}" for w in ("base", "ft") for s in p.dcm_seeds]
+    return names + [f"dcm_{w}_seed{s}" for w in SIDES for s in p.dcm_seeds]
 
 
 def _models_stage(model, p: Preset, identity: dict[str, Any]) -> dict[str, Any]:
