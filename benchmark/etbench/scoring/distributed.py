@@ -3,8 +3,11 @@
 Each pair runs as two Ray tasks that share the pair's stage cache (``etbench.scoring.stages``): the *base side*
 computes the base model's accuracy, circuit, faithfulness and DCM; the *ft side* checks the pair
 (``models``), then the fine-tuned model's stages, the semantics checks and CMAP, and writes the
-scorecard. A side that needs the other's result waits for it on disk (``StageCache``'s ``WAIT``), so
-the two run concurrently and every stage is computed once, by one worker. The scorecard is assembled
+scorecard. A side computes its own stages as soon as the pipeline reaches them and reads a result of the
+other side only when it first uses it, waiting for it on disk then (``StageCache.schedule``, ``WAIT``):
+the base side waits only for the ft circuit (its faithfulness stage evaluates both circuits), the ft side
+for the base circuit, the base DCM heads (semantics) and, to write the scorecard, the rest of the base
+side's results. So the two run concurrently and every stage is computed once, by one worker. The scorecard is assembled
 from exactly the stored results a sequential ``etbench score`` would read back, so its bytes are the
 same (tests/integration/test_distributed.py; the report is written by ``etbench.score_many``).
 
@@ -68,11 +71,11 @@ def stage_side(name: str) -> str:
 
 
 def side_plan(side: str, name: str) -> str:
-    """``StageCache`` plan of one side. The base side's share ends where the ft side's DCM starts
-    (stages run in ``score``'s order: everything after is the ft side's or waits on it)."""
+    """``StageCache`` plan of one side. The base side's share ends at CMAP, the first stage in ``score``'s
+    order after its last own stage (everything from there on is the ft side's)."""
     if stage_side(name) == side:
         return COMPUTE
-    if side == "base" and name.startswith("dcm_ft_"):
+    if side == "base" and name == "cmap":
         return HAND_OFF
     return WAIT
 
