@@ -124,17 +124,17 @@ def test_score_many_sides_compute_their_own_stages_before_waiting_on_the_other(m
 
     base, handed_at = _requests(monkeypatch, tmp_path / "b", partial(side_plan, "base"))
     assert base == [*own("base", "accuracy_{}", "circuit_{}", *seeds),
-                    ("circuit_ft", WAIT), *own("base", "faithfulness_{}")]
+                    ("circuit_ft", WAIT), *own("base", "faithfulness_{}", "semantics_{}")]
     assert handed_at == "cmap"  # the ft side's pair check, stages, semantics and CMAP are never read
 
     ft, handed_at = _requests(monkeypatch, tmp_path / "f", partial(side_plan, "ft"))
     assert handed_at is None
     assert ft == [("models", COMPUTE), *own("ft", "accuracy_{}", "circuit_{}", *seeds),
                   ("circuit_base", WAIT), ("faithfulness_ft", COMPUTE),
-                  ("dcm_base_seed0", WAIT), ("semantics_base", COMPUTE), ("semantics_ft", COMPUTE), ("cmap", COMPUTE),
+                  ("dcm_base_seed0", WAIT), ("semantics_ft", COMPUTE), ("cmap", COMPUTE),
                   # then the scorecard reads the base side's remaining results
                   ("accuracy_base", WAIT), ("faithfulness_base", WAIT), ("dcm_base_seed1", WAIT),
-                  ("dcm_base_seed2", WAIT)]
+                  ("dcm_base_seed2", WAIT), ("semantics_base", WAIT)]
     # every stage is computed by one side: the side stage_side names
     computed = [(name, side) for side, reqs in (("base", base), ("ft", ft)) for name, how in reqs if how == COMPUTE]
     assert len(computed) == len({name for name, _ in computed}) == 16
