@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from etbench.scoring.stages import StageCache, _rss_mb
+from support.stage_reads import stage_reads
 
 
 def test_stage_runs_once_and_recomputes_when_its_inputs_change(tmp_path):
@@ -74,41 +75,7 @@ def test_schedule_computes_own_stages_now_and_reads_others_on_first_use(tmp_path
     assert handed.value.stage == "end" and set(handed.value.timings) == {"mine"}
 
 
-class _Assembled(Exception):
-    pass
-
-
-def _requests(monkeypatch, tmp_path, plan):
-    """The (stage, plan action) of every stage result ``pipeline.score`` reads under ``plan``, in order,
-    from a stage cache that answers with placeholders (no model is loaded, nothing waits), up to
-    assembling the scorecard or handing off. Returns (requests, the stage it handed off at or None)."""
-    from etbench.scoring import pipeline
-    from etbench.scoring.stages import COMPUTE, StagesHandedOff
-
-    requests: list[tuple[str, str]] = []
-
-    class RecordingCache(StageCache):
-        def run(self, name, depends, compute):
-            requests.append((name, COMPUTE if self.plan is None else self.plan(name)))
-            if name.startswith("circuit_"):
-                return {"circuit": {"stands_for": name}}
-            return {"selections": [], "stands_for": name}
-
-    def assemble(*args, **kwargs):
-        raise _Assembled
-
-    monkeypatch.setattr(pipeline, "StageCache", RecordingCache)
-    monkeypatch.setattr(pipeline, "assemble_scorecard", assemble)
-    try:
-        pipeline.score("tiny-base", "tiny-ft", tmp_path, preset="standard", stage_plan=plan, progress=False)
-    except StagesHandedOff as handed:
-        return requests, handed.stage
-    except _Assembled:
-        return requests, None
-    raise AssertionError("score neither assembled a scorecard nor handed off")
-
-
-def test_score_many_sides_compute_their_own_stages_before_waiting_on_the_other(monkeypatch, tmp_path):
+def test_score_many_sides_compute_their_own_stages_before_waiting_on_the_other():
     """Each side computes its own stages as early as their inputs allow and waits for a stage of the
     other side only right before the first stage that reads it. The base side used to wait for
     faithfulness_ft (and the ft side for the base's three DCM seeds) before starting its own DCM."""
@@ -122,12 +89,12 @@ def test_score_many_sides_compute_their_own_stages_before_waiting_on_the_other(m
     def own(side, *names):
         return [(name.format(side), COMPUTE) for name in names]
 
-    base, handed_at = _requests(monkeypatch, tmp_path / "b", partial(side_plan, "base"))
+    base, handed_at = stage_reads(partial(side_plan, "base"))
     assert base == [*own("base", "accuracy_{}", "circuit_{}", *seeds),
                     ("circuit_ft", WAIT), *own("base", "faithfulness_{}", "semantics_{}")]
     assert handed_at == "cmap"  # the ft side's pair check, stages, semantics and CMAP are never read
 
-    ft, handed_at = _requests(monkeypatch, tmp_path / "f", partial(side_plan, "ft"))
+    ft, handed_at = stage_reads(partial(side_plan, "ft"))
     assert handed_at is None
     assert ft == [("models", COMPUTE), *own("ft", "accuracy_{}", "circuit_{}", *seeds),
                   ("circuit_base", WAIT), ("faithfulness_ft", COMPUTE),
@@ -141,10 +108,10 @@ def test_score_many_sides_compute_their_own_stages_before_waiting_on_the_other(m
     assert all(stage_side(name) == side for name, side in computed)
 
 
-def test_a_single_process_score_computes_every_stage_once_in_pipeline_order(monkeypatch, tmp_path):
+def test_a_single_process_score_computes_every_stage_once_in_pipeline_order():
     from etbench.scoring.stages import COMPUTE
 
-    requests, handed_at = _requests(monkeypatch, tmp_path, None)
+    requests, handed_at = stage_reads(None)
     names = ["models", "accuracy_base", "accuracy_ft", "circuit_base", "circuit_ft",
              *[f"dcm_{w}_seed{s}" for w in ("base", "ft") for s in (0, 1, 2)],
              "faithfulness_base", "faithfulness_ft", "semantics_base", "semantics_ft", "cmap"]

@@ -43,7 +43,7 @@ from etbench.scoring import pipeline
 from etbench.scoring.presets import SCORE_PRESETS, Preset
 from etbench.scoring.stages import COMPUTE, HAND_OFF, WAIT, StagesHandedOff
 
-SIDES = ("base", "ft")
+SIDES = pipeline.SIDES
 
 
 @dataclass(frozen=True)
