@@ -55,3 +55,18 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     before, peak, after = map(float, out.split())
     assert peak >= before + 250 and after < peak - 250
+
+
+def test_each_score_many_side_visits_its_own_stage_first():
+    # Under score-many the ft side used to wait for circuit_base before starting circuit_ft, so the two
+    # circuit stages (the longest) ran one after the other.
+    from etbench.scoring.distributed import side_plan
+    from etbench.scoring.pipeline import SIDES, side_order
+
+    templates = ("accuracy_{}", "circuit_{}", "faithfulness_{}", "dcm_{}_seed0")
+    for template in templates:
+        assert side_order(template, None) == SIDES == ("base", "ft")
+        assert side_order(template, lambda name: side_plan("base", name)) == ("base", "ft")
+        assert side_order(template, lambda name: side_plan("ft", name)) == ("ft", "base")
+    # semantics and CMAP belong to the ft side: both sides keep the listed order there
+    assert side_order("semantics_{}", lambda name: side_plan("ft", name)) == ("base", "ft")

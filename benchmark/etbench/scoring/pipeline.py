@@ -16,6 +16,7 @@ writes a byte-identical ``scorecard.json``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit, load_circuit, paper_circuit
 from etbench.scoring.assemble import assemble_scorecard, model_card
 from etbench.scoring.presets import DEFAULT_BASE, DEFAULT_FT, Preset, resolve_preset
-from etbench.scoring.stages import StageCache
+from etbench.scoring.stages import COMPUTE, StageCache
 from etbench.task.layout import usable_pool
 from etbench.task.prompts import generate
 
@@ -81,6 +82,18 @@ def _same_weights(a: models.ModelSpec, b: models.ModelSpec) -> bool:
 
 #: What a remote run records as its dtype and device: NDIF's, not chosen (or known) here.
 REMOTE_DTYPE, REMOTE_DEVICE = "as-hosted", "ndif"
+
+#: The two models of a pair, in the order their stages and rows are always listed.
+SIDES = ("base", "ft")
+
+def side_order(stage: str, plan: Callable[[str], str] | None) -> tuple[str, ...]:
+    """The order in which a worker visits the two sides of stage ``stage`` (``{}`` marks the side, e.g.
+    ``"circuit_{}"``): the side its ``plan`` computes first. Under score-many a side otherwise waited for
+    the other side's stage before starting its own, which ran the two circuit stages one after the other."""
+    if plan is None:
+        return SIDES
+    return tuple(sorted(SIDES, key=lambda side: plan(stage.format(side)) != COMPUTE))
+
 
 #: The note a remote run's DCM and semantics stages record instead of results.
 REMOTE_DCM_NOTE = ("not run: --remote (DCM trains masks by gradient descent, hundreds of passes with "
@@ -177,8 +190,14 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         config["execution"] = REMOTE_DEVICE
     chash = config_hash(config)
     cache = StageCache(out_dir / "stages", plan=stage_plan)
+
+    def per_side(stage: str, run_one: Callable[[str], Any]) -> dict[str, Any]:
+        """``run_one(side)`` for both sides in ``side_order``, keyed base then ft."""
+        done = {w: run_one(w) for w in side_order(stage, stage_plan)}
+        return {w: done[w] for w in SIDES}
+
     # Stages are keyed by the weights' revision, not only the name: new weights under an old alias recompute.
-    ref = {w: {"ref": identity[w]["ref"], "revision": identity[w]["revision"]} for w in ("base", "ft")}
+    ref = {w: {"ref": identity[w]["ref"], "revision": identity[w]["revision"]} for w in SIDES}
     common = {"benchmark_version": sc.BENCHMARK_VERSION, "seed": seed, "dtype": dtype, "batch_size": p.batch_size,
               **({"execution": REMOTE_DEVICE} if remote else {})}
 
@@ -197,7 +216,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
             # the logits (measured), so the default keeps two copies and byte-reproducible scorecards.
             if share_base_weights and models.shares_base(base, ft):
                 pair = load_pair(base, ft, dtype=dtype, device=device, report=report)
-                loaded["base"], loaded["ft"] = (replace(m, ref=identity[w]["ref"]) for m, w in zip(pair, ("base", "ft")))
+                loaded["base"], loaded["ft"] = (replace(m, ref=identity[w]["ref"]) for m, w in zip(pair, SIDES))
             else:
                 # named by the published ref: model names reach per-item rows, which are published
                 loaded[which] = replace(models.load(base if which == "base" else ft, dtype=dtype, device=device,
@@ -216,8 +235,9 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                 "items": [{"measure": "accuracy", "model": which, "n_boxes": x.n_boxes, "item": it.index,
                            "correct": it.correct} for x in r.results for it in x.items]}
 
-    acc = {w: cache.run(f"accuracy_{w}", {**common, "model": ref[w], "n": p.accuracy_n, "boxes": p.accuracy_boxes},
-                        lambda w=w: accuracy_stage(w)) for w in ("base", "ft")}
+    acc = per_side("accuracy_{}", lambda w: cache.run(f"accuracy_{w}", {**common, "model": ref[w], "n": p.accuracy_n,
+                                                                        "boxes": p.accuracy_boxes},
+                                                      lambda: accuracy_stage(w)))
 
     def circuit_stage(which: str, given: str | None):
 
@@ -250,10 +270,10 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         discovery_settings["growth"] = "scaled-shape, magnitude order"
     given = {"base": circuit_base, "ft": circuit_ft}
     recorded = {"base": recorded_base, "ft": recorded_ft}
-    circuits = {w: cache.run(f"circuit_{w}", {**common, "model": ref[w], "given": recorded[w],
-                                             "discovery": None if given[w] else discovery_settings},
-                             lambda w=w: circuit_stage(w, given[w])) for w in ("base", "ft")}
-    circuit_keys = {w: config_hash(circuits[w]["circuit"]) for w in ("base", "ft")}
+    circuits = per_side("circuit_{}", lambda w: cache.run(f"circuit_{w}", {
+        **common, "model": ref[w], "given": recorded[w], "discovery": None if given[w] else discovery_settings},
+        lambda: circuit_stage(w, given[w])))
+    circuit_keys = {w: config_hash(circuits[w]["circuit"]) for w in SIDES}
 
     def faithfulness_stage(which: str):
 
@@ -274,7 +294,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
             # per-item flags of the ablation runs (the model's are the accuracy items): submit re-derives from them
             "items": {"every_head_every_position": list(ceil.every_correct), "form_all_heads": list(ceil.form_correct),
                       "no_heads": list(ceil.none_correct)}}}
-        for name in ("base", "ft"):
+        for name in SIDES:
             circ = Circuit.from_dict(circuits[name]["circuit"])
             own = name == which
             ev = evaluate_circuit(m.model, circ, m.tokenizer, n_boxes=7, n=p.faithfulness_n, seed=seed,
@@ -290,8 +310,9 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                       "completeness_draws": p.completeness_draws, "circuits": circuit_keys,
                       # results without the ceilings' per-item flags cannot be submitted: compute them again
                       "ceiling_items": True}
-    faith = {w: cache.run(f"faithfulness_{w}", {**common, "model": ref[w], **faith_settings},
-                          lambda w=w: faithfulness_stage(w)) for w in ("base", "ft")}
+    faith = per_side("faithfulness_{}", lambda w: cache.run(f"faithfulness_{w}", {**common, "model": ref[w],
+                                                                                  **faith_settings},
+                                                            lambda: faithfulness_stage(w)))
 
     def dcm_stage(which: str, dcm_seed: int):
 
@@ -309,10 +330,10 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         return {"scores": [asdict(s) for s in result.scores(which)], "items": result.item_rows(which),
                 "selections": [[g, d, [list(h) for h in hs]] for (g, d), hs in result.selections().items()]}
 
-    dcm_runs = {w: [cache.run(f"dcm_{w}_seed{s}", {**common, "model": ref[w], "circuit": circuit_keys[w],
-                                                   "dcm": dcm_preset(p.dcm, seed=s).to_dict(), "groups": p.dcm_groups},
-                              lambda w=w, s=s: dcm_stage(w, s)) for s in p.dcm_seeds]
-                for w in ("base", "ft")}
+    dcm_runs = per_side("dcm_{}_seed" + str(p.dcm_seeds[0]), lambda w: [
+        cache.run(f"dcm_{w}_seed{s}", {**common, "model": ref[w], "circuit": circuit_keys[w],
+                                      "dcm": dcm_preset(p.dcm, seed=s).to_dict(), "groups": p.dcm_groups},
+                  lambda s=s: dcm_stage(w, s)) for s in p.dcm_seeds])
 
     def semantics_stage(which: str):
 
@@ -328,10 +349,9 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         return {"results": [{"group": r.group, "desideratum": r.desideratum, "heads": [list(h) for h in r.heads],
                              "accuracies": list(r.accuracies), "n": r.n} for r in results]}
 
-    semantics = {w: cache.run(f"semantics_{w}", {**common, "model": ref[w], "dcm_base": config_hash(dcm_runs["base"][0]),
-                                                 "n": dcm_preset(p.dcm).semantics_n,
-                                                 "repeats": dcm_preset(p.dcm).semantics_repeats},
-                              lambda w=w: semantics_stage(w)) for w in ("base", "ft")}
+    semantics = per_side("semantics_{}", lambda w: cache.run(f"semantics_{w}", {
+        **common, "model": ref[w], "dcm_base": config_hash(dcm_runs["base"][0]), "n": dcm_preset(p.dcm).semantics_n,
+        "repeats": dcm_preset(p.dcm).semantics_repeats}, lambda: semantics_stage(w)))
 
     def cmap_stage():
 
@@ -368,7 +388,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     card, items = assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device)
     path = sc.save(card, out_dir, items)
-    for which in ("base", "ft"):
+    for which in SIDES:
         atomic_write_json(out_dir / f"circuit_{which}.json", circuits[which]["circuit"])
     cached = sorted(set(_stage_names(p)) - set(cache.ran))
     atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "peak_rss_mb": cache.peak_rss_mb,
@@ -383,7 +403,7 @@ def _stderr(line: str) -> None:
 def _stage_names(p: Preset) -> list[str]:
     names = ["models", "accuracy_base", "accuracy_ft", "circuit_base", "circuit_ft", "faithfulness_base",
              "faithfulness_ft", "semantics_base", "semantics_ft", "cmap"]
-    return names + [f"dcm_{w}_seed{s}" for w in ("base", "ft") for s in p.dcm_seeds]
+    return names + [f"dcm_{w}_seed{s}" for w in SIDES for s in p.dcm_seeds]
 
 
 def _models_stage(model, p: Preset, identity: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from etbench.core.errors import EtbenchError
-from etbench.schema.circuit import DISCOVERY_MODES
+from etbench.schema.circuit import DISCOVERY_MODES, check_sizing
 
 DEFAULT_BASE, DEFAULT_FT = "tiny-base", "tiny-ft"
 
@@ -97,4 +97,7 @@ def resolve_preset(name: str | Preset, discovery: str | None = None) -> Preset:
         if discovery not in DISCOVERY_MODES:
             raise EtbenchError(f"discovery must be one of {', '.join(DISCOVERY_MODES)}, got {discovery!r}")
         preset = replace(preset, discovery_mode=discovery)
+    # a preset built in Python (not a SCORE_PRESETS name) would otherwise fail at its circuit stage, after the
+    # models loaded and both accuracy stages ran
+    check_sizing(preset.circuit_size, preset.target_fraction)
     return preset
