@@ -180,16 +180,15 @@ def score_many_cmd(
 @circuit_app.command("discover", help=(
     "Find the four head groups (A value fetcher, B position transmitter, C position detector, D structure "
     "reader) by path patching, then size the circuit and prune by minimality.\n\n"
-    "Time on a CPU: the defaults (--fast, --n 32, no pruning; the quick preset's circuit stage) take 153 s "
-    "for the whole command on tiny-base on 2 idle AVX2 cores (130 forward passes). For a run under 2 minutes "
-    "use --n 16: 81 s on the same cores (65 passes), with a noisier ranking. tests/bench/bench_discover.py "
-    "times the command."))
+    "Time on a CPU: the defaults (--fast, --n 16, no pruning; the quick preset's circuit stage) take 81 s "
+    "for the whole command on tiny-base on 2 idle AVX2 cores (65 forward passes); --n 32 halves the "
+    "ranking's sampling variance for twice the passes (153 s). tests/bench/bench_discover.py times the command."))
 def circuit_discover(
     model: str = typer.Option(..., "--model", "-m", help="Alias, hub id, directory, .gguf or adapter dir."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the circuit JSON."),
     exact: bool = typer.Option(False, "--exact", help="Path patching of every head (the paper's method)."),
     fast: bool = typer.Option(False, "--fast", help="Attribution screen + exact verification (default)."),
-    n: int = typer.Option(32, "--n", help="Base prompts for path patching (the paper: 300; the quick preset: 32)."),
+    n: int = typer.Option(16, "--n", help="Base prompts for path patching (the paper: 300; the quick preset: 16)."),
     seed: int = typer.Option(0, help="Seed of the prompts and noise pairs."),
     size: str = typer.Option("top-k", "--size", help="How the circuit's size is chosen: 'top-k' (the paper's k "
                              "per group) or 'faithfulness' (grown along the ranking to --target x the ceiling of "

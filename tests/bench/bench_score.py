@@ -1,7 +1,9 @@
 """Benchmark (prints figures; not a test): the whole scorecard of a model pair, stage by stage.
 
 Runs ``etbench score`` from an empty output directory (nothing cached) and prints each stage's wall
-time and peak resident memory, the total, and the scorecard's headline numbers. Run it on an idle
+time and peak resident memory, the total, and the scorecard's headline numbers. It first times one
+plain 16 x 90-token forward pass of the base model (the "machine unit") and prints the total as a
+multiple of it, so figures from machines of different speed can be compared. Run it on an idle
 machine: on the 2-core reference machine every other process shows up in the figures.
 
     python tests/bench/bench_score.py                      # the embedded pair, quick preset
@@ -16,6 +18,24 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+
+def calibrate(model_ref: str, repeats: int = 3) -> float:
+    """Seconds of one plain 16 x 90-token forward pass of ``model_ref`` (a 7-box prompt is about 90
+    tokens): the machine's unit, so totals from different machines can be compared as multiples of it."""
+    import torch
+
+    from etbench.mech.forward import forward
+    from etbench.models import load
+
+    model = load(model_ref).model
+    ids = torch.randint(100, 10_000, (16, 90), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        forward(model, ids)  # warm-up: first-call allocations
+        start = time.perf_counter()
+        for _ in range(repeats):
+            forward(model, ids)
+    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -35,6 +55,7 @@ def main() -> None:
     from etbench.api import score  # what `etbench score` runs (scorecard + report)
     from etbench.publish.terminal import format_scorecard
 
+    unit = calibrate(args.base)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_score_"))
     if out.exists():
         shutil.rmtree(out)
@@ -48,6 +69,8 @@ def main() -> None:
         print(f"{name:22} {secs:>8.1f} {run.peak_rss_mb.get(name, float('nan')):>12.0f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{'total (incl. loads)':22} {total:>8.1f} {peak:>12.0f}")
+    print(f"machine unit: one 16 x 90-token forward of {args.base} takes {unit:.2f} s; "
+          f"total = {total / unit:.0f} units")
     if run.cached_stages:
         print(f"from cache (not timed): {', '.join(run.cached_stages)}")
     print(f"scorecard: {run.path}")

@@ -297,9 +297,12 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         for name in SIDES:
             circ = Circuit.from_dict(circuits[name]["circuit"])
             own = name == which
+            # curve=False: the scorecard's record of a circuit over size is the circuit stage's sizing
+            # curve; this one (the own circuit's ranking cut on a log grid: 7 of its 28 evaluations in a
+            # quick-preset run) reached no scorecard field
             ev = evaluate_circuit(m.model, circ, m.tokenizer, n_boxes=7, n=p.faithfulness_n, seed=seed,
                                   mean_n=p.mean_n, batch_size=p.batch_size, random_draws=p.random_draws,
-                                  completeness_draws=p.completeness_draws if own else 0, curve=own,
+                                  completeness_draws=p.completeness_draws if own else 0, curve=False,
                                   model_name=m.ref, progress=progress, runner=runner)
             out[name] = ev.to_dict()
             out[name]["mib"] = mib_normalised(ev.circuit_acc.value, ev.model_acc.value, ceil.no_heads.value)
