@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from etbench.core.progress import track
 from etbench.mech.forward import PassCounter, device_of, forward, length_groups
 from etbench.mech.heads import HeadMap, head_map
 from etbench.mech.interventions import Edit, Site, cache, replace_where
+from etbench.mech.interventions import replace as overwrite  # dataclasses.replace is used here too
 from etbench.mech.prefix import PatchRunner
 from etbench.schema.circuit import POSITION_CLASSES, Circuit
 from etbench.task.layout import Layout, layouts, pad_batch, pad_id_of
@@ -140,6 +141,19 @@ def ablation_edits(hm: HeadMap, mean: MeanActivations, lays: Sequence[Layout], *
         keep_mask = mask if keep is not None else ~mask
         edits.append(replace_where(layer, "z", mean.z[layer][shift:seq], keep_mask))
     return edits
+
+
+def knockout_edits(mean: MeanActivations, heads: Iterable[tuple[int, int]], length: int) -> list[Edit]:
+    """Mean-ablate ``heads`` ((layer, head) pairs) at *every* position of prompts of ``length`` tokens,
+    whatever the prompt: one edit per layer, usable under ``interventions.applied`` for any batch of that
+    length, with gradients flowing through every other head (training around a knocked-out group)."""
+    if length > mean.length:
+        raise EtbenchError(f"prompts have {length} tokens but the mean activations cover only {mean.length}")
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, head in heads:
+        by_layer[layer].append(head)
+    return [overwrite(layer, "z", mean.z[layer][:length, sorted(hs)], heads=sorted(hs))
+            for layer, hs in sorted(by_layer.items())]
 
 
 def _heads_key(sets: HeadSets | None) -> frozenset:

@@ -10,12 +10,15 @@ from etbench.models.load import (
     check_device,
     check_dtype,
     default_dtype,
+    ensure_built,
     estimate_memory,
     load,
     shares_base,
+    weights_sha256,
 )
 from etbench.models.registry import (
     ASSET_PREFIX,
+    BUILT_MANIFEST,
     REGISTRY_PATH,
     SOURCE_KINDS,
     Availability,
@@ -23,7 +26,9 @@ from etbench.models.registry import (
     ModelSpec,
     RegistryEntry,
     availability,
+    built_dir,
     cached_snapshot,
+    find_built,
     format_model_table,
     hf_cache_dir,
     hub_offline,
@@ -44,5 +49,5 @@ __all__ = [
     "ModelRow", "ModelSpec", "RegistryEntry", "as_loaded", "availability", "cache_root", "cached_snapshot",
     "dequantised_dir", "ensure_dequantised", "find_dequantised", "format_model_table", "hf_cache_dir",
     "hub_offline", "hub_reachable", "list_models", "load", "parse_registry", "published_ref", "published_source", "registry", "resolve",
-    "spec_revision", "weights_revision",
+    "spec_revision", "weights_revision", "ensure_built", "weights_sha256", "built_dir", "find_built", "BUILT_MANIFEST",
 ]

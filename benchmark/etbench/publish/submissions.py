@@ -243,8 +243,10 @@ def _weights_dir(ref: str, revision: Optional[str]) -> Optional[Path]:
         spec = models.resolve(ref)
     except EtbenchError:
         return None
-    while spec.kind == "peft" and spec.base is not None:
-        spec = spec.base
+    while spec.kind in ("peft", "built") and spec.base is not None:
+        if spec.kind == "built" and models.find_built(spec) is not None:
+            return models.find_built(spec)
+        spec = spec.base  # an adapter, or a fine-tune not built yet, has its base's architecture and tokenizer
     if spec.kind == "directory":
         return Path(spec.location)
     if spec.kind == "hub":

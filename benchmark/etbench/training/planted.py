@@ -32,15 +32,8 @@ from etbench.core.io import ASSETS_DIR, atomic_write_bytes, atomic_write_text
 from etbench.mech.heads import head_map
 from etbench.metrics.ablation import mean_activations
 from etbench.models.kept_ablation import KEPT_ABLATION_FILE, KeptAblation, fold_kept_ablation, save_kept_ablation
-from etbench.training.tiny import (
-    THREADS,
-    Stage,
-    compare_adapters,
-    monitor_accuracy,
-    monitor_examples,
-    save_adapter,
-    train_stage,
-)
+from etbench.training.loop import THREADS, compare_adapters, save_adapter
+from etbench.training.tiny import Stage, monitor_accuracy, monitor_examples, train_stage
 
 # Like etbench.training.tiny: an output root holds the adapter directory and the training log beside it.
 ASSET_ROOT = ASSETS_DIR / "planted"

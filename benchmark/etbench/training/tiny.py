@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,25 +34,29 @@ import torch
 
 from etbench import models
 from etbench.core.io import ASSETS_DIR, atomic_write_text
-from etbench.core.stats import proportion_ci
 from etbench.metrics.accuracy import evaluate
 from etbench.task.layout import TokenEncoder, layouts
-from etbench.task.prompts import (
-    CANONICAL_N,
-    CANONICAL_SEED,
-    LABELS,
-    Example,
-    generate,
-    paper_objects,
-    sample_context,
-    stream_rng,
+from etbench.task.prompts import LABELS, Example, paper_objects, sample_context, stream_rng
+from etbench.training.loop import (
+    BATCH,
+    LORA,
+    THREADS,
+    AnswerRow,
+    add_lora,
+    answer_token_loss,
+    card_results,
+    compare_adapters,
+    deterministic,
+    environment,
+    fresh_examples,
+    last_logits,
+    run_steps,
+    save_adapter,
+    stack_rows,
 )
 
 BASE_REF = "smollm2-135m-instruct"
 ASSET_DIR = ASSETS_DIR / "tiny"
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-BATCH = 16
-THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,7 @@ def crate_prompt(example: Example) -> tuple[str, str]:
 
 def training_examples(stage: Stage, n: int) -> list[Example]:
     """n fresh contexts with a uniformly drawn queried box, from the stage's own stream."""
-    rng = stream_rng("train-tiny", stage.name, stage.seed)
-    pool = paper_objects()
-    out = []
-    for i in range(n):
-        n_boxes = stage.n_boxes[(i // BATCH) % len(stage.n_boxes)]  # one box count per batch
-        context = sample_context(rng, n_boxes, pool, LABELS, context_id=i)
-        out.append(context.with_query(rng.randrange(n_boxes)))
-    return out
+    return fresh_examples(stream_rng("train-tiny", stage.name, stage.seed), n, stage.n_boxes)
 
 
 def monitor_examples(n: int = MONITOR_N, n_boxes: int = 7) -> list[Example]:
@@ -106,7 +102,7 @@ def monitor_examples(n: int = MONITOR_N, n_boxes: int = 7) -> list[Example]:
     return [sample_context(rng, n_boxes, pool, LABELS, i).with_query(rng.randrange(n_boxes)) for i in range(n)]
 
 
-def encode(tokenizer, examples: Sequence[Example], wording: str) -> list[tuple[list[int], int]]:
+def encode(tokenizer, examples: Sequence[Example], wording: str) -> list[AnswerRow]:
     """(prompt token ids, answer token id) per example."""
     if wording == "paper":
         return [(list(lay.input_ids), int(lay.target_id)) for lay in layouts(examples, tokenizer)]
@@ -122,19 +118,6 @@ def encode(tokenizer, examples: Sequence[Example], wording: str) -> list[tuple[l
     return out
 
 
-def _batch(rows: Sequence[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack equal-length prompts (a given wording and box count always tokenizes to one length
-    for the paper's objects and labels, so no padding is needed) and their answer ids."""
-    if len({len(ids) for ids, _ in rows}) != 1:
-        raise RuntimeError("a training batch mixes prompt lengths; batches must share one box count")
-    return torch.tensor([ids for ids, _ in rows]), torch.tensor([t for _, t in rows])
-
-
-def _last_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    # logits_to_keep=1: the 49k-row vocabulary projection runs at the last position only
-    return model(input_ids=input_ids, logits_to_keep=1).logits[:, -1]
-
-
 @torch.no_grad()
 def wording_accuracy(model, tokenizer, examples: Sequence[Example], wording: str, batch_size: int = 35) -> float:
     """Greedy top-1 accuracy on a training wording (right-padded batches; for the log only)."""
@@ -142,8 +125,8 @@ def wording_accuracy(model, tokenizer, examples: Sequence[Example], wording: str
     model.eval()
     rows, correct = encode(tokenizer, examples, wording), 0
     for i in range(0, len(rows), batch_size):
-        input_ids, targets = _batch(rows[i : i + batch_size])
-        correct += int((_last_logits(model, input_ids).argmax(-1) == targets).sum())
+        input_ids, targets = stack_rows(rows[i : i + batch_size])
+        correct += int((last_logits(model, input_ids).argmax(-1) == targets).sum())
     model.train(was_training)
     return correct / len(rows)
 
@@ -164,33 +147,20 @@ def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (),
                 lora: dict = LORA):
     """Wrap ``model`` in a fresh LoRA (``lora``: peft LoraConfig settings) and train it on the stage's data;
     returns the PeftModel."""
-    from peft import LoraConfig, get_peft_model
-
     before = None
     if monitor and stage.wording != "paper":
         before = wording_accuracy(model, tokenizer, monitor, stage.wording)
         log(f"[{stage.name}] before training, accuracy in its training wording: {before:.3f}")
-    torch.manual_seed(stage.seed)  # LoRA A init
-    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+    peft_model = add_lora(model, stage.seed, lora)
     rows = encode(tokenizer, training_examples(stage, stage.steps * BATCH), stage.wording)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=stage.lr)
-    history = []
-    t0 = time.perf_counter()
-    for step in range(stage.steps):
-        peft_model.train()
-        input_ids, targets = _batch(rows[step * BATCH : (step + 1) * BATCH])
-        loss = torch.nn.functional.cross_entropy(_last_logits(peft_model, input_ids), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        entry = {"step": step + 1, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - t0, 1)}
-        history.append(entry)
-        if monitor and monitor_every and (step + 1) % monitor_every == 0 and step + 1 < stage.steps:
+
+    def after_step(step: int, entry: dict) -> None:
+        if monitor and monitor_every and step % monitor_every == 0 and step < stage.steps:
             entry["monitor_accuracy"] = monitor_accuracy(peft_model, tokenizer, monitor)
-            log(f"[{stage.name}] step {step + 1}: held-out accuracy {entry['monitor_accuracy']:.3f}")
-        log(f"[{stage.name}] step {step + 1}/{stage.steps} loss {loss.item():.4f} ({entry['seconds']} s)")
-    train_seconds = time.perf_counter() - t0
+            log(f"[{stage.name}] step {step}: held-out accuracy {entry['monitor_accuracy']:.3f}")
+
+    batches = [rows[step * BATCH : (step + 1) * BATCH] for step in range(stage.steps)]
+    history, train_seconds = run_steps(peft_model, batches, answer_token_loss, stage.lr, stage.name, log, after_step)
     info = {"history": history, "train_seconds": round(train_seconds, 1)}
     if before is not None:
         info["own_wording_accuracy_before"] = before
@@ -203,21 +173,12 @@ def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (),
     return peft_model, info
 
 
-def save_adapter(peft_model, directory: Path, base_ref: str) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    peft_model.peft_config["default"].base_model_name_or_path = base_ref
-    peft_model.save_pretrained(str(directory))  # safetensors, fp32
-    (directory / "README.md").unlink(missing_ok=True)  # peft's empty template card; see assets/tiny/MODEL_CARD.md
-
-
 def train(out_dir: Path = ASSET_DIR, monitor_every: int = 0, monitor: bool = True, n_stages: int = len(STAGES),
           first_stage: int = 0, log=print) -> dict:
     """Train the stages in order; writes out_dir/tiny-base and out_dir/tiny-ft (PEFT adapter dirs).
     ``n_stages=1`` trains tiny-base only; ``first_stage=1`` trains tiny-ft on the *shipped* tiny-base
     as ``etbench.models.load("tiny-base")`` returns it (quicker reproducibility checks)."""
-    torch.set_num_threads(THREADS)
-    torch.use_deterministic_algorithms(True)
-    random.seed(0)
+    deterministic()
     t0 = time.perf_counter()
     start_ref = BASE_REF if first_stage == 0 else STAGES[first_stage - 1].name
     loaded = models.load(start_ref)
@@ -235,29 +196,9 @@ def train(out_dir: Path = ASSET_DIR, monitor_every: int = 0, monitor: bool = Tru
         summary[stage.name] = {**info, "stage": stage.__dict__}
         model = peft_model.merge_and_unload()  # the next stage trains on top of the merged model
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
-    summary["environment"] = _environment()
+    summary["environment"] = environment()
     log(f"done in {summary['total_seconds']} s")
     return summary
-
-
-def compare_adapters(a: Path, b: Path) -> float:
-    """Largest absolute difference between two adapters' tensors (0.0 = bitwise identical)."""
-    from safetensors.torch import load_file
-
-    ta, tb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
-    if ta.keys() != tb.keys():
-        return float("inf")
-    return max(float((ta[k] - tb[k]).abs().max()) for k in ta)
-
-
-def _environment() -> dict:
-    import platform
-
-    import peft
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.machine(), "python": platform.python_version()}
 
 
 # ---------------------------------------------------------------------------------- model card
@@ -265,52 +206,6 @@ def _environment() -> dict:
 CARD_BOXES = (3, 5, 7)
 CARD_MODELS = (BASE_REF, "tiny-base", "tiny-ft")
 TEST_SUBSET = 140  # the integration test re-evaluates the first 140 canonical 7-box items
-
-
-def card_results(refs: Sequence[str] = CARD_MODELS, boxes: Sequence[int] = CARD_BOXES,
-                 path: Path | None = None, threads: int = THREADS, log=print) -> dict:
-    """Canonical accuracy (n=500 per box count) of each model, plus the number correct among the
-    first TEST_SUBSET 7-box items (what the integration test re-checks). With ``path``, results are
-    merged into that JSON file after every box count, and entries already there are kept (resume)."""
-    torch.set_num_threads(threads)
-    results = json.loads(path.read_text()) if path is not None and path.exists() else {}
-    for ref in refs:
-        row = results.setdefault(ref, {})
-        todo = [n for n in boxes if str(n) not in row]
-        if not todo:
-            continue
-        t0 = time.perf_counter()
-        loaded = models.load(ref)
-        row["load_seconds"] = round(time.perf_counter() - t0, 1)
-        for n_boxes in todo:
-            examples = generate(n_boxes, CANONICAL_N, seed=CANONICAL_SEED)
-            # The 7-box set is scored in two parts, the test's subset first (so it is on file early);
-            # prompts are scored independently, so the parts add up to the whole set's result.
-            split = TEST_SUBSET if n_boxes == 7 else 0
-            subset_key = f"7_first{TEST_SUBSET}"
-            t0 = time.perf_counter()
-            if split and subset_key not in row:
-                res = evaluate(loaded.model, loaded.tokenizer, examples[:split], batch_size=25, progress=False)
-                row[subset_key] = res.ci.k
-                row[f"{subset_key}_seconds"] = round(time.perf_counter() - t0, 1)
-                log(f"[{ref}] 7 boxes, first {split}: {res.ci.k}/{split}")
-                _save(results, path)
-            res = evaluate(loaded.model, loaded.tokenizer, examples[split:], batch_size=25, progress=False)
-            row[str(n_boxes)] = {**_acc_record(res.ci.k + (row[subset_key] if split else 0), len(examples)),
-                                 "seconds": round(time.perf_counter() - t0, 1)}
-            log(f"[{ref}] {n_boxes} boxes: {row[str(n_boxes)]}")
-            _save(results, path)
-    return results
-
-
-def _save(results: dict, path: Path | None) -> None:
-    if path is not None:
-        path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-
-
-def _acc_record(k: int, n: int) -> dict:
-    ci = proportion_ci(k, n)
-    return {"accuracy": round(ci.value, 4), "k": k, "n": n, "ci95": [round(ci.low, 4), round(ci.high, 4)]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -342,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       f"{compare_adapters(args.out / stage.name, ASSET_DIR / stage.name):.3g}")
     if args.card or args.card_only:
         path = args.card_json or args.out / "card_results.json"
-        results = card_results(args.models.split(","), [int(b) for b in args.boxes.split(",")], path,
+        results = card_results(args.models.split(","), [int(b) for b in args.boxes.split(",")], TEST_SUBSET, path,
                                threads=args.threads)
         print(json.dumps(results, indent=1, sort_keys=True))
 
