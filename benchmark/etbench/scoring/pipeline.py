@@ -386,7 +386,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                               "objects": "usable",
                               "circuit_ft": circuit_keys["ft"], "dcm_ft": config_hash(dcm_runs["ft"][0])}, cmap_stage)
 
-    card, items = assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device)
+    card, items = assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype,
+                                     device, p.dcm_seeds)
     path = sc.save(card, out_dir, items)
     for which in SIDES:
         atomic_write_json(out_dir / f"circuit_{which}.json", circuits[which]["circuit"])
