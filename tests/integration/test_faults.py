@@ -650,11 +650,7 @@ def test_genuine_card_is_accepted(genuine_card):
 
 
 #: Forgeries submit does not catch yet, each with the reason (strict: the test fails once the gap is closed).
-KNOWN_GAPS = {
-    "dcm-overlap-edited": "a card with DCM over several seeds (the standard preset: 3) keeps only the first seed's "
-                          "selections, so its DCM overlap is range-checked, not re-derived; to close: store every "
-                          "seed's selections",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("forgery", [pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN_GAPS[f], strict=True))

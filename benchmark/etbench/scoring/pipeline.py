@@ -399,7 +399,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     circuit_results = resolved(circuits)
     card, items = assemble_scorecard(config, chash, cards.value, resolved(acc), circuit_results, resolved(faith),
                                      {w: [run.value for run in dcm_runs[w]] for w in SIDES}, cmap.value,
-                                     resolved(semantics), seed, dtype, device)
+                                     resolved(semantics), seed, dtype, device, p.dcm_seeds)
     path = sc.save(card, out_dir, items)
     for which in SIDES:
         atomic_write_json(out_dir / f"circuit_{which}.json", circuit_results[which]["circuit"])
