@@ -156,6 +156,16 @@ def _discovery_scores(items: list[dict[str, Any]], model: str) -> dict:
         raise EtbenchError(f"items: malformed discovery score rows of {model} ({err})") from None
 
 
+def _expect_overlap(check, what: str, rows, derived: dict, source: str) -> None:
+    """Each stored overlap row equals the one derived for its group (base in ft and Jaccard)."""
+    for o in rows:
+        want = derived.get(o.group)
+        if want is None:
+            check.fail(f"{what} ({o.group})", f"no such group in {source}")
+        check.expect(f"{what} ({o.group}), base in ft", o.base_in_ft, want.base_in_ft)
+        check.expect(f"{what} ({o.group}), Jaccard", o.jaccard, want.jaccard)
+
+
 def _dcm_seeds(card: sc.Scorecard) -> list:
     preset = card.config.get("preset")
     return list(preset.get("dcm_seeds", [0])) if isinstance(preset, dict) else [0]
@@ -228,12 +238,7 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
         scores = {w: _discovery_scores(items, w) for w in ("base", "ft")}
         derived = {o.group: o for o in circuit_overlap(circuits["base"], circuits["ft"],
                                                        item_scores=(scores["base"], scores["ft"]), seed=seed)}
-        for o in circuit_rows:
-            want = derived.get(o.group)
-            if want is None:
-                check.fail(f"circuit head overlap ({o.group})", "no such group in the circuits")
-            check.expect(f"circuit head overlap ({o.group}), base in ft", o.base_in_ft, want.base_in_ft)
-            check.expect(f"circuit head overlap ({o.group}), Jaccard", o.jaccard, want.jaccard)
+        _expect_overlap(check, "circuit head overlap", circuit_rows, derived, "the circuits")
     for d in card.dcm:
         what = f"DCM test accuracy ({d.circuit} circuit, {d.group}, {d.desideratum})"
         flags = check.rows(what, "dcm_test", circuit=d.circuit, group=d.group, desideratum=d.desideratum)
@@ -253,12 +258,7 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
                                             for d in card.dcm if d.circuit == w}) for w in ("base", "ft")}
             runs = ([chosen["base"]], [chosen["ft"]])
         derived = {o.group: o for o in dcm_overlap(*runs, seed=seed)}
-        for o in dcm_rows:
-            want = derived.get(o.group)
-            if want is None:
-                check.fail(f"DCM head overlap ({o.group})", "no such group in the DCM selections")
-            check.expect(f"DCM head overlap ({o.group}), base in ft", o.base_in_ft, want.base_in_ft)
-            check.expect(f"DCM head overlap ({o.group}), Jaccard", o.jaccard, want.jaccard)
+        _expect_overlap(check, "DCM head overlap", dcm_rows, derived, "the DCM selections")
     elif dcm_rows:
         notes.append(f"DCM head overlap over {len(seeds)} seeds is not re-derivable from the scorecard (written "
                      "before every seed's DCM selections were kept: it has the first seed's): checked for range only")
