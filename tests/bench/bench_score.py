@@ -21,7 +21,8 @@ from pathlib import Path
 
 
 def calibrate(model_ref: str, repeats: int = 3) -> float:
-    """Seconds of one plain 16 x 90-token forward pass of ``model_ref`` (a 7-box prompt is about 90
+    """Seconds of one plain forward pass of ``model_ref`` over a fixed 16 x 90-token batch of random
+    tokens (a fixed shape, not a prompt: the same work on every machine; tiny-base's 7-box prompts are 53
     tokens): the machine's unit, so totals from different machines can be compared as multiples of it."""
     import torch
 
