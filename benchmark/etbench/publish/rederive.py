@@ -25,8 +25,8 @@ from etbench.core.stats import (
     Estimate,
     mib_ci,
     mib_normalised,
+    normalised_gain,
     paired_bootstrap_diff,
-    paired_bootstrap_ratio,
     proportion_ci,
     ratio_of_sums_ci,
     to_estimate,
@@ -283,10 +283,8 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
             p = [float(x) for x in patched]
             check.expect(f"{what} gain", c.gain,
                          to_estimate(paired_bootstrap_diff(base, p, seed=seed, n_resamples=N_RESAMPLES)))
-            num = [a - b for a, b in zip(p, base)]
-            den = [a - b for a, b in zip(ft, base)]
             check.expect(f"{what} normalised gain", c.normalised_gain,
-                         to_estimate(paired_bootstrap_ratio(num, den, seed=seed, n_resamples=N_RESAMPLES)))
+                         normalised_gain(base, ft, p, seed=seed, n_resamples=N_RESAMPLES))
     for s in card.semantics:
         check.within(f"semantics check accuracy ({s.heads_of} heads into {s.model}, {s.group}, {s.desideratum})",
                      s.accuracy)

@@ -112,7 +112,7 @@ class CmapScore:
     group: str  # a GROUPS name or "full"
     patched_accuracy: Estimate
     gain: Estimate  # patched - base accuracy (paired CI)
-    normalised_gain: Estimate  # (patched - base) / (ft - base); value None when ft == base
+    normalised_gain: Estimate  # (patched - base) / (ft - base); value None when the ft - base CI contains 0
     # which fine-tuned heads were patched: "dcm" (the paper's rule: A = DCM object-value heads, B and C =
     # DCM positional heads, D = the whole group) or "circuit" (every head of the ft circuit's groups)
     heads: str = "dcm"
