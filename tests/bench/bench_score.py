@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import resource
-import shutil
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -46,8 +46,14 @@ def main() -> None:
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", default=None, help="output directory (emptied first); default a temp dir")
+    ap.add_argument("--out", default=None, help="output directory, new or empty (a stage cache left in it would be timed as "
+                    "nothing); default a temp dir")
     args = ap.parse_args()
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_score_"))
+    # a benchmark never deletes what it did not create: a used directory is refused, not emptied
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"bench_score: error: --out {out} exists and is not an empty directory", file=sys.stderr)
+        raise SystemExit(2)
 
     import torch
 
@@ -57,9 +63,6 @@ def main() -> None:
     from etbench.publish.terminal import format_scorecard
 
     unit = calibrate(args.base)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_score_"))
-    if out.exists():
-        shutil.rmtree(out)
     start = time.perf_counter()
     run = score(args.base, args.ft, out, preset=args.preset, seed=args.seed, progress=False)
     total = time.perf_counter() - start
