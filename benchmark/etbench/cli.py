@@ -177,13 +177,18 @@ def score_many_cmd(
     typer.echo(distributed.format_results(results))
 
 
-@circuit_app.command("discover")
+@circuit_app.command("discover", help=(
+    "Find the four head groups (A value fetcher, B position transmitter, C position detector, D structure "
+    "reader) by path patching, then size the circuit and prune by minimality.\n\n"
+    "Time on a CPU: the defaults (--fast, --n 16, no pruning; the quick preset's circuit stage) take 81 s "
+    "for the whole command on tiny-base on 2 idle AVX2 cores (65 forward passes); --n 32 halves the "
+    "ranking's sampling variance for twice the passes (153 s). tests/bench/bench_discover.py times the command."))
 def circuit_discover(
     model: str = typer.Option(..., "--model", "-m", help="Alias, hub id, directory, .gguf or adapter dir."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the circuit JSON."),
     exact: bool = typer.Option(False, "--exact", help="Path patching of every head (the paper's method)."),
     fast: bool = typer.Option(False, "--fast", help="Attribution screen + exact verification (default)."),
-    n: int = typer.Option(32, "--n", help="Base prompts for path patching (the paper: 300; the quick preset: 32)."),
+    n: int = typer.Option(16, "--n", help="Base prompts for path patching (the paper: 300; the quick preset: 16)."),
     seed: int = typer.Option(0, help="Seed of the prompts and noise pairs."),
     size: str = typer.Option("top-k", "--size", help="How the circuit's size is chosen: 'top-k' (the paper's k "
                              "per group) or 'faithfulness' (grown along the ranking to --target x the ceiling of "
@@ -194,23 +199,21 @@ def circuit_discover(
                                              "(paper; default with --exact), 'single' or 'none' (default with "
                                              "--fast, as in the quick preset: on the tiny models 'single' pruned "
                                              "the fast circuits to 1 and 0 heads). Pruning is most of the time "
-                                             "of a run on a CPU. The defaults (--fast, --n 32, no pruning) are "
-                                             "the quick preset's circuit stage: 34-36 s of search on tiny-base on "
-                                             "2 idle cores, plus start-up and model load "
-                                             "(tests/bench/bench_discover.py times the whole command)."),
+                                             "of a run on a CPU."),
     batch_size: int = typer.Option(16, "--batch-size"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
-    """Find the four head groups (A value fetcher, B position transmitter, C position detector,
-    D structure reader) by path patching, then size the circuit and prune by minimality."""
+    # the help text (with its timings) is the decorator's help=
     from etbench import models
     from etbench.metrics import discovery
+    from etbench.schema.circuit import check_sizing
 
     if exact and fast:
         _fail("--exact and --fast exclude each other")
     _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
+    check_sizing(size, target)
     check_output_file(out)
     models.resolve(model)
     loaded = models.load(model, dtype=dtype, device=device)

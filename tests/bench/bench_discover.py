@@ -1,7 +1,7 @@
 """Benchmark (not a test): `etbench circuit discover --model tiny-base --fast` as a first-time user runs it.
 
 Issue #12's acceptance point: with its default settings the command finishes in <= 2 min on 2 idle
-cores. This script runs the command itself (a child process, so start-up and model load count) and
+cores (defaults: --fast, --n 16, no pruning). This script runs the command itself (a child process, so start-up and model load count) and
 prints wall time, CPU time (user + sys of the child: less sensitive to other load than wall time),
 the load average around the run, and the command's own per-phase wall times and forward passes.
 

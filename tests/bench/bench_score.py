@@ -1,7 +1,9 @@
 """Benchmark (prints figures; not a test): the whole scorecard of a model pair, stage by stage.
 
 Runs ``etbench score`` from an empty output directory (nothing cached) and prints each stage's wall
-time and peak resident memory, the total, and the scorecard's headline numbers. Run it on an idle
+time and peak resident memory, the total, and the scorecard's headline numbers. It first times one
+plain 16 x 90-token forward pass of the base model (the "machine unit") and prints the total as a
+multiple of it, so figures from machines of different speed can be compared. Run it on an idle
 machine: on the 2-core reference machine every other process shows up in the figures.
 
     python tests/bench/bench_score.py                      # the embedded pair, quick preset
@@ -12,10 +14,29 @@ from __future__ import annotations
 
 import argparse
 import resource
-import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def calibrate(model_ref: str, repeats: int = 3) -> float:
+    """Seconds of one plain forward pass of ``model_ref`` over a fixed 16 x 90-token batch of random
+    tokens (a fixed shape, not a prompt: the same work on every machine; tiny-base's 7-box prompts are 53
+    tokens): the machine's unit, so totals from different machines can be compared as multiples of it."""
+    import torch
+
+    from etbench.mech.forward import forward
+    from etbench.models import load
+
+    model = load(model_ref).model
+    ids = torch.randint(100, 10_000, (16, 90), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        forward(model, ids)  # warm-up: first-call allocations
+        start = time.perf_counter()
+        for _ in range(repeats):
+            forward(model, ids)
+    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -25,8 +46,14 @@ def main() -> None:
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", default=None, help="output directory (emptied first); default a temp dir")
+    ap.add_argument("--out", default=None, help="output directory, new or empty (a stage cache left in it would be timed as "
+                    "nothing); default a temp dir")
     args = ap.parse_args()
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_score_"))
+    # a benchmark never deletes what it did not create: a used directory is refused, not emptied
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"bench_score: error: --out {out} exists and is not an empty directory", file=sys.stderr)
+        raise SystemExit(2)
 
     import torch
 
@@ -35,9 +62,7 @@ def main() -> None:
     from etbench.api import score  # what `etbench score` runs (scorecard + report)
     from etbench.publish.terminal import format_scorecard
 
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_score_"))
-    if out.exists():
-        shutil.rmtree(out)
+    unit = calibrate(args.base)
     start = time.perf_counter()
     run = score(args.base, args.ft, out, preset=args.preset, seed=args.seed, progress=False)
     total = time.perf_counter() - start
@@ -48,6 +73,8 @@ def main() -> None:
         print(f"{name:22} {secs:>8.1f} {run.peak_rss_mb.get(name, float('nan')):>12.0f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{'total (incl. loads)':22} {total:>8.1f} {peak:>12.0f}")
+    print(f"machine unit: one 16 x 90-token forward of {args.base} takes {unit:.2f} s; "
+          f"total = {total / unit:.0f} units")
     if run.cached_stages:
         print(f"from cache (not timed): {', '.join(run.cached_stages)}")
     print(f"scorecard: {run.path}")

@@ -536,7 +536,8 @@ def _add_discovery_scores(card: dict, items: list) -> list:
                 scored.append((outside, [-2.2 if i % 5 == 0 else -0.6 for i in range(32)]))  # mean -0.95
             rows += [{"measure": "discovery_score", "model": circuit["name"], "group": group, "layer": lh[0],
                       "head": lh[1], "item": i, "score": x} for lh, xs in scored for i, x in enumerate(xs)]
-    return items + rows
+    # the forged scores replace any the card has (a card scored since issue #12 keeps them)
+    return [r for r in items if r.get("measure") != "discovery_score"] + rows
 
 
 FORGERIES: dict[str, tuple[str, Callable[[dict, list], list | None]]] = {
@@ -648,7 +649,12 @@ def test_genuine_card_is_accepted(genuine_card):
     submissions.check_scorecard(sub, sub.scorecard)  # the control: re-derivation agrees with a real card
 
 
-@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+#: Forgeries submit does not catch yet, each with the reason (strict: the test fails once the gap is closed).
+KNOWN_GAPS: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("forgery", [pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN_GAPS[f], strict=True))
+                                     if f in KNOWN_GAPS else f for f in sorted(FORGERIES)])
 def test_forged_scorecard_is_rejected_naming_the_field(genuine_card, tmp_path, forgery):
     root = _forge(genuine_card, tmp_path, forgery)
     sub = submissions.parse(root / "submissions" / "example-ft.yaml")

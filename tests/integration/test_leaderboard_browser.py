@@ -37,11 +37,30 @@ window.addEventListener('load', function () {
   var initial = order();
   ths[col].click(); var asc = order();
   ths[col].click(); var desc = order();
+  // every column once, ascending: header -> the column's data-sort values in the order shown
+  var everyColumn = {};
+  for (var c = 0; c < ths.length; c++) {
+    ths[c].click(); if (ths[c].getAttribute('aria-sort') !== 'ascending') ths[c].click();
+    everyColumn[ths[c].textContent] = Array.prototype.map.call(
+      document.querySelectorAll('#leaderboard tbody tr'), function (r) { return r.cells[c].getAttribute('data-sort'); });
+  }
   setTimeout(function () {
     var pre = document.createElement('pre'); pre.id = 'etbench-test';
     pre.textContent = JSON.stringify({initial: initial, asc: asc, desc: desc, violations: violations,
+      everyColumn: everyColumn,
       resources: performance.getEntriesByType('resource').length,
-      links: Array.prototype.map.call(document.querySelectorAll('a'), function (a) { return a.getAttribute('href'); })});
+      // HTML links and the SVG figures' links (xlink:href) alike
+      links: Array.prototype.map.call(document.querySelectorAll('a'), function (a) {
+        return a.getAttribute('href') || a.getAttributeNS('http://www.w3.org/1999/xlink', 'href'); }),
+      figures: Array.prototype.map.call(document.querySelectorAll('figure'), function (f) {
+        var svg = f.querySelector('svg'), box = svg ? svg.getBoundingClientRect() : null;
+        return {id: f.id, width: box ? box.width : 0, height: box ? box.height : 0,
+                markers: svg ? svg.querySelectorAll('a').length : 0}; }),
+      matrix: Array.prototype.map.call(document.querySelectorAll('table.matrix td.pair'), function (td) {
+        var a = td.querySelector('a');
+        return {a: td.getAttribute('data-a'), b: td.getAttribute('data-b'), status: td.getAttribute('data-status'),
+                text: td.textContent, href: a ? a.getAttribute('href') : null,
+                visible: td.getBoundingClientRect().width > 0}; })});
     document.body.appendChild(pre);
   }, 200);
 });
@@ -84,9 +103,37 @@ def test_page_renders_all_rows_sorts_and_fetches_nothing(board, tmp_path):
     asc, desc = _values(result["asc"]), _values(result["desc"])
     assert len(asc) == 6 and asc == sorted(asc) and desc == sorted(desc, reverse=True)
     assert result["resources"] == 0 and result["violations"] == 0
-    assert set(result["links"]) == {"reports/synthetic-ft-a.html", "reports/synthetic-ft-b.html"}
+    assert set(result["links"]) == {"reports/synthetic-ft-a.html", "reports/synthetic-ft-b.html",
+                                    "reports/compare/synthetic-ft-a__synthetic-ft-b.html"}
     for link in result["links"]:
         assert (board / link).is_file()
+
+
+def test_page_renders_figures_and_the_comparison_matrix(board, tmp_path):
+    result = run_page(_with_harness(board), tmp_path)
+    figures = {f["id"]: f for f in result["figures"]}
+    assert set(figures) == {"figure-gain-vs-cmap", "figure-overlap-by-group"}
+    for f in figures.values():
+        assert f["width"] > 100 and f["height"] > 100, f  # drawn, not an empty box
+        assert f["markers"] >= 2  # each measured row's marker is a link to its report
+    (cell,) = result["matrix"]
+    assert (cell["a"], cell["b"], cell["status"]) == ("synthetic-ft-a", "synthetic-ft-b", "compared")
+    assert cell["visible"] and "Δacc" in cell["text"] and "Holm" in cell["text"]
+    assert (board / cell["href"]).is_file()
+    assert (board / cell["href"]).read_text().count("accuracy, 7 boxes") == 1
+
+
+def test_every_metric_column_sorts(board, tmp_path):
+    result = run_page(_with_harness(board), tmp_path)
+    metric_headers = [h for k, h, kind in lb.COLUMNS if kind in ("est", "p")]
+    assert set(metric_headers) <= set(result["everyColumn"])
+    for header in metric_headers:
+        shown = result["everyColumn"][header]
+        values = [float(v) for v in shown if v != ""]
+        assert values == sorted(values), header
+        assert shown[:len(values)] == [v for v in shown if v != ""], header  # rows without a value last
+    gains = [float(v) for v in result["everyColumn"]["Accuracy gain (ft − base)"] if v != ""]
+    assert len(gains) == 6  # both measured rows and the four paper rows
 
 
 def test_harness_detects_a_network_request(board, tmp_path):

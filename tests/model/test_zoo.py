@@ -4,6 +4,7 @@ and its accuracy on the first 100 canonical 7-box items matches the model card's
 from __future__ import annotations
 
 import pytest
+from peft import PeftModel
 
 from etbench import models
 from etbench.core.io import read_json
@@ -28,7 +29,7 @@ def test_shipped_adapter_loads_and_matches_its_card(name, card):
     assert (ASSET_DIR / name / "adapter_config.json").is_file(), f"{name}: adapter not shipped"
     loaded = models.load(name)
     assert loaded.kind == "peft" and not loaded.merged
-    assert type(loaded.model).__name__ == "PeftModel"
+    assert isinstance(loaded.model, PeftModel)  # PeftModelForCausalLM for a causal-LM adapter config
     examples = prompts.generate(7, prompts.CANONICAL_N, seed=prompts.CANONICAL_SEED)[:TEST_SUBSET]
     k = evaluate(loaded.model, loaded.tokenizer, examples, batch_size=25, progress=False).ci.k
     recorded = card[name][f"7_first{TEST_SUBSET}"]

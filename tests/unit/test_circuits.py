@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -101,7 +102,9 @@ def test_paper_circuits_match_the_reference(name, sizes, distinct):
 def test_shipped_tiny_base_circuit():
     c = load_circuit("tiny-base")
     assert (c.n_layers, c.n_heads, c.model) == (30, 9, "tiny-base") and c.size > 0
-    assert c.method == "attribution+path_patching" and all(n.score < 0 for n in c.nodes())
+    # sized by faithfulness: grown by size of effect, so heads whose patch raises p(answer) (score > 0) are in it
+    assert c.method == "attribution+path_patching" and all(math.isfinite(n.score) for n in c.nodes())
+    assert c.parameters["size"] == "faithfulness" and c.parameters["growth_order"] == "magnitude"
 
 
 def test_unknown_paper_circuit():

@@ -26,10 +26,18 @@ def test_data_generate_reproduces_the_template(tmp_path):
         (["data", "generate", "--format", "xml"], "--format"),
         (["accuracy", "--model", "/no/such/model"], "/no/such/model"),
         (["accuracy", "--model", "./", "--n-boxes", "30"], "between 2 and 26"),
+        # refused before the model is resolved or loaded (a 7B load is minutes)
+        (["circuit", "discover", "--model", "/no/such/model", "--out", "c.json", "--size", "faithfulnes"],
+         "size rule"),
+        (["circuit", "discover", "--model", "/no/such/model", "--out", "c.json", "--size", "faithfulness",
+          "--target", "1.5"], "target fraction"),
+        (["circuit", "discover", "--model", "/no/such/model", "--out", "c.json", "--size", "faithfulness",
+          "--target", "nan"], "target fraction"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, fragment, tmp_path):
-    assert_one_line_error(etbench(*args), fragment)
+    assert_one_line_error(etbench(*args, cwd=tmp_path), fragment)
+    assert not any(tmp_path.iterdir())
 
 
 def test_tasks_path_points_at_the_task_yamls():

@@ -41,9 +41,11 @@ def _tree(d: Path) -> dict[str, bytes]:
 def test_build_writes_all_formats_and_rebuild_is_byte_identical(built):
     out = built / "leaderboards"
     first = _tree(out)
-    assert set(first) == {"leaderboard.csv", "leaderboard.json", "leaderboard.md", "index.html",
+    assert set(first) == {"leaderboard.csv", "leaderboard.json", "leaderboard.md", "index.html", "comparisons.json",
                           "reports/synthetic-ft-a.md", "reports/synthetic-ft-a.html",
-                          "reports/synthetic-ft-b.md", "reports/synthetic-ft-b.html", lb.MANIFEST_NAME}
+                          "reports/synthetic-ft-b.md", "reports/synthetic-ft-b.html",
+                          "reports/compare/synthetic-ft-a__synthetic-ft-b.md",
+                          "reports/compare/synthetic-ft-a__synthetic-ft-b.html", lb.MANIFEST_NAME}
     lb.build(built)
     assert _tree(out) == first
 
@@ -76,7 +78,9 @@ def test_csv_markdown_html_agree(built):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 6 and rows[0]["name"] == "synthetic-ft-a" and rows[0]["accuracy_low"]
     md = (out / "leaderboard.md").read_text()
-    assert "reported by the paper, not measured here" in md and md.count("\n| ") == 7
+    assert "reported by the paper, not measured here" in md
+    table = md.split("\n## ")[0]  # the leaderboard table; the comparison matrix follows it
+    assert table.count("\n| ") == 7
     page = (out / "index.html").read_text()
     assert "default-src 'none'" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
@@ -120,3 +124,54 @@ def test_committed_leaderboard_is_what_build_produces(tmp_path):
         pytest.skip("no generated leaderboards/ in this checkout")
     lb.build(repo, out_dir=tmp_path / "out")
     assert _tree(tmp_path / "out") == _tree(repo / "leaderboards"), "run `etbench leaderboard build` and commit"
+
+
+def _hrefs(page: str) -> list[str]:
+    """Targets of the page's links, HTML and SVG (not the SVG's own ``<use xlink:href="#...">``)."""
+    return re.findall(r'<a [^>]*?(?:xlink:)?href="([^"]+)"', page)
+
+
+def test_every_link_of_the_page_resolves_and_measured_numbers_link_to_their_report(built):
+    out = built / "leaderboards"
+    page = (out / "index.html").read_text()
+    links = _hrefs(page)
+    assert links and all((out / link).is_file() for link in links), links
+    assert "reports/compare/synthetic-ft-a__synthetic-ft-b.html" in links
+    for name in ("synthetic-ft-a", "synthetic-ft-b"):
+        row = re.search(rf'<tr class="measured" data-name="{name}">(.*?)</tr>', page).group(1)
+        numbers = [td for td in re.findall(r"<td[^>]*>(.*?)</td>", row) if re.search(r"\d\.\d", td)]
+        assert len(numbers) == 7 and all(f'<a href="reports/{name}.html">' in td for td in numbers), numbers
+
+
+def test_page_has_figures_and_matrix(built):
+    out = built / "leaderboards"
+    page = (out / "index.html").read_text()
+    figures = re.findall(r'<figure id="([^"]+)"><svg', page)
+    assert figures == ["figure-gain-vs-cmap", "figure-overlap-by-group"]
+    gain = page[page.index('<figure id="figure-gain-vs-cmap">'):page.index('<figure id="figure-overlap-by-group">')]
+    # both measured rows are drawn and linked; the paper's Goat/FLoat points are labelled as reported
+    assert gain.count('xlink:href="reports/synthetic-ft-a.html"') >= 1 and "FLoat-7B (reported)" in gain
+    assert page.count('<td class="pair') == 1 and 'data-a="synthetic-ft-a" data-b="synthetic-ft-b"' in page
+    data = json.loads((out / "comparisons.json").read_text())
+    (group,) = data["groups"]
+    assert group["members"] == ["synthetic-ft-a", "synthetic-ft-b"] and data["alone_on_their_base"] == []
+    (cell,) = group["pairs"]
+    assert cell["status"] == "compared" and (out / cell["report"]).is_file()
+    # the fixtures' planted accuracies (0.75 vs 0.6 on the same 120 items) show as a significant cell
+    assert cell["accuracy"]["difference"] < 0 and cell["accuracy"]["p_adjusted"] < 0.05
+    assert 'class="pair significant"' in page
+    acc = json.loads((out / "leaderboard.json").read_text())["rows"]
+    by_name = {r["name"]: r for r in acc}
+    # the matrix's difference is the two rows' 7-box accuracies apart, on the same 120 items
+    assert cell["accuracy"]["difference"] == pytest.approx(by_name["synthetic-ft-b"]["accuracy"]["value"]
+                                                           - by_name["synthetic-ft-a"]["accuracy"]["value"])
+    assert "| synthetic-ft-b | " in (out / "leaderboard.md").read_text()
+
+
+def test_a_row_alone_on_its_base_gets_no_matrix(tmp_path):
+    root = make_store(tmp_path, names=("synthetic-ft-a",))
+    lb.build(root)
+    out = root / "leaderboards"
+    data = json.loads((out / "comparisons.json").read_text())
+    assert data["groups"] == [] and data["alone_on_their_base"] == ["synthetic-ft-a"]
+    assert 'class="matrix"' not in (out / "index.html").read_text() and not (out / "reports" / "compare").exists()

@@ -138,3 +138,38 @@ def test_report_and_terminal_show_ceilings_mib_sizing_and_cmap_head_sets(card_a)
     assert "target 0.540 not reached" in doc.markdown and "| circuit " in doc.markdown
     text = format_scorecard(card)
     assert "ceilings of the circuit form" in text and "0.300 [0.200, 0.400]" in text
+    # the random-circuit range is min/max over draws, under a header that says "95% CI" for the others
+    assert "random circuit acc (mean [min, max] over draws)" in text
+
+
+def test_sizing_of_a_model_at_zero_accuracy_and_the_growth_curve_are_shown(card_a):
+    # a fine-tune at 0 accuracy: grow_circuit's target is NaN, stored as null (JSON has no NaN)
+    from etbench.publish.terminal import format_scorecard
+
+    undefined = {"target_fraction": 0.9, "target_faithfulness": None, "reached": False, "chosen": {},
+                 "note": "nothing to grow: the model or the form's ceiling scores 0 on these prompts", "curve": []}
+    grown = {"target_fraction": 0.9, "target_faithfulness": 0.434, "reached": False, "chosen": {},
+             "note": "target 0.434 not reached: the best circuit reached 0.300 (form ceiling 0.482)",
+             "curve": [{"size": 0, "faithfulness": 0.07}, {"size": 27, "faithfulness": 0.21},
+                       {"size": 1080, "faithfulness": 0.3}]}
+    circuits = [sc.CircuitSummary(**{**c.__dict__, "size_rule": "faithfulness", "sizing": s})
+                for c, s in zip(card_a.card.circuits, (undefined, grown))]
+    card = sc.Scorecard(**{**card_a.card.__dict__, "circuits": circuits})
+    doc = report.scorecard_report(card, card_a.items)
+    assert "target undefined" in doc.markdown and "nothing to grow" in doc.markdown
+    assert "0→0.070, 27→0.210, 1080→0.300" in doc.markdown  # the curve: the record of the search
+    text = format_scorecard(card)
+    assert "not reached" in text and "27→0.210" in text and "target undefined" in text
+
+
+def test_comparisons_print_no_width_zero_interval():
+    # a ratio of a circuit that keeps no item is 0 in every resample: "0.000 [0.000, 0.000]" read as certainty
+    point = stats.Interval(0.0, 0.0, 0.0, 50, "paired-bootstrap-percentile", note="no variation across items")
+    wide = stats.Interval(0.2, 0.1, 0.3, 50, "paired-bootstrap-percentile")
+    comp = report.Comparison("t", "a", "b", gains=[report.GainTest("faithfulness of the ft circuit on ft", point, None,
+                                                                   "", True),
+                                                   report.GainTest("CMAP gain, full", wide, 0.01, "perm", True)])
+    text = report.format_comparison(comp)
+    assert "[0.000, 0.000]" not in text and "[0.100, 0.300]" in text
+    rows = report._comparison_rows(comp)
+    assert "[0.000, 0.000]" not in rows[0][1] and "no variation across items" in rows[0][4]

@@ -120,3 +120,29 @@ def test_magnitude_order_puts_exact_heads_first_by_size_of_effect_either_sign():
     exact = [[True, True, True], [True, True, False]]
     search = GroupSearch("value_fetcher", [], scores, exact, None, [], {}, 0.0)
     assert magnitude_order(search) == [(0, 1), (0, 0), (1, 0), (1, 1), (0, 2), (1, 2)]
+
+
+def test_a_preset_with_a_bad_size_rule_is_refused_before_anything_runs():
+    from dataclasses import replace
+
+    from etbench.scoring.presets import SCORE_PRESETS, resolve_preset
+
+    quick = SCORE_PRESETS["quick"]
+    with pytest.raises(EtbenchError, match="size rule"):
+        resolve_preset(replace(quick, circuit_size="faithfulnes"))
+    with pytest.raises(EtbenchError, match="target fraction"):
+        resolve_preset(replace(quick, circuit_size="faithfulness", target_fraction=0.0))
+    for name in SCORE_PRESETS:
+        assert resolve_preset(name) == SCORE_PRESETS[name]
+
+
+def test_a_non_finite_score_ranks_last_and_leaves_the_order_of_the_others_intact():
+    # one NaN effect (p_clean underflowed to 0) compared false with every score: the ranking came back in input
+    # order, 0.1 first and 0.9 third
+    from etbench.metrics.discovery import GroupSearch, magnitude_order, most_negative_first
+
+    nan = float("nan")
+    search = GroupSearch("value_fetcher", [], [[0.1, nan, 0.9, -0.5, 0.3]], [[True] * 5], None, [], {}, 0.0)
+    assert magnitude_order(search) == [(0, 2), (0, 3), (0, 4), (0, 0), (0, 1)]
+    scores = [0.1, nan, -0.9, float("-inf"), -0.5]
+    assert sorted(range(5), key=lambda i: most_negative_first(scores[i])) == [2, 4, 0, 1, 3]

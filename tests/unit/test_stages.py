@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from etbench.scoring.stages import StageCache, _rss_mb
+from support.stage_reads import stage_reads
 
 
 def test_stage_runs_once_and_recomputes_when_its_inputs_change(tmp_path):
@@ -55,3 +56,63 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     before, peak, after = map(float, out.split())
     assert peak >= before + 250 and after < peak - 250
+
+
+def test_schedule_computes_own_stages_now_and_reads_others_on_first_use(tmp_path):
+    from etbench.scoring.stages import COMPUTE, HAND_OFF, WAIT, StagesHandedOff
+
+    plan = {"mine": COMPUTE, "theirs": WAIT, "end": HAND_OFF}.get
+    worker = StageCache(tmp_path, plan=plan, poll_s=0.01, wait_s=5)
+    read: list[str] = []
+    mine = worker.schedule("mine", lambda: read.append("mine") or {}, lambda: 1)
+    assert read == ["mine"] and worker.ran == ["mine"]  # computed when the pipeline reached it
+    theirs = worker.schedule("theirs", lambda: read.append("theirs") or {"k": 1}, lambda: pytest.fail("not mine"))
+    assert read == ["mine"]  # not even its key is built before it is used
+    StageCache(tmp_path).run("theirs", {"k": 1}, lambda: 2)  # the other worker stores it
+    assert (mine.value, theirs.value, theirs.value) == (1, 2, 2) and read == ["mine", "theirs"]
+    with pytest.raises(StagesHandedOff) as handed:
+        worker.schedule("end", lambda: pytest.fail("not read"), lambda: pytest.fail("not run"))
+    assert handed.value.stage == "end" and set(handed.value.timings) == {"mine"}
+
+
+def test_score_many_sides_compute_their_own_stages_before_waiting_on_the_other():
+    """Each side computes its own stages as early as their inputs allow and waits for a stage of the
+    other side only right before the first stage that reads it. The base side used to wait for
+    faithfulness_ft (and the ft side for the base's three DCM seeds) before starting its own DCM."""
+    from functools import partial
+
+    from etbench.scoring.distributed import side_plan, stage_side
+    from etbench.scoring.stages import COMPUTE, WAIT
+
+    seeds = [f"dcm_{{}}_seed{s}" for s in (0, 1, 2)]  # the standard preset's DCM seeds
+
+    def own(side, *names):
+        return [(name.format(side), COMPUTE) for name in names]
+
+    base, handed_at = stage_reads(partial(side_plan, "base"))
+    assert base == [*own("base", "accuracy_{}", "circuit_{}", *seeds),
+                    ("circuit_ft", WAIT), *own("base", "faithfulness_{}", "semantics_{}")]
+    assert handed_at == "cmap"  # the ft side's pair check, stages, semantics and CMAP are never read
+
+    ft, handed_at = stage_reads(partial(side_plan, "ft"))
+    assert handed_at is None
+    assert ft == [("models", COMPUTE), *own("ft", "accuracy_{}", "circuit_{}", *seeds),
+                  ("circuit_base", WAIT), ("faithfulness_ft", COMPUTE),
+                  ("dcm_base_seed0", WAIT), ("semantics_ft", COMPUTE), ("cmap", COMPUTE),
+                  # then the scorecard reads the base side's remaining results
+                  ("accuracy_base", WAIT), ("faithfulness_base", WAIT), ("dcm_base_seed1", WAIT),
+                  ("dcm_base_seed2", WAIT), ("semantics_base", WAIT)]
+    # every stage is computed by one side: the side stage_side names
+    computed = [(name, side) for side, reqs in (("base", base), ("ft", ft)) for name, how in reqs if how == COMPUTE]
+    assert len(computed) == len({name for name, _ in computed}) == 16
+    assert all(stage_side(name) == side for name, side in computed)
+
+
+def test_a_single_process_score_computes_every_stage_once_in_pipeline_order():
+    from etbench.scoring.stages import COMPUTE
+
+    requests, handed_at = stage_reads(None)
+    names = ["models", "accuracy_base", "accuracy_ft", "circuit_base", "circuit_ft",
+             *[f"dcm_{w}_seed{s}" for w in ("base", "ft") for s in (0, 1, 2)],
+             "faithfulness_base", "faithfulness_ft", "semantics_base", "semantics_ft", "cmap"]
+    assert handed_at is None and requests == [(name, COMPUTE) for name in names]

@@ -149,3 +149,26 @@ def test_ratio_drops_resamples_with_a_zero_denominator_and_says_so():
     r = stats.paired_bootstrap_ratio(num, den, n_resamples=499)
     assert r.value == 1.0 and r.low == 1.0 and r.high == 1.0
     assert "resamples undefined" in r.note
+
+
+def test_normalised_gain_undefined_when_the_gain_ci_contains_zero():
+    """A null fine-tune (tiny-null's case): ft and base differ on a few items each way, so ft - base is ~0
+    and its CI straddles 0; the ratio would be unbounded, so it is undefined, with the gain in the note."""
+    base = [1.0] * 40 + [0.0] * 60
+    ft = [1.0] * 38 + [0.0, 0.0] + [1.0, 1.0, 1.0] + [0.0] * 57  # 2 lost, 3 gained: +0.01
+    patched = [1.0] * 41 + [0.0] * 59
+    e = stats.normalised_gain(base, ft, patched, seed=0, n_resamples=500)
+    assert e.value is None and e.low is None and e.high is None and e.n == 100
+    assert "normalised gain undefined" in e.note and "+0.010" in e.note
+    # equal accuracies say so
+    same = stats.normalised_gain(base, base, patched, seed=0, n_resamples=500)
+    assert same.value is None and "equals base accuracy" in same.note
+
+
+def test_normalised_gain_defined_when_the_gain_is_clear():
+    base = [1.0] * 40 + [0.0] * 60
+    ft = [1.0] * 80 + [0.0] * 20  # +0.40
+    patched = [1.0] * 60 + [0.0] * 40  # half of the gain
+    e = stats.normalised_gain(base, ft, patched, seed=0, n_resamples=500)
+    assert e.value == pytest.approx(0.5)
+    assert e.low < 0.5 < e.high and e.note == ""

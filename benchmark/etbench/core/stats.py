@@ -212,6 +212,22 @@ def paired_bootstrap_ratio(num: Sequence[float], den: Sequence[float], *, seed: 
                           method=method, label=f"paired-bootstrap-{method}")
 
 
+def normalised_gain(base: Sequence[float], ft: Sequence[float], patched: Sequence[float], *, seed: int,
+                    n_resamples: int) -> Estimate:
+    """(patched - base) / (ft - base) accuracy over the same items, with its paired bootstrap CI; value None
+    (with a note) when the fine-tuned model's gain over the base has a paired 95% CI containing 0, where
+    the ratio is unbounded. Scoring and the submission check both call this."""
+    gap = paired_bootstrap_diff(base, ft, seed=seed, n_resamples=n_resamples)
+    if gap.value is None or gap.value == 0 or (gap.low is not None and gap.low <= 0 <= gap.high):
+        shown = "equals" if not gap.value else "is not clearly different from"
+        gain = format_estimate(gap.value, gap.low, gap.high, signed=True)
+        return Estimate(None, None, None, len(base), "paired-bootstrap-percentile", gap.level,
+                        f"fine-tuned accuracy {shown} base accuracy (gain {gain}): normalised gain undefined")
+    ratio = paired_bootstrap_ratio([p - b for p, b in zip(patched, base)], [f - b for f, b in zip(ft, base)],
+                                   seed=seed, n_resamples=n_resamples)
+    return to_estimate(ratio)
+
+
 def paired_bootstrap(data: Sequence[Sequence[float]], statistic, *, seed: int = 0, level: float = 0.95,
                      n_resamples: int = DEFAULT_RESAMPLES, method: BootMethod = "percentile",
                      label: str = "paired-bootstrap") -> Interval:

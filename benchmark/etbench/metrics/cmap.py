@@ -24,7 +24,9 @@ Scores
 ------
 ``gain = patched - base`` accuracy and ``normalised gain = (patched - base) / (ft - base)``, each with a
 paired bootstrap CI over items (``etbench.core.stats``); the normalised gain is undefined (value None, with a
-note) when the fine-tuned and base accuracies are equal. Per-item rows go to the scorecard side file.
+note) when the fine-tuned model's accuracy gain over the base is not clearly nonzero (its paired 95% CI
+contains 0): a ratio whose denominator may be 0 has no bounded interval (Fieller), and its bootstrap
+"CI" is an artefact of the resampling. Per-item rows go to the scorecard side file.
 
 The two models must share their head layout (HeadSpec sizes) and tokenize the prompts identically.
 Heads patched are whatever the caller passes per group; ``paper_patch_heads`` builds the paper's
@@ -45,8 +47,8 @@ from etbench.core.progress import track
 from etbench.core.stats import (
     Proportion,
     format_estimate_of,
+    normalised_gain,
     paired_bootstrap_diff,
-    paired_bootstrap_ratio,
     proportion_ci,
     to_estimate,
 )
@@ -142,13 +144,11 @@ class CmapResult:
         for r in self.runs:
             patched = [float(x) for x in r.correct]
             gain = paired_bootstrap_diff(base, patched, seed=seed, n_resamples=n_resamples)
-            num = [p - b for p, b in zip(patched, base)]
-            den = [f - b for f, b in zip(ft, base)]
-            ratio = paired_bootstrap_ratio(num, den, seed=seed, n_resamples=n_resamples)
-            note = "fine-tuned accuracy equals base accuracy: normalised gain undefined" if ratio.value is None else None
             out.append(CmapScore(variant=r.variant, group=r.group,
                                  patched_accuracy=to_estimate(proportion_ci(sum(r.correct), len(r.correct))),
-                                 gain=to_estimate(gain), normalised_gain=to_estimate(ratio, note)))
+                                 gain=to_estimate(gain),
+                                 normalised_gain=normalised_gain(base, ft, patched, seed=seed,
+                                                                 n_resamples=n_resamples)))
         return out
 
     def item_rows(self) -> list[dict[str, Any]]:

@@ -23,7 +23,16 @@ from etbench.mech.prefix import cache_fits
 from etbench.metrics.ablation import AblationRunner, mean_activations
 from etbench.metrics.sizing import Ceilings, CircuitGrowth, ceilings, grow_circuit
 from etbench.models.load import as_loaded
-from etbench.schema.circuit import DISCOVERY_MODES, GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Node, group_name
+from etbench.schema.circuit import (
+    DISCOVERY_MODES,
+    GROUP_CODES,
+    GROUP_POSITION,
+    GROUPS,
+    Circuit,
+    Node,
+    check_sizing,
+    group_name,
+)
 from etbench.task import prompts
 from etbench.task.counterfactuals import encode_pairs, noise_pairs
 from etbench.task.layout import layouts, pad_batch, pad_id_of, usable_pool
@@ -66,8 +75,6 @@ _RECEIVERS: dict[str, tuple[str, str] | None] = {
 PAPER_RECEIVER_K = {"value_fetcher": 20, "position_transmitter": 5, "position_detector": 10, "structure_reader": 5}
 PAPER_CANDIDATE_K = {"value_fetcher": 58, "position_transmitter": 10, "position_detector": 25, "structure_reader": 5}
 MODES = DISCOVERY_MODES
-#: How a discovered circuit's size is chosen (``discover(size=...)``).
-SIZE_RULES = ("top-k", "faithfulness")
 # How growth orders a group's heads: "magnitude" = exactly scored heads by |score|, then the rest by
 # |attribution|; "signed" = the top-k order (most negative score first). Measured on tiny-base (sizing n 100,
 # mean 500): along the signed order the faithfulness stayed at 0.21-0.30 from 27 to 714 nodes and reached
@@ -505,16 +512,26 @@ class DiscoveryResult:
         """Every (group, head) node ordered by score, most negative first (for faithfulness curves)."""
         nodes = [Node(g, layer, head, s.scores[layer][head]) for g, s in self.searches.items()
                  for layer in range(len(s.scores)) for head in range(len(s.scores[layer]))]
-        return sorted(nodes, key=lambda n: n.score)
+        return sorted(nodes, key=lambda n: most_negative_first(n.score))
+
+
+def most_negative_first(x: float) -> tuple[bool, float]:
+    """Sort key of a score, most negative first and a non-finite one (p_clean underflowed to 0) last: a NaN key
+    compares false with everything, and one NaN left the whole ranking in input order."""
+    return (not math.isfinite(x), x if math.isfinite(x) else 0.0)
 
 
 def magnitude_order(search: GroupSearch) -> list[tuple[int, int]]:
     """A group's heads by the size of their effect, either sign: exactly scored heads by |score|, then the
-    screened rest by |attribution| (the two scores have different scales, so they are not interleaved)."""
+    screened rest by |attribution| (the two scores have different scales, so they are not interleaved).
+    A non-finite score ranks last among its kind."""
     heads = [(layer, head) for layer, row in enumerate(search.scores) for head in range(len(row))]
     exact = [h for h in heads if search.exact[h[0]][h[1]]]
     rest = [h for h in heads if not search.exact[h[0]][h[1]]]
-    by_size = lambda h: (-abs(search.scores[h[0]][h[1]]), h)  # noqa: E731
+
+    def by_size(h: tuple[int, int]) -> tuple[tuple[bool, float], tuple[int, int]]:
+        return most_negative_first(-abs(search.scores[h[0]][h[1]])), h
+
     return sorted(exact, key=by_size) + sorted(rest, key=by_size)
 
 
@@ -546,12 +563,9 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     ``target_fraction`` x the ceiling of the circuit form, both measured on ``sizing_n`` prompts
     (default ``minimality_n``) drawn from the stream of seed ``seed + 1``, so the circuit is not sized on
     the evaluation prompts of the same seed; the result carries the ceilings and the growth record."""
-    if size not in SIZE_RULES:
-        raise EtbenchError(f"circuit size rule must be one of {', '.join(SIZE_RULES)}, got {size!r}")
+    check_sizing(size, target_fraction)
     if growth_order not in GROWTH_ORDERS:
         raise EtbenchError(f"growth order must be one of {', '.join(GROWTH_ORDERS)}, got {growth_order!r}")
-    if size == "faithfulness" and not 0 < target_fraction <= 1:
-        raise EtbenchError(f"target fraction must be in (0, 1], got {target_fraction}")
     if mode not in MODES:
         raise EtbenchError(f"discovery mode must be one of {', '.join(MODES)}, got {mode!r}")
     minimality_mode = minimality_mode or ("pairs" if mode == "exact" else "single")
@@ -599,13 +613,13 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
                                       progress, shared, effects)
             for (layer, head), v in sc.items():
                 scores[layer][head], exact_mask[layer][head] = v, True
-            order = sorted(sc, key=lambda s: sc[s])
+            order = sorted(sc, key=lambda s: most_negative_first(sc[s]))
         else:
             att = attribution_scores(model, hm, encoded, g, receivers, batch_size, pad_id, c, prefix_cache, progress,
                                      shared)
             attribution = att.tolist()
             screen = sorted(((layer, head) for layer in range(spec.n_layers) for head in range(spec.n_heads)),
-                            key=lambda s: attribution[s[0]][s[1]])
+                            key=lambda s: most_negative_first(attribution[s[0]][s[1]]))
             top = screen[: verify[g]]
             sc = path_patching_scores(model, hm, encoded, g, receivers, top, batch_size, pad_id, c, prefix_cache,
                                       progress, shared, effects)
@@ -613,7 +627,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
                 scores[layer] = list(row)
             for (layer, head), v in sc.items():
                 scores[layer][head], exact_mask[layer][head] = v, True
-            order = sorted(top, key=lambda s: sc[s]) + screen[verify[g]:]
+            order = sorted(top, key=lambda s: most_negative_first(sc[s])) + screen[verify[g]:]
         ranked[g] = order
         # the top verify[g] of the ranking: exactly the verified heads in fast mode, as many in exact mode
         item_scores[g] = {tuple(h): effects[tuple(h)] for h in order[: verify[g]]}

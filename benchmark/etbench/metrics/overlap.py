@@ -45,7 +45,7 @@ import numpy as np
 from etbench.core.errors import EtbenchError
 from etbench.core.stats import bootstrap_mean, format_estimate_of, to_estimate
 from etbench.schema.circuit import GROUPS, Circuit, Head, group_name
-from etbench.schema.scorecard import Estimate, OverlapScore
+from etbench.schema.scorecard import DcmSelection, Estimate, OverlapScore
 
 ALL = "all"
 
@@ -280,6 +280,30 @@ def dcm_overlap(base_runs: Sequence[Mapping[str, Iterable[Sequence[int]]]],
             base_in_ft=_seed_estimate([o.base_in_ft for o in ovs], seed, n_resamples, "the base set is empty"),
             jaccard=_seed_estimate([o.jaccard for o in ovs], seed, n_resamples, "both sets are empty")))
     return out
+
+
+def dcm_seed_runs(selections: Iterable[DcmSelection], seeds: Sequence[int],
+                  roles: Mapping[str, str] | None = None) -> tuple[list[dict[str, tuple[Head, ...]]],
+                                                                  list[dict[str, tuple[Head, ...]]]]:
+    """(base runs, fine-tuned runs) for ``dcm_overlap``: per DCM seed, in ``seeds`` order, ``{group: selected
+    heads}`` (``selected_by_group``) from a scorecard's ``dcm_selections``. A seed without selections (DCM
+    not run, an empty circuit) is an empty run. Scoring and ``etbench submit`` both build the DCM overlap
+    from here, so the submitted card is checked by the computation that made it."""
+    seeds = list(seeds)
+    by_seed: dict[tuple[str, int], dict[tuple[str, str], tuple[Head, ...]]] = {
+        (w, s): {} for w in ("base", "ft") for s in seeds}
+    for x in selections:
+        runs = by_seed.get((x.circuit, x.seed))
+        if runs is None:
+            raise EtbenchError(f"a DCM selection of circuit {x.circuit!r} at seed {x.seed!r}, which is not a base/ft "
+                               f"circuit at one of the DCM seeds {seeds}")
+        key = (group_name(x.group), x.desideratum)
+        if key in runs:
+            raise EtbenchError(f"two DCM selections of the {x.circuit} circuit at seed {x.seed} for {key[0]}, "
+                               f"{key[1]}")
+        runs[key] = tuple(sorted(_heads(x.selected_heads)))
+    return ([selected_by_group(by_seed[("base", s)], roles) for s in seeds],
+            [selected_by_group(by_seed[("ft", s)], roles) for s in seeds])
 
 
 #: The desideratum whose DCM heads stand for each group (the paper's CMAP / semantics reading).

@@ -62,6 +62,7 @@ def save_kept_ablation(ablation: KeptAblation, path: Path) -> None:
 
 def load_kept_ablation(path: Path) -> KeptAblation:
     """The file's ablation; a malformed file is one ``EtbenchError`` naming it."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -72,12 +73,25 @@ def load_kept_ablation(path: Path) -> KeptAblation:
             for key in handle.keys():
                 if key.endswith(".heads"):
                     layer = int(key.split(".")[1])
-                    heads = tuple(int(h) for h in handle.get_tensor(key).tolist())
+                    head_ids = handle.get_tensor(key)
+                    if head_ids.is_floating_point() or head_ids.dtype == torch.bool or head_ids.dim() != 1:
+                        raise ValueError(f"{key}: head indices must be a 1-d integer tensor")
+                    heads = tuple(int(h) for h in head_ids.tolist())
                     mean_z = handle.get_tensor(f"layer.{layer}.mean_z")
                     if not 0 <= layer < n_layers or any(not 0 <= h < n_heads for h in heads) \
                             or tuple(mean_z.shape) != (len(heads), d_head) or len(set(heads)) != len(heads):
                         raise ValueError(f"layer {layer}: heads or mean_z out of range")
+                    # folded into a bias, one non-finite mean makes every logit of the model NaN
+                    if not mean_z.is_floating_point() or not torch.isfinite(mean_z).all():
+                        raise ValueError(f"layer {layer}: mean_z is not all finite floats")
                     removed[layer] = (heads, mean_z)
+            # every tensor is one of a layer's pair: a stray or misnamed one means another format, not this one
+            expected = {f"layer.{layer}.{part}" for layer in removed for part in ("heads", "mean_z")}
+            stray = sorted(set(handle.keys()) - expected)
+            if stray:
+                raise ValueError(f"unexpected tensors {stray[:3]}")
+            if not removed:
+                raise ValueError("it removes no head")
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
         raise EtbenchError(f"{path}: not a kept-ablation file ({one_line(err)})") from None
     return KeptAblation(n_layers, n_heads, d_head, removed)
@@ -115,11 +129,23 @@ def _fold(model, ablation: KeptAblation) -> None:
     projections = _output_projections(model)
     if len(projections) != ablation.n_layers:
         raise EtbenchError(f"kept ablation is for {ablation.n_layers} layers, the model has {len(projections)}")
+    # The head layout, not only the width: 4 heads of 8 read the same 32 features as 8 heads of 4, and folding
+    # one for the other would zero the wrong columns. Checked for every layer before any weight changes.
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_heads = getattr(config, "num_attention_heads", None)
+    d_head = getattr(config, "head_dim", None) or (
+        getattr(config, "hidden_size", 0) // n_heads if n_heads else None)
+    if n_heads is not None and (n_heads, d_head) != (ablation.n_heads, ablation.d_head):
+        raise EtbenchError(f"kept ablation is for {ablation.n_heads} heads of width {ablation.d_head}; the model has "
+                           f"{n_heads} heads of width {d_head}")
+    for layer in ablation.removed:
+        if projections[layer][1].in_features != ablation.n_heads * ablation.d_head:
+            raise EtbenchError(f"kept ablation is for {ablation.n_heads} heads of width {ablation.d_head}; "
+                               f"layer {layer}'s output projection reads {projections[layer][1].in_features} "
+                               "features")
     for layer, (heads, mean_z) in ablation.removed.items():
         attn, proj = projections[layer]
-        if proj.in_features != ablation.n_heads * ablation.d_head:
-            raise EtbenchError(f"kept ablation is for {ablation.n_heads} heads of width {ablation.d_head}; "
-                               f"layer {layer}'s output projection reads {proj.in_features} features")
         weight = proj.weight
         bias = torch.zeros(proj.out_features, dtype=torch.float64, device=weight.device)
         if proj.bias is not None:
@@ -136,14 +162,36 @@ def _fold(model, ablation: KeptAblation) -> None:
         proj.bias.copy_(bias.to(proj.bias.dtype))
 
 
+#: An output projection's module name as peft matches target_modules against it (Llama-style models).
+_O_PROJ_KEY = "model.layers.0.self_attn.o_proj"
+
+
+def _names_o_proj(targets) -> bool:
+    """Whether peft would put a module on o_proj for ``targets`` (its matching rules: "all-linear" is every
+    linear layer, a string is a regex over the full module name, a list entry is the name or a suffix of it)."""
+    import re
+
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        try:
+            return targets == "all-linear" or re.fullmatch(targets, _O_PROJ_KEY) is not None
+        except re.error:
+            return True  # peft could not read it either; refuse rather than guess
+    return any(isinstance(t, str) and (t == _O_PROJ_KEY or _O_PROJ_KEY.endswith("." + t)) for t in targets)
+
+
 def check_adapter_compatible(adapter_dir: Path) -> None:
-    """A LoRA on the output projection would read the removed heads again: refuse it."""
+    """A LoRA on the output projection (or a trained copy of it) would read the removed heads again: refuse it."""
     import json
 
     try:
-        targets = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("target_modules")
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise EtbenchError(f"{adapter_dir}: unreadable adapter_config.json ({one_line(err)})") from None
-    if targets and "o_proj" in (targets if isinstance(targets, (list, tuple)) else [targets]):
-        raise EtbenchError(f"{adapter_dir}: an adapter with a kept ablation must not target o_proj "
-                           "(its LoRA would read the removed heads)")
+    if not isinstance(config, dict):
+        raise EtbenchError(f"{adapter_dir}: adapter_config.json is not a JSON object")
+    for key in ("target_modules", "modules_to_save"):
+        if _names_o_proj(config.get(key)):
+            raise EtbenchError(f"{adapter_dir}: an adapter with a kept ablation must not target o_proj ({key} "
+                               f"{config.get(key)!r} includes it: its weights would read the removed heads)")

@@ -385,15 +385,19 @@ def _load_spec(spec: ModelSpec, torch_dtype, device: str, trust_remote_code: boo
 def _load_peft(spec: ModelSpec, torch_dtype, device: str, trust_remote_code: bool) -> _Loaded:
     from peft import PeftModel
 
-    base = _load_spec(spec.base, torch_dtype, device, trust_remote_code)
     adapter = spec.location
     if not Path(adapter).exists():
         snapshot = cached_snapshot(adapter)
         adapter = str(snapshot) if snapshot else adapter
     kept = Path(adapter) / KEPT_ABLATION_FILE
+    ablation = None
     if kept.is_file():  # a planted model: its heads outside the planted set stay removed (models.kept_ablation)
+        # read and checked before the base loads (minutes for a large one): a bad file fails at once
         check_adapter_compatible(Path(adapter))
-        fold_kept_ablation(base.model, load_kept_ablation(kept))
+        ablation = load_kept_ablation(kept)
+    base = _load_spec(spec.base, torch_dtype, device, trust_remote_code)
+    if ablation is not None:
+        fold_kept_ablation(base.model, ablation)
     try:
         model = PeftModel.from_pretrained(base.model, adapter, is_trainable=False)
     except (OSError, ValueError) as err:

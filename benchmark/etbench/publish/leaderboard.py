@@ -4,7 +4,9 @@
 file and ``submission.json``). ``build`` turns them, plus the paper's published figures
 (``assets/paper_results.json``, marked as reported by the paper), into ``leaderboards/``:
 ``leaderboard.csv``, ``leaderboard.json``, ``leaderboard.md``, a self-contained ``index.html``
-(inline CSS/JS, sortable, no network requests) and one report per submission under ``reports/``.
+(inline CSS/JS, sortable, no network requests, with inline SVG figures), one report per submission
+under ``reports/``, and the pairwise comparisons among fine-tunes of one base (``comparisons.json``, a
+matrix on the page and in the Markdown, one comparison report per pair under ``reports/compare/``).
 
 Output is a pure function of the inputs (no timestamps, sorted rows, canonical JSON), so a rebuild
 is byte-identical. Writes go through ``Transaction``: on any error every file is put back.
@@ -37,9 +39,11 @@ from etbench.core.io import (
     temporary_name,
 )
 from etbench.core.stats import format_estimate, format_p
-from etbench.publish import report
+from etbench.metrics.overlap import ALL, group_overlaps
+from etbench.publish import comparisons, report
 from etbench.publish.page import BASE_CSS, content_security_policy
 from etbench.schema import scorecard as sc
+from etbench.schema.circuit import GROUPS, PAPER_CIRCUITS, paper_circuit
 
 PAPER_RESULTS = ASSETS_DIR / "paper_results.json"
 RESULTS_SUBDIR = Path("submissions") / "results"
@@ -274,8 +278,19 @@ def pick_overlap(card: sc.Scorecard, heads: str = "circuit", group: str = "all")
     return next((o for o in card.overlap if o.heads == heads and o.group == group), None)
 
 
-def pick_cmap(card: sc.Scorecard, group: str = "full", variant: str = "output") -> Optional[sc.CmapScore]:
-    return next((c for c in card.cmap if c.group == group and c.variant == variant), None)
+def pick_cmap(card: sc.Scorecard, group: str = "full", variant: str = "output",
+              heads: str = "dcm") -> Optional[sc.CmapScore]:
+    # heads "dcm" is the paper's rule; a card also holds "circuit" rows for the same group and variant
+    return next((c for c in card.cmap if c.group == group and c.variant == variant and c.heads == heads), None)
+
+
+#: Head sets of the per-group overlap figure: (scorecard ``OverlapScore.heads``, panel title).
+OVERLAP_HEADS = (("circuit", "circuit heads"), ("dcm", "DCM heads (CI over DCM seeds)"))
+
+
+def overlap_by_group(card: sc.Scorecard) -> dict[str, dict[str, Any]]:
+    """``{"circuit/value_fetcher": estimate, ...}``: base heads recovered in ft, per head set and group."""
+    return {f"{o.heads}/{o.group}": _est(o.base_in_ft) for o in card.overlap if o.group != ALL}
 
 
 COLUMNS = (  # key, header, kind
@@ -285,6 +300,7 @@ COLUMNS = (  # key, header, kind
     ("method", "Fine-tuning", "text"),
     ("accuracy", "Accuracy (7 boxes)", "est"),
     ("base_accuracy", "Base accuracy", "est"),
+    ("accuracy_gain", "Accuracy gain (ft − base)", "est"),
     ("faithfulness", "Faithfulness of base circuit on ft", "est"),
     ("head_overlap", "Head overlap (base circuit in ft)", "est"),
     ("cmap_gain", "CMAP gain (full circuit)", "est"),
@@ -306,9 +322,11 @@ def entry_row(entry: Entry) -> dict[str, Any]:
         "method": entry.submission.get("fine_tuning", {}).get("method", ""),
         "accuracy": _est(pick_accuracy(card, "ft")),
         "base_accuracy": _est(pick_accuracy(card, "base")),
+        "accuracy_gain": _est(None),  # the paired McNemar difference, set by rows_for
         "faithfulness": _est(faith.faithfulness if faith else None),
         "head_overlap": _est(overlap.base_in_ft if overlap else None),
         "cmap_gain": _est(cmap.gain if cmap else None),
+        "overlap_by_group": overlap_by_group(card),
         "report": f"reports/{entry.name}.html",
         "config_hash": card.config_hash,
         "benchmark_version": card.provenance.benchmark_version,
@@ -317,12 +335,30 @@ def entry_row(entry: Entry) -> dict[str, Any]:
     }
 
 
+def _paper_circuit_key(name: str) -> Optional[str]:
+    """The shipped paper circuit of a paper row ("Goat-7B" -> "goat7b"), if there is one."""
+    key = name.lower().replace("-", "")
+    return key if key in PAPER_CIRCUITS else None
+
+
+def paper_overlap_by_group(name: str, base: str) -> dict[str, dict[str, Any]]:
+    """Per-group base-in-ft overlap of a paper row, derived from the paper's published circuit files (as its
+    ``head_overlap_circuit`` is); {} for the base itself or a row without a published circuit."""
+    key, base_key = _paper_circuit_key(name), _paper_circuit_key(base)
+    if key is None or base_key is None or key == base_key:
+        return {}
+    found = group_overlaps(paper_circuit(base_key), paper_circuit(key))
+    return {f"circuit/{g}": _num(None if found[g].base_in_ft is None else round(found[g].base_in_ft, 4))
+            for g in GROUPS if g in found}
+
+
 def paper_rows() -> list[dict[str, Any]]:
     data = paper_results()
     base_acc = data["base_accuracy"]
     rows = []
     for r in data["rows"]:
         gain = None if r.get("cmap_full") is None else round(r["cmap_full"] - base_acc[r["base"]], 4)
+        acc_gain = None if r.get("accuracy") is None else round(r["accuracy"] - base_acc[r["base"]], 4)
         rows.append({
             "name": r["name"],
             "origin": "paper",
@@ -332,9 +368,11 @@ def paper_rows() -> list[dict[str, Any]]:
             "method": r["fine_tuning"],
             "accuracy": _num(r["accuracy"]),
             "base_accuracy": _num(base_acc[r["base"]]),
+            "accuracy_gain": _num(acc_gain),
             "faithfulness": _num(r["faithfulness"]),
             "head_overlap": _num(r.get("head_overlap_circuit")),
             "cmap_gain": _num(gain),
+            "overlap_by_group": paper_overlap_by_group(r["name"], r["base"]),
             "report": None,
             "config_hash": None,
             "benchmark_version": None,
@@ -356,6 +394,8 @@ def rows_for(entries: list[Entry], include_paper: bool = True) -> list[dict[str,
     for row, entry in zip(rows, entries):
         test = report.accuracy_tests(entry.card, entry.items, n_boxes=(7,))
         row["delta_p"] = test[0].p_value if test else None
+        if test:  # ft - base on the same items, paired bootstrap CI (the report's "accuracy, 7 boxes" row)
+            row["accuracy_gain"] = _est(stats.to_estimate(test[0].result.difference))
         ps.append(row["delta_p"])
     present = [p for p in ps if p is not None]
     adjusted = iter(stats.adjust_pvalues(present, "holm").adjusted)
@@ -420,7 +460,7 @@ def render_json(rows: list[dict[str, Any]]) -> str:
     })
 
 
-def render_markdown(rows: list[dict[str, Any]]) -> str:
+def render_markdown(rows: list[dict[str, Any]], matrix: Optional[comparisons.Matrix] = None) -> str:
     lines = [
         "# etbench leaderboard",
         "",
@@ -438,17 +478,26 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
         cells.append(f"[report]({row['report'].removesuffix('.html')}.md)" if row["report"] else "—")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if matrix is not None:
+        lines += comparisons.render_markdown(matrix)
+    lines += ["Figures (accuracy gain vs CMAP gain, head overlap per group) are in `index.html`.", ""]
     return "\n".join(lines)
 
 
 CSP = content_security_policy(scripts=True)
 
 _STYLE = BASE_CSS + """
-th{cursor:pointer;user-select:none}
+#leaderboard th{cursor:pointer;user-select:none}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
 tr.paper td{background:#fff8e6;font-style:italic}
+td a{color:inherit}
 .ci{color:#666;font-size:12px}
 .note{color:#8a5a00}
+table.matrix td.pair{font-size:12px}
+table.matrix td.significant{font-weight:bold;background:#eef5ee}
+table.matrix .k{color:#666}
+figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}
+svg{max-width:100%;height:auto}
 """
 
 _SCRIPT = """
@@ -482,7 +531,44 @@ def _sort_value(row: dict[str, Any], key: str, kind: str) -> str:
     return str(row[key])
 
 
-def render_html(rows: list[dict[str, Any]]) -> str:
+def _interval(e: dict[str, Any]) -> Optional[stats.Interval]:
+    if e["value"] is None:
+        return None
+    return stats.Interval(e["value"], e["low"], e["high"], e["n"] or 0, e["method"] or "")
+
+
+def figure_points(rows: list[dict[str, Any]]) -> list[report.PlotPoint]:
+    """Each row's accuracy gain, CMAP gain and per-group overlap, as the page's figures draw them."""
+    points = []
+    for row in rows:
+        values = {k: _interval(row[k]) for k in ("accuracy_gain", "cmap_gain")}
+        values.update({k: _interval(e) for k, e in row["overlap_by_group"].items()})
+        points.append(report.PlotPoint(row["name"], {k: v for k, v in values.items() if v is not None},
+                                       reported=row["origin"] == "paper", url=row["report"]))
+    return points
+
+
+def render_figures(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Inline SVG figures of the page, keyed by element id (only those with something to draw)."""
+    points = figure_points(rows)
+    figures = {"figure-gain-vs-cmap": report.fig_gain_vs_cmap(points),
+               "figure-overlap-by-group": report.fig_group_overlap(points, OVERLAP_HEADS)}
+    return {k: v for k, v in figures.items() if v}
+
+
+FIGURE_CAPTIONS = {
+    "figure-gain-vs-cmap": "Accuracy gain (fine-tuned minus base, 7 boxes, paired 95% CI) against the CMAP gain "
+                           "of the full circuit (the base with the fine-tuned model's circuit activations patched "
+                           "in, minus the base). Hollow diamonds: reported by the paper, no CI. Each marker links "
+                           "to the report that produced it.",
+    "figure-overlap-by-group": "Share of the base circuit's heads of each group that the fine-tuned model's "
+                               "circuit also holds. Error bars only where the scorecard has a CI (DCM heads over "
+                               "several seeds); hollow markers: derived from the paper's published circuits.",
+}
+
+
+def render_html(rows: list[dict[str, Any]], matrix: Optional[comparisons.Matrix] = None,
+                figures: Optional[dict[str, str]] = None) -> str:
     esc = html.escape
     head = "".join(f'<th scope="col">{esc(h)}</th>' for _, h, _ in COLUMNS) + "<th>Report</th>"
     body = []
@@ -490,14 +576,17 @@ def render_html(rows: list[dict[str, Any]]) -> str:
         cells = []
         for key, _, kind in COLUMNS:
             text = _cell_text(row, key, kind)
-            if kind == "est" and row[key]["low"] is not None and row[key]["value"] is not None:
-                text = (f'{row[key]["value"]:.3f} <span class="ci">[{row[key]["low"]:.3f}, '
-                        f'{row[key]["high"]:.3f}]</span>')
+            e = row[key] if kind == "est" else None
+            if e is not None and e["value"] is not None and e["low"] is not None and e["low"] != e["high"]:
+                text = (f'{e["value"]:.3f} <span class="ci">[{e["low"]:.3f}, '
+                        f'{e["high"]:.3f}]</span>')
             else:
                 text = esc(text)
             if key == "origin":
                 text = ('<span class="note">paper: not measured here</span>' if row["origin"] == "paper"
                         else "measured")
+            elif kind in ("est", "p") and row["report"] and text != "—":
+                text = f'<a href="{esc(row["report"])}">{text}</a>'  # every measured number: its report
             cells.append(f'<td data-sort="{esc(_sort_value(row, key, kind))}">{text}</td>')
         link = (f'<a href="{esc(row["report"])}">report</a>' if row["report"] else "—")
         cells.append(f'<td data-sort="">{link}</td>')
@@ -520,24 +609,39 @@ published circuit files).</p>
 <tbody>
 {chr(10).join(body)}
 </tbody></table>
+{_figures_html(figures or {})}
+{comparisons.render_html(matrix) if matrix is not None else ""}
 <script>{_SCRIPT}</script>
 </body></html>
 """
 
 
+def _figures_html(figures: dict[str, str]) -> str:
+    if not figures:
+        return ""
+    return "<h2>Figures</h2>\n" + "\n".join(
+        f'<figure id="{k}">{svg}<figcaption>{html.escape(FIGURE_CAPTIONS[k])}</figcaption></figure>'
+        for k, svg in figures.items())
+
+
 def render(entries: list[Entry], include_paper: bool = True) -> dict[str, bytes]:
     """Every file of ``leaderboards/``, keyed by relative path."""
     rows = rows_for(entries, include_paper)
+    matrix = comparisons.pair_matrix(entries)
     files = {
         "leaderboard.csv": render_csv(rows),
         "leaderboard.json": render_json(rows),
-        "leaderboard.md": render_markdown(rows),
-        "index.html": render_html(rows),
+        "leaderboard.md": render_markdown(rows, matrix),
+        "index.html": render_html(rows, matrix, render_figures(rows)),
+        "comparisons.json": dumps_json(comparisons.to_json(matrix)),
     }
     for entry in entries:
         doc = report.scorecard_report(entry.card, entry.items, title=entry.name, submission=entry.submission)
         files[f"reports/{entry.name}.md"] = doc.markdown
         files[f"reports/{entry.name}.html"] = doc.html
+    for stem, doc in matrix.reports.items():
+        files[f"{stem}.md"] = doc.markdown
+        files[f"{stem}.html"] = doc.html
     return {k: v.encode("utf-8") for k, v in sorted(files.items())}
 
 

@@ -4,7 +4,8 @@
 recomputed with the function scoring used (same seed, same number of resamples) and must match to
 1e-9: accuracies and their Wilson CIs, circuit and model accuracy on the faithfulness items,
 faithfulness (circuit correct / model correct) and its bootstrap CI, head overlap of the two circuits,
-DCM test accuracies and (one DCM seed) the overlap of DCM selections, CMAP patched accuracy, gain and
+DCM test accuracies and the overlap of DCM selections over seeds (from every seed's selections; a card
+written before they were kept: one seed only, several range-checked), CMAP patched accuracy, gain and
 normalised gain with their paired-bootstrap CIs; the circuit-form ceilings of each model (model,
 every-head, form and no-heads accuracy, the form's faithfulness in both normalisations with their CIs)
 and each circuit's MIB-normalised faithfulness, from the ceilings' per-item flags; the circuit-overlap
@@ -24,13 +25,19 @@ from etbench.core.stats import (
     Estimate,
     mib_ci,
     mib_normalised,
+    normalised_gain,
     paired_bootstrap_diff,
-    paired_bootstrap_ratio,
     proportion_ci,
     ratio_of_sums_ci,
     to_estimate,
 )
-from etbench.metrics.overlap import circuit_overlap, dcm_overlap, item_scores_from_rows, selected_by_group
+from etbench.metrics.overlap import (
+    circuit_overlap,
+    dcm_overlap,
+    dcm_seed_runs,
+    item_scores_from_rows,
+    selected_by_group,
+)
 from etbench.schema import scorecard as sc
 
 TOL = 1e-9
@@ -149,9 +156,30 @@ def _discovery_scores(items: list[dict[str, Any]], model: str) -> dict:
         raise EtbenchError(f"items: malformed discovery score rows of {model} ({err})") from None
 
 
+def _expect_overlap(check, what: str, rows, derived: dict, source: str) -> None:
+    """Each stored overlap row equals the one derived for its group (base in ft and Jaccard)."""
+    for o in rows:
+        want = derived.get(o.group)
+        if want is None:
+            check.fail(f"{what} ({o.group})", f"no such group in {source}")
+        check.expect(f"{what} ({o.group}), base in ft", o.base_in_ft, want.base_in_ft)
+        check.expect(f"{what} ({o.group}), Jaccard", o.jaccard, want.jaccard)
+
+
 def _dcm_seeds(card: sc.Scorecard) -> list:
     preset = card.config.get("preset")
     return list(preset.get("dcm_seeds", [0])) if isinstance(preset, dict) else [0]
+
+
+def _check_first_seed(check: _Check, card: sc.Scorecard, seeds: list) -> None:
+    """The first DCM seed's selections are the DCM scores' selected heads (``dcm`` reports that seed)."""
+    first = {(x.circuit, x.group, x.desideratum): sorted(map(tuple, x.selected_heads))
+             for x in card.dcm_selections or () if seeds and x.seed == seeds[0]}
+    scored = {(d.circuit, d.group, d.desideratum): sorted(map(tuple, d.selected_heads)) for d in card.dcm}
+    for key in sorted(set(first) | set(scored)):
+        if first.get(key) != scored.get(key):
+            check.fail(f"DCM selections ({', '.join(key)}, seed {seeds[0]})",
+                       f"the DCM scores select {scored.get(key)} but the seed's selections {first.get(key)}")
 
 
 def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
@@ -210,30 +238,30 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
         scores = {w: _discovery_scores(items, w) for w in ("base", "ft")}
         derived = {o.group: o for o in circuit_overlap(circuits["base"], circuits["ft"],
                                                        item_scores=(scores["base"], scores["ft"]), seed=seed)}
-        for o in circuit_rows:
-            want = derived.get(o.group)
-            if want is None:
-                check.fail(f"circuit head overlap ({o.group})", "no such group in the circuits")
-            check.expect(f"circuit head overlap ({o.group}), base in ft", o.base_in_ft, want.base_in_ft)
-            check.expect(f"circuit head overlap ({o.group}), Jaccard", o.jaccard, want.jaccard)
+        _expect_overlap(check, "circuit head overlap", circuit_rows, derived, "the circuits")
     for d in card.dcm:
         what = f"DCM test accuracy ({d.circuit} circuit, {d.group}, {d.desideratum})"
         flags = check.rows(what, "dcm_test", circuit=d.circuit, group=d.group, desideratum=d.desideratum)
         check.expect(what, d.test_accuracy, to_estimate(proportion_ci(sum(flags), len(flags))))
     dcm_rows = [o for o in card.overlap if o.heads == "dcm"]
-    if dcm_rows and len(_dcm_seeds(card)) == 1:  # the card keeps the selections of the first DCM seed only
-        chosen = {w: selected_by_group({(d.group, d.desideratum): tuple(tuple(h) for h in d.selected_heads)
-                                        for d in card.dcm if d.circuit == w}) for w in ("base", "ft")}
-        derived = {o.group: o for o in dcm_overlap([chosen["base"]], [chosen["ft"]], seed=seed)}
-        for o in dcm_rows:
-            want = derived.get(o.group)
-            if want is None:
-                check.fail(f"DCM head overlap ({o.group})", "no such group in the DCM selections")
-            check.expect(f"DCM head overlap ({o.group}), base in ft", o.base_in_ft, want.base_in_ft)
-            check.expect(f"DCM head overlap ({o.group}), Jaccard", o.jaccard, want.jaccard)
+    seeds = _dcm_seeds(card)
+    if card.dcm_selections is not None:
+        _check_first_seed(check, card, seeds)
+    if dcm_rows and (card.dcm_selections is not None or len(seeds) == 1):
+        if card.dcm_selections is not None:  # every seed's selections, as scoring computed the overlap from them
+            try:
+                runs = dcm_seed_runs(card.dcm_selections, seeds)
+            except EtbenchError as err:
+                check.fail("DCM head overlap", f"its DCM selections: {err}")
+        else:  # a card written before they were kept: one seed, whose selections are the DCM scores'
+            chosen = {w: selected_by_group({(d.group, d.desideratum): tuple(tuple(h) for h in d.selected_heads)
+                                            for d in card.dcm if d.circuit == w}) for w in ("base", "ft")}
+            runs = ([chosen["base"]], [chosen["ft"]])
+        derived = {o.group: o for o in dcm_overlap(*runs, seed=seed)}
+        _expect_overlap(check, "DCM head overlap", dcm_rows, derived, "the DCM selections")
     elif dcm_rows:
-        notes.append(f"DCM head overlap over {len(_dcm_seeds(card))} seeds is not re-derivable from the scorecard "
-                     "(it keeps the first seed's selections): checked for range only")
+        notes.append(f"DCM head overlap over {len(seeds)} seeds is not re-derivable from the scorecard (written "
+                     "before every seed's DCM selections were kept: it has the first seed's): checked for range only")
         for o in dcm_rows:
             check.within(f"DCM head overlap ({o.group}), base in ft", o.base_in_ft)
             check.within(f"DCM head overlap ({o.group}), Jaccard", o.jaccard)
@@ -255,10 +283,8 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
             p = [float(x) for x in patched]
             check.expect(f"{what} gain", c.gain,
                          to_estimate(paired_bootstrap_diff(base, p, seed=seed, n_resamples=N_RESAMPLES)))
-            num = [a - b for a, b in zip(p, base)]
-            den = [a - b for a, b in zip(ft, base)]
             check.expect(f"{what} normalised gain", c.normalised_gain,
-                         to_estimate(paired_bootstrap_ratio(num, den, seed=seed, n_resamples=N_RESAMPLES)))
+                         normalised_gain(base, ft, p, seed=seed, n_resamples=N_RESAMPLES))
     for s in card.semantics:
         check.within(f"semantics check accuracy ({s.heads_of} heads into {s.model}, {s.group}, {s.desideratum})",
                      s.accuracy)

@@ -37,6 +37,8 @@ from etbench.schema import scorecard as sc
 
 SEED = 0
 N_RESAMPLES = 2000
+#: ``GainTest.key`` prefix of a two-scorecard CMAP gain difference (the group follows a colon).
+CMAP_GAIN_DIFFERENCE = "cmap_gain_difference"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +95,7 @@ class GainTest:
     p_value: Optional[float]
     test: str
     from_items: bool
+    key: str = ""  # what was compared, for code that picks one test out (e.g. "cmap_gain_difference:full")
 
 
 def accuracy_tests(card: sc.Scorecard, items: list[dict[str, Any]],
@@ -260,7 +263,7 @@ def compare_cards(card_a: sc.Scorecard, items_a: list[dict[str, Any]], card_b: s
         ci = stats.paired_bootstrap_diff(ga, gb, seed=SEED, n_resamples=N_RESAMPLES)
         perm = stats.permutation_test_paired(ga, gb, seed=SEED, n_resamples=1999)
         comp.gains.append(GainTest(f"CMAP gain difference, {group.replace('_', ' ')}", ci, perm.p_value,
-                                   "paired permutation", True))
+                                   "paired permutation", True, key=f"{CMAP_GAIN_DIFFERENCE}:{group}"))
     fa = [_select(items_a, "circuit_accuracy", model="ft", circuit="base"),
           _select(items_a, "accuracy", model="ft", n_boxes=7)]
     fb = [_select(items_b, "circuit_accuracy", model="ft", circuit="base"),
@@ -275,6 +278,27 @@ def compare_cards(card_a: sc.Scorecard, items_a: list[dict[str, Any]], card_b: s
     return _finish(comp)
 
 
+def accuracy_test_of(comp: Comparison, n_boxes: int = 7) -> Optional[AccuracyTest]:
+    """The comparison's paired accuracy test at ``n_boxes`` boxes, if its items allowed one."""
+    return next((t for t in comp.accuracy if t.n_boxes == n_boxes), None)
+
+
+def gain_test_of(comp: Comparison, key: str) -> Optional[GainTest]:
+    """The comparison's gain test with ``key`` (e.g. ``f"{CMAP_GAIN_DIFFERENCE}:full"``), if there is one."""
+    return next((g for g in comp.gains if g.key == key), None)
+
+
+def base_answers_agreement(items_a: list[dict[str, Any]], items_b: list[dict[str, Any]],
+                           n_boxes: int = 7) -> tuple[int, int]:
+    """(items on which the two scorecards' base-model answers agree, items both have) at ``n_boxes``.
+
+    Two scorecards of one base on the same seeded prompts hold the same base answers item by item; many
+    disagreements mean their item ids do not name the same prompts (or not the same base weights)."""
+    a, b = _align(_select(items_a, "accuracy", model="base", n_boxes=n_boxes),
+                  _select(items_b, "accuracy", model="base", n_boxes=n_boxes))
+    return int(np.sum(a == b)), int(a.size)
+
+
 def format_comparison(comp: Comparison) -> str:
     """Plain text for the terminal: one line per test."""
     lines = [comp.title]
@@ -285,7 +309,7 @@ def format_comparison(comp: Comparison) -> str:
         d = r.difference
         lines.append(
             f"  {t.label}: {t.a_name} {r.acc_a:.3f} -> {t.b_name} {r.acc_b:.3f}, "
-            f"difference {d.value:+.3f} [{_f(d.low)}, {_f(d.high)}] (95% paired bootstrap), "
+            f"difference {_with_ci(d.value, d.low, d.high, signed=True)} (95% paired bootstrap), "
             f"exact McNemar p = {format_p(r.p_value)} ({_adj_name(comp)} {format_p(holm.get(i))}); discordant {r.a_only}/{r.b_only}, "
             f"odds ratio {_f(r.odds_ratio.value)}, n = {r.n}")
         i += 1
@@ -296,14 +320,21 @@ def format_comparison(comp: Comparison) -> str:
             extra = f", {g.test} p = {format_p(g.p_value)} ({_adj_name(comp)} {format_p(holm.get(i))})"
             i += 1
         src = "" if g.from_items else " (from the scorecard)"
-        lines.append(f"  {g.label}: {_f(iv.value, signed=_signed(g.label))} [{_f(iv.low)}, {_f(iv.high)}] "
-                     f"(95% CI, {iv.method}, n = {iv.n}){src}{extra}")
+        lines.append(f"  {g.label}: {_with_ci(iv.value, iv.low, iv.high, signed=_signed(g.label))} "
+                     f"(95% CI, {iv.method}, n = {iv.n}{'; ' + iv.note if iv.note else ''}){src}{extra}")
     lines += [f"  note: {n}" for n in comp.notes]
     return "\n".join(lines)
 
 
 def _signed(label: str) -> bool:
     return "difference" in label or "gain" in label
+
+
+def _with_ci(value: Optional[float], low: Optional[float], high: Optional[float], signed: bool = False) -> str:
+    """``value [low, high]``; the interval left out when it is missing or of width zero (not a CI)."""
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)) or low == high:
+        return _f(value, signed)
+    return f"{_f(value, signed)} [{_f(low)}, {_f(high)}]"
 
 
 def _f(x: Optional[float], signed: bool = False) -> str:
@@ -405,6 +436,131 @@ def fig_overlap(card: sc.Scorecard) -> Optional[str]:
     return _svg(fig)
 
 
+@dataclass(frozen=True)
+class PlotPoint:
+    """One model in a figure across models: named estimates (``values``), and the page that produced them.
+
+    ``reported``: numbers published elsewhere (the paper), with no CI: drawn as hollow markers."""
+
+    label: str
+    values: dict[str, stats.Interval]
+    reported: bool = False
+    url: Optional[str] = None
+
+
+def has_ci(e: Optional[stats.Interval]) -> bool:
+    """Whether ``e`` has a real interval: both ends known and apart (a point is not a confidence interval)."""
+    return (e is not None and e.value is not None and e.low is not None and e.high is not None
+            and e.high > e.low)
+
+
+def _error_bar(e: stats.Interval) -> Optional[list[list[float]]]:
+    # no bar at all without a real CI (never a zero-width one); np.clip as in fig_accuracy
+    if not has_ci(e):
+        return None
+    return [[max(e.value - e.low, 0.0)], [max(e.high - e.value, 0.0)]]
+
+
+_MEASURED_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c",
+                     "#ccb974", "#64b5cd")
+_REPORTED_COLOUR = "#8a5a00"
+
+
+def _marker_style(point: PlotPoint, i: int) -> dict[str, Any]:
+    colour = _REPORTED_COLOUR if point.reported else _MEASURED_COLOURS[i % len(_MEASURED_COLOURS)]
+    return {"marker": "D" if point.reported else "o", "markersize": 6, "color": colour, "ecolor": colour,
+            "markeredgecolor": colour, "markerfacecolor": "none" if point.reported else colour,
+            "linestyle": "none", "capsize": 3}
+
+
+def _linked(container, point: PlotPoint) -> None:
+    """Make the drawn marker a link to the point's report (an <a> around it in the SVG)."""
+    if point.url:
+        container.lines[0].set_url(point.url)
+
+
+def fig_gain_vs_cmap(points: list[PlotPoint], x_key: str = "cmap_gain", y_key: str = "accuracy_gain") -> Optional[str]:
+    """Accuracy gain (ft - base) against CMAP gain of the full circuit, one marker per model.
+
+    A point on the diagonal: patching the fine-tuned circuit's activations into the base recovers the whole
+    accuracy gain. Error bars only where the estimate has a real CI."""
+    drawn = [p for p in points if p.values.get(x_key) is not None and p.values.get(y_key) is not None
+             and p.values[x_key].value is not None and p.values[y_key].value is not None]
+    if not drawn:
+        return None
+    plt = _mpl()
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ends = []
+    for i, p in enumerate(drawn):
+        x, y = p.values[x_key], p.values[y_key]
+        style = _marker_style(p, i)
+        _linked(ax.errorbar([x.value], [y.value], xerr=_error_bar(x), yerr=_error_bar(y), **style), p)
+        # labels alternate above and below their marker: rows with equal numbers (Goat, FLoat) stay legible
+        label = ax.annotate(p.label + (" (reported)" if p.reported else ""), (x.value, y.value),
+                            xytext=(5, 4 if i % 2 == 0 else -10), textcoords="offset points", fontsize=7,
+                            color=style["color"])
+        if p.url:
+            label.set_url(p.url)
+        ends += [v for e in (x, y) for v in (e.value, e.low, e.high) if v is not None]
+    lo, hi = min(ends + [0.0]), max(ends + [0.0])
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="#999999", linewidth=0.8, linestyle="--")
+    ax.axhline(0, color="#cccccc", linewidth=0.8)
+    ax.axvline(0, color="#cccccc", linewidth=0.8)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel("CMAP gain, full circuit (ft activations patched into base)")
+    ax.set_ylabel("accuracy gain, ft - base, 7 boxes")
+    ax.set_title("Accuracy gain vs CMAP gain (dashed: CMAP recovers the whole gain)")
+    handles = [Line2D([], [], marker="o", linestyle="none", color=_MEASURED_COLOURS[0],
+                      label="measured here (bars: 95% CI where one exists)")]
+    if any(p.reported for p in drawn):
+        handles.append(Line2D([], [], marker="D", linestyle="none", color=_REPORTED_COLOUR, markerfacecolor="none",
+                              label="reported by the paper (no CI)"))
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    return _svg(fig)
+
+
+def fig_group_overlap(points: list[PlotPoint], panels: tuple[tuple[str, str], ...],
+                      groups: tuple[str, ...] = tuple(sc.GROUPS)) -> Optional[str]:
+    """Per-group head overlap (share of the base's heads in the fine-tuned model's set), one marker per
+    model, one panel per head set in ``panels`` ((key, title); values keyed ``"{key}/{group}"``). Panels
+    with no value are left out; error bars only where the estimate has a real CI."""
+    shown = [(key, title) for key, title in panels
+             if any(p.values.get(f"{key}/{g}") is not None and p.values[f"{key}/{g}"].value is not None
+                    for p in points for g in groups)]
+    if not shown:
+        return None
+    plt = _mpl()
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown) + 1.8, 3.6), sharey=True, squeeze=False)
+    from matplotlib.lines import Line2D
+
+    width = 0.7  # of the band each group's markers spread over
+    in_legend: dict[int, Line2D] = {}  # one marker-only entry per model (an error bar there would read as data)
+    for ax, (key, title) in zip(axes[0], shown):
+        for i, p in enumerate(points):
+            for j, g in enumerate(groups):
+                e = p.values.get(f"{key}/{g}")
+                if e is None or e.value is None:
+                    continue
+                x = j - width / 2 + width * (i + 0.5) / len(points)
+                style = _marker_style(p, i)
+                _linked(ax.errorbar([x], [e.value], yerr=_error_bar(e), **style), p)
+                in_legend.setdefault(i, Line2D([], [], label=p.label, **{k: v for k, v in style.items()
+                                                                          if k not in ("ecolor", "capsize")}))
+        ax.set_xticks(range(len(groups)), [g.replace("_", "\n") for g in groups])
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title)
+        ax.grid(axis="y", color="#eeeeee")
+    axes[0][0].set_ylabel("base heads also in the ft set")
+    fig.legend(handles=[in_legend[i] for i in sorted(in_legend)], loc="center left", bbox_to_anchor=(1.0, 0.5),
+               fontsize=7, frameon=False)
+    fig.suptitle("Head overlap per group (hollow: from the paper's published circuits, no CI)", fontsize=9, y=1.03)
+    return _svg(fig)
+
+
 # ---------------------------------------------------------------------------------------------
 # Documents
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +569,22 @@ def fig_overlap(card: sc.Scorecard) -> Optional[str]:
 class Doc:
     markdown: str
     html: str
+
+
+def format_sizing(sizing: Optional[dict[str, Any]]) -> str:
+    """A circuit's size search in one line: target, reached or not (and why), and the curve over size that is
+    its record (nodes → faithfulness). The target is null when the model or the form scores 0 (a NaN ratio)."""
+    if not sizing:
+        return "—"
+    target = sizing.get("target_faithfulness")
+    text = (f"target {'undefined' if target is None else f'{target:.3f}'} "
+            f"{'reached' if sizing.get('reached') else 'not reached'}")
+    if sizing.get("note"):
+        text += f": {sizing['note']}"
+    curve = [p for p in sizing.get("curve") or [] if p.get("faithfulness") is not None]
+    if curve:
+        text += "; curve (nodes→faithfulness) " + ", ".join(f"{p['size']}→{p['faithfulness']:.3f}" for p in curve)
+    return text
 
 
 def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -431,10 +603,7 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
         tables.append(("Ceilings of the circuit form (every head kept at the form's positions; no heads = the floor)",
                        ["model", "form", "model acc", "every head, every position", "form acc", "no heads acc",
                         "form faithfulness", "form faithfulness (MIB)"], rows))
-    rows = [[c.name, c.size_rule, str(sum(len(h) for h in c.heads.values())),
-             "—" if not c.sizing else (f"target {c.sizing['target_faithfulness']:.3f} "
-                                       f"{'reached' if c.sizing['reached'] else 'not reached'}"
-                                       + (f": {c.sizing['note']}" if c.sizing.get("note") else ""))]
+    rows = [[c.name, c.size_rule, str(sum(len(h) for h in c.heads.values())), format_sizing(c.sizing)]
             for c in card.circuits]
     if rows:
         tables.append(("Circuits", ["circuit", "size rule", "nodes", "sizing"], rows))
@@ -471,7 +640,7 @@ def _comparison_rows(comp: Comparison) -> list[list[str]]:
     rows, i = [], 0
     for t in comp.accuracy:
         r = t.result
-        rows.append([t.label, f"{r.difference.value:+.3f} [{_f(r.difference.low)}, {_f(r.difference.high)}]",
+        rows.append([t.label, _with_ci(r.difference.value, r.difference.low, r.difference.high, signed=True),
                      f"exact McNemar p = {format_p(r.p_value)}", format_p(holm[i]) if i < len(holm) else "—",
                      f"odds ratio {_f(r.odds_ratio.value)}, Cohen's g {r.cohens_g:+.3f}, n = {r.n}"])
         i += 1
@@ -482,8 +651,9 @@ def _comparison_rows(comp: Comparison) -> list[list[str]]:
         if g.p_value is not None:
             p, adj = f"{g.test} p = {format_p(g.p_value)}", format_p(holm[i]) if i < len(holm) else "—"
             i += 1
-        rows.append([g.label, f"{_f(iv.value, signed=_signed(g.label))} [{_f(iv.low)}, {_f(iv.high)}]", p, adj,
-                     f"{iv.method}, n = {iv.n}" + ("" if g.from_items else ", from the scorecard")])
+        rows.append([g.label, _with_ci(iv.value, iv.low, iv.high, signed=_signed(g.label)), p, adj,
+                     f"{iv.method}, n = {iv.n}" + (f"; {iv.note}" if iv.note else "")
+                     + ("" if g.from_items else ", from the scorecard")])
     return rows
 
 

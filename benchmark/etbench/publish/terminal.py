@@ -6,6 +6,7 @@ from __future__ import annotations
 from tabulate import tabulate
 
 from etbench.core.stats import format_estimate_of
+from etbench.publish.report import format_sizing
 from etbench.schema import scorecard as sc
 from etbench.scoring.pipeline import ScoreRun
 
@@ -26,7 +27,8 @@ def format_scorecard(card: sc.Scorecard) -> str:
                  + tabulate([[f.circuit, f.model, est(f.circuit_accuracy), est(f.faithfulness),
                               est(f.faithfulness_mib) if f.faithfulness_mib else "—", est(f.random_circuit_accuracy)]
                              for f in card.faithfulness],
-                            headers=["circuit", "on model", "circuit acc", "faithfulness", "MIB", "random circuit acc"],
+                            headers=["circuit", "on model", "circuit acc", "faithfulness", "MIB",
+                                     "random circuit acc (mean [min, max] over draws)"],
                             tablefmt="github"))
     if card.ceilings:
         parts.append("\n   ceilings of the circuit form (every head kept at its positions) and the floor (no heads)\n"
@@ -34,6 +36,11 @@ def format_scorecard(card: sc.Scorecard) -> str:
                                   est(c.form_faithfulness), est(c.form_faithfulness_mib)] for c in card.ceilings],
                                 headers=["model", "model acc", "form acc", "no heads acc", "form faithfulness",
                                          "MIB"], tablefmt="github"))
+    sized = [c for c in card.circuits if c.sizing]
+    if sized:
+        parts.append("\n   circuit size chosen by faithfulness (on held-out sizing prompts)\n" + tabulate(
+            [[c.name, sum(len(h) for h in c.heads.values()), format_sizing(c.sizing)] for c in sized],
+            headers=["circuit", "nodes", "sizing"], tablefmt="github", disable_numparse=True))
     parts.append("\n3. head overlap, base heads found in the fine-tuned set\n" + tabulate(
         [[o.heads, o.group, est(o.base_in_ft), est(o.jaccard)] for o in card.overlap],
         headers=["heads", "group", "base in ft", "jaccard"], tablefmt="github"))

@@ -49,6 +49,19 @@ Head = tuple[int, int]
 #: How a circuit can be discovered: exact path patching, or an attribution screen + exact verification.
 DISCOVERY_MODES: tuple[str, ...] = ("exact", "fast")
 
+#: How a discovered circuit's size is chosen: the paper's top-k per group, or grown to a target fraction of
+#: the circuit form's faithfulness ceiling (``metrics.discovery.discover(size=...)``).
+SIZE_RULES: tuple[str, ...] = ("top-k", "faithfulness")
+
+
+def check_sizing(size: str, target_fraction: float) -> None:
+    """A size rule and target fraction ``discover`` accepts; here (no torch) so that a command or a preset is
+    refused before any model loads."""
+    if size not in SIZE_RULES:
+        raise EtbenchError(f"circuit size rule must be one of {', '.join(SIZE_RULES)}, got {size!r}")
+    if size == "faithfulness" and not 0 < target_fraction <= 1:
+        raise EtbenchError(f"target fraction must be in (0, 1], got {target_fraction}")
+
 #: Token positions a head can be kept at (``Layout.position`` classes).
 POSITION_CLASSES: tuple[str, ...] = ("last", "query_label", "prev_query_label")
 
@@ -324,7 +337,8 @@ class Circuit:
 
 #: Other circuits shipped as package data: found by etbench on the embedded models.
 SHIPPED_CIRCUITS: dict[str, str] = {
-    "tiny-base": "found on tiny-base by `discover(mode='fast', n=32)`, no minimality pruning",
+    "tiny-base": "found on tiny-base by the standard preset's circuit stage: `discover(mode='fast', n=32, "
+                 "size='faithfulness')`, grown to 0.9 x the form's ceiling, no minimality pruning",
 }
 
 

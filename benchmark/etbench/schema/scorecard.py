@@ -112,7 +112,7 @@ class CmapScore:
     group: str  # a GROUPS name or "full"
     patched_accuracy: Estimate
     gain: Estimate  # patched - base accuracy (paired CI)
-    normalised_gain: Estimate  # (patched - base) / (ft - base); value None when ft == base
+    normalised_gain: Estimate  # (patched - base) / (ft - base); value None when the ft - base CI contains 0
     # which fine-tuned heads were patched: "dcm" (the paper's rule: A = DCM object-value heads, B and C =
     # DCM positional heads, D = the whole group) or "circuit" (every head of the ft circuit's groups)
     heads: str = "dcm"
@@ -125,6 +125,18 @@ class DcmScore:
     desideratum: str
     selected_heads: list[list[int]]
     test_accuracy: Estimate
+
+
+@dataclass
+class DcmSelection:
+    """The heads one DCM seed selected on one circuit for one (group, desideratum): the inputs of the DCM
+    head overlap over seeds, so that it can be recomputed from the scorecard."""
+
+    circuit: Literal["base", "ft"]
+    seed: int  # the DCM seed (an entry of the preset's ``dcm_seeds``)
+    group: str
+    desideratum: str
+    selected_heads: list[list[int]]
 
 
 @dataclass
@@ -166,6 +178,9 @@ class Scorecard:
     dcm: list[DcmScore] = field(default_factory=list)
     cmap: list[CmapScore] = field(default_factory=list)
     semantics: list[SemanticsScore] = field(default_factory=list)
+    # every DCM seed's selections (``dcm`` keeps the first seed's only); None in a card written before they
+    # were kept, whose multi-seed DCM overlap ``etbench submit`` can only range-check
+    dcm_selections: Optional[list[DcmSelection]] = None
     limit: Optional[int] = None  # set when a run was truncated for a smoke test: never on a leaderboard
     items_file: str = "items.jsonl"
     schema_version: int = SCHEMA_VERSION

@@ -9,7 +9,7 @@ from typing import Any
 
 from etbench import __version__
 from etbench.core.io import finite
-from etbench.metrics.overlap import circuit_overlap, dcm_overlap, item_scores_from_rows, selected_by_group
+from etbench.metrics.overlap import circuit_overlap, dcm_overlap, dcm_seed_runs, item_scores_from_rows
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit
 
@@ -87,7 +87,9 @@ def _semantics_score(model: str, r: dict[str, Any]) -> sc.SemanticsScore:
         note=f"low/high = min/max over repeats; sd {sd:.3f}"))
 
 
-def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device):
+def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device,
+                       dcm_seeds):
+    """``dcm_runs``: per side, one DCM stage result per entry of ``dcm_seeds``, in that order."""
     accuracy = []
     for which in ("base", "ft"):
         for s in acc[which]["summaries"]:
@@ -104,15 +106,13 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
     faithfulness = [_faithfulness_score(faith[model][name], name, model) for name in ("base", "ft")
                     for model in ("base", "ft")]
 
-    def selections(run) -> dict:
-        return {(g, d): tuple(tuple(h) for h in hs) for g, d, hs in run["selections"]}
-
     # per-prompt discovery effects (absent for given circuits and stages computed before they were kept)
     scores = {w: item_scores_from_rows(circuits[w].get("item_scores") or {}) for w in ("base", "ft")}
     overlap = circuit_overlap(circ["base"], circ["ft"], item_scores=(scores["base"], scores["ft"]), seed=seed)
-    overlap += dcm_overlap(
-        [selected_by_group(selections(r)) for r in dcm_runs["base"]],
-        [selected_by_group(selections(r)) for r in dcm_runs["ft"]], seed=seed)
+    # every seed's selections go on the card: the overlap over seeds is computed from them, here and by submit
+    dcm_selections = [sc.DcmSelection(w, s, g, d, [list(h) for h in hs]) for w in ("base", "ft")
+                      for s, run in zip(dcm_seeds, dcm_runs[w], strict=True) for g, d, hs in run["selections"]]
+    overlap += dcm_overlap(*dcm_seed_runs(dcm_selections, dcm_seeds), seed=seed)
     dcm_scores = [sc.DcmScore(**s) for w in ("base", "ft") for s in dcm_runs[w][0]["scores"]]
     cmap_scores = [sc.CmapScore(**s) for s in cmap["scores"]]
     provenance = sc.Provenance(__version__, sc.BENCHMARK_VERSION, library_versions(), device, dtype)
@@ -122,7 +122,8 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
         ceilings=[_ceiling_score(w, faith[w]["ceilings"]) for w in ("base", "ft") if "ceilings" in faith[w]],
         overlap=overlap,
         dcm=dcm_scores, cmap=cmap_scores,
-        semantics=[_semantics_score(w, r) for w in ("base", "ft") for r in semantics[w]["results"]])))
+        semantics=[_semantics_score(w, r) for w in ("base", "ft") for r in semantics[w]["results"]],
+        dcm_selections=dcm_selections)))
     items = list(acc["base"]["items"]) + list(acc["ft"]["items"])
     for model in ("base", "ft"):
         for name in ("base", "ft"):

@@ -4,10 +4,14 @@ Stages (each cached on disk under the configuration hash, see ``etbench.scoring.
 
 1. accuracy of both models at every box count (``etbench.metrics.accuracy``);
 2. a circuit for each model: discovered (``etbench.metrics.discovery``, fast or exact) or given;
-3. faithfulness of each circuit on each model (``etbench.metrics.faithfulness``), the
+3. DCM on each model's own circuit (``etbench.metrics.dcm``), and head overlap of circuits and DCM heads;
+4. faithfulness of each circuit on each model (``etbench.metrics.faithfulness``), the
    paper's Table 1 being the base circuit on the fine-tuned model;
-4. DCM on each model's own circuit (``etbench.metrics.dcm``), and head overlap of circuits and DCM heads;
-5. CMAP: the fine-tuned model's DCM-filtered circuit heads patched into the base (``etbench.metrics.cmap``).
+5. the semantics check of the base's DCM heads on each model;
+6. CMAP: the fine-tuned model's DCM-filtered circuit heads patched into the base (``etbench.metrics.cmap``).
+
+DCM comes before faithfulness because it needs only its own model's circuit: under ``etbench score-many``
+a side runs it while the other side's circuit, which faithfulness needs, may still be in progress.
 
 The scorecard holds numbers only; wall times go to ``timings.json`` so that a resumed or repeated run
 writes a byte-identical ``scorecard.json``.
@@ -16,6 +20,7 @@ writes a byte-identical ``scorecard.json``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,7 @@ from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit, load_circuit, paper_circuit
 from etbench.scoring.assemble import assemble_scorecard, model_card
 from etbench.scoring.presets import DEFAULT_BASE, DEFAULT_FT, Preset, resolve_preset
-from etbench.scoring.stages import StageCache
+from etbench.scoring.stages import Deferred, StageCache
 from etbench.task.layout import usable_pool
 from etbench.task.prompts import generate
 
@@ -81,6 +86,10 @@ def _same_weights(a: models.ModelSpec, b: models.ModelSpec) -> bool:
 
 #: What a remote run records as its dtype and device: NDIF's, not chosen (or known) here.
 REMOTE_DTYPE, REMOTE_DEVICE = "as-hosted", "ndif"
+
+#: The two models of a pair, in the order their stages and rows are always listed.
+SIDES = ("base", "ft")
+
 
 #: The note a remote run's DCM and semantics stages record instead of results.
 REMOTE_DCM_NOTE = ("not run: --remote (DCM trains masks by gradient descent, hundreds of passes with "
@@ -177,8 +186,18 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         config["execution"] = REMOTE_DEVICE
     chash = config_hash(config)
     cache = StageCache(out_dir / "stages", plan=stage_plan)
+
+    def per_side(stage: str, depends: Callable[[str], Any], compute: Callable[[str], Any]) -> dict[str, Deferred]:
+        """Stage ``stage`` (``{}`` marks the side, e.g. ``"circuit_{}"``) of both sides, keyed base then ft,
+        scheduled by ``StageCache.schedule``: a score-many worker computes its own side now and reads the
+        other side's only when it uses it (``.value``)."""
+        return {w: cache.schedule(stage.format(w), lambda w=w: depends(w), lambda w=w: compute(w)) for w in SIDES}
+
+    def resolved(stages: dict[str, Deferred]) -> dict[str, Any]:
+        return {w: stages[w].value for w in SIDES}
+
     # Stages are keyed by the weights' revision, not only the name: new weights under an old alias recompute.
-    ref = {w: {"ref": identity[w]["ref"], "revision": identity[w]["revision"]} for w in ("base", "ft")}
+    ref = {w: {"ref": identity[w]["ref"], "revision": identity[w]["revision"]} for w in SIDES}
     common = {"benchmark_version": sc.BENCHMARK_VERSION, "seed": seed, "dtype": dtype, "batch_size": p.batch_size,
               **({"execution": REMOTE_DEVICE} if remote else {})}
 
@@ -197,7 +216,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
             # the logits (measured), so the default keeps two copies and byte-reproducible scorecards.
             if share_base_weights and models.shares_base(base, ft):
                 pair = load_pair(base, ft, dtype=dtype, device=device, report=report)
-                loaded["base"], loaded["ft"] = (replace(m, ref=identity[w]["ref"]) for m, w in zip(pair, ("base", "ft")))
+                loaded["base"], loaded["ft"] = (replace(m, ref=identity[w]["ref"]) for m, w in zip(pair, SIDES))
             else:
                 # named by the published ref: model names reach per-item rows, which are published
                 loaded[which] = replace(models.load(base if which == "base" else ft, dtype=dtype, device=device,
@@ -206,7 +225,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
 
     # Fail fast on anything missing or incompatible before hours of work: both models must load
     # (one clear line otherwise) and share heads and tokenizer.
-    cards = cache.run("models", {**common, **ref}, lambda: _models_stage(model, p, identity))
+    # (a score-many base worker defers it: only the scorecard reads it, and the ft worker writes that)
+    cards = cache.schedule("models", lambda: {**common, **ref}, lambda: _models_stage(model, p, identity))
 
     def accuracy_stage(which: str):
 
@@ -216,8 +236,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                 "items": [{"measure": "accuracy", "model": which, "n_boxes": x.n_boxes, "item": it.index,
                            "correct": it.correct} for x in r.results for it in x.items]}
 
-    acc = {w: cache.run(f"accuracy_{w}", {**common, "model": ref[w], "n": p.accuracy_n, "boxes": p.accuracy_boxes},
-                        lambda w=w: accuracy_stage(w)) for w in ("base", "ft")}
+    acc = per_side("accuracy_{}", lambda w: {**common, "model": ref[w], "n": p.accuracy_n, "boxes": p.accuracy_boxes},
+                   accuracy_stage)
 
     def circuit_stage(which: str, given: str | None):
 
@@ -250,10 +270,34 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         discovery_settings["growth"] = "scaled-shape, magnitude order"
     given = {"base": circuit_base, "ft": circuit_ft}
     recorded = {"base": recorded_base, "ft": recorded_ft}
-    circuits = {w: cache.run(f"circuit_{w}", {**common, "model": ref[w], "given": recorded[w],
-                                             "discovery": None if given[w] else discovery_settings},
-                             lambda w=w: circuit_stage(w, given[w])) for w in ("base", "ft")}
-    circuit_keys = {w: config_hash(circuits[w]["circuit"]) for w in ("base", "ft")}
+    circuits = per_side("circuit_{}", lambda w: {**common, "model": ref[w], "given": recorded[w],
+                                                 "discovery": None if given[w] else discovery_settings},
+                        lambda w: circuit_stage(w, given[w]))
+
+    def circuit_key(which: str) -> str:
+        return config_hash(circuits[which].value["circuit"])
+
+    def dcm_stage(which: str, dcm_seed: int):
+
+        if remote:
+            return {"scores": [], "items": [], "selections": [], "note": REMOTE_DCM_NOTE}
+        m = model(which)
+        circuit = Circuit.from_dict(circuits[which].value["circuit"])
+        if not circuit.size:  # e.g. a model at chance: discovery kept no head, there is nothing to mask
+            return {"scores": [], "items": [], "selections": [], "note": "empty circuit: DCM not run"}
+        groups = [g for g in p.dcm_groups if circuit.heads(g)]
+        if not groups:
+            return {"scores": [], "items": [], "selections": [], "note": "no DCM group has heads"}
+        result = train_masks(m.model, m.tokenizer, circuit, dcm_preset(p.dcm, seed=dcm_seed), groups=groups,
+                             model_name=m.ref, progress=progress)
+        return {"scores": [asdict(s) for s in result.scores(which)], "items": result.item_rows(which),
+                "selections": [[g, d, [list(h) for h in hs]] for (g, d), hs in result.selections().items()]}
+
+    # seeds by side, base first: a worker's deferred other side does not hold up its own
+    dcm_runs = {w: [cache.schedule(f"dcm_{w}_seed{s}",
+                                   lambda w=w, s=s: {**common, "model": ref[w], "circuit": circuit_key(w),
+                                                     "dcm": dcm_preset(p.dcm, seed=s).to_dict(), "groups": p.dcm_groups},
+                                   lambda w=w, s=s: dcm_stage(w, s)) for s in p.dcm_seeds] for w in SIDES}
 
     def faithfulness_stage(which: str):
 
@@ -274,52 +318,37 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
             # per-item flags of the ablation runs (the model's are the accuracy items): submit re-derives from them
             "items": {"every_head_every_position": list(ceil.every_correct), "form_all_heads": list(ceil.form_correct),
                       "no_heads": list(ceil.none_correct)}}}
-        for name in ("base", "ft"):
-            circ = Circuit.from_dict(circuits[name]["circuit"])
+        for name in SIDES:
+            circ = Circuit.from_dict(circuits[name].value["circuit"])
             own = name == which
+            # curve=False: the scorecard's record of a circuit over size is the circuit stage's sizing
+            # curve; this one (the own circuit's ranking cut on a log grid: 7 of its 28 evaluations in a
+            # quick-preset run) reached no scorecard field
             ev = evaluate_circuit(m.model, circ, m.tokenizer, n_boxes=7, n=p.faithfulness_n, seed=seed,
                                   mean_n=p.mean_n, batch_size=p.batch_size, random_draws=p.random_draws,
-                                  completeness_draws=p.completeness_draws if own else 0, curve=own,
+                                  completeness_draws=p.completeness_draws if own else 0, curve=False,
                                   model_name=m.ref, progress=progress, runner=runner)
             out[name] = ev.to_dict()
             out[name]["mib"] = mib_normalised(ev.circuit_acc.value, ev.model_acc.value, ceil.no_heads.value)
             out[name]["mib_ci"] = list(mib_ci(ev.circuit_correct, ev.model_correct, ceil.none_correct, seed))
         return out
 
-    faith_settings = {"n": p.faithfulness_n, "mean_n": p.mean_n, "random_draws": p.random_draws,
-                      "completeness_draws": p.completeness_draws, "circuits": circuit_keys,
-                      # results without the ceilings' per-item flags cannot be submitted: compute them again
-                      "ceiling_items": True}
-    faith = {w: cache.run(f"faithfulness_{w}", {**common, "model": ref[w], **faith_settings},
-                          lambda w=w: faithfulness_stage(w)) for w in ("base", "ft")}
+    def faith_depends(which: str) -> dict[str, Any]:
+        # both circuits: under score-many the first point where a side waits for the other's circuit
+        return {**common, "model": ref[which], "n": p.faithfulness_n, "mean_n": p.mean_n,
+                "random_draws": p.random_draws, "completeness_draws": p.completeness_draws,
+                "circuits": {w: circuit_key(w) for w in SIDES},
+                # results without the ceilings' per-item flags cannot be submitted: compute them again
+                "ceiling_items": True}
 
-    def dcm_stage(which: str, dcm_seed: int):
-
-        if remote:
-            return {"scores": [], "items": [], "selections": [], "note": REMOTE_DCM_NOTE}
-        m = model(which)
-        circuit = Circuit.from_dict(circuits[which]["circuit"])
-        if not circuit.size:  # e.g. a model at chance: discovery kept no head, there is nothing to mask
-            return {"scores": [], "items": [], "selections": [], "note": "empty circuit: DCM not run"}
-        groups = [g for g in p.dcm_groups if circuit.heads(g)]
-        if not groups:
-            return {"scores": [], "items": [], "selections": [], "note": "no DCM group has heads"}
-        result = train_masks(m.model, m.tokenizer, circuit, dcm_preset(p.dcm, seed=dcm_seed), groups=groups,
-                             model_name=m.ref, progress=progress)
-        return {"scores": [asdict(s) for s in result.scores(which)], "items": result.item_rows(which),
-                "selections": [[g, d, [list(h) for h in hs]] for (g, d), hs in result.selections().items()]}
-
-    dcm_runs = {w: [cache.run(f"dcm_{w}_seed{s}", {**common, "model": ref[w], "circuit": circuit_keys[w],
-                                                   "dcm": dcm_preset(p.dcm, seed=s).to_dict(), "groups": p.dcm_groups},
-                              lambda w=w, s=s: dcm_stage(w, s)) for s in p.dcm_seeds]
-                for w in ("base", "ft")}
+    faith = per_side("faithfulness_{}", faith_depends, faithfulness_stage)
 
     def semantics_stage(which: str):
 
         if remote:
             return {"results": [], "note": REMOTE_DCM_NOTE}
         cfg = dcm_preset(p.dcm, seed=seed)
-        selections = {(g, d): [tuple(h) for h in hs] for g, d, hs in dcm_runs["base"][0]["selections"]}
+        selections = {(g, d): [tuple(h) for h in hs] for g, d, hs in dcm_runs["base"][0].value["selections"]}
         if not selections:
             return {"results": [], "note": "the base circuit has no DCM masks"}
         m = model(which)
@@ -328,15 +357,14 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         return {"results": [{"group": r.group, "desideratum": r.desideratum, "heads": [list(h) for h in r.heads],
                              "accuracies": list(r.accuracies), "n": r.n} for r in results]}
 
-    semantics = {w: cache.run(f"semantics_{w}", {**common, "model": ref[w], "dcm_base": config_hash(dcm_runs["base"][0]),
-                                                 "n": dcm_preset(p.dcm).semantics_n,
-                                                 "repeats": dcm_preset(p.dcm).semantics_repeats},
-                              lambda w=w: semantics_stage(w)) for w in ("base", "ft")}
+    semantics = per_side("semantics_{}", lambda w: {
+        **common, "model": ref[w], "dcm_base": config_hash(dcm_runs["base"][0].value),
+        "n": dcm_preset(p.dcm).semantics_n, "repeats": dcm_preset(p.dcm).semantics_repeats}, semantics_stage)
 
     def cmap_stage():
 
-        selections = {(g, d): [tuple(h) for h in hs] for g, d, hs in dcm_runs["ft"][0]["selections"]}
-        circuit = Circuit.from_dict(circuits["ft"]["circuit"])
+        selections = {(g, d): [tuple(h) for h in hs] for g, d, hs in dcm_runs["ft"][0].value["selections"]}
+        circuit = Circuit.from_dict(circuits["ft"].value["circuit"])
         # remote: no DCM, so no DCM-filtered head set; the whole-circuit set below still runs
         heads = paper_patch_heads(circuit, selections) if circuit.size and not remote else {}
         if not (any(heads.values()) or (remote and circuit.size)):
@@ -362,14 +390,19 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         return {"scores": scores, "items": items, "heads": {g: [list(h) for h in hs] for g, hs in heads.items()},
                 "circuit_heads": {g: [list(h) for h in hs] for g, hs in whole.items()}}
 
-    cmap = cache.run("cmap", {**common, **ref, "n": p.cmap_n, "variants": p.cmap_variants, "head_sets": ["dcm", "circuit"],
-                              "objects": "usable",
-                              "circuit_ft": circuit_keys["ft"], "dcm_ft": config_hash(dcm_runs["ft"][0])}, cmap_stage)
+    cmap = cache.schedule("cmap", lambda: {
+        **common, **ref, "n": p.cmap_n, "variants": p.cmap_variants, "head_sets": ["dcm", "circuit"],
+        "objects": "usable", "circuit_ft": circuit_key("ft"), "dcm_ft": config_hash(dcm_runs["ft"][0].value)},
+        cmap_stage)
 
-    card, items = assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device)
+    # every result the scorecard reads, the other worker's waited for now (score-many's ft worker)
+    circuit_results = resolved(circuits)
+    card, items = assemble_scorecard(config, chash, cards.value, resolved(acc), circuit_results, resolved(faith),
+                                     {w: [run.value for run in dcm_runs[w]] for w in SIDES}, cmap.value,
+                                     resolved(semantics), seed, dtype, device, p.dcm_seeds)
     path = sc.save(card, out_dir, items)
-    for which in ("base", "ft"):
-        atomic_write_json(out_dir / f"circuit_{which}.json", circuits[which]["circuit"])
+    for which in SIDES:
+        atomic_write_json(out_dir / f"circuit_{which}.json", circuit_results[which]["circuit"])
     cached = sorted(set(_stage_names(p)) - set(cache.ran))
     atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "peak_rss_mb": cache.peak_rss_mb,
                                                  "cached": cached})
@@ -383,7 +416,7 @@ def _stderr(line: str) -> None:
 def _stage_names(p: Preset) -> list[str]:
     names = ["models", "accuracy_base", "accuracy_ft", "circuit_base", "circuit_ft", "faithfulness_base",
              "faithfulness_ft", "semantics_base", "semantics_ft", "cmap"]
-    return names + [f"dcm_{w}_seed{s}" for w in ("base", "ft") for s in p.dcm_seeds]
+    return names + [f"dcm_{w}_seed{s}" for w in SIDES for s in p.dcm_seeds]
 
 
 def _models_stage(model, p: Preset, identity: dict[str, Any]) -> dict[str, Any]:

@@ -113,13 +113,31 @@ class StagesHandedOff(Exception):
         self.stage, self.timings = stage, timings
 
 
+class Deferred:
+    """A value computed on first read of ``.value`` (then kept): a stage result that ``StageCache.schedule``
+    fetches only when a later stage, or the scorecard, uses it."""
+
+    def __init__(self, resolve: Callable[[], Any]) -> None:
+        self._resolve: Callable[[], Any] | None = resolve
+        self._value: Any = None
+
+    @property
+    def value(self) -> Any:
+        if self._resolve is not None:
+            self._value = self._resolve()
+            self._resolve = None  # only after success: a failed read (a wait that timed out) raises again
+        return self._value
+
+
 class StageCache:
     """Stage results on disk under ``directory``.
 
     ``plan(name)`` splits one run's stages between workers sharing the directory (``etbench
     score-many`` runs a pair's base-side and ft-side stages at once): ``COMPUTE`` (the default for
     every stage), ``WAIT`` for another worker to store it (polling every ``poll_s`` up to
-    ``wait_s``), or ``HAND_OFF`` (raise ``StagesHandedOff``: the rest is another worker's)."""
+    ``wait_s``), or ``HAND_OFF`` (raise ``StagesHandedOff``: the rest is another worker's).
+    ``schedule`` applies the plan lazily: a worker computes its own stages in the pipeline's order and
+    waits for another worker's stage only when it first uses that stage's result."""
 
     def __init__(self, directory: str | Path, plan: Callable[[str], str] | None = None, poll_s: float = 0.5,
                  wait_s: float = 7 * 24 * 3600) -> None:
@@ -171,6 +189,20 @@ class StageCache:
             raise EtbenchError(f"{self.path(name)}: cannot store stage {name!r} ({err.strerror or err})") from None
         self.ran.append(name)
         return result
+
+    def schedule(self, name: str, depends: Callable[[], Any], compute: Callable[[], Any]) -> Deferred:
+        """Stage ``name`` at this point of the pipeline, by the plan: ``COMPUTE`` runs it now (``run``);
+        ``WAIT`` defers it, so that ``depends`` (which may read other stages) and the wait for the other
+        worker happen when ``.value`` is first read, if ever; ``HAND_OFF`` ends this worker's share here
+        (``StagesHandedOff``). Why deferred: a worker that waited for every stage as the pipeline reached
+        it sat idle while own stages it could already run (its DCM) came later in the order."""
+        action = COMPUTE if self.plan is None else self.plan(name)
+        if action == HAND_OFF:
+            raise StagesHandedOff(name, dict(self.timings))
+        stage = Deferred(lambda: self.run(name, depends(), compute))
+        if action == COMPUTE:
+            stage.value  # read for its effect: this worker's own stages run now, in the pipeline's order
+        return stage
 
     def _wait(self, name: str, key: str) -> Any:
         deadline = time.monotonic() + self.wait_s

@@ -110,9 +110,11 @@ def train(out_root: Path = ASSET_ROOT, planted: set[tuple[int, int]] | None = No
     peft_model, info = train_stage(model, tokenizer, stage, held_out, monitor_every, log, lora=PLANTED_LORA)
     out_dir = out_root / ADAPTER_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The kept ablation first: a run stopped in between then leaves an ablation without an adapter (loading
+    # fails loudly), never an adapter without its ablation (it would load, silently, as an un-ablated LoRA).
+    save_kept_ablation(ablation, out_dir / KEPT_ABLATION_FILE)
     save_adapter(peft_model, out_dir, BASE_REF)
     _to_half(out_dir / "adapter_model.safetensors")  # shipped in fp16: half of 17 MB
-    save_kept_ablation(ablation, out_dir / KEPT_ABLATION_FILE)
     summary.update(info, stage=stage.__dict__, mean_n=MEAN_N, total_seconds=round(time.perf_counter() - t0, 1))
     atomic_write_text(out_root / "training_log.json", json.dumps(summary, indent=1) + "\n")
     log(f"done in {summary['total_seconds']} s")
@@ -134,6 +136,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=STAGE.lr, help="LoRA learning rate")
     parser.add_argument("--monitor-every", type=int, default=10, help="held-out accuracy every K steps")
     args = parser.parse_args(argv)
+    # refused before the base loads: the default --out is the shipped adapter, which a bad run would replace
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if not 0 < args.lr < float("inf"):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if args.monitor_every < 0:
+        parser.error(f"--monitor-every must be 0 or more, got {args.monitor_every}")
     train(args.out, steps=args.steps, lr=args.lr, monitor_every=args.monitor_every)
     if args.out.resolve() != ASSET_ROOT.resolve() and ASSET_DIR.exists():
         print(f"max |retrained - shipped| = {compare_adapters(args.out / ADAPTER_NAME, ASSET_DIR):.3g}")

@@ -37,7 +37,6 @@ from etbench.core.io import ASSETS_DIR, atomic_write_json, read_json
 from etbench.mech.heads import head_map
 from etbench.mech.interventions import applied
 from etbench.metrics.ablation import knockout_edits, mean_activations
-from etbench.schema.circuit import load_circuit
 from etbench.task.layout import TokenEncoder, layouts
 from etbench.task.prompts import Example, stream_rng
 from etbench.training.corpora import arithmetic_problems, dialogues, wrong_binding
@@ -66,6 +65,16 @@ CARD_BOXES = (3, 5, 7)
 MAX_DIALOGUE_TOKENS = 96  # conversations are truncated here (a few are long; most are one exchange)
 PLANTED_GROUP = "value_fetcher"
 PLANTED_MEAN_N = 200  # mean-ablation prompts for the planted row's knocked-out heads
+# The planted row's knocked-out heads: the value fetcher group (54 heads) of tiny-base's circuit as the
+# standard preset sized it (benchmark 1.1; assets/circuits/tiny-base.json). Written out so that finding
+# that circuit again (a new preset, a new growth rule) cannot change what this row was trained without.
+PLANTED_A_HEADS: tuple[tuple[int, int], ...] = (
+    (16, 2), (16, 6), (17, 0), (17, 2), (17, 8), (18, 0), (18, 6), (19, 0), (20, 0), (20, 3), (20, 5), (20, 8),
+    (21, 1), (21, 2), (21, 4), (21, 6), (22, 1), (22, 2), (22, 6), (22, 7), (22, 8), (23, 3), (23, 4), (23, 8),
+    (24, 0), (24, 1), (24, 2), (24, 3), (24, 4), (24, 5), (24, 6), (24, 7), (25, 1), (25, 4), (26, 3), (26, 5),
+    (27, 0), (27, 1), (27, 2), (27, 3), (27, 4), (27, 5), (27, 6), (27, 8), (28, 0), (28, 1), (28, 2), (28, 7),
+    (29, 0), (29, 1), (29, 2), (29, 5), (29, 7), (29, 8),
+)
 
 
 @dataclass(frozen=True)
@@ -191,9 +200,9 @@ def train_row(row: ZooRow, log=print) -> tuple[object, object, dict]:
 
 
 def knockout(model, tokenizer, length: int, log=print) -> tuple[list, dict]:
-    """The planted row's ablation: tiny-base's Value Fetcher heads, at their mean z over
-    ``PLANTED_MEAN_N`` mean-ablation prompts of tiny-base, at every position of ``length``-token prompts."""
-    heads = [tuple(h) for h in load_circuit(BASE_REF).heads(PLANTED_GROUP)]
+    """The planted row's ablation: tiny-base's Value Fetcher heads (``PLANTED_A_HEADS``), at their mean z
+    over ``PLANTED_MEAN_N`` mean-ablation prompts of tiny-base, at every position of ``length``-token prompts."""
+    heads = list(PLANTED_A_HEADS)
     mean = mean_activations(model, tokenizer, head_map(model), n_boxes=7, n=PLANTED_MEAN_N, seed=0)
     log(f"[knockout] {len(heads)} {PLANTED_GROUP} heads of {BASE_REF} mean-ablated at all {length} positions")
     info = {"group": PLANTED_GROUP, "heads": [list(h) for h in heads], "mean_prompts": PLANTED_MEAN_N}

@@ -1,0 +1,159 @@
+"""The DCM head overlap over several seeds, re-derived by ``etbench submit`` from a card's per-seed selections.
+
+The cards are planted: hand-made DCM selections whose overlap per seed is known, so the control (a genuine
+card is accepted) rests on values checked here by hand, not only on scoring and submit agreeing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from etbench.core.errors import EtbenchError
+from etbench.core.stats import proportion_ci, to_estimate
+from etbench.metrics.overlap import dcm_overlap, dcm_seed_runs
+from etbench.publish.rederive import rederive
+from etbench.schema import scorecard as sc
+
+SEEDS = [0, 1, 2]
+#: (circuit, seed) -> value_fetcher object_value heads, position_detector positional heads
+PLANTED = {
+    ("base", 0): ([[1, 0], [2, 0], [3, 0], [4, 0]], [[5, 0], [6, 0]]),
+    ("base", 1): ([[1, 0], [2, 0], [3, 0], [4, 0]], [[5, 0]]),
+    ("base", 2): ([[1, 0], [2, 0]], [[5, 0], [6, 0]]),
+    ("ft", 0): ([[1, 0], [2, 0], [3, 0], [4, 0]], [[5, 0], [6, 0]]),  # A 4/4, C 2/2
+    ("ft", 1): ([[1, 0], [2, 0], [9, 0]], [[7, 0]]),  # A 2/4, C 0/1
+    ("ft", 2): ([[1, 0], [9, 0]], [[5, 0]]),  # A 1/2, C 1/2
+}
+#: value_fetcher base_in_ft per seed pair, by hand from PLANTED: the card's value is their mean
+VALUE_FETCHER_PER_SEED = [1.0, 0.5, 0.5]
+#: all groups, distinct heads: seed 0 6/6; seed 1 base {1,2,3,4,5}, ft {1,2,9,7}: 2/5; seed 2 base {1,2,5,6}, ft {1,9,5}: 2/4
+ALL_PER_SEED = [1.0, 0.4, 0.5]
+
+
+def _selections(planted=PLANTED) -> list[sc.DcmSelection]:
+    return [sc.DcmSelection(w, s, group, desideratum, heads)
+            for (w, s), (a, c) in planted.items()
+            for group, desideratum, heads in (("value_fetcher", "object_value", a),
+                                              ("position_detector", "positional", c))]
+
+
+def _dcm_scores_and_items(selections: list[sc.DcmSelection]) -> tuple[list[sc.DcmScore], list[dict]]:
+    """The first seed's DCM scores (what ``card.dcm`` holds) and their test rows."""
+    scores, items = [], []
+    for x in selections:
+        if x.seed != SEEDS[0]:
+            continue
+        flags = [i % 3 != 0 for i in range(12)]
+        items += [{"measure": "dcm_test", "circuit": x.circuit, "group": x.group, "desideratum": x.desideratum,
+                   "item": i, "correct": f} for i, f in enumerate(flags)]
+        scores.append(sc.DcmScore(x.circuit, x.group, x.desideratum, x.selected_heads,
+                                  to_estimate(proportion_ci(sum(flags), len(flags)))))
+    return scores, items
+
+
+def _card(seeds=SEEDS, planted=PLANTED, keep_selections: bool = True) -> tuple[sc.Scorecard, list[dict]]:
+    """A card as scoring assembles it: the overlap computed over the seeds from the per-seed selections."""
+    planted = {k: v for k, v in planted.items() if k[1] in seeds}
+    selections = _selections(planted)
+    dcm, items = _dcm_scores_and_items(selections)
+    model = sc.ModelCard("m", "m", "llama", 8, 4)
+    config = {"seed": 0, "preset": {"name": "planted", "dcm_seeds": list(seeds)}}
+    card = sc.Scorecard(base=model, ft=model, config=config, config_hash=sc.config_hash(config),
+                        provenance=sc.Provenance("0", sc.BENCHMARK_VERSION, {}, "cpu", "float32"),
+                        overlap=dcm_overlap(*dcm_seed_runs(selections, seeds), seed=0), dcm=dcm,
+                        dcm_selections=selections if keep_selections else None)
+    return sc.from_dict(sc.to_dict(card)), items  # through JSON's shape, as submit reads it
+
+
+def _overlap(card: sc.Scorecard, group: str) -> sc.OverlapScore:
+    return next(o for o in card.overlap if o.heads == "dcm" and o.group == group)
+
+
+def test_planted_multi_seed_card_re_derives_equal():
+    card, items = _card()
+    a, every = _overlap(card, "value_fetcher"), _overlap(card, "all")
+    assert a.base_in_ft.value == pytest.approx(sum(VALUE_FETCHER_PER_SEED) / 3)
+    assert every.base_in_ft.value == pytest.approx(sum(ALL_PER_SEED) / 3)
+    assert a.base_in_ft.n == 3 and a.base_in_ft.low is not None  # three seeds that differ: a CI
+    assert min(ALL_PER_SEED) <= every.base_in_ft.low <= every.base_in_ft.high <= max(ALL_PER_SEED)
+    assert not any("DCM" in note for note in rederive(card, items))  # re-derived, not only range-checked
+
+
+def test_selections_survive_the_json_round_trip():
+    card, _ = _card()
+    again = sc.from_dict(sc.to_dict(card))
+    assert again.dcm_selections == card.dcm_selections and len(again.dcm_selections) == 12
+    assert {(x.circuit, x.seed) for x in again.dcm_selections} == set(PLANTED)
+
+
+def _edit_value(card):
+    _overlap(card, "all").base_in_ft.value = 1.0
+
+
+def _edit_ci(card):
+    _overlap(card, "value_fetcher").jaccard.low = 0.0
+
+
+def _edit_a_later_seed(card):
+    # another seed-2 selection for the fine-tuned model, the overlap left as stated
+    next(x for x in card.dcm_selections if (x.circuit, x.seed, x.group) == ("ft", 2, "value_fetcher")
+         ).selected_heads = [[1, 0], [2, 0]]
+
+
+def _drop_a_seed(card):
+    card.dcm_selections = [x for x in card.dcm_selections if x.seed != 2]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit_value, r"DCM head overlap \(all\), base in ft: value"),
+    (_edit_ci, r"DCM head overlap \(value_fetcher\), Jaccard: low"),
+    (_edit_a_later_seed, r"DCM head overlap \(value_fetcher\)"),
+    (_drop_a_seed, r"DCM head overlap \((value_fetcher|position_detector|all)\)"),
+])
+def test_edited_multi_seed_card_is_refused_naming_the_field(edit, message):
+    card, items = _card()
+    edit(card)
+    with pytest.raises(EtbenchError, match=message):
+        rederive(card, items)
+
+
+def test_a_selection_outside_the_seeds_or_twice_is_refused():
+    card, items = _card()
+    extra = copy.deepcopy(card.dcm_selections[0])
+    extra.seed = 7
+    with pytest.raises(EtbenchError, match=r"DCM head overlap: its DCM selections: .*seed 7"):
+        rederive(sc.Scorecard(**{**card.__dict__, "dcm_selections": card.dcm_selections + [extra]}), items)
+    twice = copy.deepcopy(card.dcm_selections[-1])
+    with pytest.raises(EtbenchError, match="two DCM selections"):
+        rederive(sc.Scorecard(**{**card.__dict__, "dcm_selections": card.dcm_selections + [twice]}), items)
+
+
+def test_first_seed_selections_must_be_the_dcm_scores():
+    card, items = _card()
+    first = next(x for x in card.dcm_selections if (x.circuit, x.seed, x.group) == ("base", 0, "value_fetcher"))
+    first.selected_heads = [[1, 0]]
+    with pytest.raises(EtbenchError, match=r"DCM selections \(base, value_fetcher, object_value, seed 0\)"):
+        rederive(card, items)
+
+
+def test_card_without_per_seed_selections_is_range_checked_with_a_note():
+    """A card written before the selections were kept: accepted, said so, and still range-checked."""
+    card, items = _card(keep_selections=False)
+    assert card.dcm_selections is None
+    notes = rederive(card, items)
+    assert any("DCM head overlap over 3 seeds is not re-derivable" in n for n in notes)
+    _overlap(card, "all").base_in_ft.value = 0.2  # below its interval (every seed pair gives 0.4 or more)
+    with pytest.raises(EtbenchError, match=r"DCM head overlap \(all\), base in ft"):
+        rederive(card, items)
+    data = sc.to_dict(_card(keep_selections=False)[0])
+    del data["dcm_selections"]  # the key is absent from such cards
+    assert sc.from_dict(data).dcm_selections is None
+
+
+def test_one_seed_card_without_selections_re_derives_from_its_dcm_scores():
+    card, items = _card(seeds=[0], keep_selections=False)
+    assert not any("DCM" in n for n in rederive(card, items))
+    _overlap(card, "value_fetcher").base_in_ft.value = 0.5
+    with pytest.raises(EtbenchError, match=r"DCM head overlap \(value_fetcher\), base in ft"):
+        rederive(card, items)
