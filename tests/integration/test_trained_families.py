@@ -1,12 +1,10 @@
-"""The shipped model families (assets/tiny/, assets/gemma/): each stage loads through the registry in
-seconds, and its accuracy on the first canonical 7-box items matches the model card's numbers for those
-same items. A family is skipped when its pretrained GGUF package is not installed."""
+"""The shipped model families (assets/tiny/, assets/gemma/): each stage loads through the registry, and
+its accuracy on the first canonical 7-box items matches the model card's numbers for those same items. A family is skipped when its pretrained GGUF package is not installed."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import time
 
 import pytest
 
@@ -19,7 +17,6 @@ pytestmark = pytest.mark.slow
 # Items (of 140) the re-evaluation may differ from the card by: CPU fp32 on the training machine
 # reproduces the card exactly; other BLAS builds / CPUs can flip a few near-tied argmaxes.
 TOLERANCE_ITEMS = 4
-LOAD_SECONDS = 30  # after the one-time dequantisation of the GGUF base
 
 
 def _installed(family: Family) -> None:
@@ -52,7 +49,7 @@ def test_card_json_and_markdown_agree(family, card):
                     in text, (ref, n_boxes)
 
 
-def test_family_models_load_fast_and_match_card(family, card):
+def test_family_models_load_and_match_card(family, card):
     import torch
     from peft import PeftModel
 
@@ -64,10 +61,7 @@ def test_family_models_load_fast_and_match_card(family, card):
     examples = data.generate(7, family.test_subset, seed=data.CANONICAL_SEED)
     for stage in family.stages:
         merged = models.registry()[stage.name].merge
-        t0 = time.perf_counter()
-        loaded = models.load(stage.name)
-        seconds = time.perf_counter() - t0
-        assert seconds < LOAD_SECONDS, f"{stage.name} took {seconds:.1f} s to load"
+        loaded = models.load(stage.name)  # load time is a benchmark figure (tests/bench), not asserted here
         assert loaded.kind == "peft" and loaded.merged is merged
         assert isinstance(loaded.model, PeftModel) is not merged  # fine-tunes exercise the unmerged adapter path
         result = evaluate(loaded.model, loaded.tokenizer, examples, batch_size=35, progress=False)
