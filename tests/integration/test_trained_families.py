@@ -1,5 +1,6 @@
 """The shipped model families (assets/tiny/, assets/gemma/): each stage loads through the registry, and
-its accuracy on the first canonical 7-box items matches the model card's numbers for those same items. A family is skipped when its pretrained GGUF package is not installed."""
+its accuracy on the first canonical 7-box items matches the model card's numbers for those same items.
+A family is skipped when its pretrained GGUF package is not installed."""
 
 from __future__ import annotations
 

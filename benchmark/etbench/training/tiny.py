@@ -114,7 +114,7 @@ TINY = Family("tiny", "smollm2-135m-instruct", (
 # Timed 2026-12-01 (2 gemma-base steps, this stage's data and LoRA, nice 19 beside a 2-thread job on 2 cores):
 # 54-token prompts, ~50 CPU-s per step (cache-cold under contention; idle cost not measured), loss 4.46, 3.60.
 GEMMA = Family("gemma", "gemma3-270m", (
-    Stage("gemma-base", "paper", steps=12, lr=3e-4, seed=0),
+    Stage("gemma-base", "paper", steps=8, lr=3e-4, seed=0),
     Stage("gemma-ft", "crate", steps=20, lr=1e-3, seed=1, parent="gemma-base"),
     Stage("gemma-goat", "arithmetic", steps=30, lr=1e-3, seed=0, parent="gemma-base"),
 ), adapter_dtype=torch.float16, test_subset=100)
