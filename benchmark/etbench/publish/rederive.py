@@ -164,6 +164,16 @@ def _expect_overlap(check, what: str, rows, derived: dict, source: str) -> None:
             check.fail(f"{what} ({o.group})", f"no such group in {source}")
         check.expect(f"{what} ({o.group}), base in ft", o.base_in_ft, want.base_in_ft)
         check.expect(f"{what} ({o.group}), Jaccard", o.jaccard, want.jaccard)
+        if (o.chance is None) != (want.chance is None) or o.chance is not None and not (
+                o.chance.pool == want.chance.pool and o.chance.method == want.chance.method
+                and all(_close(getattr(o.chance, k), getattr(want.chance, k)) for k in ("base_in_ft", "jaccard",
+                                                                                         "p_value"))):
+            check.fail(f"{what} ({o.group}), by chance", f"stored {o.chance}, derived {want.chance}")
+
+
+def _pool(card: sc.Scorecard, rows) -> int | None:
+    """The head pool of the chance levels: every head of the model, for cards that keep them."""
+    return card.base.n_layers * card.base.n_heads if any(o.chance is not None for o in rows) else None
 
 
 def _dcm_seeds(card: sc.Scorecard) -> list:
@@ -237,7 +247,8 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
             check.fail("circuit head overlap", "the scorecard lists no base and ft circuits to derive it from")
         scores = {w: _discovery_scores(items, w) for w in ("base", "ft")}
         derived = {o.group: o for o in circuit_overlap(circuits["base"], circuits["ft"],
-                                                       item_scores=(scores["base"], scores["ft"]), seed=seed)}
+                                                       item_scores=(scores["base"], scores["ft"]), seed=seed,
+                                                       pool=_pool(card, circuit_rows))}
         _expect_overlap(check, "circuit head overlap", circuit_rows, derived, "the circuits")
     for d in card.dcm:
         what = f"DCM test accuracy ({d.circuit} circuit, {d.group}, {d.desideratum})"

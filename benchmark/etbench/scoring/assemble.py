@@ -108,7 +108,8 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
 
     # per-prompt discovery effects (absent for given circuits and stages computed before they were kept)
     scores = {w: item_scores_from_rows(circuits[w].get("item_scores") or {}) for w in ("base", "ft")}
-    overlap = circuit_overlap(circ["base"], circ["ft"], item_scores=(scores["base"], scores["ft"]), seed=seed)
+    overlap = circuit_overlap(circ["base"], circ["ft"], item_scores=(scores["base"], scores["ft"]), seed=seed,
+                              pool=cards["base"]["n_layers"] * cards["base"]["n_heads"])
     # every seed's selections go on the card: the overlap over seeds is computed from them, here and by submit
     dcm_selections = [sc.DcmSelection(w, s, g, d, [list(h) for h in hs]) for w in ("base", "ft")
                       for s, run in zip(dcm_seeds, dcm_runs[w], strict=True) for g, d, hs in run["selections"]]
