@@ -9,7 +9,7 @@ metric, reported, never a row to drop or a threshold to move.
   CMAP gain's CI contains 0;
 * ``tiny-harmful`` (wrong bindings): 7-box accuracy drops, exact McNemar p < 0.01;
 * ``tiny-planted-a`` (trained with the base circuit's value fetchers ablated): its value-fetcher
-  overlap with the base circuit stands less far above chance than the null row's.
+  overlap with the base circuit (at equal size) stands less far above chance than the null row's.
 
 A row not yet scored under the standard protocol is skipped, saying so.
 """
@@ -53,7 +53,8 @@ def _cmap(card: sc.Scorecard, group: str) -> sc.CmapScore:
 
 
 def _value_fetcher_overlap(card: sc.Scorecard) -> sc.OverlapScore:
-    return next(o for o in card.overlap if o.heads == "circuit" and o.group == "value_fetcher")
+    # the circuits cut to equal size: sized circuits differ several-fold in size
+    return next(o for o in card.overlap if o.heads == "circuit-top" and o.group == "value_fetcher")
 
 
 def test_null_row_accuracy_unchanged():
@@ -78,7 +79,6 @@ def test_planted_row_value_fetchers_less_shared_than_the_null_rows():
     planted, _ = _row("tiny-planted-a")
     null, _ = _row("tiny-null")
     p, n = _value_fetcher_overlap(planted), _value_fetcher_overlap(null)
-    # compared by the distance above chance: sized circuits differ in size, and a larger fine-tuned
-    # group contains more base heads whatever they are
+    # compared by the distance above chance (k / N at equal size k, which differs between the rows)
     excess = {name: o.base_in_ft.value - o.chance.base_in_ft for name, o in (("planted", p), ("null", n))}
     assert excess["planted"] < excess["null"], excess

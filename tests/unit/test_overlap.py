@@ -196,3 +196,23 @@ def test_circuit_overlap_rows_carry_their_chance_level_when_given_the_pool():
     assert rows["value_fetcher"].chance.base_in_ft == pytest.approx(2 / 4)
     assert rows["all"].chance.base_in_ft == pytest.approx(3 / 4)
     assert "by chance" in overlap.format_overlap(list(rows.values()))
+
+
+def test_equal_size_overlap_cuts_both_rankings_to_the_smaller_size():
+    base = {"A": [[0, 0], [0, 1], [0, 2], [0, 3]], "B": [[1, 0]]}
+    # the fine-tuned ranking puts two new heads first and keeps the base's four after them: at the base's
+    # size (4) its top holds the new two and the base's first two
+    ft = {"A": [[2, 0], [2, 1], [0, 0], [0, 1], [0, 2], [0, 3]], "B": [[1, 0], [1, 1], [1, 2]]}
+    rows = {o.group: o for o in overlap.equal_size_overlap(base, ft, pool=20)}
+    vf = rows["value_fetcher"]
+    assert vf.heads == "circuit-top" and vf.base_in_ft.value == pytest.approx(2 / 4) and vf.base_in_ft.n == 4
+    assert vf.jaccard.value == pytest.approx(2 / 6)
+    assert vf.base_in_ft.low is None and "no CI" in vf.base_in_ft.note
+    assert vf.chance.base_in_ft == pytest.approx(4 / 20)  # equal sizes: chance is k / N
+    assert rows["position_transmitter"].base_in_ft.value == 1.0  # cut to 1: the top head is shared
+    # as found, the larger fine-tuned set contains every base head
+    as_found = {o.group: o for o in overlap.circuit_overlap(base, ft, pool=20)}
+    assert as_found["value_fetcher"].base_in_ft.value == 1.0
+    # the same circuit: full overlap at any size
+    same = {o.group: o for o in overlap.equal_size_overlap(base, base, pool=20)}
+    assert all(o.base_in_ft.value == 1.0 for o in same.values())

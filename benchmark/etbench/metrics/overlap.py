@@ -5,6 +5,11 @@ For one group (or ``"all"``), with B the base's heads and F the fine-tuned's:
 * ``base_in_ft = |B ∩ F| / |B|``: the fraction of the base's heads found again in the fine-tuned set
   (the paper's "27/40 of Llama's Value Fetcher heads are in Goat's"); undefined when B is empty.
 * ``jaccard = |B ∩ F| / |B ∪ F|``; undefined when both are empty.
+* the **overlap at equal size** (``equal_size_overlap``, rows ``heads="circuit-top"``): the top
+  k = min(|B|, |F|) heads of each group's ranking in both circuits (a circuit lists each group's heads
+  in importance order). Circuits sized by faithfulness can differ several-fold in size; at equal size
+  ``base_in_ft`` = Jaccard's numerator over k, and its chance level is k / N for every row, so rows of
+  one base compare directly. One value per pair of circuits, without a CI (noted);
 * their **chance level** (``chance_overlap``, circuit rows): the same figures expected when F is replaced
   by a uniformly random set of |F| heads of the model's N (hypergeometric), and the one-sided p-value of
   an overlap at least as large. Sized circuits can grow a group to most of the model's heads; then
@@ -128,6 +133,43 @@ def chance_overlap(o: Overlap, pool: int) -> OverlapChance | None:
 
 def _with_chance(scores: list[OverlapScore], found: Mapping[str, Overlap], pool: int | None) -> list[OverlapScore]:
     return scores if pool is None else [replace(s, chance=chance_overlap(found[s.group], pool)) for s in scores]
+
+
+def _ranked_by_group(x: Circuit | Mapping[str, Iterable[Sequence[int]]]) -> dict[str, list[Head]]:
+    """Each group's heads in the circuit's order (importance order), duplicates dropped."""
+    groups = {g: x.heads(g) for g in GROUPS} if isinstance(x, Circuit) else {group_name(g): hs for g, hs in x.items()}
+    return {g: list(dict.fromkeys(tuple(h) for h in _ordered_heads(hs))) for g, hs in groups.items()}
+
+
+def _ordered_heads(xs: Iterable[Sequence[int]]) -> list[Head]:
+    xs = list(xs)
+    _heads(xs)  # validates every head; the set it builds loses the order
+    return [(int(x[0]), int(x[1])) for x in xs]
+
+
+EQUAL_SIZE_NOTE = ("top k = min(|base|, |ft|) heads of each circuit's group ranking; one value per pair of "
+                   "circuits: no CI")
+
+
+def equal_size_overlap(base: Circuit | Mapping[str, Iterable[Sequence[int]]],
+                       ft: Circuit | Mapping[str, Iterable[Sequence[int]]], pool: int) -> list[OverlapScore]:
+    """``OverlapScore``s (``heads="circuit-top"``) of the two circuits cut to equal size per group: the top
+    k = min(|B_g|, |F_g|) heads of each group's ranking; ``"all"`` over the distinct heads of those cuts.
+    Each row carries its chance level over ``pool`` heads."""
+    b, f = _ranked_by_group(base), _ranked_by_group(ft)
+    cut_b, cut_f = {}, {}
+    for g in GROUPS:
+        if g in b or g in f:
+            k = min(len(b.get(g, ())), len(f.get(g, ())))
+            cut_b[g], cut_f[g] = b.get(g, [])[:k], f.get(g, [])[:k]
+    found = group_overlaps(cut_b, cut_f)
+    rows = [OverlapScore(heads="circuit-top", group=g,
+                         base_in_ft=Estimate(o.base_in_ft, None, None, o.n_base, "exact",
+                                             note=EQUAL_SIZE_NOTE if o.n_base else "undefined: no heads at equal size"),
+                         jaccard=Estimate(o.jaccard, None, None, o.n_union, "exact",
+                                          note=EQUAL_SIZE_NOTE if o.n_union else "undefined: no heads at equal size"))
+            for g, o in found.items()]
+    return _with_chance(rows, found, pool)
 
 
 def _exact(value: float | None, n: int, what: str) -> Estimate:

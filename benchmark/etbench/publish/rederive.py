@@ -35,6 +35,7 @@ from etbench.metrics.overlap import (
     circuit_overlap,
     dcm_overlap,
     dcm_seed_runs,
+    equal_size_overlap,
     item_scores_from_rows,
     selected_by_group,
 )
@@ -250,6 +251,13 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
                                                        item_scores=(scores["base"], scores["ft"]), seed=seed,
                                                        pool=_pool(card, circuit_rows))}
         _expect_overlap(check, "circuit head overlap", circuit_rows, derived, "the circuits")
+    top_rows = [o for o in card.overlap if o.heads == "circuit-top"]
+    if top_rows:
+        if "base" not in circuits or "ft" not in circuits:
+            check.fail("equal-size head overlap", "the scorecard lists no base and ft circuits to derive it from")
+        derived = {o.group: o for o in equal_size_overlap(circuits["base"], circuits["ft"],
+                                                          card.base.n_layers * card.base.n_heads)}
+        _expect_overlap(check, "equal-size head overlap", top_rows, derived, "the circuits")
     for d in card.dcm:
         what = f"DCM test accuracy ({d.circuit} circuit, {d.group}, {d.desideratum})"
         flags = check.rows(what, "dcm_test", circuit=d.circuit, group=d.group, desideratum=d.desideratum)

@@ -112,11 +112,14 @@ class OverlapChance:
 class OverlapScore:
     """Base heads recovered in the fine-tuned model's set, for one group or "all"."""
 
-    heads: Literal["circuit", "dcm"]
+    # "circuit": the two circuits as found; "circuit-top": the top k = min(|base|, |ft|) heads of each
+    # circuit's group ranking (equal sizes, comparable across rows whose circuits were sized apart);
+    # "dcm": DCM-selected heads
+    heads: Literal["circuit", "circuit-top", "dcm"]
     group: str  # a GROUPS name or "all"
     base_in_ft: Estimate  # |base ∩ ft| / |base|
     jaccard: Estimate
-    # circuit rows: the chance level of both figures (None for DCM rows, whose sets are drawn from each
+    # circuit and circuit-top rows: the chance level of both figures (None for DCM rows, whose sets are drawn from each
     # model's own circuit group, and for cards written before it was kept)
     chance: Optional[OverlapChance] = None
 

@@ -9,7 +9,13 @@ from typing import Any
 
 from etbench import __version__
 from etbench.core.io import finite
-from etbench.metrics.overlap import circuit_overlap, dcm_overlap, dcm_seed_runs, item_scores_from_rows
+from etbench.metrics.overlap import (
+    circuit_overlap,
+    dcm_overlap,
+    dcm_seed_runs,
+    equal_size_overlap,
+    item_scores_from_rows,
+)
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit
 
@@ -108,8 +114,10 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
 
     # per-prompt discovery effects (absent for given circuits and stages computed before they were kept)
     scores = {w: item_scores_from_rows(circuits[w].get("item_scores") or {}) for w in ("base", "ft")}
+    pool = cards["base"]["n_layers"] * cards["base"]["n_heads"]
     overlap = circuit_overlap(circ["base"], circ["ft"], item_scores=(scores["base"], scores["ft"]), seed=seed,
-                              pool=cards["base"]["n_layers"] * cards["base"]["n_heads"])
+                              pool=pool)
+    overlap += equal_size_overlap(circ["base"], circ["ft"], pool)
     # every seed's selections go on the card: the overlap over seeds is computed from them, here and by submit
     dcm_selections = [sc.DcmSelection(w, s, g, d, [list(h) for h in hs]) for w in ("base", "ft")
                       for s, run in zip(dcm_seeds, dcm_runs[w], strict=True) for g, d, hs in run["selections"]]
