@@ -25,12 +25,11 @@ from etbench.core.stats import (
     Estimate,
     mib_ci,
     mib_normalised,
-    normalised_gain,
-    paired_bootstrap_diff,
     proportion_ci,
     ratio_of_sums_ci,
     to_estimate,
 )
+from etbench.metrics.cmap_scores import cmap_score
 from etbench.metrics.overlap import (
     circuit_overlap,
     dcm_overlap,
@@ -297,13 +296,10 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
                                  **({"heads": c.heads} if labelled else {}))
             if len(patched) != len(base) or len(ft) != len(base):
                 check.fail(what, f"{len(patched)} patched rows, {len(base)} base and {len(ft)} fine-tuned rows")
-            check.expect(f"{what} patched accuracy", c.patched_accuracy,
-                         to_estimate(proportion_ci(sum(patched), len(patched))))
-            p = [float(x) for x in patched]
-            check.expect(f"{what} gain", c.gain,
-                         to_estimate(paired_bootstrap_diff(base, p, seed=seed, n_resamples=N_RESAMPLES)))
-            check.expect(f"{what} normalised gain", c.normalised_gain,
-                         normalised_gain(base, ft, p, seed=seed, n_resamples=N_RESAMPLES))
+            want = cmap_score(c.variant, c.group, base, ft, patched, seed=seed, n_resamples=N_RESAMPLES)
+            check.expect(f"{what} patched accuracy", c.patched_accuracy, want.patched_accuracy)
+            check.expect(f"{what} gain", c.gain, want.gain)
+            check.expect(f"{what} normalised gain", c.normalised_gain, want.normalised_gain)
     for s in card.semantics:
         check.within(f"semantics check accuracy ({s.heads_of} heads into {s.model}, {s.group}, {s.desideratum})",
                      s.accuracy)

@@ -9,6 +9,7 @@ from typing import Any
 
 from etbench import __version__
 from etbench.core.io import finite
+from etbench.metrics.cmap_scores import scores_from_rows
 from etbench.metrics.overlap import (
     circuit_overlap,
     dcm_overlap,
@@ -123,7 +124,8 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
                       for s, run in zip(dcm_seeds, dcm_runs[w], strict=True) for g, d, hs in run["selections"]]
     overlap += dcm_overlap(*dcm_seed_runs(dcm_selections, dcm_seeds), seed=seed)
     dcm_scores = [sc.DcmScore(**s) for w in ("base", "ft") for s in dcm_runs[w][0]["scores"]]
-    cmap_scores = [sc.CmapScore(**s) for s in cmap["scores"]]
+    # from the per-item rows, not the stage's stored scores: a statistic's fix reaches cached stages
+    cmap_scores = scores_from_rows(cmap["items"], seed=seed)
     provenance = sc.Provenance(__version__, sc.BENCHMARK_VERSION, library_versions(), device, dtype)
     card = sc.from_dict(sc.to_dict(sc.Scorecard(
         base=sc.ModelCard(**cards["base"]), ft=sc.ModelCard(**cards["ft"]), config=config, config_hash=chash,
