@@ -162,7 +162,7 @@ def test_normalised_gain_undefined_when_the_gain_ci_contains_zero():
     assert "normalised gain undefined" in e.note and "+0.010" in e.note
     # equal accuracies say so
     same = stats.normalised_gain(base, base, patched, seed=0, n_resamples=500)
-    assert same.value is None and "equals base accuracy" in same.note
+    assert same.value is None and "ft accuracy equals base accuracy" in same.note
 
 
 def test_normalised_gain_defined_when_the_gain_is_clear():

@@ -322,7 +322,7 @@ COLUMNS = (  # key, header, kind
     ("accuracy_gain", "Accuracy gain (ft − base)", "est"),
     ("faithfulness", "Faithfulness of base circuit on ft", "est"),
     ("head_overlap", "Head overlap (base circuit in ft, at equal size)", "est"),
-    ("head_overlap_chance", "… by chance (random set of ft's size)", "est"),
+    ("head_overlap_chance", "… by chance (random heads, same sizes)", "est"),
     ("cmap_gain", "CMAP gain (full circuit)", "est"),
     ("delta_p_holm", "Δacc McNemar p (Holm)", "p"),
 )
