@@ -193,3 +193,4 @@ def test_cmap_scores_from_item_rows_match_the_run_and_recompute_the_normalised_g
     null = scores_from_rows([{**r, "correct": base[r["item"]]} if r["model"] == "ft" else r for r in rows],
                             seed=0, n_resamples=500)
     assert null[0].normalised_gain.value is None  # ft == base: nothing to normalise by
+    assert scores_from_rows([]) == []  # CMAP not run

@@ -47,6 +47,8 @@ def scores_from_rows(rows: Sequence[Mapping[str, Any]], *, seed: int = 0,
     base and ft runs once, as ``variant: "none"``; rows without a ``heads`` label are the DCM head set),
     in the rows' order."""
     rows = [r for r in rows if r.get("measure", "cmap") == "cmap"]
+    if not rows:  # CMAP not run (nothing to patch, or a preset without it): no rows, no scores
+        return []
     base, ft = _flags(rows, variant="none", model="base"), _flags(rows, variant="none", model="ft")
     if not base or not ft:
         raise EtbenchError("CMAP rows without the unpatched base and fine-tuned runs")
