@@ -138,7 +138,7 @@ def _with_chance(scores: list[OverlapScore], found: Mapping[str, Overlap], pool:
 def _ranked_by_group(x: Circuit | Mapping[str, Iterable[Sequence[int]]]) -> dict[str, list[Head]]:
     """Each group's heads in the circuit's order (importance order), duplicates dropped."""
     groups = {g: x.heads(g) for g in GROUPS} if isinstance(x, Circuit) else {group_name(g): hs for g, hs in x.items()}
-    return {g: list(dict.fromkeys(tuple(h) for h in _ordered_heads(hs))) for g, hs in groups.items()}
+    return {g: list(dict.fromkeys(_ordered_heads(hs))) for g, hs in groups.items()}
 
 
 def _ordered_heads(xs: Iterable[Sequence[int]]) -> list[Head]:

@@ -269,7 +269,7 @@ def _num(value: Optional[float]) -> dict[str, Any]:
 def _chance(chance: Optional[sc.OverlapChance]) -> dict[str, Any]:
     """An overlap's chance level: an expectation under random sets, not an estimate, so no CI."""
     if chance is None:
-        return {"value": None, "low": None, "high": None, "n": None, "method": None}
+        return _est(None)
     return {"value": chance.base_in_ft, "low": None, "high": None, "n": chance.pool, "method": chance.method}
 
 
