@@ -7,7 +7,8 @@ metric, reported, never a row to drop or a threshold to move.
 * ``tiny-null`` (trained on tiny-base's own answers): accuracy unchanged (the paired 7-box difference's
   95% CI contains 0), so CMAP has no gap to explain (its normalised gain is undefined) and the full
   CMAP gain's CI contains 0;
-* ``tiny-harmful`` (wrong bindings): 7-box accuracy drops, exact McNemar p < 0.01;
+* ``tiny-harmful`` (wrong bindings): 7-box accuracy drops, exact McNemar p < 0.01, and the full CMAP gain
+  is negative (its 95% CI below 0);
 * ``tiny-planted-a`` (trained with the base circuit's value fetchers ablated): its value-fetcher
   overlap with the base circuit (at equal size) stands less far above chance than the null row's.
 
@@ -73,6 +74,13 @@ def test_null_row_leaves_cmap_nothing_to_explain():
 def test_harmful_row_accuracy_drops():
     test = _paired_accuracy("tiny-harmful")
     assert test.difference.value < 0 and test.p_value < 0.01, (test.difference.value, test.p_value)
+
+
+def test_harmful_row_cmap_gain_is_negative():
+    # the fine-tune's heads carry wrong bindings: patching them into the base makes it worse
+    card, _ = _row("tiny-harmful")
+    full = _cmap(card, "full")
+    assert full.gain.high < 0, f"CMAP full gain {full.gain.value:+.3f} [{full.gain.low:+.3f}, {full.gain.high:+.3f}]"
 
 
 def test_planted_row_value_fetchers_less_shared_than_the_null_rows():
