@@ -564,6 +564,11 @@ FORGERIES: dict[str, tuple[str, Callable[[dict, list], list | None]]] = {
         _find(c["overlap"], heads="circuit", group="value_fetcher")["jaccard"], 0.9, 0.9, 0.9)),
     "circuit-heads-edited": ("overlap", lambda c, i: _find(c["circuits"], name="ft")["heads"].update(
         _find(c["circuits"], name="base")["heads"])),
+    "equal-size-overlap-edited": ("equal-size head overlap", lambda c, i: _set_est(
+        _find(c["overlap"], heads="circuit-top", group="value_fetcher")["base_in_ft"], 1.0)),
+    # a forger hiding that a fine-tuned group covers most heads (overlap no better than chance)
+    "overlap-chance-edited": ("by chance", lambda c, i: _find(c["overlap"], heads="circuit", group="all")[
+        "chance"].update(base_in_ft=0.1, p_value=1e-9)),
     "dcm-overlap-edited": ("overlap", lambda c, i: _set_est(
         _find(c["overlap"], heads="dcm", group="all")["base_in_ft"], 1.0, 1.0, 1.0)),
     "cmap-gain": ("cmap", lambda c, i: _set_est(_find(c["cmap"], group="full", variant="output")["gain"], 0.5)),

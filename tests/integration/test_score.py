@@ -3,7 +3,6 @@ clear failures. (The embedded tiny pair's numbers are in tests/integration/test_
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -77,14 +76,13 @@ def test_unknown_preset_and_bad_circuit_are_clear_errors(tmp_path):
 
 
 def test_score_of_the_paper_models_offline_fails_fast_with_one_line(tmp_path):
-    start = time.perf_counter()
+    # fails before any model work; the subprocess timeout is a hang guard, not a timing target (tests/bench)
     result = subprocess.run([sys.executable, "-m", "etbench.cli", "score", "--base", "llama7b", "--ft", "goat",
                              "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("etbench: error:") and "huggyllama/llama-7b" in lines[-1]
-    assert time.perf_counter() - start < 60
     assert not (tmp_path / "o" / "scorecard.json").exists()
 
 

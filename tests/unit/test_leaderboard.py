@@ -140,7 +140,7 @@ def test_every_link_of_the_page_resolves_and_measured_numbers_link_to_their_repo
     for name in ("synthetic-ft-a", "synthetic-ft-b"):
         row = re.search(rf'<tr class="measured" data-name="{name}">(.*?)</tr>', page).group(1)
         numbers = [td for td in re.findall(r"<td[^>]*>(.*?)</td>", row) if re.search(r"\d\.\d", td)]
-        assert len(numbers) == 7 and all(f'<a href="reports/{name}.html">' in td for td in numbers), numbers
+        assert len(numbers) == 8 and all(f'<a href="reports/{name}.html">' in td for td in numbers), numbers
 
 
 def test_page_has_figures_and_matrix(built):

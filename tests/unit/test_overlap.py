@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from etbench.core.errors import EtbenchError
@@ -156,3 +157,62 @@ def test_circuit_overlap_of_a_pruned_circuit_has_no_ci():
     for g in ("value_fetcher", "all"):
         est = rows[g].jaccard
         assert est.value == 1.0 and est.low is None and "not the top of their discovery ranking" in est.note
+
+
+def test_chance_overlap_matches_random_sets_drawn_from_the_pool():
+    """The hypergeometric chance level equals what random fine-tuned sets of the same size give (simulated)."""
+    pool, base, n_ft = 40, set(range(8)), 15
+    rng = np.random.default_rng(0)
+    draws = [set(rng.choice(pool, size=n_ft, replace=False).tolist()) for _ in range(20000)]
+    common = np.array([len(base & f) for f in draws])
+    jacc = common / (len(base) + n_ft - common)
+    observed = 6  # overlap of the "real" fine-tuned set
+    chance = overlap.chance_overlap(overlap.Overlap(len(base), n_ft, observed, len(base) + n_ft - observed), pool)
+    assert chance.pool == pool and chance.method == "hypergeometric"
+    assert chance.base_in_ft == pytest.approx(n_ft / pool)
+    assert chance.base_in_ft == pytest.approx(common.mean() / len(base), abs=0.01)
+    assert chance.jaccard == pytest.approx(jacc.mean(), abs=0.005)
+    assert chance.p_value == pytest.approx((common >= observed).mean(), abs=0.005)
+
+
+def test_chance_overlap_of_a_set_covering_every_head_says_nothing():
+    # a fine-tuned group grown to every head contains every base head: observed 1.0, chance 1.0, p 1
+    chance = overlap.chance_overlap(overlap.Overlap(10, 50, 10, 50), 50)
+    assert chance.base_in_ft == 1.0 and chance.p_value == pytest.approx(1.0)
+    # disjoint sets: p of "at least 0 in common" is 1; a full overlap of small sets is unlikely by chance
+    assert overlap.chance_overlap(overlap.Overlap(5, 5, 0, 10), 100).p_value == pytest.approx(1.0)
+    assert overlap.chance_overlap(overlap.Overlap(5, 5, 5, 5), 100).p_value < 1e-6
+    assert overlap.chance_overlap(overlap.Overlap(0, 5, 0, 5), 100) is None  # base_in_ft undefined
+    with pytest.raises(EtbenchError):
+        overlap.chance_overlap(overlap.Overlap(10, 60, 10, 60), 50)  # the pool cannot hold the set
+
+
+def test_circuit_overlap_rows_carry_their_chance_level_when_given_the_pool():
+    base = {"A": [[0, 0], [0, 1]], "B": [[1, 0]]}
+    ft = {"A": [[0, 0], [1, 1]], "B": [[1, 0], [1, 1]]}
+    without = overlap.circuit_overlap(base, ft)
+    assert all(o.chance is None for o in without)
+    rows = {o.group: o for o in overlap.circuit_overlap(base, ft, pool=4)}
+    assert rows["value_fetcher"].chance.base_in_ft == pytest.approx(2 / 4)
+    assert rows["all"].chance.base_in_ft == pytest.approx(3 / 4)
+    assert "by chance" in overlap.format_overlap(list(rows.values()))
+
+
+def test_equal_size_overlap_cuts_both_rankings_to_the_smaller_size():
+    base = {"A": [[0, 0], [0, 1], [0, 2], [0, 3]], "B": [[1, 0]]}
+    # the fine-tuned ranking puts two new heads first and keeps the base's four after them: at the base's
+    # size (4) its top holds the new two and the base's first two
+    ft = {"A": [[2, 0], [2, 1], [0, 0], [0, 1], [0, 2], [0, 3]], "B": [[1, 0], [1, 1], [1, 2]]}
+    rows = {o.group: o for o in overlap.equal_size_overlap(base, ft, pool=20)}
+    vf = rows["value_fetcher"]
+    assert vf.heads == "circuit-top" and vf.base_in_ft.value == pytest.approx(2 / 4) and vf.base_in_ft.n == 4
+    assert vf.jaccard.value == pytest.approx(2 / 6)
+    assert vf.base_in_ft.low is None and "no CI" in vf.base_in_ft.note
+    assert vf.chance.base_in_ft == pytest.approx(4 / 20)  # equal sizes: chance is k / N
+    assert rows["position_transmitter"].base_in_ft.value == 1.0  # cut to 1: the top head is shared
+    # as found, the larger fine-tuned set contains every base head
+    as_found = {o.group: o for o in overlap.circuit_overlap(base, ft, pool=20)}
+    assert as_found["value_fetcher"].base_in_ft.value == 1.0
+    # the same circuit: full overlap at any size
+    same = {o.group: o for o in overlap.equal_size_overlap(base, base, pool=20)}
+    assert all(o.base_in_ft.value == 1.0 for o in same.values())

@@ -162,7 +162,7 @@ def test_normalised_gain_undefined_when_the_gain_ci_contains_zero():
     assert "normalised gain undefined" in e.note and "+0.010" in e.note
     # equal accuracies say so
     same = stats.normalised_gain(base, base, patched, seed=0, n_resamples=500)
-    assert same.value is None and "equals base accuracy" in same.note
+    assert same.value is None and "ft accuracy equals base accuracy" in same.note
 
 
 def test_normalised_gain_defined_when_the_gain_is_clear():
@@ -172,3 +172,25 @@ def test_normalised_gain_defined_when_the_gain_is_clear():
     e = stats.normalised_gain(base, ft, patched, seed=0, n_resamples=500)
     assert e.value == pytest.approx(0.5)
     assert e.low < 0.5 < e.high and e.note == ""
+
+
+def test_cmap_scores_from_item_rows_match_the_run_and_recompute_the_normalised_gain():
+    """A scorecard's CMAP rows re-scored from its items: gain and patched accuracy as stored, and the
+    normalised gain by today's rule (undefined for a gap whose CI contains 0), whatever a cached stage held."""
+    from etbench.metrics.cmap_scores import cmap_score, scores_from_rows
+
+    base = [True] * 40 + [False] * 60
+    ft = [True] * 80 + [False] * 20
+    patched = [True] * 60 + [False] * 40
+    rows = [{"measure": "cmap", "model": m, "variant": "none", "group": "none", "n_boxes": 7, "item": i,
+             "correct": c, "heads": "dcm"} for m, flags in (("base", base), ("ft", ft)) for i, c in enumerate(flags)]
+    rows += [{"measure": "cmap", "model": "base", "variant": "output", "group": "full", "n_boxes": 7, "item": i,
+              "correct": c, "heads": h} for h in ("dcm", "circuit") for i, c in reversed(list(enumerate(patched)))]
+    scores = scores_from_rows(rows, seed=0, n_resamples=500)
+    assert [(s.heads, s.variant, s.group) for s in scores] == [("dcm", "output", "full"), ("circuit", "output", "full")]
+    assert scores[0] == cmap_score("output", "full", base, ft, patched, seed=0, n_resamples=500)
+    assert scores[0].gain.value == pytest.approx(0.2) and scores[0].normalised_gain.value == pytest.approx(0.5)
+    null = scores_from_rows([{**r, "correct": base[r["item"]]} if r["model"] == "ft" else r for r in rows],
+                            seed=0, n_resamples=500)
+    assert null[0].normalised_gain.value is None  # ft == base: nothing to normalise by
+    assert scores_from_rows([]) == []  # CMAP not run

@@ -219,10 +219,10 @@ def normalised_gain(base: Sequence[float], ft: Sequence[float], patched: Sequenc
     the ratio is unbounded. Scoring and the submission check both call this."""
     gap = paired_bootstrap_diff(base, ft, seed=seed, n_resamples=n_resamples)
     if gap.value is None or gap.value == 0 or (gap.low is not None and gap.low <= 0 <= gap.high):
-        shown = "equals" if not gap.value else "is not clearly different from"
-        gain = format_estimate(gap.value, gap.low, gap.high, signed=True)
+        why = ("ft accuracy equals base accuracy" if not gap.value else
+               f"ft - base accuracy {format_estimate(gap.value, gap.low, gap.high, signed=True)} is not clearly nonzero")
         return Estimate(None, None, None, len(base), "paired-bootstrap-percentile", gap.level,
-                        f"fine-tuned accuracy {shown} base accuracy (gain {gain}): normalised gain undefined")
+                        f"{why}: normalised gain undefined")
     ratio = paired_bootstrap_ratio([p - b for p, b in zip(patched, base)], [f - b for f, b in zip(ft, base)],
                                    seed=seed, n_resamples=n_resamples)
     return to_estimate(ratio)

@@ -47,15 +47,13 @@ from etbench.core.progress import track
 from etbench.core.stats import (
     Proportion,
     format_estimate_of,
-    normalised_gain,
-    paired_bootstrap_diff,
     proportion_ci,
-    to_estimate,
 )
 from etbench.mech.forward import device_of
 from etbench.mech.heads import head_map
 from etbench.mech.interventions import Edit, read, replace, replace_where, run
 from etbench.mech.prefix import PatchRunner
+from etbench.metrics.cmap_scores import cmap_score
 from etbench.metrics.dcm import DcmResult, HeadsByGroup, by_layer, check_heads_fit, format_heads, normalise_heads
 from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Head, group_name
 from etbench.schema.scorecard import CmapScore
@@ -138,18 +136,8 @@ class CmapResult:
     def scores(self, seed: int = 0, n_resamples: int = 2000) -> list["CmapScore"]:
         """``scorecard.CmapScore`` per run: patched accuracy (Wilson), gain and normalised gain
         (paired bootstrap over items, seeded)."""
-        base = [float(x) for x in self.base_correct]
-        ft = [float(x) for x in self.ft_correct]
-        out = []
-        for r in self.runs:
-            patched = [float(x) for x in r.correct]
-            gain = paired_bootstrap_diff(base, patched, seed=seed, n_resamples=n_resamples)
-            out.append(CmapScore(variant=r.variant, group=r.group,
-                                 patched_accuracy=to_estimate(proportion_ci(sum(r.correct), len(r.correct))),
-                                 gain=to_estimate(gain),
-                                 normalised_gain=normalised_gain(base, ft, patched, seed=seed,
-                                                                 n_resamples=n_resamples)))
-        return out
+        return [cmap_score(r.variant, r.group, self.base_correct, self.ft_correct, r.correct, seed=seed,
+                           n_resamples=n_resamples) for r in self.runs]
 
     def item_rows(self) -> list[dict[str, Any]]:
         rows = []

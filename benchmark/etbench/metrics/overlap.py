@@ -5,6 +5,15 @@ For one group (or ``"all"``), with B the base's heads and F the fine-tuned's:
 * ``base_in_ft = |B ∩ F| / |B|``: the fraction of the base's heads found again in the fine-tuned set
   (the paper's "27/40 of Llama's Value Fetcher heads are in Goat's"); undefined when B is empty.
 * ``jaccard = |B ∩ F| / |B ∪ F|``; undefined when both are empty.
+* the **overlap at equal size** (``equal_size_overlap``, rows ``heads="circuit-top"``): the top
+  k = min(|B|, |F|) heads of each group's ranking in both circuits (a circuit lists each group's heads
+  in importance order). Circuits sized by faithfulness can differ several-fold in size; at equal size
+  ``base_in_ft`` = Jaccard's numerator over k, and its chance level is k / N for every row, so rows of
+  one base compare directly. One value per pair of circuits, without a CI (noted);
+* their **chance level** (``chance_overlap``, circuit rows): the same figures expected when F is replaced
+  by a uniformly random set of |F| heads of the model's N (hypergeometric), and the one-sided p-value of
+  an overlap at least as large. Sized circuits can grow a group to most of the model's heads; then
+  ``base_in_ft`` is high whatever the heads are, and only the distance above chance says anything.
 
 Heads are ``(layer, head)`` pairs; for ``"all"`` a head counts once however many groups list it
 (distinct heads, as the paper's "67 distinct heads").
@@ -37,15 +46,16 @@ Two sources of head sets:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+from scipy.stats import hypergeom
 
 from etbench.core.errors import EtbenchError
-from etbench.core.stats import bootstrap_mean, format_estimate_of, to_estimate
+from etbench.core.stats import bootstrap_mean, format_estimate_of, format_p, to_estimate
 from etbench.schema.circuit import GROUPS, Circuit, Head, group_name
-from etbench.schema.scorecard import DcmSelection, Estimate, OverlapScore
+from etbench.schema.scorecard import DcmSelection, Estimate, OverlapChance, OverlapScore
 
 ALL = "all"
 
@@ -103,6 +113,63 @@ def group_overlaps(base: Circuit | Mapping[str, Iterable[Sequence[int]]],
     out = {g: head_overlap(b.get(g, ()), f.get(g, ())) for g in GROUPS if g in b or g in f}
     out[ALL] = head_overlap(set().union(*b.values()) if b else (), set().union(*f.values()) if f else ())
     return out
+
+
+def chance_overlap(o: Overlap, pool: int) -> OverlapChance | None:
+    """The overlap ``o`` would have by chance: F replaced by a uniformly random |F|-subset of ``pool``
+    heads (hypergeometric in |B ∩ F|). None when B is empty (base_in_ft is undefined then)."""
+    if pool < max(o.n_base, o.n_ft) or o.n_common > min(o.n_base, o.n_ft):
+        raise EtbenchError(f"a pool of {pool} heads cannot hold sets of {o.n_base} and {o.n_ft} heads "
+                           f"sharing {o.n_common}")
+    if not o.n_base:
+        return None
+    dist = hypergeom(pool, o.n_base, o.n_ft)
+    k = np.arange(max(0, o.n_base + o.n_ft - pool), min(o.n_base, o.n_ft) + 1)
+    union = o.n_base + o.n_ft - k
+    jaccard = float(np.sum(dist.pmf(k) * np.where(union > 0, k / np.maximum(union, 1), 0.0)))
+    return OverlapChance(pool=pool, base_in_ft=o.n_ft / pool, jaccard=jaccard,
+                         p_value=float(min(1.0, dist.sf(o.n_common - 1))))
+
+
+def _with_chance(scores: list[OverlapScore], found: Mapping[str, Overlap], pool: int | None) -> list[OverlapScore]:
+    return scores if pool is None else [replace(s, chance=chance_overlap(found[s.group], pool)) for s in scores]
+
+
+def _ranked_by_group(x: Circuit | Mapping[str, Iterable[Sequence[int]]]) -> dict[str, list[Head]]:
+    """Each group's heads in the circuit's order (importance order), duplicates dropped."""
+    groups = {g: x.heads(g) for g in GROUPS} if isinstance(x, Circuit) else {group_name(g): hs for g, hs in x.items()}
+    return {g: list(dict.fromkeys(_ordered_heads(hs))) for g, hs in groups.items()}
+
+
+def _ordered_heads(xs: Iterable[Sequence[int]]) -> list[Head]:
+    xs = list(xs)
+    _heads(xs)  # validates every head; the set it builds loses the order
+    return [(int(x[0]), int(x[1])) for x in xs]
+
+
+EQUAL_SIZE_NOTE = ("top k = min(|base|, |ft|) heads of each circuit's group ranking; one value per pair of "
+                   "circuits: no CI")
+
+
+def equal_size_overlap(base: Circuit | Mapping[str, Iterable[Sequence[int]]],
+                       ft: Circuit | Mapping[str, Iterable[Sequence[int]]], pool: int) -> list[OverlapScore]:
+    """``OverlapScore``s (``heads="circuit-top"``) of the two circuits cut to equal size per group: the top
+    k = min(|B_g|, |F_g|) heads of each group's ranking; ``"all"`` over the distinct heads of those cuts.
+    Each row carries its chance level over ``pool`` heads."""
+    b, f = _ranked_by_group(base), _ranked_by_group(ft)
+    cut_b, cut_f = {}, {}
+    for g in GROUPS:
+        if g in b or g in f:
+            k = min(len(b.get(g, ())), len(f.get(g, ())))
+            cut_b[g], cut_f[g] = b.get(g, [])[:k], f.get(g, [])[:k]
+    found = group_overlaps(cut_b, cut_f)
+    rows = [OverlapScore(heads="circuit-top", group=g,
+                         base_in_ft=Estimate(o.base_in_ft, None, None, o.n_base, "exact",
+                                             note=EQUAL_SIZE_NOTE if o.n_base else "undefined: no heads at equal size"),
+                         jaccard=Estimate(o.jaccard, None, None, o.n_union, "exact",
+                                          note=EQUAL_SIZE_NOTE if o.n_union else "undefined: no heads at equal size"))
+            for g, o in found.items()]
+    return _with_chance(rows, found, pool)
 
 
 def _exact(value: float | None, n: int, what: str) -> Estimate:
@@ -182,13 +249,19 @@ def _bootstrap_estimate(value: float | None, n: int, what: str, samples: Sequenc
 def circuit_overlap(base: Circuit | Mapping[str, Iterable[Sequence[int]]],
                     ft: Circuit | Mapping[str, Iterable[Sequence[int]]], *,
                     item_scores: tuple[ItemScores, ItemScores] | None = None, seed: int = 0,
-                    n_resamples: int = CIRCUIT_RESAMPLES) -> list[OverlapScore]:
+                    n_resamples: int = CIRCUIT_RESAMPLES, pool: int | None = None) -> list[OverlapScore]:
     """``OverlapScore``s of two circuits, per group and ``"all"`` (n = |B|, |B ∪ F|).
 
     ``item_scores``: (base, ft) per-prompt discovery effects ``{group: {(layer, head): [effect per
     prompt]}}`` on the same prompts; with them each estimate gets a bootstrap CI over the prompts (see
-    the module docstring), without them none (``method="exact"``)."""
+    the module docstring), without them none (``method="exact"``). ``pool``: the model's number of
+    heads; with it each row carries its chance level (``chance_overlap``)."""
     found = group_overlaps(base, ft)
+    return _with_chance(_circuit_overlap(found, base, ft, item_scores, seed, n_resamples), found, pool)
+
+
+def _circuit_overlap(found: Mapping[str, Overlap], base, ft, item_scores: tuple[ItemScores, ItemScores] | None,
+                     seed: int, n_resamples: int) -> list[OverlapScore]:
     n_items = None
     if item_scores is not None:
         nb, nf = _item_count(item_scores[0]), _item_count(item_scores[1])
@@ -325,6 +398,12 @@ def format_overlap(scores: Sequence[OverlapScore]) -> str:
     def fmt(e: Estimate) -> str:
         return format_estimate_of(e, undefined="undefined", show_note=False)
 
-    rows = [[s.heads, s.group, fmt(s.base_in_ft), fmt(s.jaccard), s.base_in_ft.n] for s in scores]
-    return tabulate(rows, headers=["heads", "group", "base in ft", "Jaccard", "n"], tablefmt="github",
+    rows = [[s.heads, s.group, fmt(s.base_in_ft), format_chance(s.chance), fmt(s.jaccard), s.base_in_ft.n]
+            for s in scores]
+    return tabulate(rows, headers=["heads", "group", "base in ft", "by chance", "Jaccard", "n"], tablefmt="github",
                     disable_numparse=True)
+
+
+def format_chance(chance: OverlapChance | None) -> str:
+    """``0.767 (p 0.99)``: base in ft expected by chance, and the p-value of the observed overlap."""
+    return "—" if chance is None else f"{chance.base_in_ft:.3f} (p {format_p(chance.p_value)})"

@@ -463,16 +463,23 @@ def availability(spec: ModelSpec, allow_download: bool = False) -> Availability:
     base = availability(spec.base, allow_download)
     if not base.ok:
         return Availability(False, f"base {spec.base.name}: {base.why}")
+    # the adapter first, then its base by name: a base that is itself an adapter row nests readably
+    on_base = f"base {spec.base.name}: {base.why}"
     adapter_path = Path(spec.location)
     if adapter_path.is_absolute() or adapter_path.exists():
+        shown = spec.entry.adapter if spec.entry is not None else adapter_path
         if (adapter_path / "adapter_config.json").is_file():
-            return Availability(True, f"base {base.why}; adapter in {adapter_path}")
+            return Availability(True, f"adapter {shown}; {on_base}")
         problem = "has no adapter_config.json" if adapter_path.exists() else "does not exist"
+        if spec.entry is not None and str(spec.entry.adapter).startswith(ASSET_PREFIX):
+            # the row's install hint fetches the base's weights; a shipped adapter comes with etbench itself
+            return Availability(False, f"adapter directory {adapter_path} {problem}: it ships with etbench, so "
+                                       f"reinstall etbench (or retrain it: see the row's notes)")
         return _missing(spec, f"adapter directory {adapter_path} {problem}")
     if cached_snapshot(spec.location) is not None:
-        return Availability(True, f"base {base.why}; adapter {spec.location} in the local Hugging Face cache")
+        return Availability(True, f"adapter {spec.location} in the local Hugging Face cache; {on_base}")
     if allow_download and hub_reachable():
-        return Availability(True, f"base {base.why}; adapter {spec.location} will be downloaded")
+        return Availability(True, f"adapter {spec.location} will be downloaded; {on_base}")
     return Availability(False, f"adapter {spec.location} is not in the local Hugging Face cache: "
                                f"run 'hf download {spec.location}' where the hub is reachable")
 

@@ -25,16 +25,16 @@ from etbench.core.stats import (
     Estimate,
     mib_ci,
     mib_normalised,
-    normalised_gain,
-    paired_bootstrap_diff,
     proportion_ci,
     ratio_of_sums_ci,
     to_estimate,
 )
+from etbench.metrics.cmap_scores import cmap_score
 from etbench.metrics.overlap import (
     circuit_overlap,
     dcm_overlap,
     dcm_seed_runs,
+    equal_size_overlap,
     item_scores_from_rows,
     selected_by_group,
 )
@@ -164,6 +164,16 @@ def _expect_overlap(check, what: str, rows, derived: dict, source: str) -> None:
             check.fail(f"{what} ({o.group})", f"no such group in {source}")
         check.expect(f"{what} ({o.group}), base in ft", o.base_in_ft, want.base_in_ft)
         check.expect(f"{what} ({o.group}), Jaccard", o.jaccard, want.jaccard)
+        if (o.chance is None) != (want.chance is None) or o.chance is not None and not (
+                o.chance.pool == want.chance.pool and o.chance.method == want.chance.method
+                and all(_close(getattr(o.chance, k), getattr(want.chance, k)) for k in ("base_in_ft", "jaccard",
+                                                                                         "p_value"))):
+            check.fail(f"{what} ({o.group}), by chance", f"stored {o.chance}, derived {want.chance}")
+
+
+def _pool(card: sc.Scorecard, rows) -> int | None:
+    """The head pool of the chance levels: every head of the model, for cards that keep them."""
+    return card.base.n_layers * card.base.n_heads if any(o.chance is not None for o in rows) else None
 
 
 def _dcm_seeds(card: sc.Scorecard) -> list:
@@ -237,8 +247,16 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
             check.fail("circuit head overlap", "the scorecard lists no base and ft circuits to derive it from")
         scores = {w: _discovery_scores(items, w) for w in ("base", "ft")}
         derived = {o.group: o for o in circuit_overlap(circuits["base"], circuits["ft"],
-                                                       item_scores=(scores["base"], scores["ft"]), seed=seed)}
+                                                       item_scores=(scores["base"], scores["ft"]), seed=seed,
+                                                       pool=_pool(card, circuit_rows))}
         _expect_overlap(check, "circuit head overlap", circuit_rows, derived, "the circuits")
+    top_rows = [o for o in card.overlap if o.heads == "circuit-top"]
+    if top_rows:
+        if "base" not in circuits or "ft" not in circuits:
+            check.fail("equal-size head overlap", "the scorecard lists no base and ft circuits to derive it from")
+        derived = {o.group: o for o in equal_size_overlap(circuits["base"], circuits["ft"],
+                                                          card.base.n_layers * card.base.n_heads)}
+        _expect_overlap(check, "equal-size head overlap", top_rows, derived, "the circuits")
     for d in card.dcm:
         what = f"DCM test accuracy ({d.circuit} circuit, {d.group}, {d.desideratum})"
         flags = check.rows(what, "dcm_test", circuit=d.circuit, group=d.group, desideratum=d.desideratum)
@@ -278,13 +296,10 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]]) -> list[str]:
                                  **({"heads": c.heads} if labelled else {}))
             if len(patched) != len(base) or len(ft) != len(base):
                 check.fail(what, f"{len(patched)} patched rows, {len(base)} base and {len(ft)} fine-tuned rows")
-            check.expect(f"{what} patched accuracy", c.patched_accuracy,
-                         to_estimate(proportion_ci(sum(patched), len(patched))))
-            p = [float(x) for x in patched]
-            check.expect(f"{what} gain", c.gain,
-                         to_estimate(paired_bootstrap_diff(base, p, seed=seed, n_resamples=N_RESAMPLES)))
-            check.expect(f"{what} normalised gain", c.normalised_gain,
-                         normalised_gain(base, ft, p, seed=seed, n_resamples=N_RESAMPLES))
+            want = cmap_score(c.variant, c.group, base, ft, patched, seed=seed, n_resamples=N_RESAMPLES)
+            check.expect(f"{what} patched accuracy", c.patched_accuracy, want.patched_accuracy)
+            check.expect(f"{what} gain", c.gain, want.gain)
+            check.expect(f"{what} normalised gain", c.normalised_gain, want.normalised_gain)
     for s in card.semantics:
         check.within(f"semantics check accuracy ({s.heads_of} heads into {s.model}, {s.group}, {s.desideratum})",
                      s.accuracy)

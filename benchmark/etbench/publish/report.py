@@ -32,6 +32,7 @@ from etbench.core import stats
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_text
 from etbench.core.stats import format_estimate_of, format_p
+from etbench.metrics.overlap import format_chance
 from etbench.publish.page import BASE_CSS, content_security_policy
 from etbench.schema import scorecard as sc
 
@@ -614,9 +615,11 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
         tables.append(("Faithfulness (mean ablation outside the circuit)",
                        ["circuit", "model", "model acc", "circuit acc", "faithfulness", "faithfulness (MIB)",
                         "random circuit acc"], rows))
-    rows = [[o.heads, o.group, format_estimate_of(o.base_in_ft), format_estimate_of(o.jaccard)] for o in card.overlap]
+    rows = [[o.heads, o.group, format_estimate_of(o.base_in_ft), format_chance(o.chance), format_estimate_of(o.jaccard)]
+            for o in card.overlap]
     if rows:
-        tables.append(("Head overlap", ["heads", "group", "base in ft", "Jaccard"], rows))
+        tables.append(("Head overlap (by chance: a random head set of the fine-tuned set's size, and the p-value "
+                       "of an overlap this large)", ["heads", "group", "base in ft", "by chance (p)", "Jaccard"], rows))
     rows = [[d.circuit, d.group, d.desideratum, str(len(d.selected_heads)), format_estimate_of(d.test_accuracy)]
             for d in card.dcm]
     if rows:

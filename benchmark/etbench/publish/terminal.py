@@ -6,6 +6,7 @@ from __future__ import annotations
 from tabulate import tabulate
 
 from etbench.core.stats import format_estimate_of
+from etbench.metrics.overlap import format_chance
 from etbench.publish.report import format_sizing
 from etbench.schema import scorecard as sc
 from etbench.scoring.pipeline import ScoreRun
@@ -42,8 +43,8 @@ def format_scorecard(card: sc.Scorecard) -> str:
             [[c.name, sum(len(h) for h in c.heads.values()), format_sizing(c.sizing)] for c in sized],
             headers=["circuit", "nodes", "sizing"], tablefmt="github", disable_numparse=True))
     parts.append("\n3. head overlap, base heads found in the fine-tuned set\n" + tabulate(
-        [[o.heads, o.group, est(o.base_in_ft), est(o.jaccard)] for o in card.overlap],
-        headers=["heads", "group", "base in ft", "jaccard"], tablefmt="github"))
+        [[o.heads, o.group, est(o.base_in_ft), format_chance(o.chance), est(o.jaccard)] for o in card.overlap],
+        headers=["heads", "group", "base in ft", "by chance (p)", "jaccard"], tablefmt="github"))
     if card.dcm:
         parts.append("\n   DCM heads per group x desideratum (test accuracy against the desideratum's target)\n" + tabulate(
             [[d.circuit, d.group, d.desideratum, len(d.selected_heads), est(d.test_accuracy)] for d in card.dcm],

@@ -95,13 +95,33 @@ class CeilingScore:
 
 
 @dataclass
+class OverlapChance:
+    """What the overlap would be by chance: the fine-tuned set replaced by a uniformly random set of the
+    same size drawn from ``pool`` heads (hypergeometric). An overlap is evidence of a shared mechanism
+    only above this: a fine-tuned group grown to most of the model's heads contains most base heads
+    whatever they are."""
+
+    pool: int  # heads a set is drawn from (every head of the model)
+    base_in_ft: float  # expected |base ∩ random| / |base| = |ft| / pool
+    jaccard: float  # expected Jaccard of base and the random set
+    p_value: float  # P(|base ∩ random| >= observed |base ∩ ft|): one-sided, overlap above chance
+    method: str = "hypergeometric"
+
+
+@dataclass
 class OverlapScore:
     """Base heads recovered in the fine-tuned model's set, for one group or "all"."""
 
-    heads: Literal["circuit", "dcm"]
+    # "circuit": the two circuits as found; "circuit-top": the top k = min(|base|, |ft|) heads of each
+    # circuit's group ranking (equal sizes, comparable across rows whose circuits were sized apart);
+    # "dcm": DCM-selected heads
+    heads: Literal["circuit", "circuit-top", "dcm"]
     group: str  # a GROUPS name or "all"
     base_in_ft: Estimate  # |base ∩ ft| / |base|
     jaccard: Estimate
+    # circuit and circuit-top rows: the chance level of both figures (None for DCM rows, whose sets are drawn from each
+    # model's own circuit group, and for cards written before it was kept)
+    chance: Optional[OverlapChance] = None
 
 
 @dataclass

@@ -9,7 +9,14 @@ from typing import Any
 
 from etbench import __version__
 from etbench.core.io import finite
-from etbench.metrics.overlap import circuit_overlap, dcm_overlap, dcm_seed_runs, item_scores_from_rows
+from etbench.metrics.cmap_scores import scores_from_rows
+from etbench.metrics.overlap import (
+    circuit_overlap,
+    dcm_overlap,
+    dcm_seed_runs,
+    equal_size_overlap,
+    item_scores_from_rows,
+)
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit
 
@@ -108,13 +115,17 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
 
     # per-prompt discovery effects (absent for given circuits and stages computed before they were kept)
     scores = {w: item_scores_from_rows(circuits[w].get("item_scores") or {}) for w in ("base", "ft")}
-    overlap = circuit_overlap(circ["base"], circ["ft"], item_scores=(scores["base"], scores["ft"]), seed=seed)
+    pool = cards["base"]["n_layers"] * cards["base"]["n_heads"]
+    overlap = circuit_overlap(circ["base"], circ["ft"], item_scores=(scores["base"], scores["ft"]), seed=seed,
+                              pool=pool)
+    overlap += equal_size_overlap(circ["base"], circ["ft"], pool)
     # every seed's selections go on the card: the overlap over seeds is computed from them, here and by submit
     dcm_selections = [sc.DcmSelection(w, s, g, d, [list(h) for h in hs]) for w in ("base", "ft")
                       for s, run in zip(dcm_seeds, dcm_runs[w], strict=True) for g, d, hs in run["selections"]]
     overlap += dcm_overlap(*dcm_seed_runs(dcm_selections, dcm_seeds), seed=seed)
     dcm_scores = [sc.DcmScore(**s) for w in ("base", "ft") for s in dcm_runs[w][0]["scores"]]
-    cmap_scores = [sc.CmapScore(**s) for s in cmap["scores"]]
+    # from the per-item rows, not the stage's stored scores: a statistic's fix reaches cached stages
+    cmap_scores = scores_from_rows(cmap["items"], seed=seed)
     provenance = sc.Provenance(__version__, sc.BENCHMARK_VERSION, library_versions(), device, dtype)
     card = sc.from_dict(sc.to_dict(sc.Scorecard(
         base=sc.ModelCard(**cards["base"]), ft=sc.ModelCard(**cards["ft"]), config=config, config_hash=chash,

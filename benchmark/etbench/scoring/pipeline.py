@@ -368,11 +368,12 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         # remote: no DCM, so no DCM-filtered head set; the whole-circuit set below still runs
         heads = paper_patch_heads(circuit, selections) if circuit.size and not remote else {}
         if not (any(heads.values()) or (remote and circuit.size)):
-            return {"scores": [], "items": [], "heads": {}, "note": "no fine-tuned circuit heads to patch"}
+            return {"items": [], "heads": {}, "note": "no fine-tuned circuit heads to patch"}
         # the same usable-object filter as every other stage (objects and labels single tokens for both)
         pool, labels = usable_pool(model("base").tokenizer, 7)
         examples = generate(n_boxes=7, n=p.cmap_n, seed=seed, objects=pool, labels=labels)
-        scores, items = [], []
+        # the scores are computed at assembly from these items (metrics.cmap_scores), not stored here
+        items = []
         # two head sets, labelled: the paper's DCM-filtered heads (its rule) and every head of the ft
         # circuit (output variant only), so a reader sees how much a conclusion depends on DCM
         whole = {g: tuple(tuple(h) for h in circuit.heads(g)) for g in sc.GROUPS}
@@ -382,12 +383,11 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
             result = run_cmap(model("base").model, model("ft").model, model("base").tokenizer, hs, examples,
                               tokenizer_ft=model("ft").tokenizer, variants=variants, batch_size=p.batch_size,
                               base_name=ref["base"]["ref"], ft_name=ref["ft"]["ref"], progress=progress)
-            scores += [{**asdict(s), "heads": label} for s in result.scores(seed=seed)]
             rows = result.item_rows()
             if label != "dcm" and any(heads.values()):  # the unpatched base / ft rows are the same items: once
                 rows = [r for r in rows if r["variant"] != "none"]
             items += [{**r, "heads": label} for r in rows]
-        return {"scores": scores, "items": items, "heads": {g: [list(h) for h in hs] for g, hs in heads.items()},
+        return {"items": items, "heads": {g: [list(h) for h in hs] for g, hs in heads.items()},
                 "circuit_heads": {g: [list(h) for h in hs] for g, hs in whole.items()}}
 
     cmap = cache.schedule("cmap", lambda: {
