@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -225,7 +226,9 @@ def check_output_file(path: str | os.PathLike, label: str = "--out") -> Path:
 # Inter-process lock, stale temporaries
 # ---------------------------------------------------------------------------------------------
 
-TEMP_SUFFIXES = (".tmp", ".bak")
+#: ``temporary_name``'s shape: ``.<name>.<12 hex digits>.tmp|.bak``. Only this shape is ever deleted as stale,
+#: so a user's own hidden backups (``.bashrc.2020.bak``) in an output directory are never touched.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.(tmp|bak)")
 
 
 class FileLock:
@@ -262,8 +265,8 @@ def temporary_name(path: Path, suffix: str = ".tmp") -> Path:
 
 
 def is_temporary(path: Path) -> bool:
-    """A temporary that etbench's writers make (``.<name>.<random>.tmp`` or ``.bak``, file or directory)."""
-    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIXES) and path.name.count(".") >= 3
+    """A temporary that etbench's writers make (``.<name>.<12 hex>.tmp`` or ``.bak``, file or directory)."""
+    return _TEMPORARY.fullmatch(path.name) is not None
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
