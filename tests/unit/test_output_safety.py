@@ -24,3 +24,36 @@ def test_only_etbench_temporaries_count_as_stale(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert sorted(removed) == sorted([stale_file, stale_dir])
     assert all(p.read_text() == "precious\n" for p in mine)
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_leaderboard_files_never_overwrite_a_users_file_of_the_same_name(tmp_path):
+    """``leaderboard build --out DIR`` into a directory holding the user's own ``index.html`` refuses (one
+    error naming it) and writes nothing; files an earlier build wrote (its manifest) are rewritten."""
+    import pytest
+
+    from etbench.core.errors import EtbenchError
+    from etbench.publish import leaderboard as lb
+
+    out = tmp_path / "site"
+    out.mkdir()
+    (out / "index.html").write_text("MY PAGE\n")
+    before = _tree(out)
+    with pytest.raises(EtbenchError, match="index.html"):
+        with lb.Transaction() as txn:
+            lb.write_tree(out, {"index.html": b"<generated>", "leaderboard.csv": b"a\n"}, txn)
+    assert _tree(out) == before
+    (out / "index.html").unlink()
+    with lb.Transaction() as txn:  # a build into a fresh directory, then a rebuild over its own files
+        lb.write_tree(out, {"index.html": b"<generated>", "leaderboard.csv": b"a\n"}, txn)
+    with lb.Transaction() as txn:
+        lb.write_tree(out, {"index.html": b"<generated 2>", "leaderboard.csv": b"b\n"}, txn)
+    assert (out / "index.html").read_bytes() == b"<generated 2>"
+    (out / "mine.txt").write_text("mine\n")
+    (out / "leaderboard.csv").write_text("edited by hand\n")
+    with lb.Transaction() as txn:  # the user edited a generated file: it is the build's to rewrite
+        lb.write_tree(out, {"index.html": b"<generated 3>", "leaderboard.csv": b"c\n"}, txn)
+    assert (out / "mine.txt").read_text() == "mine\n" and (out / "leaderboard.csv").read_bytes() == b"c\n"

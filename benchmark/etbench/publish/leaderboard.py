@@ -696,8 +696,16 @@ def _manifest(out_dir: Path) -> list[str]:
 
 def write_tree(out_dir: Path, files: dict[str, bytes], txn: Transaction) -> list[Path]:
     """Write ``files`` into ``out_dir`` and delete the files an earlier build generated that are not
-    among them (listed in its manifest); every other file in ``out_dir`` is left alone."""
+    among them (listed in its manifest); every other file in ``out_dir`` is left alone. A file of the
+    same name as an output that no build wrote (not in the manifest) and that differs from it is the
+    user's: refused, not overwritten."""
     out_dir = Path(out_dir)
+    generated = set(_manifest(out_dir))
+    for rel, data in files.items():
+        path = out_dir / rel
+        if rel not in generated and (path.is_symlink() or (path.is_file() and path.read_bytes() != data)):
+            raise EtbenchError(f"{path} exists and was not written by an etbench build (it is not in "
+                               f"{out_dir / MANIFEST_NAME}): move it away or choose another output directory")
     written = []
     for rel, data in files.items():
         path = out_dir / rel
