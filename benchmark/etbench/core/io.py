@@ -130,6 +130,8 @@ def read_json(path: str | os.PathLike, what: str = "") -> Any:
         raise EtbenchError(f"{label}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     except ValueError as err:
         raise EtbenchError(f"{label}: {err}") from None
+    except RecursionError:
+        raise EtbenchError(f"{label}: JSON nested too deeply") from None
 
 
 def read_jsonl(path: str | os.PathLike, what: str = "") -> list[dict]:
@@ -149,6 +151,8 @@ def read_jsonl(path: str | os.PathLike, what: str = "") -> list[dict]:
             raise EtbenchError(f"{label}: line {number} is not valid JSON ({err.msg}; truncated?)") from None
         except ValueError as err:
             raise EtbenchError(f"{label}: line {number}: {err}") from None
+        except RecursionError:
+            raise EtbenchError(f"{label}: line {number}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise EtbenchError(f"{label}: line {number} is not a JSON object")
         rows.append(row)

@@ -34,7 +34,6 @@ from etbench.core.io import (
     check_output_dir,
     dumps_json,
     read_json,
-    read_jsonl,
     remove_stale_temporaries,
     temporary_name,
 )
@@ -219,9 +218,7 @@ def load_entry(directory: Path) -> Entry:
     card_path = directory / "scorecard.json"
     card = sc.load(card_path)
     items_path = directory / card.items_file
-    if "/" in card.items_file or card.items_file.startswith("."):
-        raise EtbenchError(f"{card_path}: items_file {card.items_file!r} must be a plain file name")
-    items = read_jsonl(items_path, "per-item rows")
+    items = sc.load_items(card_path, card)  # a plain file name next to the card, rows checked
     for what, path in (("scorecard", card_path), ("items", items_path)):
         want = meta.get(f"{what}_sha256")
         if want is not None and hashlib.sha256(path.read_bytes()).hexdigest() != want:
