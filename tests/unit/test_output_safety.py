@@ -57,3 +57,17 @@ def test_leaderboard_files_never_overwrite_a_users_file_of_the_same_name(tmp_pat
     with lb.Transaction() as txn:  # the user edited a generated file: it is the build's to rewrite
         lb.write_tree(out, {"index.html": b"<generated 3>", "leaderboard.csv": b"c\n"}, txn)
     assert (out / "mine.txt").read_text() == "mine\n" and (out / "leaderboard.csv").read_bytes() == b"c\n"
+
+
+def test_leaderboard_build_refuses_a_root_that_is_not_a_directory(tmp_path):
+    """A mistyped ``--root`` built a paper-only leaderboard (and created ``--out``) as if the store were empty."""
+    import pytest
+
+    from etbench.core.errors import EtbenchError
+    from etbench.publish import leaderboard as lb
+
+    (tmp_path / "a-file").write_text("x\n")
+    for root in (tmp_path / "no-such-root", tmp_path / "a-file"):
+        with pytest.raises(EtbenchError, match="--root"):
+            lb.build(root, out_dir=tmp_path / "out")
+        assert not (tmp_path / "out").exists() and not (tmp_path / "no-such-root").exists()

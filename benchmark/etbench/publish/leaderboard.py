@@ -721,6 +721,8 @@ def build(root: Path = Path("."), out_dir: Optional[Path] = None, include_paper:
     """Regenerate ``leaderboards/`` from ``submissions/results/`` under ``root``. Incomplete or corrupt
     stored entries are skipped and described in ``notes``."""
     root = Path(root)
+    if not root.is_dir():  # a mistyped root is not an empty store
+        raise EtbenchError(f"--root: {root} is not a directory")
     out_dir = root / LEADERBOARD_DIR if out_dir is None else Path(out_dir)
     check_output_dir(out_dir, "--out" if out_dir != root / LEADERBOARD_DIR else "leaderboard directory")
     problems: list[str] = []
