@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.exceptions import TyperException
 
 from etbench.core.checks import check_batch_size, check_draws, check_items, check_range, check_seed
 from etbench.core.errors import EtbenchError
@@ -392,7 +393,16 @@ def _check_model_options(*, n: int, batch_size: int, seed: int, dtype: str, devi
 def main() -> None:
     quiet_third_party()
     try:
-        app()
+        # not standalone: typer's usage errors (a missing argument, an unknown option or command) reach the
+        # handler below and become the one-line error instead of typer's framed box
+        status = app(standalone_mode=False)
+    except TyperException as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `etbench` / `etbench leaderboard`: help shown
+            sys.exit(EXIT_USER_ERROR)
+        ctx = getattr(err, "ctx", None)
+        _exit_with(err.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""))
+    except typer.Abort:
+        _exit_with("aborted")
     except EtbenchError as err:
         _exit_with(str(err))
     except OSError as err:  # a file or directory that cannot be read or written: name it, no traceback
@@ -400,6 +410,7 @@ def main() -> None:
         _exit_with(f"{where}{err.strerror or err}")
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         _exit_with(f"unreadable input ({type(err).__name__}: {err})")
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 def _exit_with(message: str) -> None:

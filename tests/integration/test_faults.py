@@ -390,7 +390,7 @@ def test_leaderboard_build_cleans_stale_temp_files(one_entry_store):
     synthetic_store = one_entry_store
     board = synthetic_store / "leaderboards"
     assert_ok(cli("leaderboard", "build", "--root", synthetic_store, "--no-paper"))
-    stale = board / ".index.html.k3j2l1.tmp"  # what an atomic write killed mid-way leaves
+    stale = board / ".index.html.3f9a0c1b2d4e.tmp"  # what a Transaction killed mid-way leaves (temporary_name)
     stale.write_text("<half")
     old = time.time() - 3600
     os.utime(stale, (old, old))

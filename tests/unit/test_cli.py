@@ -33,6 +33,12 @@ def test_data_generate_reproduces_the_template(tmp_path):
           "--target", "1.5"], "target fraction"),
         (["circuit", "discover", "--model", "/no/such/model", "--out", "c.json", "--size", "faithfulness",
           "--target", "nan"], "target fraction"),
+        # usage errors are the same one line, not typer's framed multi-line box
+        (["compare"], "Missing argument 'a'"),
+        (["compare", "a", "b", "--correction"], "'--correction' requires an argument"),
+        (["leaderboard", "build", "--bogus"], "No such option: --bogus"),
+        (["validate", "x.yaml"], "No such command 'validate'"),
+        (["data", "generate", "--n", "abc"], "Invalid value for '--n'"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, fragment, tmp_path):

@@ -53,3 +53,55 @@ def test_json_schema_describes_the_dataclasses():
     schema = sc.json_schema()
     assert set(schema["required"]) >= {"base", "ft", "config", "config_hash", "provenance"}
     assert "Estimate" in json.dumps(schema)
+
+
+# --- hostile inputs (each was a traceback or a silently wrong statistic in report/compare) ---
+
+@pytest.mark.parametrize("version", [True, 1.0, 2.0, "2"])
+def test_schema_version_must_be_an_integer(version):
+    """``true == 1`` and ``2.0 == 2`` in Python: a version of another type was read as version 1 or 2."""
+    with pytest.raises(EtbenchError, match="schema version"):
+        sc.from_dict({**sc.to_dict(make_card()), "schema_version": version})
+
+
+def test_deeply_nested_json_is_a_clear_error(tmp_path):
+    (tmp_path / "scorecard.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(EtbenchError, match="nested too deeply"):
+        sc.load(tmp_path / "scorecard.json")
+    from etbench.core.io import read_json, read_jsonl
+
+    with pytest.raises(EtbenchError, match="nested too deeply"):
+        read_json(tmp_path / "scorecard.json")
+    with pytest.raises(EtbenchError, match="nested too deeply"):
+        read_jsonl(tmp_path / "scorecard.json")
+
+
+def test_a_head_is_a_layer_and_head_pair():
+    data = sc.to_dict(make_card())
+    data["circuits"] = [{"name": "base", "found_on": "tiny-base", "method": "given",
+                         "heads": {"value_fetcher": [[1]]}}]
+    with pytest.raises(EtbenchError, match=r"circuits\.0\.heads\.value_fetcher"):
+        sc.from_dict(data)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"correct": "no"}, "'correct' must be true or false"),  # bool("no") is True: counted as correct
+    ({"correct": None}, "'correct' must be true or false"),
+    ({"item": [1]}, "'item' must be an integer"),  # unhashable: a traceback
+    ({"item": "0"}, "'item' must be an integer"),
+])
+def test_item_rows_are_checked_when_read(tmp_path, row, message):
+    card = make_card()
+    good = {"measure": "accuracy", "model": "base", "n_boxes": 7, "item": 0, "correct": True}
+    path = sc.save(card, tmp_path, items=[good, {**good, "item": 1, **row}])
+    with pytest.raises(EtbenchError, match=message):
+        sc.load_items(path, card)
+
+
+@pytest.mark.parametrize("name", ["../other/items.jsonl", "/etc/passwd", ".hidden", "sub/items.jsonl"])
+def test_items_file_is_a_plain_name_next_to_the_scorecard(tmp_path, name):
+    card = make_card()
+    path = sc.save(card, tmp_path, items=[])
+    card.items_file = name
+    with pytest.raises(EtbenchError, match="plain file name"):
+        sc.load_items(path, card)

@@ -87,6 +87,10 @@ BAD_YAML = [
     ("null-byte-path", GOOD.format(name="x", ft="synthetic-ft-b").replace(
         "cards/synthetic-ft-b/scorecard.json", '"cards/\\0x"'), "leaves the submission's directory"),
     ("binary", b"name: \xff\xfe\x00\x01", "not UTF-8|not valid YAML"),
+    # safe_load keeps the last of two equal keys: a second name silently renamed the submission
+    ("duplicate-key", GOOD.format(name="x", ft="synthetic-ft-b") + "name: fixture-b\n", "duplicate key 'name'"),
+    ("duplicate-nested-key", GOOD.format(name="x", ft="synthetic-ft-b").replace(
+        "method: lora", "method: lora, method: full"), "duplicate key 'method'"),
 ]
 
 

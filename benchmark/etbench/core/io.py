@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -129,6 +130,8 @@ def read_json(path: str | os.PathLike, what: str = "") -> Any:
         raise EtbenchError(f"{label}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     except ValueError as err:
         raise EtbenchError(f"{label}: {err}") from None
+    except RecursionError:
+        raise EtbenchError(f"{label}: JSON nested too deeply") from None
 
 
 def read_jsonl(path: str | os.PathLike, what: str = "") -> list[dict]:
@@ -148,6 +151,8 @@ def read_jsonl(path: str | os.PathLike, what: str = "") -> list[dict]:
             raise EtbenchError(f"{label}: line {number} is not valid JSON ({err.msg}; truncated?)") from None
         except ValueError as err:
             raise EtbenchError(f"{label}: line {number}: {err}") from None
+        except RecursionError:
+            raise EtbenchError(f"{label}: line {number}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise EtbenchError(f"{label}: line {number} is not a JSON object")
         rows.append(row)
@@ -225,7 +230,9 @@ def check_output_file(path: str | os.PathLike, label: str = "--out") -> Path:
 # Inter-process lock, stale temporaries
 # ---------------------------------------------------------------------------------------------
 
-TEMP_SUFFIXES = (".tmp", ".bak")
+#: ``temporary_name``'s shape: ``.<name>.<12 hex digits>.tmp|.bak``. Only this shape is ever deleted as stale,
+#: so a user's own hidden backups (``.bashrc.2020.bak``) in an output directory are never touched.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.(tmp|bak)")
 
 
 class FileLock:
@@ -262,8 +269,8 @@ def temporary_name(path: Path, suffix: str = ".tmp") -> Path:
 
 
 def is_temporary(path: Path) -> bool:
-    """A temporary that etbench's writers make (``.<name>.<random>.tmp`` or ``.bak``, file or directory)."""
-    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIXES) and path.name.count(".") >= 3
+    """A temporary that etbench's writers make (``.<name>.<12 hex>.tmp`` or ``.bak``, file or directory)."""
+    return _TEMPORARY.fullmatch(path.name) is not None
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:

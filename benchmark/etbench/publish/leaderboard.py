@@ -34,7 +34,6 @@ from etbench.core.io import (
     check_output_dir,
     dumps_json,
     read_json,
-    read_jsonl,
     remove_stale_temporaries,
     temporary_name,
 )
@@ -219,9 +218,7 @@ def load_entry(directory: Path) -> Entry:
     card_path = directory / "scorecard.json"
     card = sc.load(card_path)
     items_path = directory / card.items_file
-    if "/" in card.items_file or card.items_file.startswith("."):
-        raise EtbenchError(f"{card_path}: items_file {card.items_file!r} must be a plain file name")
-    items = read_jsonl(items_path, "per-item rows")
+    items = sc.load_items(card_path, card)  # a plain file name next to the card, rows checked
     for what, path in (("scorecard", card_path), ("items", items_path)):
         want = meta.get(f"{what}_sha256")
         if want is not None and hashlib.sha256(path.read_bytes()).hexdigest() != want:
@@ -696,8 +693,16 @@ def _manifest(out_dir: Path) -> list[str]:
 
 def write_tree(out_dir: Path, files: dict[str, bytes], txn: Transaction) -> list[Path]:
     """Write ``files`` into ``out_dir`` and delete the files an earlier build generated that are not
-    among them (listed in its manifest); every other file in ``out_dir`` is left alone."""
+    among them (listed in its manifest); every other file in ``out_dir`` is left alone. A file of the
+    same name as an output that no build wrote (not in the manifest) and that differs from it is the
+    user's: refused, not overwritten."""
     out_dir = Path(out_dir)
+    generated = set(_manifest(out_dir))
+    for rel, data in files.items():
+        path = out_dir / rel
+        if rel not in generated and (path.is_symlink() or (path.is_file() and path.read_bytes() != data)):
+            raise EtbenchError(f"{path} exists and was not written by an etbench build (it is not in "
+                               f"{out_dir / MANIFEST_NAME}): move it away or choose another output directory")
     written = []
     for rel, data in files.items():
         path = out_dir / rel
@@ -716,6 +721,8 @@ def build(root: Path = Path("."), out_dir: Optional[Path] = None, include_paper:
     """Regenerate ``leaderboards/`` from ``submissions/results/`` under ``root``. Incomplete or corrupt
     stored entries are skipped and described in ``notes``."""
     root = Path(root)
+    if not root.is_dir():  # a mistyped root is not an empty store
+        raise EtbenchError(f"--root: {root} is not a directory")
     out_dir = root / LEADERBOARD_DIR if out_dir is None else Path(out_dir)
     check_output_dir(out_dir, "--out" if out_dir != root / LEADERBOARD_DIR else "leaderboard directory")
     problems: list[str] = []

@@ -39,38 +39,14 @@ from etbench.metrics.overlap import (
     selected_by_group,
 )
 from etbench.schema import scorecard as sc
+from etbench.schema.scorecard import check_items  # per-item rows are checked on every read
 
 TOL = 1e-9
 #: Resamples scoring uses for the CMAP gain CIs (``CmapResult.scores``) and the faithfulness CI.
 N_RESAMPLES = 2000
-#: Fields that identify one per-item row; two rows with the same values are a duplicate.
-ITEM_KEY = ("measure", "model", "circuit", "heads", "group", "variant", "desideratum", "ablation", "layer", "head",
-            "n_boxes", "item")
-#: Measures whose rows carry a number ``score`` (or null where it was not finite) instead of ``correct``.
-SCORE_MEASURES = ("discovery_score",)
 #: Ceiling rows (``ablation``) -> the ``CeilingScore`` field they derive.
 CEILING_FIELDS = {"every_head_every_position": "every_head_every_position", "form_all_heads": "form_accuracy",
                   "no_heads": "no_heads_accuracy"}
-
-
-def check_items(items: list[dict[str, Any]]) -> None:
-    """Per-item rows are well formed: ``correct`` a bool, ``item`` an int, no row twice."""
-    seen = set()
-    for number, row in enumerate(items, 1):
-        if row.get("measure") in SCORE_MEASURES:
-            score = row.get("score", "absent")
-            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
-                                      or not math.isfinite(score)):
-                raise EtbenchError(f"items line {number}: 'score' must be a finite number or null, got {score!r}")
-        elif not isinstance(row.get("correct"), bool):
-            raise EtbenchError(f"items line {number}: 'correct' must be true or false, got {row.get('correct')!r}")
-        item = row.get("item")
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise EtbenchError(f"items line {number}: 'item' must be an integer, got {item!r}")
-        key = tuple(repr(row.get(k)) for k in ITEM_KEY)
-        if key in seen:
-            raise EtbenchError(f"items line {number}: duplicate row (item {item} of {row.get('measure')})")
-        seen.add(key)
 
 
 def _flags(items: list[dict[str, Any]], measure: str, **match: Any) -> list[bool]:

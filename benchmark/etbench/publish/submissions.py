@@ -2,7 +2,7 @@
 
 ``etbench submit FILE`` checks everything before writing anything:
 
-1. the file is YAML (``safe_load``), a mapping, and no larger than 1 MB;
+1. the file is YAML (``yaml.SafeLoader``, no key twice in one mapping), a mapping, and no larger than 1 MB;
 2. ``trust_remote_code`` appears nowhere (etbench never runs code shipped with a model);
 3. every path field (``scorecard``, ``model.path``, ``base.path``) stays inside the submission's directory;
 4. the JSON Schema (``assets/schemas/submission.schema.json``) holds; aliases exist in the registry;
@@ -171,6 +171,28 @@ def _ref_of(part: dict[str, Any], what: str, base_dir: Path, origin: str) -> tup
     return str(path), None
 
 
+def _unique_keys_loader(yaml):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (``safe_load`` keeps the last one
+    silently: a second ``name:`` renamed the submission)."""
+
+    class UniqueKeysLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                            key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeysLoader
+
+
 def parse(file: str | Path) -> Submission:
     """Read and statically validate one submission file (nothing is written)."""
     import yaml
@@ -196,7 +218,7 @@ def parse(file: str | Path) -> Submission:
                     raise EtbenchError(f"{origin}: YAML nested too deeply (more than {MAX_YAML_DEPTH} levels)")
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_keys_loader(yaml))  # noqa: S506 - a SafeLoader subclass
     except UnicodeDecodeError:
         raise EtbenchError(f"{origin}: not UTF-8 text") from None
     except RecursionError:

@@ -12,6 +12,7 @@ Every number that is an estimate carries its CI, n and method (``Estimate``). Pe
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -239,15 +240,29 @@ def from_dict(data: dict[str, Any]) -> Scorecard:
     from pydantic import ValidationError
 
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version not in READABLE_SCHEMA_VERSIONS:
+    if type(version) is not int or version not in READABLE_SCHEMA_VERSIONS:  # True == 1 and 2.0 == 2
         raise EtbenchError(f"scorecard schema version {version!r} is not supported "
                            f"(readable: {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
     try:
-        return _adapter().validate_python(data, strict=False)
+        card = _adapter().validate_python(data, strict=False)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise EtbenchError(f"invalid scorecard: {where}: {first['msg']} ({err.error_count()} problem(s))") from None
+    _check_head_pairs(card)
+    return card
+
+
+def _check_head_pairs(card: Scorecard) -> None:
+    """Every head is a [layer, head] pair (the type says a list of ints; readers unpack two)."""
+    lists = [(f"circuits.{i}.heads.{g}", hs) for i, c in enumerate(card.circuits) for g, hs in c.heads.items()]
+    lists += [(f"dcm.{i}.selected_heads", d.selected_heads) for i, d in enumerate(card.dcm)]
+    lists += [(f"dcm_selections.{i}.selected_heads", d.selected_heads) for i, d in enumerate(card.dcm_selections or [])]
+    lists += [(f"semantics.{i}.heads", s.heads) for i, s in enumerate(card.semantics)]
+    for where, heads in lists:
+        for j, head in enumerate(heads):
+            if len(head) != 2:
+                raise EtbenchError(f"invalid scorecard: {where}.{j}: a head is [layer, head], got {head!r}")
 
 
 def save(card: Scorecard, directory: str | Path, items: list[dict[str, Any]] | None = None) -> Path:
@@ -273,6 +288,8 @@ def load(path: str | Path) -> Scorecard:
         raise EtbenchError(f"{path}: not UTF-8 text (a corrupt scorecard)") from None
     except json.JSONDecodeError as err:
         raise EtbenchError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}; truncated or corrupt)") from None
+    except RecursionError:
+        raise EtbenchError(f"{path}: JSON nested too deeply (not a scorecard)") from None
     bad = nonfinite_paths(data)
     if bad:
         raise EtbenchError(f"{path}: non-finite number (NaN/Infinity, not valid JSON) at {', '.join(bad[:3])}")
@@ -282,9 +299,45 @@ def load(path: str | Path) -> Scorecard:
         raise EtbenchError(f"{path}: {err}") from None
 
 
+#: Fields that identify one per-item row; two rows with the same values are a duplicate.
+ITEM_KEY = ("measure", "model", "circuit", "heads", "group", "variant", "desideratum", "ablation", "layer", "head",
+            "n_boxes", "item")
+#: Measures whose rows carry a number ``score`` (or null where it was not finite) instead of ``correct``.
+SCORE_MEASURES = ("discovery_score",)
+
+def check_items(items: list[dict[str, Any]]) -> None:
+    """Per-item rows are well formed: ``correct`` a bool, ``item`` an int, no row twice."""
+    seen = set()
+    for number, row in enumerate(items, 1):
+        if row.get("measure") in SCORE_MEASURES:
+            score = row.get("score", "absent")
+            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
+                                      or not math.isfinite(score)):
+                raise EtbenchError(f"items line {number}: 'score' must be a finite number or null, got {score!r}")
+        elif not isinstance(row.get("correct"), bool):
+            raise EtbenchError(f"items line {number}: 'correct' must be true or false, got {row.get('correct')!r}")
+        item = row.get("item")
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise EtbenchError(f"items line {number}: 'item' must be an integer, got {item!r}")
+        key = tuple(repr(row.get(k)) for k in ITEM_KEY)
+        if key in seen:
+            raise EtbenchError(f"items line {number}: duplicate row (item {item} of {row.get('measure')})")
+        seen.add(key)
+
+
 def load_items(card_path: str | Path, card: Scorecard) -> list[dict[str, Any]]:
-    """Per-item rows: {"measure", "model", "n_boxes", "group", "item", "correct", ...}."""
-    return read_jsonl(Path(card_path).parent / card.items_file, "per-item rows")
+    """Per-item rows: {"measure", "model", "n_boxes", "group", "item", "correct", ...}, checked
+    (``check_items``): a ``correct`` of "no" would count as correct, an unhashable ``item`` break pairing."""
+    name = card.items_file
+    if "/" in name or "\\" in name or name in ("", ".", "..") or name.startswith("."):
+        raise EtbenchError(f"{card_path}: items_file {name!r} must be a plain file name next to the scorecard")
+    path = Path(card_path).parent / name
+    rows = read_jsonl(path, "per-item rows")
+    try:
+        check_items(rows)
+    except EtbenchError as err:
+        raise EtbenchError(f"{path}: {err}") from None
+    return rows
 
 
 def canonical_bytes(card: Scorecard) -> bytes:

@@ -1,0 +1,73 @@
+"""Output directories: a command deletes or overwrites only files it created (hostile-user pass)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from etbench.core.io import is_temporary, remove_stale_temporaries, temporary_name
+
+
+def test_only_etbench_temporaries_count_as_stale(tmp_path):
+    """A user's hidden backups (``.bashrc.2020.bak``, ``.config.old.tmp``) in or under an output directory are
+    not temporaries of etbench's writers, and cleaning up after a killed build must leave them alone."""
+    (tmp_path / "proj").mkdir()
+    mine = [tmp_path / ".bashrc.2020.bak", tmp_path / "proj" / ".config.old.tmp", tmp_path / ".a.b.tmp"]
+    for path in mine:
+        path.write_text("precious\n")
+    stale_file = temporary_name(tmp_path / "index.html")
+    stale_file.write_text("<half")
+    stale_dir = temporary_name(tmp_path / "proj" / "entry", ".bak")
+    stale_dir.mkdir()
+    (stale_dir / "scorecard.json").write_text("{}")
+    assert is_temporary(stale_file) and is_temporary(stale_dir)
+    assert not any(is_temporary(p) for p in mine)
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([stale_file, stale_dir])
+    assert all(p.read_text() == "precious\n" for p in mine)
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_leaderboard_files_never_overwrite_a_users_file_of_the_same_name(tmp_path):
+    """``leaderboard build --out DIR`` into a directory holding the user's own ``index.html`` refuses (one
+    error naming it) and writes nothing; files an earlier build wrote (its manifest) are rewritten."""
+    import pytest
+
+    from etbench.core.errors import EtbenchError
+    from etbench.publish import leaderboard as lb
+
+    out = tmp_path / "site"
+    out.mkdir()
+    (out / "index.html").write_text("MY PAGE\n")
+    before = _tree(out)
+    with pytest.raises(EtbenchError, match="index.html"):
+        with lb.Transaction() as txn:
+            lb.write_tree(out, {"index.html": b"<generated>", "leaderboard.csv": b"a\n"}, txn)
+    assert _tree(out) == before
+    (out / "index.html").unlink()
+    with lb.Transaction() as txn:  # a build into a fresh directory, then a rebuild over its own files
+        lb.write_tree(out, {"index.html": b"<generated>", "leaderboard.csv": b"a\n"}, txn)
+    with lb.Transaction() as txn:
+        lb.write_tree(out, {"index.html": b"<generated 2>", "leaderboard.csv": b"b\n"}, txn)
+    assert (out / "index.html").read_bytes() == b"<generated 2>"
+    (out / "mine.txt").write_text("mine\n")
+    (out / "leaderboard.csv").write_text("edited by hand\n")
+    with lb.Transaction() as txn:  # the user edited a generated file: it is the build's to rewrite
+        lb.write_tree(out, {"index.html": b"<generated 3>", "leaderboard.csv": b"c\n"}, txn)
+    assert (out / "mine.txt").read_text() == "mine\n" and (out / "leaderboard.csv").read_bytes() == b"c\n"
+
+
+def test_leaderboard_build_refuses_a_root_that_is_not_a_directory(tmp_path):
+    """A mistyped ``--root`` built a paper-only leaderboard (and created ``--out``) as if the store were empty."""
+    import pytest
+
+    from etbench.core.errors import EtbenchError
+    from etbench.publish import leaderboard as lb
+
+    (tmp_path / "a-file").write_text("x\n")
+    for root in (tmp_path / "no-such-root", tmp_path / "a-file"):
+        with pytest.raises(EtbenchError, match="--root"):
+            lb.build(root, out_dir=tmp_path / "out")
+        assert not (tmp_path / "out").exists() and not (tmp_path / "no-such-root").exists()
