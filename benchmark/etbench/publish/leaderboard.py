@@ -217,8 +217,8 @@ def load_entry(directory: Path) -> Entry:
         raise EtbenchError(f"{directory / 'submission.json'}: not a JSON object")
     card_path = directory / "scorecard.json"
     card = sc.load(card_path)
-    items_path = directory / card.items_file
-    items = sc.load_items(card_path, card)  # a plain file name next to the card, rows checked
+    items_path = sc.items_path(card_path, card)
+    items = sc.load_items(card_path, card)  # rows checked
     for what, path in (("scorecard", card_path), ("items", items_path)):
         want = meta.get(f"{what}_sha256")
         if want is not None and hashlib.sha256(path.read_bytes()).hexdigest() != want:

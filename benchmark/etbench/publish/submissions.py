@@ -493,9 +493,7 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
             raise EtbenchError(f"{origin}: the submission's {who} is {local} (architecture, layers, heads) but the "
                                f"scorecard scored {scored}: the scorecard is for another model")
     items_name = card.items_file
-    if "/" in items_name or "\\" in items_name or items_name in ("", ".", "..") or items_name.startswith("."):
-        raise EtbenchError(f"{origin}: items_file {items_name!r} must be a plain file name next to the scorecard")
-    items_path = card_path.parent / items_name
+    items_path = sc.items_path(card_path, card, where=origin)
     if not items_path.is_file():
         raise EtbenchError(f"{origin}: items file {items_name} is missing (paired statistics need it)")
     items_bytes = items_path.read_bytes()

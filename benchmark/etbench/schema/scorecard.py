@@ -305,6 +305,7 @@ ITEM_KEY = ("measure", "model", "circuit", "heads", "group", "variant", "desider
 #: Measures whose rows carry a number ``score`` (or null where it was not finite) instead of ``correct``.
 SCORE_MEASURES = ("discovery_score",)
 
+
 def check_items(items: list[dict[str, Any]]) -> None:
     """Per-item rows are well formed: ``correct`` a bool, ``item`` an int, no row twice."""
     seen = set()
@@ -325,13 +326,20 @@ def check_items(items: list[dict[str, Any]]) -> None:
         seen.add(key)
 
 
+def items_path(card_path: str | Path, card: Scorecard, where: str | Path | None = None) -> Path:
+    """The card's per-item rows file: ``items_file`` must be a plain file name next to the scorecard (never
+    ``../other`` or an absolute path). ``where`` names the input in the error (default: the card)."""
+    name = card.items_file
+    if "/" in name or "\\" in name or name in ("", ".", "..") or name.startswith("."):
+        raise EtbenchError(f"{where or card_path}: items_file {name!r} must be a plain file name next to the "
+                           "scorecard")
+    return Path(card_path).parent / name
+
+
 def load_items(card_path: str | Path, card: Scorecard) -> list[dict[str, Any]]:
     """Per-item rows: {"measure", "model", "n_boxes", "group", "item", "correct", ...}, checked
     (``check_items``): a ``correct`` of "no" would count as correct, an unhashable ``item`` break pairing."""
-    name = card.items_file
-    if "/" in name or "\\" in name or name in ("", ".", "..") or name.startswith("."):
-        raise EtbenchError(f"{card_path}: items_file {name!r} must be a plain file name next to the scorecard")
-    path = Path(card_path).parent / name
+    path = items_path(card_path, card)
     rows = read_jsonl(path, "per-item rows")
     try:
         check_items(rows)
