@@ -9,6 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from etbench import models
+from etbench.training import tiny
 from etbench.training.tiny import FAMILIES, GEMMA, TINY, WORDINGS
 
 STAGES = [(family, stage) for family in FAMILIES.values() for stage in family.stages]
@@ -50,3 +51,11 @@ def test_families_order_parents_first_and_share_the_recipe():
     # the second family repeats the first one's base and crate stages, and adds an arithmetic one
     assert [s.wording for s in TINY.stages] == [s.wording for s in GEMMA.stages][:2]
     assert {s.wording for s in GEMMA.stages} == set(WORDINGS)
+
+
+def test_unknown_stage_is_a_usage_error_before_anything_loads(capsys, monkeypatch):
+    monkeypatch.setattr(tiny, "train", lambda *a, **k: pytest.fail("trained despite an unknown stage"))
+    with pytest.raises(SystemExit) as exit_info:
+        tiny.main(["--family", "gemma", "--stages", "gemma-bse"])
+    assert exit_info.value.code == 2
+    assert "gemma-bse not in family gemma" in capsys.readouterr().err

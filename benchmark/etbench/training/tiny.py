@@ -310,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = [stage.name for stage in family.stages]
     stages = (args.stages.split(",") if args.stages else names[:1] if args.base_only
               else names[1:] if args.ft_only else names)
+    unknown = sorted(set(stages) - set(names))
+    if unknown:  # before any model loads: one usage error, not train()'s ValueError traceback
+        parser.error(f"--stages: {', '.join(unknown)} not in family {family.name} ({', '.join(names)})")
     if not args.card_only:
         out.mkdir(parents=True, exist_ok=True)
         summary = train(family, out, args.monitor_every, not args.no_monitor, stages)
