@@ -66,6 +66,35 @@ def test_same_seed_gives_byte_identical_scorecards_and_resume_after_interruption
     assert other.card.config_hash != first.card.config_hash and other.cached_stages == []
 
 
+def test_a_second_fine_tune_of_a_base_reuses_the_base_models_faithfulness_parts(toy_pair, tmp_path):
+    """Scoring another fine-tune of one base (its stages copied in, as a leaderboard run does) recomputes
+    on the base model only the new circuit's evaluation: the base's ceilings and its own circuit's
+    evaluation come from disk. The scorecard is byte-identical to one computed from scratch."""
+    import shutil
+
+    from etbench.schema.circuit import Circuit, Node
+
+    other = Circuit({"value_fetcher": [Node("value_fetcher", 1, 1)],
+                     "position_transmitter": [Node("position_transmitter", 0, 2)],
+                     "position_detector": [Node("position_detector", 0, 0)], "structure_reader": []},
+                    model="toy", n_layers=2, n_heads=4)
+    other_path = tmp_path / "other_circuit.json"
+    other.save(other_path)
+    run_score(toy_pair, tmp_path / "first")
+    (tmp_path / "second" / "stages").mkdir(parents=True)
+    for stage in (tmp_path / "first" / "stages").glob("*base*.json"):
+        shutil.copy(stage, tmp_path / "second" / "stages")
+
+    def second(out):
+        return api.score(str(toy_pair / "base"), str(toy_pair / "ft"), out, preset=MICRO, progress=False,
+                         circuit_base=str(toy_pair / "circuit.json"), circuit_ft=str(other_path))
+
+    reused = second(tmp_path / "second")
+    assert {"faithfulness_base_ceilings", "faithfulness_base_of_base"}.isdisjoint(reused.timings)
+    assert {"faithfulness_base", "faithfulness_base_of_ft", "faithfulness_ft_ceilings"} <= set(reused.timings)
+    assert reused.path.read_bytes() == second(tmp_path / "scratch").path.read_bytes()
+
+
 def test_unknown_preset_and_bad_circuit_are_clear_errors(tmp_path):
     with pytest.raises(EtbenchError, match="unknown preset"):
         scoring.score("a", "b", tmp_path, preset="huge")

@@ -75,6 +75,19 @@ def test_schedule_computes_own_stages_now_and_reads_others_on_first_use(tmp_path
     assert handed.value.stage == "end" and set(handed.value.timings) == {"mine"}
 
 
+def test_a_part_of_a_stage_is_computed_whatever_the_plan_says_of_its_name(tmp_path):
+    """A stage's parts (faithfulness's ceilings and per-circuit evaluations) are stored under their own
+    names, which no plan lists: the worker computing the stage computes them, never waits for them."""
+    from etbench.core.errors import EtbenchError
+    from etbench.scoring.stages import WAIT
+
+    worker = StageCache(tmp_path, plan=lambda name: WAIT, poll_s=0.01, wait_s=0.05)
+    assert worker.run("stage_part", {"k": 1}, lambda: 3, follow_plan=False) == 3 and worker.ran == ["stage_part"]
+    assert StageCache(tmp_path).run("stage_part", {"k": 1}, lambda: pytest.fail("stored")) == 3
+    with pytest.raises(EtbenchError, match="did not store"):  # the plan still governs a stage itself
+        worker.run("other", {"k": 1}, lambda: pytest.fail("not mine"))
+
+
 def test_score_many_sides_compute_their_own_stages_before_waiting_on_the_other():
     """Each side computes its own stages as early as their inputs allow and waits for a stage of the
     other side only right before the first stage that reads it. The base side used to wait for

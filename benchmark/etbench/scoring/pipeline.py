@@ -302,36 +302,60 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     def faithfulness_stage(which: str):
 
         m = model(which)
-        # one runner for both circuits: the model's flags and the stored base runs are shared
-        runner = evaluation_runner(m.model, m.tokenizer, 7, p.faithfulness_n, seed, p.mean_n, p.batch_size,
-                                   progress=progress)
-        # the form's ceilings and the floor on the same prompts and mean as the circuits' rows
-        ceil = ceilings(runner, seed)
-        out = {"ceilings": {
-            "form": ceil.form, "n": ceil.n, "mean_n": ceil.mean_n,
-            **{k: {"k": getattr(ceil, k).k, "n": getattr(ceil, k).n, "value": getattr(ceil, k).value,
-                   "ci95": [getattr(ceil, k).low, getattr(ceil, k).high]}
-               for k in ("model", "every_head_every_position", "form_all_heads", "no_heads")},
-            "form_faithfulness": ceil.form_faithfulness, "form_faithfulness_ci": list(ceil.form_faithfulness_ci),
-            "form_mib": ceil.form_mib, "form_mib_ci": list(mib_ci(ceil.form_correct, ceil.model_correct,
-                                                                  ceil.none_correct, seed)),
-            # per-item flags of the ablation runs (the model's are the accuracy items): submit re-derives from them
-            "items": {"every_head_every_position": list(ceil.every_correct), "form_all_heads": list(ceil.form_correct),
-                      "no_heads": list(ceil.none_correct)}}}
+        # one runner for both circuits (the model's flags and the stored base runs are shared), built on
+        # first need: a stage whose parts are all stored already (a second fine-tune of this base) never
+        # computes the mean activations
+        runner = Deferred(lambda: evaluation_runner(m.model, m.tokenizer, 7, p.faithfulness_n, seed, p.mean_n,
+                                                    p.batch_size, progress=progress))
+        shared = faith_part_depends(which)
+
+        def ceilings_part():
+            # the form's ceilings and the floor on the same prompts and mean as the circuits' rows
+            ceil = ceilings(runner.value, seed)
+            return {
+                "form": ceil.form, "n": ceil.n, "mean_n": ceil.mean_n,
+                **{k: {"k": getattr(ceil, k).k, "n": getattr(ceil, k).n, "value": getattr(ceil, k).value,
+                       "ci95": [getattr(ceil, k).low, getattr(ceil, k).high]}
+                   for k in ("model", "every_head_every_position", "form_all_heads", "no_heads")},
+                "form_faithfulness": ceil.form_faithfulness, "form_faithfulness_ci": list(ceil.form_faithfulness_ci),
+                "form_mib": ceil.form_mib, "form_mib_ci": list(mib_ci(ceil.form_correct, ceil.model_correct,
+                                                                      ceil.none_correct, seed)),
+                # per-item flags of the ablation runs (the model's are the accuracy items): submit re-derives
+                # from them
+                "items": {"every_head_every_position": list(ceil.every_correct),
+                          "form_all_heads": list(ceil.form_correct), "no_heads": list(ceil.none_correct)}}
+
+        # Parts, each stored on its own: the model's ceilings and each circuit's evaluation on it depend on
+        # that model and circuit only, so every further fine-tune of one base recomputes on the base model
+        # just its own circuit (the base circuit's evaluation with completeness is the larger part)
+        ceil = cache.run(f"faithfulness_{which}_ceilings", shared, ceilings_part, follow_plan=False)
+        out = {"ceilings": ceil}
         for name in SIDES:
             circ = Circuit.from_dict(circuits[name].value["circuit"])
             own = name == which
-            # curve=False: the scorecard's record of a circuit over size is the circuit stage's sizing
-            # curve; this one (the own circuit's ranking cut on a log grid: 7 of its 28 evaluations in a
-            # quick-preset run) reached no scorecard field
-            ev = evaluate_circuit(m.model, circ, m.tokenizer, n_boxes=7, n=p.faithfulness_n, seed=seed,
-                                  mean_n=p.mean_n, batch_size=p.batch_size, random_draws=p.random_draws,
-                                  completeness_draws=p.completeness_draws if own else 0, curve=False,
-                                  model_name=m.ref, progress=progress, runner=runner)
-            out[name] = ev.to_dict()
-            out[name]["mib"] = mib_normalised(ev.circuit_acc.value, ev.model_acc.value, ceil.no_heads.value)
-            out[name]["mib_ci"] = list(mib_ci(ev.circuit_correct, ev.model_correct, ceil.none_correct, seed))
+
+            def circuit_part(circ=circ, own=own):
+                # curve=False: the scorecard's record of a circuit over size is the circuit stage's sizing
+                # curve; this one (the own circuit's ranking cut on a log grid: 7 of its 28 evaluations in
+                # a quick-preset run) reached no scorecard field
+                return evaluate_circuit(m.model, circ, m.tokenizer, n_boxes=7, n=p.faithfulness_n, seed=seed,
+                                        mean_n=p.mean_n, batch_size=p.batch_size, random_draws=p.random_draws,
+                                        completeness_draws=p.completeness_draws if own else 0, curve=False,
+                                        model_name=m.ref, progress=progress, runner=runner.value).to_dict()
+
+            ev = cache.run(f"faithfulness_{which}_of_{name}",
+                           {**shared, "circuit": circuit_key(name),
+                            "completeness_draws": p.completeness_draws if own else 0},
+                           circuit_part, follow_plan=False)
+            ev["mib"] = mib_normalised(ev["circuit_acc"]["value"], ev["model_acc"]["value"],
+                                       ceil["no_heads"]["value"])
+            ev["mib_ci"] = list(mib_ci(ev["circuit_correct"], ev["model_correct"], ceil["items"]["no_heads"], seed))
+            out[name] = ev
         return out
+
+    def faith_part_depends(which: str) -> dict[str, Any]:
+        return {**common, "model": ref[which], "n": p.faithfulness_n, "mean_n": p.mean_n,
+                "random_draws": p.random_draws, "ceiling_items": True}
 
     def faith_depends(which: str) -> dict[str, Any]:
         # both circuits: under score-many the first point where a side waits for the other's circuit

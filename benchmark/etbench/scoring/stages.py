@@ -163,14 +163,15 @@ class StageCache:
             return None
         return decode_floats(stored["result"])
 
-    def run(self, name: str, depends: Any, compute: Callable[[], Any]) -> Any:
+    def run(self, name: str, depends: Any, compute: Callable[[], Any], follow_plan: bool = True) -> Any:
         """The stored result of stage ``name``, computing (and storing) it when absent or stale
-        (stored under other ``depends``)."""
+        (stored under other ``depends``). ``follow_plan=False``: a part of a stage this worker is
+        computing, which it computes whatever the plan says of the name."""
         key = stage_key(name, depends)
         cached = self.load(name, key)
         if cached is not None:
             return cached
-        action = COMPUTE if self.plan is None else self.plan(name)
+        action = COMPUTE if self.plan is None or not follow_plan else self.plan(name)
         if action == HAND_OFF:
             raise StagesHandedOff(name, dict(self.timings))
         if action == WAIT:
