@@ -29,7 +29,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
           preset: str | Preset = "quick", discovery: str | None = None, seed: int = 0,
           circuit_base: str | None = None, circuit_ft: str | None = None, dtype: str | None = None,
           device: str = "cpu", progress: bool = True, backend: str = "hooks",
-          share_base_weights: bool = False, remote: bool = False) -> ScoreRun:
+          share_base_weights: bool = False, remote: bool = False,
+          reuse_stages: Sequence[str | Path] = ()) -> ScoreRun:
     """Score ``ft`` against ``base`` and write ``scorecard.json``, ``items.jsonl``, the two circuits,
     ``timings.json`` and ``report.md``/``report.html`` to ``out_dir`` (stages cached in ``out_dir/stages``,
     so an interrupted run resumes). Returns the run (``.card`` is the ``Scorecard``).
@@ -38,7 +39,9 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     ``share_base_weights``: an unmerged adapter fine-tune and its base share one copy of the base weights
     (half the memory for a 7B LoRA pair; the base's logits then differ from a separate copy by ~1e-7).
     ``remote`` (with ``backend="nnsight"``): hub models hosted on NDIF, run there (NDIF_API_KEY or
-    ``nnsight login``); both circuits must be given, DCM is not run (``pipeline.check_remote``)."""
+    ``nnsight login``); both circuits must be given, DCM is not run (``pipeline.check_remote``).
+    ``reuse_stages``: earlier runs' directories whose stages under the same inputs are copied instead of
+    computed (e.g. the base side, when scoring another fine-tune of a base scored before)."""
     from contextlib import nullcontext
 
     from etbench.mech.interventions import forward_backend  # torch: imported only when a model is run
@@ -50,7 +53,8 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     with forward_backend(nnsight_backend.run) if backend == "nnsight" else nullcontext():
         run = pipeline.score(base, ft, out_dir, preset=preset, discovery=discovery, seed=seed,
                              circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
-                             progress=progress, share_base_weights=share_base_weights, remote=remote)
+                             progress=progress, share_base_weights=share_base_weights, remote=remote,
+                             reuse_stages=reuse_stages)
     report.write_doc(report.scorecard_report(run.card, run.items), Path(out_dir), stem="report")
     return run
 

@@ -122,6 +122,7 @@ def score_cmd(
     backend: str = typer.Option("hooks", "--backend", help="hooks (torch hooks) or nnsight (the same edits through nnsight traces)."),
     share_base_weights: bool = typer.Option(False, "--share-base-weights", help="One copy of the base weights for a LoRA fine-tune of it (7B memory; logits equal to ~1e-7)."),
     remote: bool = typer.Option(False, "--remote", help="With --backend nnsight: run on NDIF (hub models it hosts; NDIF_API_KEY or `nnsight login`; needs --circuit-base/--circuit-ft; DCM not run)."),
+    reuse_stages: list[Path] = typer.Option([], "--reuse-stages", help="An earlier run's --out directory: its stages with the same inputs are copied, not computed (e.g. the base side of another fine-tune of this base). Repeatable."),
 ) -> None:
     """Score a fine-tuned model against its base: accuracy, faithfulness, head overlap, CMAP."""
     from etbench import api
@@ -132,7 +133,7 @@ def score_cmd(
     run = api.score(base, ft, out, preset=preset, discovery="exact" if exact else "fast" if fast else None,
                     seed=seed, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
                     progress=not no_progress, backend=backend, share_base_weights=share_base_weights,
-                    remote=remote)
+                    remote=remote, reuse_stages=reuse_stages)
     typer.echo(format_scorecard(run.card))
     typer.echo(format_timings(run), err=True)
     typer.echo(f"wrote {run.path} (+ items.jsonl, report.md, report.html)", err=True)

@@ -66,11 +66,12 @@ def test_same_seed_gives_byte_identical_scorecards_and_resume_after_interruption
     assert other.card.config_hash != first.card.config_hash and other.cached_stages == []
 
 
-def test_a_second_fine_tune_of_a_base_reuses_the_base_models_faithfulness_parts(toy_pair, tmp_path):
-    """Scoring another fine-tune of one base (its stages copied in, as a leaderboard run does) recomputes
-    on the base model only the new circuit's evaluation: the base's ceilings and its own circuit's
-    evaluation come from disk. The scorecard is byte-identical to one computed from scratch."""
-    import shutil
+def test_a_second_fine_tune_of_a_base_reuses_the_base_models_stages_and_faithfulness_parts(toy_pair, tmp_path):
+    """Scoring another fine-tune of one base with ``reuse_stages`` (an earlier run of that base) copies the
+    base side's stages and recomputes on the base model only the new circuit's faithfulness: the base's
+    ceilings and its own circuit's evaluation come from the earlier run. The scorecard is byte-identical
+    to one computed from scratch, and the earlier run's directory is left as it was."""
+    import json
 
     from etbench.schema.circuit import Circuit, Node
 
@@ -81,18 +82,22 @@ def test_a_second_fine_tune_of_a_base_reuses_the_base_models_faithfulness_parts(
     other_path = tmp_path / "other_circuit.json"
     other.save(other_path)
     run_score(toy_pair, tmp_path / "first")
-    (tmp_path / "second" / "stages").mkdir(parents=True)
-    for stage in (tmp_path / "first" / "stages").glob("*base*.json"):
-        shutil.copy(stage, tmp_path / "second" / "stages")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "first" / "stages").iterdir()}
 
-    def second(out):
+    def second(out, **kwargs):
         return api.score(str(toy_pair / "base"), str(toy_pair / "ft"), out, preset=MICRO, progress=False,
-                         circuit_base=str(toy_pair / "circuit.json"), circuit_ft=str(other_path))
+                         circuit_base=str(toy_pair / "circuit.json"), circuit_ft=str(other_path), **kwargs)
 
-    reused = second(tmp_path / "second")
-    assert {"faithfulness_base_ceilings", "faithfulness_base_of_base"}.isdisjoint(reused.timings)
-    assert {"faithfulness_base", "faithfulness_base_of_ft", "faithfulness_ft_ceilings"} <= set(reused.timings)
+    reused = second(tmp_path / "second", reuse_stages=[tmp_path / "first"])
+    copied = json.loads((tmp_path / "second" / "timings.json").read_text())["reused_from_other_runs"]
+    assert {"accuracy_base", "circuit_base", "dcm_base_seed0", "semantics_base", "faithfulness_base_ceilings",
+            "faithfulness_base_of_base"} <= set(copied)
+    # the same ft model (its accuracy and ceilings are reused too) with another circuit: what reads it is not
+    assert {"circuit_ft", "dcm_ft_seed0", "faithfulness_base_of_ft", "faithfulness_ft_of_ft", "cmap"}.isdisjoint(copied)
+    assert {"faithfulness_base", "faithfulness_base_of_ft", "faithfulness_ft_of_ft", "cmap"} <= set(reused.timings)
+    assert set(copied).isdisjoint(reused.timings)
     assert reused.path.read_bytes() == second(tmp_path / "scratch").path.read_bytes()
+    assert {f.name: f.read_bytes() for f in (tmp_path / "first" / "stages").iterdir()} == before
 
 
 def test_unknown_preset_and_bad_circuit_are_clear_errors(tmp_path):

@@ -39,6 +39,8 @@ def test_data_generate_reproduces_the_template(tmp_path):
         (["leaderboard", "build", "--bogus"], "No such option: --bogus"),
         (["validate", "x.yaml"], "No such command 'validate'"),
         (["data", "generate", "--n", "abc"], "Invalid value for '--n'"),
+        # refused before a model loads, and nothing written to --out
+        (["score", "--out", "o", "--reuse-stages", "no/such/run"], "--reuse-stages: no/such/run is not a directory"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, fragment, tmp_path):

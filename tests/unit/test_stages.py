@@ -88,6 +88,29 @@ def test_a_part_of_a_stage_is_computed_whatever_the_plan_says_of_its_name(tmp_pa
         worker.run("other", {"k": 1}, lambda: pytest.fail("not mine"))
 
 
+def test_a_source_directory_serves_stages_stored_under_the_same_key_only(tmp_path):
+    from etbench.core.errors import EtbenchError
+    from etbench.scoring.pipeline import stage_sources
+
+    earlier = StageCache(tmp_path / "earlier" / "stages")
+    earlier.run("shared", {"model": "base"}, lambda: {"value": 1.5})
+    earlier.run("other_inputs", {"model": "base", "n": 10}, lambda: 2)
+    earlier.run("edited", {"k": 1}, lambda: 3)
+    edited = earlier.path("edited")
+    edited.write_text(edited.read_text().replace('"result": 3', '"result": 4'))
+    sources = stage_sources([tmp_path / "earlier"])  # a run directory stands for its stages/
+    assert sources == [tmp_path / "earlier" / "stages"]
+
+    cache = StageCache(tmp_path / "now" / "stages", sources=sources)
+    assert cache.run("shared", {"model": "base"}, lambda: pytest.fail("reused")) == {"value": 1.5}
+    assert cache.path("shared").read_bytes() == earlier.path("shared").read_bytes()  # copied: the run is whole
+    assert cache.run("other_inputs", {"model": "base", "n": 20}, lambda: 5) == 5  # another key: computed
+    assert cache.run("edited", {"k": 1}, lambda: 6) == 6  # a record failing its checksum is never served
+    assert cache.reused == ["shared"] and cache.ran == ["other_inputs", "edited"]
+    with pytest.raises(EtbenchError, match="--reuse-stages: .* is not a directory"):
+        stage_sources([tmp_path / "missing"])
+
+
 def test_score_many_sides_compute_their_own_stages_before_waiting_on_the_other():
     """Each side computes its own stages as early as their inputs allow and waits for a stage of the
     other side only right before the first stage that reads it. The base side used to wait for

@@ -20,7 +20,7 @@ writes a byte-identical ``scorecard.json``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -155,7 +155,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
           preset: str | Preset = "quick", discovery: str | None = None, seed: int = 0, circuit_base: str | None = None,
           circuit_ft: str | None = None, dtype: str | None = None, device: str = "cpu",
           progress: bool = True, stage_plan=None, share_base_weights: bool = False, remote: bool = False,
-          ndif_key: str | None = None) -> ScoreRun:
+          ndif_key: str | None = None, reuse_stages: Sequence[str | Path] = ()) -> ScoreRun:
     """Score ``ft`` against ``base``; write ``scorecard.json`` (+ items, circuits, timings) to ``out_dir``.
     ``etbench.score`` also writes the report.
 
@@ -167,7 +167,10 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     accuracy, faithfulness (with the ceilings) and CMAP run there on the given circuits; DCM and the
     semantics check record ``REMOTE_DCM_NOTE`` instead, so CMAP patches the fine-tuned circuit's heads
     (the "circuit" head set) and not the DCM-filtered ones. ``ndif_key``: the NDIF API key (default:
-    ``NDIF_API_KEY``, else the key ``nnsight login`` stored)."""
+    ``NDIF_API_KEY``, else the key ``nnsight login`` stored).
+    ``reuse_stages``: other runs' directories (or their ``stages/``), read only: a stage stored there under
+    this run's key (e.g. the base side of another fine-tune of the same base, same preset and seed) is
+    copied instead of computed; anything else there is ignored."""
     p = resolve_preset(preset, discovery)
     if remote:
         check_remote(base, ft, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
@@ -175,6 +178,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         dtype, device = REMOTE_DTYPE, REMOTE_DEVICE
     dtype = models.default_dtype(device) if dtype is None else dtype
     identity = check_inputs(base, ft, out_dir, seed=seed, dtype=dtype, device=device, remote=remote)
+    sources = stage_sources(reuse_stages)
     (circuit_base, recorded_base), (circuit_ft, recorded_ft) = _circuit_spec(circuit_base), _circuit_spec(circuit_ft)
     out_dir = Path(out_dir)
     config = {"benchmark_version": sc.BENCHMARK_VERSION, "base": identity["base"]["ref"],
@@ -185,7 +189,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     if remote:  # only then: a local run's config (and so its hash and cached stages) is unchanged
         config["execution"] = REMOTE_DEVICE
     chash = config_hash(config)
-    cache = StageCache(out_dir / "stages", plan=stage_plan)
+    cache = StageCache(out_dir / "stages", plan=stage_plan, sources=sources)
 
     def per_side(stage: str, depends: Callable[[str], Any], compute: Callable[[str], Any]) -> dict[str, Deferred]:
         """Stage ``stage`` (``{}`` marks the side, e.g. ``"circuit_{}"``) of both sides, keyed base then ft,
@@ -429,8 +433,20 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         atomic_write_json(out_dir / f"circuit_{which}.json", circuit_results[which]["circuit"])
     cached = sorted(set(_stage_names(p)) - set(cache.ran))
     atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "peak_rss_mb": cache.peak_rss_mb,
-                                                 "cached": cached})
+                                                 "cached": cached, "reused_from_other_runs": sorted(cache.reused)})
     return ScoreRun(card, path, dict(cache.timings), cached, dict(cache.peak_rss_mb), items)
+
+
+def stage_sources(dirs: Sequence[str | Path]) -> list[Path]:
+    """The stage directories of ``reuse_stages`` (a run directory's ``stages/``, or the directory given),
+    each checked to exist before any model loads."""
+    sources = []
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise EtbenchError(f"--reuse-stages: {d} is not a directory")
+        sources.append(d / "stages" if (d / "stages").is_dir() else d)
+    return sources
 
 
 def _stderr(line: str) -> None:

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_json, loads_json
@@ -129,6 +129,19 @@ class Deferred:
         return self._value
 
 
+def _stored(path: Path, key: str) -> dict[str, Any] | None:
+    """The record at ``path`` when it holds a result under ``key`` that matches its checksum."""
+    try:
+        stored = loads_json(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):  # ValueError: not JSON, or NaN/Infinity in it
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key or "result" not in stored:
+        return None
+    if stored.get("checksum") != result_checksum(stored["result"]):
+        return None
+    return stored
+
+
 class StageCache:
     """Stage results on disk under ``directory``.
 
@@ -140,8 +153,12 @@ class StageCache:
     waits for another worker's stage only when it first uses that stage's result."""
 
     def __init__(self, directory: str | Path, plan: Callable[[str], str] | None = None, poll_s: float = 0.5,
-                 wait_s: float = 7 * 24 * 3600) -> None:
+                 wait_s: float = 7 * 24 * 3600, sources: Sequence[str | Path] = ()) -> None:
         self.directory = Path(directory)
+        # other runs' stage directories, read-only: a stage stored there under the same key is the same
+        # result (the key holds every input), so it is copied here instead of computed
+        self.sources = [Path(d) for d in sources]
+        self.reused: list[str] = []  # stages copied from a source
         self.plan, self.poll_s, self.wait_s = plan, poll_s, wait_s
         self.timings: dict[str, float] = {}
         self.peak_rss_mb: dict[str, float] = {}  # per computed stage
@@ -151,17 +168,24 @@ class StageCache:
         return self.directory / f"{name}.json"
 
     def load(self, name: str, key: str) -> Any | None:
-        """The stored result of ``name`` under ``key``; None (a miss) when the file is absent, unreadable,
-        of the wrong shape, stored under another key, or edited since it was written."""
+        """The stored result of ``name`` under ``key``, from this directory or else a source (then copied
+        here, so the run's directory is complete); None (a miss) when the file is absent, unreadable, of
+        the wrong shape, stored under another key, or edited since it was written."""
+        stored = _stored(self.path(name), key)
+        if stored is None:
+            for source in self.sources:
+                stored = _stored(source / f"{name}.json", key)
+                if stored is not None:
+                    self._store(name, stored)
+                    self.reused.append(name)
+                    break
+        return None if stored is None else decode_floats(stored["result"])
+
+    def _store(self, name: str, stored: dict[str, Any]) -> None:
         try:
-            stored = loads_json(self.path(name).read_bytes().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):  # ValueError: not JSON, or NaN/Infinity in it
-            return None
-        if not isinstance(stored, dict) or stored.get("key") != key or "result" not in stored:
-            return None
-        if stored.get("checksum") != result_checksum(stored["result"]):
-            return None
-        return decode_floats(stored["result"])
+            atomic_write_json(self.path(name), stored)
+        except OSError as err:
+            raise EtbenchError(f"{self.path(name)}: cannot store stage {name!r} ({err.strerror or err})") from None
 
     def run(self, name: str, depends: Any, compute: Callable[[], Any], follow_plan: bool = True) -> Any:
         """The stored result of stage ``name``, computing (and storing) it when absent or stale
@@ -184,10 +208,7 @@ class StageCache:
         encoded = encode_floats(result)
         # Round-trip through JSON so a fresh result is exactly what a resumed run will read back.
         result = decode_floats(json.loads(json.dumps(encoded, allow_nan=False)))
-        try:
-            atomic_write_json(self.path(name), {"key": key, "result": encoded, "checksum": result_checksum(encoded)})
-        except OSError as err:
-            raise EtbenchError(f"{self.path(name)}: cannot store stage {name!r} ({err.strerror or err})") from None
+        self._store(name, {"key": key, "result": encoded, "checksum": result_checksum(encoded)})
         self.ran.append(name)
         return result
 
