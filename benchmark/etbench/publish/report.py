@@ -33,6 +33,7 @@ from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_text
 from etbench.core.stats import format_estimate_of, format_p
 from etbench.metrics.overlap import format_chance
+from etbench.publish.outputs import Transaction, Writer, write_tree
 from etbench.publish.page import BASE_CSS, content_security_policy
 from etbench.schema import scorecard as sc
 
@@ -734,10 +735,22 @@ def comparison_report(comp: Comparison, cards: tuple[sc.Scorecard, ...] = ()) ->
     return _document(comp.title, intro, [], comp, figures)
 
 
-def write_doc(doc: Doc, out_dir: Path, stem: str = "report") -> list[Path]:
+#: ``etbench report --out DIR`` and ``etbench compare --out DIR``: each replaces only the report files its own
+#: manifest in DIR lists (``outputs.write_tree``), never a file of the same name that it did not write.
+REPORT_WRITER = Writer("etbench report", ".etbench-report-manifest.json")
+COMPARE_WRITER = Writer("etbench compare", ".etbench-compare-manifest.json")
+
+
+def write_doc(doc: Doc, out_dir: Path, stem: str = "report", writer: Optional[Writer] = None) -> list[Path]:
+    """``<stem>.md`` and ``<stem>.html`` in ``out_dir``. With ``writer``, both are written all or nothing
+    through ``outputs.write_tree`` (a file of the same name that ``writer`` did not write is refused);
+    without, each is replaced atomically (``etbench score``, whose output directory is its own)."""
     out_dir = Path(out_dir)
-    return [atomic_write_text(out_dir / f"{stem}.md", doc.markdown),
-            atomic_write_text(out_dir / f"{stem}.html", doc.html)]
+    files = {f"{stem}.md": doc.markdown, f"{stem}.html": doc.html}
+    if writer is None:
+        return [atomic_write_text(out_dir / name, text) for name, text in files.items()]
+    with Transaction() as txn:
+        return write_tree(out_dir, {name: text.encode("utf-8") for name, text in files.items()}, txn, writer)
 
 
 # ---------------------------------------------------------------------------------------------
