@@ -792,12 +792,15 @@ def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
     """``a``/``b``: scorecard paths, stored submission names, or model refs.
 
     Refs that are the base and fine-tuned models of one stored scorecard compare within it;
-    otherwise each side must name a scorecard, and the two fine-tuned models are compared.
+    otherwise each side must name a scorecard, and the two fine-tuned models are compared. Two sides that
+    are one scorecard (the same argument twice, one file, or one row name) are an error (``check_two_sides``).
     """
     def as_path(x: str) -> Optional[Path]:
         p = Path(x)
         return p if (p.is_file() and p.suffix == ".json") or (p / "scorecard.json").is_file() else None
 
+    if a == b:
+        raise EtbenchError(f"compare needs two different sides, got {a!r} twice: {SAME_SIDE_HINT}")
     pa, pb = as_path(a), as_path(b)
     if pa is None or pb is None:
         cards = stored_cards(stores)
@@ -824,9 +827,22 @@ def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
     else:
         sides = [_load_found(pa), _load_found(pb)]
     fa, fb = sides
-    if fa.path == fb.path:
-        return compare_within(fa.card, fa.items)
+    check_two_sides(fa, fb)
     return compare_cards(fa.card, fa.items, fb.card, fb.items, fa.name, fb.name)
+
+
+SAME_SIDE_HINT = ("a scorecard against itself differs by exactly 0 with intervals of width zero; for its base "
+                  "against its fine-tuned model use `etbench compare BASE_REF FT_REF` or `etbench report`")
+
+
+def check_two_sides(fa: Found, fb: Found) -> None:
+    """The two sides of a comparison are two scorecards: not one file (however it was named) and not two copies
+    of one row (the same submission name, or the same fine-tuned ref for a scorecard given by path)."""
+    if fa.path.resolve() == fb.path.resolve():
+        raise EtbenchError(f"compare: both sides are the same scorecard file {fa.path.resolve()}: {SAME_SIDE_HINT}")
+    if fa.name == fb.name:
+        raise EtbenchError(f"compare: both sides are the row {fa.name!r} ({fa.path} and {fb.path}): "
+                           f"{SAME_SIDE_HINT}")
 
 
 def find_one(ref: str, stores: list[Path]) -> Found:
