@@ -206,6 +206,8 @@ def entry_row(entry: Entry) -> dict[str, Any]:
         "base_accuracy": _est(pick_accuracy(card, "base")),
         "accuracy_gain": _est(None),  # the paired McNemar difference, set by rows_for
         "faithfulness": _est(faith.faithfulness if faith else None),
+        # the ft model's accuracy on the faithfulness prompts is at the chance floor: the ratio describes nothing
+        "faithfulness_at_chance": report.model_at_chance(card, "ft") if faith else None,
         "head_overlap": _est(overlap.base_in_ft if overlap else None),
         "head_overlap_chance": _chance(overlap.chance if overlap else None),
         "cmap_gain": _est(cmap.gain if cmap else None),
@@ -262,6 +264,7 @@ def paper_rows() -> list[dict[str, Any]]:
             "base_accuracy": _num(base_acc[r["base"]]),
             "accuracy_gain": _num(acc_gain),
             "faithfulness": _num(r["faithfulness"]),
+            "faithfulness_at_chance": None,  # reported without a CI: not testable
             "head_overlap": _num(r.get("head_overlap_circuit")),
             "head_overlap_chance": paper_overlap_chance(r["name"], r["base"]),
             "cmap_gain": _num(gain),
@@ -313,9 +316,13 @@ def fmt_est(e: dict[str, Any]) -> str:
     return format_estimate(e["value"], e["low"], e["high"], digits=2 if e.get("method") == "reported" else 3)
 
 
+def _at_chance(row: dict[str, Any], key: str) -> bool:
+    return key == "faithfulness" and bool(row.get("faithfulness_at_chance"))
+
+
 def _cell_text(row: dict[str, Any], key: str, kind: str) -> str:
     if kind == "est":
-        return fmt_est(row[key])
+        return report.with_chance_mark(fmt_est(row[key]), _at_chance(row, key))
     if kind == "p":
         return format_p(row[key])
     if key == "origin" and row[key] == "paper":
@@ -329,6 +336,8 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
     for key, _, kind in COLUMNS:
         if kind == "est":
             header += [key, f"{key}_low", f"{key}_high", f"{key}_n"]
+        if key == "faithfulness":
+            header.append("faithfulness_at_chance")
     header += ["delta_p", "delta_p_holm", "config_hash", "benchmark_version", "report"]
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -338,6 +347,8 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
             if kind == "est":
                 e = row[key]
                 out += [e["value"], e["low"], e["high"], e["n"]]
+            if key == "faithfulness":
+                out.append(row["faithfulness_at_chance"])
         out += [row["delta_p"], row["delta_p_holm"], row["config_hash"], row["benchmark_version"], row["report"]]
         writer.writerow(["" if v is None else v for v in out])
     return buf.getvalue()
@@ -348,6 +359,7 @@ def render_json(rows: list[dict[str, Any]]) -> str:
         "benchmark_version": sc.BENCHMARK_VERSION,
         "paper": paper_results()["paper"],
         "paper_note": PAPER_NOTE,
+        "faithfulness_at_chance_note": report.CHANCE_LEGEND,
         "columns": [{"key": k, "header": h} for k, h, _ in COLUMNS],
         "rows": rows,
     })
@@ -371,6 +383,8 @@ def render_markdown(rows: list[dict[str, Any]], matrix: Optional[comparisons.Mat
         cells.append(f"[report]({row['report'].removesuffix('.html')}.md)" if row["report"] else "—")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if any(row["faithfulness_at_chance"] for row in rows):
+        lines += [report.CHANCE_LEGEND, ""]
     if matrix is not None:
         lines += comparisons.render_markdown(matrix)
     lines += ["Figures (accuracy gain vs CMAP gain, head overlap per group) are in `index.html`.", ""]
@@ -386,6 +400,7 @@ tr.paper td{background:#fff8e6;font-style:italic}
 td a{color:inherit}
 .ci{color:#666;font-size:12px}
 .note{color:#8a5a00}
+.floor{color:#b00020;font-weight:bold;cursor:help}
 table.matrix td.pair{font-size:12px}
 table.matrix td.significant{font-weight:bold;background:#eef5ee}
 table.matrix .k{color:#666}
@@ -473,6 +488,8 @@ def render_html(rows: list[dict[str, Any]], matrix: Optional[comparisons.Matrix]
             if e is not None and e["value"] is not None and e["low"] is not None and e["low"] != e["high"]:
                 text = (f'{e["value"]:.3f} <span class="ci">[{e["low"]:.3f}, '
                         f'{e["high"]:.3f}]</span>')
+                if _at_chance(row, key):
+                    text += f' <span class="floor" title="{esc(report.CHANCE_LEGEND)}">{report.CHANCE_MARK}</span>'
             else:
                 text = esc(text)
             if key == "origin":
@@ -502,11 +519,17 @@ published circuit files).</p>
 <tbody>
 {chr(10).join(body)}
 </tbody></table>
-{_figures_html(figures or {})}
+{_chance_legend_html(rows)}{_figures_html(figures or {})}
 {comparisons.render_html(matrix) if matrix is not None else ""}
 <script>{_SCRIPT}</script>
 </body></html>
 """
+
+
+def _chance_legend_html(rows: list[dict[str, Any]]) -> str:
+    if not any(row["faithfulness_at_chance"] for row in rows):
+        return ""
+    return f'<p class="note" id="legend-chance">{html.escape(report.CHANCE_LEGEND)}</p>\n'
 
 
 def _figures_html(figures: dict[str, str]) -> str:
