@@ -357,10 +357,12 @@ def compare_cmd(
     if out is not None:
         check_output_dir(out)
     comp = api.compare(a, b, store, correction)
+    # written before anything is printed: a refused write (a file compare did not create) is the only output
+    written = [] if out is None else report.write_doc(report.comparison_report(comp), out,
+                                                      writer=report.COMPARE_WRITER)
     typer.echo(report.format_comparison(comp))
-    if out is not None:
-        for path in report.write_doc(report.comparison_report(comp), out):
-            typer.echo(f"wrote {path}", err=True)
+    for path in written:
+        typer.echo(f"wrote {path}", err=True)
 
 
 @app.command("report")
@@ -376,7 +378,7 @@ def report_cmd(
     check_output_dir(out)
     found = report.find_one(scorecard_ref, store)
     doc = report.scorecard_report(found.card, found.items, title=found.name)
-    for path in report.write_doc(doc, out):
+    for path in report.write_doc(doc, out, writer=report.REPORT_WRITER):
         typer.echo(f"wrote {path}")
 
 

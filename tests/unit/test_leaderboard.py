@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from etbench.publish import leaderboard as lb
+from etbench.publish import outputs
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scorecards"
 
@@ -45,7 +46,7 @@ def test_build_writes_all_formats_and_rebuild_is_byte_identical(built):
                           "reports/synthetic-ft-a.md", "reports/synthetic-ft-a.html",
                           "reports/synthetic-ft-b.md", "reports/synthetic-ft-b.html",
                           "reports/compare/synthetic-ft-a__synthetic-ft-b.md",
-                          "reports/compare/synthetic-ft-a__synthetic-ft-b.html", lb.MANIFEST_NAME}
+                          "reports/compare/synthetic-ft-a__synthetic-ft-b.html", outputs.MANIFEST_NAME}
     lb.build(built)
     assert _tree(out) == first
 
@@ -103,7 +104,7 @@ def test_stale_files_are_removed_and_failures_roll_back(tmp_path, monkeypatch):
     before = _tree(root / "leaderboards")
     shutil.rmtree(root / "submissions" / "results" / "synthetic-ft-a")  # now the reports must go
     calls = {"n": 0}
-    real = lb._write
+    real = outputs._write
 
     def flaky(path, data):
         calls["n"] += 1
@@ -111,7 +112,7 @@ def test_stale_files_are_removed_and_failures_roll_back(tmp_path, monkeypatch):
             raise OSError("simulated")
         real(path, data)
 
-    monkeypatch.setattr(lb, "_write", flaky)
+    monkeypatch.setattr(outputs, "_write", flaky)
     with pytest.raises(OSError):
         lb.build(root)
     assert _tree(root / "leaderboards") == before

@@ -36,26 +36,26 @@ def test_leaderboard_files_never_overwrite_a_users_file_of_the_same_name(tmp_pat
     import pytest
 
     from etbench.core.errors import EtbenchError
-    from etbench.publish import leaderboard as lb
+    from etbench.publish import outputs
 
     out = tmp_path / "site"
     out.mkdir()
     (out / "index.html").write_text("MY PAGE\n")
     before = _tree(out)
     with pytest.raises(EtbenchError, match="index.html"):
-        with lb.Transaction() as txn:
-            lb.write_tree(out, {"index.html": b"<generated>", "leaderboard.csv": b"a\n"}, txn)
+        with outputs.Transaction() as txn:
+            outputs.write_tree(out, {"index.html": b"<generated>", "leaderboard.csv": b"a\n"}, txn)
     assert _tree(out) == before
     (out / "index.html").unlink()
-    with lb.Transaction() as txn:  # a build into a fresh directory, then a rebuild over its own files
-        lb.write_tree(out, {"index.html": b"<generated>", "leaderboard.csv": b"a\n"}, txn)
-    with lb.Transaction() as txn:
-        lb.write_tree(out, {"index.html": b"<generated 2>", "leaderboard.csv": b"b\n"}, txn)
+    with outputs.Transaction() as txn:  # a build into a fresh directory, then a rebuild over its own files
+        outputs.write_tree(out, {"index.html": b"<generated>", "leaderboard.csv": b"a\n"}, txn)
+    with outputs.Transaction() as txn:
+        outputs.write_tree(out, {"index.html": b"<generated 2>", "leaderboard.csv": b"b\n"}, txn)
     assert (out / "index.html").read_bytes() == b"<generated 2>"
     (out / "mine.txt").write_text("mine\n")
     (out / "leaderboard.csv").write_text("edited by hand\n")
-    with lb.Transaction() as txn:  # the user edited a generated file: it is the build's to rewrite
-        lb.write_tree(out, {"index.html": b"<generated 3>", "leaderboard.csv": b"c\n"}, txn)
+    with outputs.Transaction() as txn:  # the user edited a generated file: it is the build's to rewrite
+        outputs.write_tree(out, {"index.html": b"<generated 3>", "leaderboard.csv": b"c\n"}, txn)
     assert (out / "mine.txt").read_text() == "mine\n" and (out / "leaderboard.csv").read_bytes() == b"c\n"
 
 
@@ -71,3 +71,40 @@ def test_leaderboard_build_refuses_a_root_that_is_not_a_directory(tmp_path):
         with pytest.raises(EtbenchError, match="--root"):
             lb.build(root, out_dir=tmp_path / "out")
         assert not (tmp_path / "out").exists() and not (tmp_path / "no-such-root").exists()
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scorecards"
+
+
+def test_report_and_compare_never_overwrite_a_users_report(tmp_path):
+    """``etbench report`` and ``etbench compare --out`` replaced a ``report.md``/``report.html`` they had not
+    written. Now, like ``leaderboard build`` (the same ``outputs.write_tree``), each refuses a file of the same
+    name that is not in its own manifest (one error line, exit 2, nothing written, nothing printed), and a
+    re-run over its own earlier output, even one edited by hand, still works."""
+    from support.commands import assert_one_line_error, etbench
+
+    card_a, card_b = str(FIXTURES / "synthetic-ft-a"), str(FIXTURES / "synthetic-ft-b")
+    commands = {"report": ["report", card_a], "compare": ["compare", card_a, card_b]}
+    for command, args in commands.items():
+        mine = tmp_path / f"mine-{command}"
+        mine.mkdir()
+        (mine / "report.md").write_text("MY NOTES\n")
+        before = _tree(mine)
+        refused = etbench(*args, "--out", str(mine), cwd=tmp_path)
+        assert_one_line_error(refused, "report.md")
+        assert f"`etbench {command}`" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+        assert refused.stdout == "" and _tree(mine) == before
+
+        own = tmp_path / f"own-{command}"
+        assert etbench(*args, "--out", str(own), cwd=tmp_path).returncode == 0
+        first = _tree(own)
+        assert {"report.md", "report.html"} <= set(first)
+        (own / "report.md").write_text("edited by hand\n")  # a file it wrote: its to rewrite
+        again = etbench(*args, "--out", str(own), cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert _tree(own) == first
+    # one command's report is not another's to replace: compare into report's directory is refused
+    theirs = tmp_path / "own-report"
+    before = _tree(theirs)
+    assert_one_line_error(etbench(*commands["compare"], "--out", str(theirs), cwd=tmp_path), "etbench compare")
+    assert _tree(theirs) == before

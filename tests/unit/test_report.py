@@ -173,3 +173,29 @@ def test_comparisons_print_no_width_zero_interval():
     assert "[0.000, 0.000]" not in text and "[0.100, 0.300]" in text
     rows = report._comparison_rows(comp)
     assert "[0.000, 0.000]" not in rows[0][1] and "no variation across items" in rows[0][4]
+
+
+def test_compare_of_a_scorecard_with_itself_is_a_usage_error(tmp_path):
+    """``etbench compare X X`` printed a comparison whose differences were exactly 0 with intervals of width zero
+    (or, for one file named twice, silently compared X's base with its fine-tune). Both sides naming one
+    scorecard (the same argument, one resolved file, or one row name) is now one error line saying which."""
+    from support.commands import assert_one_line_error, etbench
+
+    store = tmp_path / "store"
+    shutil.copytree(FIXTURES / "synthetic-ft-a", store / "synthetic-ft-a")
+    copy = tmp_path / "copy"
+    shutil.copytree(FIXTURES / "synthetic-ft-a", copy)
+    card = store / "synthetic-ft-a"
+    with pytest.raises(EtbenchError, match="'synthetic-ft-a' twice"):
+        report.resolve_pair("synthetic-ft-a", "synthetic-ft-a", [store])
+    with pytest.raises(EtbenchError, match="same scorecard file"):  # a name and its own directory, or two spellings
+        report.resolve_pair("synthetic-ft-a", str(card), [store])
+    with pytest.raises(EtbenchError, match="same scorecard file"):
+        report.resolve_pair(str(card), str(card / "scorecard.json"), [store])
+    with pytest.raises(EtbenchError, match="the row 'synthetic-ft-a'"):  # a copy of the card: another file, one row
+        report.resolve_pair(str(card), str(copy), [store])
+    # two different scorecards still compare
+    assert report.resolve_pair(str(card), str(FIXTURES / "synthetic-ft-b"), [store]).title.endswith("synthetic-ft-b")
+    result = etbench("compare", str(card), str(card), "--out", str(tmp_path / "rep"), cwd=tmp_path)
+    assert_one_line_error(result, "twice")
+    assert result.stdout == "" and not (tmp_path / "rep").exists()

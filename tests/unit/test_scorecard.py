@@ -24,7 +24,8 @@ def make_card() -> sc.Scorecard:
 
 def test_round_trip_through_disk_is_exact(tmp_path):
     card = make_card()
-    path = sc.save(card, tmp_path, items=[{"measure": "accuracy", "model": "base", "item": 0, "correct": True}])
+    path = sc.save(card, tmp_path, items=[{"measure": "accuracy", "model": "base", "n_boxes": 7, "item": 0,
+                                                     "correct": True}])
     assert sc.load(path) == card
     assert sc.load_items(path, card)[0]["correct"] is True
     assert sc.canonical_bytes(sc.load(path)) == path.read_bytes()
@@ -89,6 +90,10 @@ def test_a_head_is_a_layer_and_head_pair():
     ({"correct": None}, "'correct' must be true or false"),
     ({"item": [1]}, "'item' must be an integer"),  # unhashable: a traceback
     ({"item": "0"}, "'item' must be an integer"),
+    # a string box count matched no box count: the row silently left the report's paired tests
+    ({"n_boxes": "7"}, "'n_boxes' must be an integer, got '7'"),
+    ({"n_boxes": 7.0}, "'n_boxes' must be an integer"),
+    ({"n_boxes": None}, "'n_boxes' must be an integer"),  # an accuracy row needs its box count
 ])
 def test_item_rows_are_checked_when_read(tmp_path, row, message):
     card = make_card()
@@ -105,3 +110,35 @@ def test_items_file_is_a_plain_name_next_to_the_scorecard(tmp_path, name):
     card.items_file = name
     with pytest.raises(EtbenchError, match="plain file name"):
         sc.load_items(path, card)
+
+
+@pytest.mark.parametrize("boxes", ["7", 7.0, True, None])
+def test_an_accuracy_entrys_box_count_is_an_integer(tmp_path, boxes):
+    """pydantic's lax mode read "7" and 7.0 as 7 (True as 1): a malformed scorecard must be an error naming the
+    file and the field, like every other malformed field."""
+    data = sc.to_dict(make_card())
+    data["accuracy"][1]["n_boxes"] = boxes
+    (tmp_path / "scorecard.json").write_text(json.dumps(data))
+    with pytest.raises(EtbenchError, match=r"scorecard.json: invalid scorecard: accuracy\.1\.n_boxes: must be an "
+                                           "integer"):
+        sc.load(tmp_path / "scorecard.json")
+
+
+def test_report_of_a_card_with_a_string_box_count_is_one_error_and_writes_nothing(tmp_path):
+    """``etbench report`` silently dropped the rows of a box count written as a string (scorecard or items)."""
+    import shutil
+    from pathlib import Path
+
+    from support.commands import assert_one_line_error, etbench
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "scorecards" / "synthetic-ft-a"
+    for case, where, field in (("card", "scorecard.json", "accuracy.0.n_boxes"), ("rows", "items.jsonl", "'n_boxes'")):
+        card = tmp_path / case / "card"
+        shutil.copytree(fixture, card)
+        text = (card / where).read_text()
+        (card / where).write_text(text.replace('"n_boxes": 3', '"n_boxes": "3"'))
+        assert (card / where).read_text() != text
+        result = etbench("report", str(card), "--out", str(tmp_path / case / "out"), cwd=tmp_path)
+        assert_one_line_error(result, field)
+        assert str(card / where) in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / case / "out").exists()

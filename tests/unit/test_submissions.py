@@ -13,7 +13,7 @@ import pytest
 
 from etbench.core.errors import EtbenchError
 from etbench.publish import leaderboard as lb
-from etbench.publish import submissions
+from etbench.publish import outputs, submissions
 from etbench.schema import scorecard as sc
 from support.submission_store import FIXTURES, GOOD, good_b, snapshot, write
 
@@ -215,7 +215,7 @@ def test_different_tokenizers_are_rejected(root):
 def test_interrupted_write_leaves_everything_unchanged(root, monkeypatch):
     before = snapshot(root)
     calls = {"n": 0}
-    real = lb._write
+    real = outputs._write
 
     def flaky(path, data):
         calls["n"] += 1
@@ -223,7 +223,7 @@ def test_interrupted_write_leaves_everything_unchanged(root, monkeypatch):
             raise OSError("disk full (simulated)")
         real(path, data)
 
-    monkeypatch.setattr(lb, "_write", flaky)
+    monkeypatch.setattr(outputs, "_write", flaky)
     with pytest.raises(OSError, match="simulated"):
         submissions.submit(write(root, good_b(root), "b.yaml"), root=root)
     assert calls["n"] == 4

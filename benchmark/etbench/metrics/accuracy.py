@@ -18,6 +18,7 @@ from etbench.core.io import atomic_write_json, atomic_write_jsonl
 from etbench.core.progress import track
 from etbench.core.stats import Proportion, proportion_ci
 from etbench.mech.forward import last_token_logits, length_batches
+from etbench.metrics.chance import chance_accuracy
 from etbench.task import prompts as data
 from etbench.task.layout import Layout, check_vocabulary, layouts, usable_pool
 from etbench.task.prompts import Example
@@ -152,7 +153,7 @@ def write_run(run_: AccuracyRun, out_dir) -> list:
 def format_run(run_: AccuracyRun) -> str:
     from tabulate import tabulate
 
-    rows = [[r.n_boxes, r.ci.n, f"{r.accuracy:.3f}", f"[{r.ci.low:.3f}, {r.ci.high:.3f}]", f"{1 / r.n_boxes:.3f}"]
+    rows = [[r.n_boxes, r.ci.n, f"{r.accuracy:.3f}", f"[{r.ci.low:.3f}, {r.ci.high:.3f}]", f"{chance_accuracy(r.n_boxes):.3f}"]
             for r in run_.results]
     table = tabulate(rows, headers=["boxes", "n", "accuracy", "95% CI", "chance"], tablefmt="github")
     note = f"\nnote: {run_.vocabulary_note}" if run_.vocabulary_note else ""

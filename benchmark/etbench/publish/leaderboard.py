@@ -9,7 +9,8 @@ under ``reports/``, and the pairwise comparisons among fine-tunes of one base (`
 matrix on the page and in the Markdown, one comparison report per pair under ``reports/compare/``).
 
 Output is a pure function of the inputs (no timestamps, sorted rows, canonical JSON), so a rebuild
-is byte-identical. Writes go through ``Transaction``: on any error every file is put back.
+is byte-identical. Writes go through ``outputs.Transaction``: on any error every file is put back; the
+build's manifest (``outputs.write_tree``) lists its files, the only ones a later build replaces or deletes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import html
 import io
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -35,11 +35,11 @@ from etbench.core.io import (
     dumps_json,
     read_json,
     remove_stale_temporaries,
-    temporary_name,
 )
 from etbench.core.stats import format_estimate, format_p
 from etbench.metrics.overlap import ALL, chance_overlap, group_overlaps
 from etbench.publish import comparisons, report
+from etbench.publish.outputs import Transaction, write_tree
 from etbench.publish.page import BASE_CSS, content_security_policy
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import GROUPS, PAPER_CIRCUITS, paper_circuit
@@ -48,143 +48,8 @@ PAPER_RESULTS = ASSETS_DIR / "paper_results.json"
 RESULTS_SUBDIR = Path("submissions") / "results"
 LEADERBOARD_DIR = Path("leaderboards")
 LOCK_NAME = ".etbench.lock"
-#: Lists the files a build wrote: the next build deletes only those (never a file it did not generate).
-MANIFEST_NAME = ".etbench-manifest.json"
 PAPER_NOTE = "reported by the paper, not measured here"
 MEASURED_NOTE = "measured here (etbench scorecard)"
-
-
-# ---------------------------------------------------------------------------------------------
-# All-or-nothing writes
-# ---------------------------------------------------------------------------------------------
-
-def _write(path: Path, data: bytes) -> None:
-    """The one place files are written (tests monkeypatch it to simulate an interrupted write)."""
-    with open(path, "xb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-class Transaction:
-    """Write, delete and replace files and directories all or nothing.
-
-    Nothing visible changes inside ``with``: every new file (or directory) is staged as a hidden
-    temporary next to its target. On a clean exit the temporaries are renamed into place, each
-    replaced target first kept as a hidden backup; if a rename fails, those already done are renamed
-    back. Renames need no free space, so a full disk or a file-size limit fails while staging, when
-    nothing has been touched yet. A process killed mid-way leaves only hidden ``.tmp``/``.bak``
-    entries, which ``remove_stale_temporaries`` deletes under the store's lock.
-    """
-
-    def __init__(self) -> None:
-        self._staged: dict[Path, Optional[Path]] = {}  # target -> staged temporary (None: delete the target)
-        self._created_dirs: list[Path] = []
-
-    def _make_parent(self, path: Path) -> None:
-        missing, parent = [], path.parent
-        while not parent.exists():
-            missing.append(parent)
-            parent = parent.parent
-        if not parent.is_dir():
-            raise EtbenchError(f"{path}: cannot be written: {parent} is not a directory")
-        for directory in reversed(missing):
-            directory.mkdir()
-            self._created_dirs.append(directory)
-
-    def _drop(self, path: Path) -> None:
-        old = self._staged.pop(path, None)
-        if old is not None:
-            _remove(old)
-
-    def write(self, path: Path, data: bytes) -> None:
-        path = Path(path)
-        self._drop(path)
-        if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
-            return
-        if path.is_dir():
-            raise EtbenchError(f"{path}: is a directory, cannot write a file there")
-        self._make_parent(path)
-        tmp = temporary_name(path)
-        self._staged[path] = tmp
-        _write(tmp, data)
-        os.chmod(tmp, 0o644)
-
-    def write_dir(self, path: Path, files: dict[str, bytes]) -> None:
-        """Make directory ``path`` hold exactly ``files`` (name -> bytes), replacing it as a whole."""
-        path = Path(path)
-        self._drop(path)
-        self._make_parent(path)
-        tmp = temporary_name(path)
-        self._staged[path] = tmp
-        tmp.mkdir()
-        for name, data in files.items():
-            _write(tmp / name, data)
-            os.chmod(tmp / name, 0o644)
-
-    def delete(self, path: Path) -> None:
-        path = Path(path)
-        self._drop(path)
-        if path.exists():
-            self._staged[path] = None
-
-    def commit(self) -> None:
-        done: list[tuple[Path, Optional[Path]]] = []  # (target, its backup)
-        try:
-            for target, tmp in self._staged.items():
-                backup = None
-                if target.exists() or target.is_symlink():
-                    backup = temporary_name(target, ".bak")
-                    os.replace(target, backup)
-                done.append((target, backup))
-                if tmp is not None:
-                    os.replace(tmp, target)
-        except BaseException:
-            for target, backup in reversed(done):
-                try:
-                    if target.exists() and self._staged.get(target) is not None:
-                        _remove(target)
-                    if backup is not None:
-                        os.replace(backup, target)
-                except OSError:
-                    pass
-            self.rollback()
-            raise
-        self._staged = {}
-        for _, backup in done:
-            if backup is not None:
-                _remove(backup)
-
-    def rollback(self) -> None:
-        for tmp in self._staged.values():
-            if tmp is not None:
-                _remove(tmp)
-        self._staged = {}
-        for directory in sorted(self._created_dirs, key=lambda p: len(p.parts), reverse=True):
-            try:
-                directory.rmdir()
-            except OSError:
-                pass
-
-    def __enter__(self) -> "Transaction":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.rollback()
-        return False
-
-
-def _remove(path: Path) -> None:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    except OSError:
-        pass
 
 
 def store_lock(root: Path) -> FileLock:
@@ -341,6 +206,8 @@ def entry_row(entry: Entry) -> dict[str, Any]:
         "base_accuracy": _est(pick_accuracy(card, "base")),
         "accuracy_gain": _est(None),  # the paired McNemar difference, set by rows_for
         "faithfulness": _est(faith.faithfulness if faith else None),
+        # the ft model's accuracy on the faithfulness prompts is at the chance floor: the ratio describes nothing
+        "faithfulness_at_chance": report.model_at_chance(card, "ft") if faith else None,
         "head_overlap": _est(overlap.base_in_ft if overlap else None),
         "head_overlap_chance": _chance(overlap.chance if overlap else None),
         "cmap_gain": _est(cmap.gain if cmap else None),
@@ -397,6 +264,7 @@ def paper_rows() -> list[dict[str, Any]]:
             "base_accuracy": _num(base_acc[r["base"]]),
             "accuracy_gain": _num(acc_gain),
             "faithfulness": _num(r["faithfulness"]),
+            "faithfulness_at_chance": None,  # reported without a CI: not testable
             "head_overlap": _num(r.get("head_overlap_circuit")),
             "head_overlap_chance": paper_overlap_chance(r["name"], r["base"]),
             "cmap_gain": _num(gain),
@@ -448,9 +316,13 @@ def fmt_est(e: dict[str, Any]) -> str:
     return format_estimate(e["value"], e["low"], e["high"], digits=2 if e.get("method") == "reported" else 3)
 
 
+def _at_chance(row: dict[str, Any], key: str) -> bool:
+    return key == "faithfulness" and bool(row.get("faithfulness_at_chance"))
+
+
 def _cell_text(row: dict[str, Any], key: str, kind: str) -> str:
     if kind == "est":
-        return fmt_est(row[key])
+        return report.with_chance_mark(fmt_est(row[key]), _at_chance(row, key))
     if kind == "p":
         return format_p(row[key])
     if key == "origin" and row[key] == "paper":
@@ -464,6 +336,8 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
     for key, _, kind in COLUMNS:
         if kind == "est":
             header += [key, f"{key}_low", f"{key}_high", f"{key}_n"]
+        if key == "faithfulness":
+            header.append("faithfulness_at_chance")
     header += ["delta_p", "delta_p_holm", "config_hash", "benchmark_version", "report"]
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -473,6 +347,8 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
             if kind == "est":
                 e = row[key]
                 out += [e["value"], e["low"], e["high"], e["n"]]
+            if key == "faithfulness":
+                out.append(row["faithfulness_at_chance"])
         out += [row["delta_p"], row["delta_p_holm"], row["config_hash"], row["benchmark_version"], row["report"]]
         writer.writerow(["" if v is None else v for v in out])
     return buf.getvalue()
@@ -483,6 +359,7 @@ def render_json(rows: list[dict[str, Any]]) -> str:
         "benchmark_version": sc.BENCHMARK_VERSION,
         "paper": paper_results()["paper"],
         "paper_note": PAPER_NOTE,
+        "faithfulness_at_chance_note": report.CHANCE_LEGEND,
         "columns": [{"key": k, "header": h} for k, h, _ in COLUMNS],
         "rows": rows,
     })
@@ -506,6 +383,8 @@ def render_markdown(rows: list[dict[str, Any]], matrix: Optional[comparisons.Mat
         cells.append(f"[report]({row['report'].removesuffix('.html')}.md)" if row["report"] else "—")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if any(row["faithfulness_at_chance"] for row in rows):
+        lines += [report.CHANCE_LEGEND, ""]
     if matrix is not None:
         lines += comparisons.render_markdown(matrix)
     lines += ["Figures (accuracy gain vs CMAP gain, head overlap per group) are in `index.html`.", ""]
@@ -521,6 +400,7 @@ tr.paper td{background:#fff8e6;font-style:italic}
 td a{color:inherit}
 .ci{color:#666;font-size:12px}
 .note{color:#8a5a00}
+.floor{color:#b00020;font-weight:bold;cursor:help}
 table.matrix td.pair{font-size:12px}
 table.matrix td.significant{font-weight:bold;background:#eef5ee}
 table.matrix .k{color:#666}
@@ -608,6 +488,8 @@ def render_html(rows: list[dict[str, Any]], matrix: Optional[comparisons.Matrix]
             if e is not None and e["value"] is not None and e["low"] is not None and e["low"] != e["high"]:
                 text = (f'{e["value"]:.3f} <span class="ci">[{e["low"]:.3f}, '
                         f'{e["high"]:.3f}]</span>')
+                if _at_chance(row, key):
+                    text += f' <span class="floor" title="{esc(report.CHANCE_LEGEND)}">{report.CHANCE_MARK}</span>'
             else:
                 text = esc(text)
             if key == "origin":
@@ -637,11 +519,17 @@ published circuit files).</p>
 <tbody>
 {chr(10).join(body)}
 </tbody></table>
-{_figures_html(figures or {})}
+{_chance_legend_html(rows)}{_figures_html(figures or {})}
 {comparisons.render_html(matrix) if matrix is not None else ""}
 <script>{_SCRIPT}</script>
 </body></html>
 """
+
+
+def _chance_legend_html(rows: list[dict[str, Any]]) -> str:
+    if not any(row["faithfulness_at_chance"] for row in rows):
+        return ""
+    return f'<p class="note" id="legend-chance">{html.escape(report.CHANCE_LEGEND)}</p>\n'
 
 
 def _figures_html(figures: dict[str, str]) -> str:
@@ -671,49 +559,6 @@ def render(entries: list[Entry], include_paper: bool = True) -> dict[str, bytes]
         files[f"{stem}.md"] = doc.markdown
         files[f"{stem}.html"] = doc.html
     return {k: v.encode("utf-8") for k, v in sorted(files.items())}
-
-
-def _manifest(out_dir: Path) -> list[str]:
-    """The files the last build wrote into ``out_dir`` (relative, inside it); [] without a manifest."""
-    path = out_dir / MANIFEST_NAME
-    if not path.is_file():
-        return []
-    try:
-        listed = read_json(path).get("files", [])
-    except (EtbenchError, AttributeError):
-        return []  # an unreadable manifest deletes nothing
-    root = out_dir.resolve()
-    safe = []
-    for rel in listed if isinstance(listed, list) else []:
-        if isinstance(rel, str) and rel and not rel.startswith(("/", "\\")) and ".." not in Path(rel).parts:
-            if root in (out_dir / rel).resolve().parents:
-                safe.append(rel)
-    return safe
-
-
-def write_tree(out_dir: Path, files: dict[str, bytes], txn: Transaction) -> list[Path]:
-    """Write ``files`` into ``out_dir`` and delete the files an earlier build generated that are not
-    among them (listed in its manifest); every other file in ``out_dir`` is left alone. A file of the
-    same name as an output that no build wrote (not in the manifest) and that differs from it is the
-    user's: refused, not overwritten."""
-    out_dir = Path(out_dir)
-    generated = set(_manifest(out_dir))
-    for rel, data in files.items():
-        path = out_dir / rel
-        if rel not in generated and (path.is_symlink() or (path.is_file() and path.read_bytes() != data)):
-            raise EtbenchError(f"{path} exists and was not written by an etbench build (it is not in "
-                               f"{out_dir / MANIFEST_NAME}): move it away or choose another output directory")
-    written = []
-    for rel, data in files.items():
-        path = out_dir / rel
-        txn.write(path, data)
-        written.append(path)
-    for rel in _manifest(out_dir):
-        if rel not in files and (out_dir / rel).is_file():
-            txn.delete(out_dir / rel)
-    txn.write(out_dir / MANIFEST_NAME, dumps_json({"generated_by": "etbench leaderboard build",
-                                                     "files": sorted(files)}).encode("utf-8"))
-    return written
 
 
 def build(root: Path = Path("."), out_dir: Optional[Path] = None, include_paper: bool = True,

@@ -32,7 +32,9 @@ from etbench.core import stats
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_text
 from etbench.core.stats import format_estimate_of, format_p
+from etbench.metrics.chance import FAITHFULNESS_BOXES, at_chance, chance_accuracy
 from etbench.metrics.overlap import format_chance
+from etbench.publish.outputs import Transaction, Writer, write_tree
 from etbench.publish.page import BASE_CSS, content_security_policy
 from etbench.schema import scorecard as sc
 
@@ -40,6 +42,26 @@ SEED = 0
 N_RESAMPLES = 2000
 #: ``GainTest.key`` prefix of a two-scorecard CMAP gain difference (the group follows a colon).
 CMAP_GAIN_DIFFERENCE = "cmap_gain_difference"
+#: Marks a faithfulness figure over a model accuracy at the chance floor (``metrics.chance.at_chance``).
+CHANCE_MARK = "†"
+CHANCE_LEGEND = (f"{CHANCE_MARK} faithfulness over a model accuracy at the chance floor: the 95% CI of the model's "
+                 f"own accuracy on the {FAITHFULNESS_BOXES}-box faithfulness prompts contains "
+                 f"1/{FAITHFULNESS_BOXES} = {chance_accuracy(FAITHFULNESS_BOXES):.3f} (guessing among the "
+                 "context's objects), so the ratio compares two guesses and describes no mechanism.")
+
+
+def model_at_chance(card: sc.Scorecard, model: str) -> bool:
+    """Whether ``model``'s accuracy on the faithfulness prompts (the denominator of its faithfulness ratios) is at
+    the chance floor; its 7-box accuracy entry stands in for a card without faithfulness rows."""
+    score = next((f for f in card.faithfulness if f.model == model), None)
+    accuracy = score.model_accuracy if score is not None else next(
+        (a.accuracy for a in card.accuracy if a.model == model and a.n_boxes == FAITHFULNESS_BOXES), None)
+    return at_chance(accuracy, FAITHFULNESS_BOXES)
+
+
+def with_chance_mark(text: str, flagged: bool) -> str:
+    """``text`` with ``CHANCE_MARK`` when ``flagged`` (an undefined figure, "—", has nothing to mark)."""
+    return f"{text} {CHANCE_MARK}" if flagged and not text.startswith("—") else text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +119,7 @@ class GainTest:
     test: str
     from_items: bool
     key: str = ""  # what was compared, for code that picks one test out (e.g. "cmap_gain_difference:full")
+    at_chance: bool = False  # a faithfulness figure over a model accuracy at the chance floor (CHANCE_MARK)
 
 
 def accuracy_tests(card: sc.Scorecard, items: list[dict[str, Any]],
@@ -175,17 +198,19 @@ def faithfulness_tests(card: sc.Scorecard, items: list[dict[str, Any]], circuit:
         c, f = _align(circ, full)
         score = next((x for x in card.faithfulness if x.circuit == circuit and x.model == model), None)
         label = f"faithfulness of the {circuit} circuit on {model}"
+        floor = model_at_chance(card, model)
         if c.size:
             out.append(GainTest(label, stats.paired_bootstrap_ratio(c, f, seed=SEED, n_resamples=N_RESAMPLES),
-                                None, "", True))
+                                None, "", True, at_chance=floor))
         elif score is not None:
-            out.append(GainTest(label, stats.from_estimate(score.faithfulness), None, "", False))
+            out.append(GainTest(label, stats.from_estimate(score.faithfulness), None, "", False, at_chance=floor))
     (cb, fb), (cf, ff) = per_model["base"], per_model["ft"]
     keys = sorted(set(cb) & set(fb) & set(cf) & set(ff), key=lambda k: (str(type(k)), k))
     if keys:
         arrays = [np.array([d[k] for k in keys]) for d in (cb, fb, cf, ff)]
         ci = stats.paired_bootstrap(arrays, _ratio_diff, seed=SEED, n_resamples=N_RESAMPLES)
-        out.append(GainTest(f"faithfulness difference (ft - base), {circuit} circuit", ci, None, "", True))
+        out.append(GainTest(f"faithfulness difference (ft - base), {circuit} circuit", ci, None, "", True,
+                            at_chance=model_at_chance(card, "base") or model_at_chance(card, "ft")))
     return out
 
 
@@ -273,7 +298,8 @@ def compare_cards(card_a: sc.Scorecard, items_a: list[dict[str, Any]], card_b: s
     if keys:
         arrays = [np.array([d[k] for k in keys]) for d in fa + fb]
         ci = stats.paired_bootstrap(arrays, _ratio_diff, seed=SEED, n_resamples=N_RESAMPLES)
-        comp.gains.append(GainTest("faithfulness difference of the base circuit", ci, None, "", True))
+        comp.gains.append(GainTest("faithfulness difference of the base circuit", ci, None, "", True,
+                                   at_chance=model_at_chance(card_a, "ft") or model_at_chance(card_b, "ft")))
     if not comp.accuracy:
         comp.notes.append("no shared per-item accuracy rows: no paired accuracy test")
     return _finish(comp)
@@ -321,9 +347,12 @@ def format_comparison(comp: Comparison) -> str:
             extra = f", {g.test} p = {format_p(g.p_value)} ({_adj_name(comp)} {format_p(holm.get(i))})"
             i += 1
         src = "" if g.from_items else " (from the scorecard)"
-        lines.append(f"  {g.label}: {_with_ci(iv.value, iv.low, iv.high, signed=_signed(g.label))} "
+        value = with_chance_mark(_with_ci(iv.value, iv.low, iv.high, signed=_signed(g.label)), g.at_chance)
+        lines.append(f"  {g.label}: {value} "
                      f"(95% CI, {iv.method}, n = {iv.n}{'; ' + iv.note if iv.note else ''}){src}{extra}")
     lines += [f"  note: {n}" for n in comp.notes]
+    if any(g.at_chance for g in comp.gains):
+        lines.append(f"  {CHANCE_LEGEND}")
     return "\n".join(lines)
 
 
@@ -599,7 +628,9 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
         tables.append(("Accuracy", ["boxes", f"base ({card.base.ref})", f"ft ({card.ft.ref})"], rows))
     rows = [[c.model, c.form, format_estimate_of(c.model_accuracy), format_estimate_of(c.every_head_every_position),
              format_estimate_of(c.form_accuracy), format_estimate_of(c.no_heads_accuracy),
-             format_estimate_of(c.form_faithfulness), format_estimate_of(c.form_faithfulness_mib)] for c in card.ceilings]
+             with_chance_mark(format_estimate_of(c.form_faithfulness), at_chance(c.model_accuracy)),
+             with_chance_mark(format_estimate_of(c.form_faithfulness_mib), at_chance(c.model_accuracy))]
+            for c in card.ceilings]
     if rows:
         tables.append(("Ceilings of the circuit form (every head kept at the form's positions; no heads = the floor)",
                        ["model", "form", "model acc", "every head, every position", "form acc", "no heads acc",
@@ -609,7 +640,8 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
     if rows:
         tables.append(("Circuits", ["circuit", "size rule", "nodes", "sizing"], rows))
     rows = [[f.circuit, f.model, format_estimate_of(f.model_accuracy), format_estimate_of(f.circuit_accuracy),
-             format_estimate_of(f.faithfulness), format_estimate_of(f.faithfulness_mib),
+             with_chance_mark(format_estimate_of(f.faithfulness), at_chance(f.model_accuracy)),
+             with_chance_mark(format_estimate_of(f.faithfulness_mib), at_chance(f.model_accuracy)),
              format_estimate_of(f.random_circuit_accuracy)] for f in card.faithfulness]
     if rows:
         tables.append(("Faithfulness (mean ablation outside the circuit)",
@@ -654,7 +686,8 @@ def _comparison_rows(comp: Comparison) -> list[list[str]]:
         if g.p_value is not None:
             p, adj = f"{g.test} p = {format_p(g.p_value)}", format_p(holm[i]) if i < len(holm) else "—"
             i += 1
-        rows.append([g.label, _with_ci(iv.value, iv.low, iv.high, signed=_signed(g.label)), p, adj,
+        rows.append([g.label, with_chance_mark(_with_ci(iv.value, iv.low, iv.high, signed=_signed(g.label)), g.at_chance),
+                     p, adj,
                      f"{iv.method}, n = {iv.n}" + (f"; {iv.note}" if iv.note else "")
                      + ("" if g.from_items else ", from the scorecard")])
     return rows
@@ -716,6 +749,9 @@ def scorecard_report(card: sc.Scorecard, items: list[dict[str, Any]], title: str
     intro.append("Differences are fine-tuned minus base on the same items; p-values are Holm-adjusted "
                  "across the tests of this report.")
     comp = compare_within(card, items)
+    if (any(g.at_chance for g in comp.gains) or any(at_chance(f.model_accuracy) for f in card.faithfulness)
+            or any(at_chance(c.model_accuracy) for c in card.ceilings)):
+        intro.append(CHANCE_LEGEND)
     figures = {k: v for k, v in (("accuracy by box count", fig_accuracy(card)), ("CMAP gain by group", fig_cmap(card)),
                                  ("circuit head overlap", fig_overlap(card))) if v}
     return _document(title, intro, _tables(card), comp, figures)
@@ -724,6 +760,8 @@ def scorecard_report(card: sc.Scorecard, items: list[dict[str, Any]], title: str
 def comparison_report(comp: Comparison, cards: tuple[sc.Scorecard, ...] = ()) -> Doc:
     intro = [f"Paired comparison of {comp.a} and {comp.b} on the same items. Differences are "
              f"{comp.b} minus {comp.a}; p-values Holm-adjusted across this report's tests."]
+    if any(g.at_chance for g in comp.gains):
+        intro.append(CHANCE_LEGEND)
     figures = {}
     for card in cards:
         for k, fig in ((f"accuracy by box count: {card.ft.ref}", fig_accuracy(card)),
@@ -734,10 +772,22 @@ def comparison_report(comp: Comparison, cards: tuple[sc.Scorecard, ...] = ()) ->
     return _document(comp.title, intro, [], comp, figures)
 
 
-def write_doc(doc: Doc, out_dir: Path, stem: str = "report") -> list[Path]:
+#: ``etbench report --out DIR`` and ``etbench compare --out DIR``: each replaces only the report files its own
+#: manifest in DIR lists (``outputs.write_tree``), never a file of the same name that it did not write.
+REPORT_WRITER = Writer("etbench report", ".etbench-report-manifest.json")
+COMPARE_WRITER = Writer("etbench compare", ".etbench-compare-manifest.json")
+
+
+def write_doc(doc: Doc, out_dir: Path, stem: str = "report", writer: Optional[Writer] = None) -> list[Path]:
+    """``<stem>.md`` and ``<stem>.html`` in ``out_dir``. With ``writer``, both are written all or nothing
+    through ``outputs.write_tree`` (a file of the same name that ``writer`` did not write is refused);
+    without, each is replaced atomically (``etbench score``, whose output directory is its own)."""
     out_dir = Path(out_dir)
-    return [atomic_write_text(out_dir / f"{stem}.md", doc.markdown),
-            atomic_write_text(out_dir / f"{stem}.html", doc.html)]
+    files = {f"{stem}.md": doc.markdown, f"{stem}.html": doc.html}
+    if writer is None:
+        return [atomic_write_text(out_dir / name, text) for name, text in files.items()]
+    with Transaction() as txn:
+        return write_tree(out_dir, {name: text.encode("utf-8") for name, text in files.items()}, txn, writer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -779,12 +829,15 @@ def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
     """``a``/``b``: scorecard paths, stored submission names, or model refs.
 
     Refs that are the base and fine-tuned models of one stored scorecard compare within it;
-    otherwise each side must name a scorecard, and the two fine-tuned models are compared.
+    otherwise each side must name a scorecard, and the two fine-tuned models are compared. Two sides that
+    are one scorecard (the same argument twice, one file, or one row name) are an error (``check_two_sides``).
     """
     def as_path(x: str) -> Optional[Path]:
         p = Path(x)
         return p if (p.is_file() and p.suffix == ".json") or (p / "scorecard.json").is_file() else None
 
+    if a == b:
+        raise EtbenchError(f"compare needs two different sides, got {a!r} twice: {SAME_SIDE_HINT}")
     pa, pb = as_path(a), as_path(b)
     if pa is None or pb is None:
         cards = stored_cards(stores)
@@ -811,9 +864,22 @@ def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
     else:
         sides = [_load_found(pa), _load_found(pb)]
     fa, fb = sides
-    if fa.path == fb.path:
-        return compare_within(fa.card, fa.items)
+    check_two_sides(fa, fb)
     return compare_cards(fa.card, fa.items, fb.card, fb.items, fa.name, fb.name)
+
+
+SAME_SIDE_HINT = ("a scorecard against itself differs by exactly 0 with intervals of width zero; for its base "
+                  "against its fine-tuned model use `etbench compare BASE_REF FT_REF` or `etbench report`")
+
+
+def check_two_sides(fa: Found, fb: Found) -> None:
+    """The two sides of a comparison are two scorecards: not one file (however it was named) and not two copies
+    of one row (the same submission name, or the same fine-tuned ref for a scorecard given by path)."""
+    if fa.path.resolve() == fb.path.resolve():
+        raise EtbenchError(f"compare: both sides are the same scorecard file {fa.path.resolve()}: {SAME_SIDE_HINT}")
+    if fa.name == fb.name:
+        raise EtbenchError(f"compare: both sides are the row {fa.name!r} ({fa.path} and {fb.path}): "
+                           f"{SAME_SIDE_HINT}")
 
 
 def find_one(ref: str, stores: list[Path]) -> Found:

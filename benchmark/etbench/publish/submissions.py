@@ -16,7 +16,7 @@
 
 Then, holding the store's lock, it stages ``submissions/results/<name>/`` (``scorecard.json``, the items
 file, ``submission.json``) and the rebuilt ``leaderboards/`` and renames them into place in one
-``leaderboard.Transaction``: any failure leaves both untouched.
+``outputs.Transaction``: any failure leaves both untouched.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from etbench.core.io import (
 )
 from etbench.metrics.dcm import dcm_preset
 from etbench.publish import leaderboard as lb
+from etbench.publish import outputs
 from etbench.publish.rederive import rederive
 from etbench.schema import scorecard as sc
 from etbench.scoring import pipeline
@@ -528,7 +529,7 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False) -> S
     """Validate ``file`` fully, then write its results and rebuild the leaderboard, all or nothing.
 
     The store entry is staged in a hidden directory and renamed into place with the leaderboard files
-    (``leaderboard.Transaction``), under the store's lock: concurrent submits serialise, and each one
+    (``outputs.Transaction``), under the store's lock: concurrent submits serialise, and each one
     renders the leaderboard from every entry stored when it holds the lock. An incomplete entry of the
     same name (left by a killed writer of an older etbench, or damaged) is replaced without ``--replace``.
     """
@@ -565,9 +566,9 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False) -> S
         sub.notes.extend(problems)
         entries = sorted(entries + [lb.Entry(sub.name, meta, card, items)], key=lambda e: e.name)
         board = lb.render(entries)
-        with lb.Transaction() as txn:
+        with outputs.Transaction() as txn:
             txn.write_dir(target, entry_files)
-            written = [target / name for name in entry_files] + lb.write_tree(board_dir, board, txn)
+            written = [target / name for name in entry_files] + outputs.write_tree(board_dir, board, txn)
     rows = len(entries) + len(lb.paper_results()["rows"])
     return SubmitResult(sub.name, written, rows, sub.notes)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from tabulate import tabulate
 
 from etbench.core.stats import format_estimate_of
+from etbench.metrics.chance import at_chance
 from etbench.metrics.overlap import format_chance
-from etbench.publish.report import format_sizing
+from etbench.publish.report import CHANCE_LEGEND, format_sizing, with_chance_mark
 from etbench.schema import scorecard as sc
 from etbench.scoring.pipeline import ScoreRun
 
@@ -25,8 +26,11 @@ def format_scorecard(card: sc.Scorecard) -> str:
         [[b, est(acc[("base", b)]), est(acc[("ft", b)])] for b in boxes], headers=["boxes", "base", "fine-tuned"],
         tablefmt="github"))
     parts.append("\n2. circuit faithfulness (circuit acc / model acc, and MIB's (C - none) / (model - none), 95% CI)\n"
-                 + tabulate([[f.circuit, f.model, est(f.circuit_accuracy), est(f.faithfulness),
-                              est(f.faithfulness_mib) if f.faithfulness_mib else "—", est(f.random_circuit_accuracy)]
+                 + tabulate([[f.circuit, f.model, est(f.circuit_accuracy),
+                              with_chance_mark(est(f.faithfulness), at_chance(f.model_accuracy)),
+                              with_chance_mark(est(f.faithfulness_mib) if f.faithfulness_mib else "—",
+                                               at_chance(f.model_accuracy)),
+                              est(f.random_circuit_accuracy)]
                              for f in card.faithfulness],
                             headers=["circuit", "on model", "circuit acc", "faithfulness", "MIB",
                                      "random circuit acc (mean [min, max] over draws)"],
@@ -34,9 +38,13 @@ def format_scorecard(card: sc.Scorecard) -> str:
     if card.ceilings:
         parts.append("\n   ceilings of the circuit form (every head kept at its positions) and the floor (no heads)\n"
                      + tabulate([[c.model, est(c.model_accuracy), est(c.form_accuracy), est(c.no_heads_accuracy),
-                                  est(c.form_faithfulness), est(c.form_faithfulness_mib)] for c in card.ceilings],
+                                  with_chance_mark(est(c.form_faithfulness), at_chance(c.model_accuracy)),
+                                  with_chance_mark(est(c.form_faithfulness_mib), at_chance(c.model_accuracy))]
+                                 for c in card.ceilings],
                                 headers=["model", "model acc", "form acc", "no heads acc", "form faithfulness",
                                          "MIB"], tablefmt="github"))
+    if any(at_chance(f.model_accuracy) for f in card.faithfulness):
+        parts.append(f"   {CHANCE_LEGEND}")
     sized = [c for c in card.circuits if c.sizing]
     if sized:
         parts.append("\n   circuit size chosen by faithfulness (on held-out sizing prompts)\n" + tabulate(

@@ -243,6 +243,7 @@ def from_dict(data: dict[str, Any]) -> Scorecard:
     if type(version) is not int or version not in READABLE_SCHEMA_VERSIONS:  # True == 1 and 2.0 == 2
         raise EtbenchError(f"scorecard schema version {version!r} is not supported "
                            f"(readable: {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
+    _check_box_counts(data)
     try:
         card = _adapter().validate_python(data, strict=False)
     except ValidationError as err:
@@ -251,6 +252,20 @@ def from_dict(data: dict[str, Any]) -> Scorecard:
         raise EtbenchError(f"invalid scorecard: {where}: {first['msg']} ({err.error_count()} problem(s))") from None
     _check_head_pairs(card)
     return card
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_box_counts(data: dict[str, Any]) -> None:
+    """Every accuracy entry's ``n_boxes`` is a JSON integer. Checked before pydantic, whose lax mode would
+    turn "7" or 7.0 into 7: a box count is matched exactly against the per-item rows' (``check_items``)."""
+    accuracy = data.get("accuracy")
+    for i, entry in enumerate(accuracy if isinstance(accuracy, list) else []):
+        if isinstance(entry, dict) and "n_boxes" in entry and not _is_int(entry["n_boxes"]):
+            raise EtbenchError(f"invalid scorecard: accuracy.{i}.n_boxes: must be an integer (a box count), "
+                               f"got {entry['n_boxes']!r}")
 
 
 def _check_head_pairs(card: Scorecard) -> None:
@@ -307,7 +322,9 @@ SCORE_MEASURES = ("discovery_score",)
 
 
 def check_items(items: list[dict[str, Any]]) -> None:
-    """Per-item rows are well formed: ``correct`` a bool, ``item`` an int, no row twice."""
+    """Per-item rows are well formed: ``correct`` a bool, ``item`` an int, ``n_boxes`` an int (required on
+    accuracy rows), no row twice. Readers select rows by exact field values: an ``n_boxes`` of "7" matched
+    no box count, and its rows silently left the paired tests."""
     seen = set()
     for number, row in enumerate(items, 1):
         if row.get("measure") in SCORE_MEASURES:
@@ -318,8 +335,11 @@ def check_items(items: list[dict[str, Any]]) -> None:
         elif not isinstance(row.get("correct"), bool):
             raise EtbenchError(f"items line {number}: 'correct' must be true or false, got {row.get('correct')!r}")
         item = row.get("item")
-        if isinstance(item, bool) or not isinstance(item, int):
+        if not _is_int(item):
             raise EtbenchError(f"items line {number}: 'item' must be an integer, got {item!r}")
+        boxes = row.get("n_boxes")
+        if (row.get("measure") == "accuracy" or boxes is not None) and not _is_int(boxes):
+            raise EtbenchError(f"items line {number}: 'n_boxes' must be an integer, got {boxes!r}")
         key = tuple(repr(row.get(k)) for k in ITEM_KEY)
         if key in seen:
             raise EtbenchError(f"items line {number}: duplicate row (item {item} of {row.get('measure')})")
