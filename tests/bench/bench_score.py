@@ -8,6 +8,8 @@ machine: on the 2-core reference machine every other process shows up in the fig
 
     python tests/bench/bench_score.py                      # the embedded pair, quick preset
     python tests/bench/bench_score.py --threads 2 --out /tmp/score-bench
+    python tests/bench/bench_score.py --preset standard --ft tiny-goat --reuse-stages /tmp/score-bench
+        # the cost of one more fine-tune of a base already scored (its base-side stages copied)
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="output directory, new or empty (a stage cache left in it would be timed as "
                     "nothing); default a temp dir")
+    ap.add_argument("--reuse-stages", action="append", default=[], metavar="DIR",
+                    help="an earlier run's output directory: its stages with the same inputs are copied, not timed")
     args = ap.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_score_"))
     # a benchmark never deletes what it did not create: a used directory is refused, not emptied
@@ -64,7 +68,8 @@ def main() -> None:
 
     unit = calibrate(args.base)
     start = time.perf_counter()
-    run = score(args.base, args.ft, out, preset=args.preset, seed=args.seed, progress=False)
+    run = score(args.base, args.ft, out, preset=args.preset, seed=args.seed, progress=False,
+                reuse_stages=args.reuse_stages)
     total = time.perf_counter() - start
     print(format_scorecard(run.card))
     print(f"\n{args.base} -> {args.ft}, preset {args.preset}, torch threads {torch.get_num_threads()}")
