@@ -156,8 +156,8 @@ class StageCache:
                  wait_s: float = 7 * 24 * 3600, sources: Sequence[str | Path] = (),
                  made_with: Any = None) -> None:
         self.directory = Path(directory)
-        # other runs' stage directories, read-only: a stage stored there under the same key is the same
-        # result (the key holds every input), so it is copied here instead of computed
+        # other runs' stage directories, read-only: a stage stored there under the same key (every input)
+        # and made under the same ``made_with`` is the same result, so it is copied here instead of computed
         self.sources = [Path(d) for d in sources]
         # what made the results besides their inputs (the device, the library versions: the same inputs
         # give other numbers under others), stored with each stage but not keying it, so that a run
