@@ -58,6 +58,7 @@ class ScoreRun:
     cached_stages: list[str] = field(default_factory=list)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # per computed stage
     items: list[dict[str, Any]] = field(default_factory=list)  # per-item rows (items.jsonl)
+    reused_stages: list[str] = field(default_factory=list)  # copied from other runs (``reuse_stages``)
 
 
 def _circuit_spec(given: str | None) -> tuple[str | None, str | None]:
@@ -438,7 +439,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     cached = sorted(set(_stage_names(p)) - set(cache.ran))
     atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "peak_rss_mb": cache.peak_rss_mb,
                                                  "cached": cached, "reused_from_other_runs": sorted(cache.reused)})
-    return ScoreRun(card, path, dict(cache.timings), cached, dict(cache.peak_rss_mb), items)
+    return ScoreRun(card, path, dict(cache.timings), cached, dict(cache.peak_rss_mb), items, sorted(cache.reused))
 
 
 def stage_sources(dirs: Sequence[str | Path]) -> list[Path]:
