@@ -8,6 +8,7 @@ import pytest
 
 from etbench import api
 from etbench.core.errors import EtbenchError
+from etbench.publish.terminal import format_timings
 from etbench.scoring import pipeline as scoring
 from support.toy_pair import write_toy_pair
 
@@ -96,6 +97,11 @@ def test_a_second_fine_tune_of_a_base_reuses_the_base_models_stages_and_faithful
     assert {"circuit_ft", "dcm_ft_seed0", "faithfulness_base_of_ft", "faithfulness_ft_of_ft", "cmap"}.isdisjoint(copied)
     assert {"faithfulness_base", "faithfulness_base_of_ft", "faithfulness_ft_of_ft", "cmap"} <= set(reused.timings)
     assert set(copied).isdisjoint(reused.timings)
+    assert reused.reused_stages == copied  # and the terminal says so, apart from this run's own cache
+    assert f"copied from other runs: {', '.join(copied)}" in format_timings(reused)
+    # stored with what made them (the stage keys hold the inputs only): another device's are not taken
+    made_with = json.loads((tmp_path / "first" / "stages" / "faithfulness_base_ceilings.json").read_text())["made_with"]
+    assert made_with["device"] == "cpu" and "torch" in made_with["libraries"]
     assert reused.path.read_bytes() == second(tmp_path / "scratch").path.read_bytes()
     assert {f.name: f.read_bytes() for f in (tmp_path / "first" / "stages").iterdir()} == before
 

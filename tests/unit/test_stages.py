@@ -111,6 +111,21 @@ def test_a_source_directory_serves_stages_stored_under_the_same_key_only(tmp_pat
         stage_sources([tmp_path / "missing"])
 
 
+def test_a_source_serves_a_stage_only_when_it_was_made_under_the_same_device_and_libraries(tmp_path):
+    """The key holds a stage's inputs, not the device or library versions its numbers came from (a run
+    resumes its own directory whatever they are); a stage from another run made under others would put
+    numbers of another device into a scorecard whose provenance names this one, so it is computed."""
+    gpu = {"device": "cuda", "libraries": {"torch": "2.13.0"}}
+    cpu = {"device": "cpu", "libraries": {"torch": "2.13.0"}}
+    StageCache(tmp_path / "earlier", made_with=gpu).run("shared", {"model": "base"}, lambda: 1.5)
+    assert StageCache(tmp_path / "earlier", made_with=cpu).run("shared", {"model": "base"},
+                                                             lambda: pytest.fail("own: resumed")) == 1.5
+    elsewhere = StageCache(tmp_path / "now_cpu", sources=[tmp_path / "earlier"], made_with=cpu)
+    assert elsewhere.run("shared", {"model": "base"}, lambda: 2.5) == 2.5 and elsewhere.reused == []
+    alike = StageCache(tmp_path / "now_gpu", sources=[tmp_path / "earlier"], made_with=gpu)
+    assert alike.run("shared", {"model": "base"}, lambda: pytest.fail("reused")) == 1.5 and alike.reused == ["shared"]
+
+
 def test_score_many_sides_compute_their_own_stages_before_waiting_on_the_other():
     """Each side computes its own stages as early as their inputs allow and waits for a stage of the
     other side only right before the first stage that reads it. The base side used to wait for

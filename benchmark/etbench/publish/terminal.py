@@ -71,4 +71,6 @@ def format_timings(run: ScoreRun) -> str:
     lines = [f"  {name}: {secs:.1f} s" + (f", peak {run.peak_rss_mb[name]:.0f} MB" if name in run.peak_rss_mb else "")
              for name, secs in run.timings.items()]
     cached = f"\n  from cache: {', '.join(run.cached_stages)}" if run.cached_stages else ""
-    return "stage times:" + "".join("\n" + line for line in lines) + cached
+    # said apart from the cache: these results were computed by another run (--reuse-stages)
+    reused = f"\n  copied from other runs: {', '.join(run.reused_stages)}" if run.reused_stages else ""
+    return "stage times:" + "".join("\n" + line for line in lines) + cached + reused

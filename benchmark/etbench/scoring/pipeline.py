@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from etbench import models
+from etbench import __version__, models
 from etbench.core.checks import check_seed
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_json, check_output_dir, config_hash, jsonable
@@ -41,7 +41,7 @@ from etbench.metrics.sizing import ceilings
 from etbench.models.adapter import load_pair
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import Circuit, load_circuit, paper_circuit
-from etbench.scoring.assemble import assemble_scorecard, model_card
+from etbench.scoring.assemble import assemble_scorecard, library_versions, model_card
 from etbench.scoring.presets import DEFAULT_BASE, DEFAULT_FT, Preset, resolve_preset
 from etbench.scoring.stages import Deferred, StageCache
 from etbench.task.layout import usable_pool
@@ -58,6 +58,7 @@ class ScoreRun:
     cached_stages: list[str] = field(default_factory=list)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # per computed stage
     items: list[dict[str, Any]] = field(default_factory=list)  # per-item rows (items.jsonl)
+    reused_stages: list[str] = field(default_factory=list)  # copied from other runs (``reuse_stages``)
 
 
 def _circuit_spec(given: str | None) -> tuple[str | None, str | None]:
@@ -189,7 +190,11 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     if remote:  # only then: a local run's config (and so its hash and cached stages) is unchanged
         config["execution"] = REMOTE_DEVICE
     chash = config_hash(config)
-    cache = StageCache(out_dir / "stages", plan=stage_plan, sources=sources)
+    # what the scorecard's provenance says made its numbers, beyond the stage keys (and the base weights
+    # shared with the adapter, ~1e-7 off in the logits): a stage of another run is taken only when the same
+    made_with = {"etbench": __version__, "libraries": library_versions(), "device": device,
+                 "shared_base_weights": bool(share_base_weights and models.shares_base(base, ft))}
+    cache = StageCache(out_dir / "stages", plan=stage_plan, sources=sources, made_with=made_with)
 
     def per_side(stage: str, depends: Callable[[str], Any], compute: Callable[[str], Any]) -> dict[str, Deferred]:
         """Stage ``stage`` (``{}`` marks the side, e.g. ``"circuit_{}"``) of both sides, keyed base then ft,
@@ -434,7 +439,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     cached = sorted(set(_stage_names(p)) - set(cache.ran))
     atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "peak_rss_mb": cache.peak_rss_mb,
                                                  "cached": cached, "reused_from_other_runs": sorted(cache.reused)})
-    return ScoreRun(card, path, dict(cache.timings), cached, dict(cache.peak_rss_mb), items)
+    return ScoreRun(card, path, dict(cache.timings), cached, dict(cache.peak_rss_mb), items, sorted(cache.reused))
 
 
 def stage_sources(dirs: Sequence[str | Path]) -> list[Path]:

@@ -153,11 +153,17 @@ class StageCache:
     waits for another worker's stage only when it first uses that stage's result."""
 
     def __init__(self, directory: str | Path, plan: Callable[[str], str] | None = None, poll_s: float = 0.5,
-                 wait_s: float = 7 * 24 * 3600, sources: Sequence[str | Path] = ()) -> None:
+                 wait_s: float = 7 * 24 * 3600, sources: Sequence[str | Path] = (),
+                 made_with: Any = None) -> None:
         self.directory = Path(directory)
-        # other runs' stage directories, read-only: a stage stored there under the same key is the same
-        # result (the key holds every input), so it is copied here instead of computed
+        # other runs' stage directories, read-only: a stage stored there under the same key (every input)
+        # and made under the same ``made_with`` is the same result, so it is copied here instead of computed
         self.sources = [Path(d) for d in sources]
+        # what made the results besides their inputs (the device, the library versions: the same inputs
+        # give other numbers under others), stored with each stage but not keying it, so that a run
+        # resumes under its own directory's stages as before; a source's stage is taken only when made
+        # under the same (a record without it, from before, is not)
+        self.made_with = made_with
         self.reused: list[str] = []  # stages copied from a source
         self.plan, self.poll_s, self.wait_s = plan, poll_s, wait_s
         self.timings: dict[str, float] = {}
@@ -168,13 +174,15 @@ class StageCache:
         return self.directory / f"{name}.json"
 
     def load(self, name: str, key: str) -> Any | None:
-        """The stored result of ``name`` under ``key``, from this directory or else a source (then copied
-        here, so the run's directory is complete); None (a miss) when the file is absent, unreadable, of
+        """The stored result of ``name`` under ``key``, from this directory or else a source (made under
+        ``made_with``; then copied here, so the run's directory is complete); None (a miss) when the file is absent, unreadable, of
         the wrong shape, stored under another key, or edited since it was written."""
         stored = _stored(self.path(name), key)
         if stored is None:
             for source in self.sources:
                 stored = _stored(source / f"{name}.json", key)
+                if stored is not None and stored.get("made_with") != self.made_with:
+                    stored = None
                 if stored is not None:
                     self._store(name, stored)
                     self.reused.append(name)
@@ -208,7 +216,10 @@ class StageCache:
         encoded = encode_floats(result)
         # Round-trip through JSON so a fresh result is exactly what a resumed run will read back.
         result = decode_floats(json.loads(json.dumps(encoded, allow_nan=False)))
-        self._store(name, {"key": key, "result": encoded, "checksum": result_checksum(encoded)})
+        record = {"key": key, "result": encoded, "checksum": result_checksum(encoded)}
+        if self.made_with is not None:
+            record["made_with"] = self.made_with
+        self._store(name, record)
         self.ran.append(name)
         return result
 
