@@ -363,16 +363,15 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         return out
 
     def faith_part_depends(which: str) -> dict[str, Any]:
+        # results without the ceilings' per-item flags cannot be submitted: compute them again
         return {**common, "model": ref[which], "n": p.faithfulness_n, "mean_n": p.mean_n,
                 "random_draws": p.random_draws, "ceiling_items": True}
 
     def faith_depends(which: str) -> dict[str, Any]:
-        # both circuits: under score-many the first point where a side waits for the other's circuit
-        return {**common, "model": ref[which], "n": p.faithfulness_n, "mean_n": p.mean_n,
-                "random_draws": p.random_draws, "completeness_draws": p.completeness_draws,
-                "circuits": {w: circuit_key(w) for w in SIDES},
-                # results without the ceilings' per-item flags cannot be submitted: compute them again
-                "ceiling_items": True}
+        # the parts' inputs plus both circuits (under score-many the first point where a side waits for the
+        # other's circuit); keys are canonical JSON, so this is the key the stage always had
+        return {**faith_part_depends(which), "completeness_draws": p.completeness_draws,
+                "circuits": {w: circuit_key(w) for w in SIDES}}
 
     faith = per_side("faithfulness_{}", faith_depends, faithfulness_stage)
 

@@ -175,19 +175,18 @@ class StageCache:
 
     def load(self, name: str, key: str) -> Any | None:
         """The stored result of ``name`` under ``key``, from this directory or else a source (made under
-        ``made_with``; then copied here, so the run's directory is complete); None (a miss) when the file is absent, unreadable, of
-        the wrong shape, stored under another key, or edited since it was written."""
+        ``made_with``; then copied here, so the run's directory is complete); None (a miss) when the file
+        is absent, unreadable, of the wrong shape, stored under another key, or edited since it was written."""
         stored = _stored(self.path(name), key)
-        if stored is None:
-            for source in self.sources:
-                stored = _stored(source / f"{name}.json", key)
-                if stored is not None and stored.get("made_with") != self.made_with:
-                    stored = None
-                if stored is not None:
-                    self._store(name, stored)
-                    self.reused.append(name)
-                    break
-        return None if stored is None else decode_floats(stored["result"])
+        if stored is not None:
+            return decode_floats(stored["result"])
+        for source in self.sources:
+            found = _stored(source / f"{name}.json", key)
+            if found is not None and found.get("made_with") == self.made_with:
+                self._store(name, found)
+                self.reused.append(name)
+                return decode_floats(found["result"])
+        return None
 
     def _store(self, name: str, stored: dict[str, Any]) -> None:
         try:
