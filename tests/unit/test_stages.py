@@ -159,6 +159,17 @@ def test_score_many_sides_compute_their_own_stages_before_waiting_on_the_other()
     assert all(stage_side(name) == side for name, side in computed)
 
 
+def test_the_faithfulness_parts_belong_to_the_side_that_runs_their_stage():
+    """The parts are stored under their own names but computed inside faithfulness_{side}; naming them the
+    other side's made score-many's per-side record of computed stages disagree with stage_side (CI, stop 22)."""
+    from etbench.scoring.distributed import stage_side
+
+    for side in ("base", "ft"):
+        for part in ("ceilings", "of_base", "of_ft"):
+            assert stage_side(f"faithfulness_{side}_{part}") == side
+    assert stage_side("faithfulness_ft") == "ft" and stage_side("faithfulness_base") == "base"
+
+
 def test_a_single_process_score_computes_every_stage_once_in_pipeline_order():
     from etbench.scoring.stages import COMPUTE
 
@@ -167,3 +178,19 @@ def test_a_single_process_score_computes_every_stage_once_in_pipeline_order():
              *[f"dcm_{w}_seed{s}" for w in ("base", "ft") for s in (0, 1, 2)],
              "faithfulness_base", "faithfulness_ft", "semantics_base", "semantics_ft", "cmap"]
     assert handed_at is None and requests == [(name, COMPUTE) for name in names]
+
+
+def test_a_failed_side_reports_the_workers_own_message_not_rays_wrapper():
+    """Ray wraps a worker's exception; its first line named only the task ('ray::run_side() (pid=...)'), so a
+    missing model package reached the user as that line and nothing else."""
+    from etbench.core.errors import EtbenchError
+    from etbench.scoring.distributed import _worker_error
+
+    class Wrapped(Exception):  # the shape of ray.exceptions.RayTaskError: the original under .cause
+        def __init__(self, cause):
+            super().__init__("ray::run_side() (pid=1, ip=0.0.0.0)")
+            self.cause = cause
+
+    assert _worker_error(Wrapped(EtbenchError("gemma-base needs: pip install x"))) == "gemma-base needs: pip install x"
+    assert _worker_error(Wrapped(ValueError("bad shape\nmore"))) == "ValueError: bad shape"
+    assert _worker_error(RuntimeError("plain")) == "RuntimeError: plain"

@@ -70,8 +70,10 @@ def stage_side(name: str) -> str:
     the base side's: it needs only the base model and the base DCM heads, and the ft side, which also
     checks the pair and runs CMAP, is the longer one (estimated from the standard tiny pair's stage times,
     not measured end to end: 91 instead of 96 min for the pair on 2 workers)."""
-    base_side = (name in ("accuracy_base", "circuit_base", "faithfulness_base", "semantics_base")
-                 or name.startswith("dcm_base_"))
+    # the faithfulness stage's parts (faithfulness_base_ceilings, faithfulness_base_of_*) are computed
+    # inside it, by the side that runs it
+    base_side = (name in ("accuracy_base", "circuit_base", "semantics_base")
+                 or name.startswith(("dcm_base_", "faithfulness_base")))
     return "base" if base_side else "ft"
 
 
@@ -83,6 +85,15 @@ def side_plan(side: str, name: str) -> str:
     if side == "base" and name == "cmap":
         return HAND_OFF
     return WAIT
+
+
+def _worker_error(err: BaseException) -> str:
+    """One line for a side's failure. Ray wraps the worker's exception (``RayTaskError``, whose own first
+    line names only the task); an ``EtbenchError`` inside is the message meant for the user, as is."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, EtbenchError):
+        return str(cause)
+    return one_line(cause if isinstance(cause, BaseException) else err)
 
 
 def load_plan(path: str | Path) -> tuple[list[PairJob], dict[str, Any]]:
@@ -233,7 +244,7 @@ def _schedule(ray, jobs, settings, cpus, gpus, retries, echo) -> list[PairResult
             try:
                 out = ray.get(done[0])
             except Exception as err:  # noqa: BLE001 - a worker's failure of any kind fails its pair
-                results[i].error = f"{side} side: {one_line(err)}"
+                results[i].error = f"{side} side: {_worker_error(err)}"
                 for ref, (k, other) in list(pending.items()):
                     if k == i:  # the sibling may be waiting for this side's stages forever
                         ray.cancel(ref, force=True)
