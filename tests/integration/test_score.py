@@ -98,6 +98,7 @@ def test_a_second_fine_tune_of_a_base_reuses_the_base_models_stages_and_faithful
     assert {"faithfulness_base", "faithfulness_base_of_ft", "faithfulness_ft_of_ft", "cmap"} <= set(reused.timings)
     assert set(copied).isdisjoint(reused.timings)
     assert reused.reused_stages == copied  # and the terminal says so, apart from this run's own cache
+    assert set(copied).isdisjoint(reused.cached_stages)  # listed once: timings.json named them under both
     assert f"copied from other runs: {', '.join(copied)}" in format_timings(reused)
     # stored with what made them (the stage keys hold the inputs only): another device's are not taken
     made_with = json.loads((tmp_path / "first" / "stages" / "faithfulness_base_ceilings.json").read_text())["made_with"]

@@ -108,3 +108,34 @@ def test_report_and_compare_never_overwrite_a_users_report(tmp_path):
     before = _tree(theirs)
     assert_one_line_error(etbench(*commands["compare"], "--out", str(theirs), cwd=tmp_path), "etbench compare")
     assert _tree(theirs) == before
+
+
+def test_score_never_overwrites_a_file_it_did_not_write(tmp_path):
+    """``etbench score --out DIR`` replaced any scorecard.json, items.jsonl, timings.json or report.md in DIR.
+    Now a file of an output's name that no earlier score run listed in DIR's manifest is refused before a
+    model loads (one line, exit 2, nothing written: not even the stage cache), by ``score`` and by
+    ``score-many`` (before Ray starts); the manifest's files are the next run's to replace."""
+    from etbench.core.io import claim_outputs
+    from etbench.scoring.pipeline import SCORE_OUTPUTS, SCORE_WRITER, check_inputs
+    from support.commands import assert_one_line_error, etbench
+
+    mine = tmp_path / "mine"  # `score --out mine`: a user's report.md there
+    mine.mkdir()
+    (mine / "report.md").write_text("MY NOTES\n")
+    many = tmp_path / "many"  # `score-many --out many` writes under many/<ft>: a user's timings.json there
+    (many / "tiny-ft").mkdir(parents=True)
+    (many / "tiny-ft" / "timings.json").write_text("{}")
+    for command, out, pair_dir in (("score", mine, mine), ("score-many", many, many / "tiny-ft")):
+        before = _tree(out)
+        refused = etbench(command, "--base", "tiny-base", "--ft", "tiny-ft", "--out", str(out), cwd=tmp_path)
+        assert_one_line_error(refused, "etbench score")
+        assert "was not written by" in refused.stderr
+        assert _tree(out) == before and not (pair_dir / "stages").exists()
+
+    # what the manifest lists is the command's own: accepted (the API's check, no model loaded)
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in SCORE_OUTPUTS:
+        (own / name).write_text("from an earlier run\n")
+    claim_outputs(own, SCORE_OUTPUTS, SCORE_WRITER)
+    check_inputs("tiny-base", "tiny-ft", own, seed=0, dtype="float32", device="cpu")

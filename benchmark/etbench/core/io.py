@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,59 @@ def check_output_file(path: str | os.PathLike, label: str = "--out") -> Path:
         raise EtbenchError(f"{label}: {path} cannot be created: {existing} is not a directory")
     _check_writable_dir(existing, label, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Output ownership: a command never overwrites or deletes a file it did not create
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Writer:
+    """A command that writes files into an output directory, and the name of its manifest there."""
+
+    command: str  # as the user types it, for messages ("etbench report")
+    manifest: str  # hidden file in the output directory listing what this command wrote
+
+
+def generated_files(out_dir: Path, writer: Writer) -> list[str]:
+    """The files ``writer`` last wrote into ``out_dir`` (relative, inside it); [] without a manifest."""
+    path = out_dir / writer.manifest
+    if not path.is_file():
+        return []
+    try:
+        listed = read_json(path).get("files", [])
+    except (EtbenchError, AttributeError):
+        return []  # an unreadable manifest claims nothing: no file is deleted or overwritten on its word
+    root = out_dir.resolve()
+    safe = []
+    for rel in listed if isinstance(listed, list) else []:
+        if isinstance(rel, str) and rel and not rel.startswith(("/", "\\")) and ".." not in Path(rel).parts:
+            if root in (out_dir / rel).resolve().parents:
+                safe.append(rel)
+    return safe
+
+
+def refuse_foreign_files(out_dir: Path, files: Mapping[str, bytes | None], writer: Writer) -> None:
+    """Raise, before anything is written, when ``out_dir`` holds a file named like one of ``files`` (relative
+    path -> the bytes to be written, or None when they are not known yet) that ``writer``'s manifest does not
+    list, unless it already holds exactly those bytes: that file is someone else's."""
+    out_dir = Path(out_dir)
+    generated = set(generated_files(out_dir, writer))
+    for rel, data in files.items():
+        path = out_dir / rel
+        if rel in generated or not (path.is_symlink() or path.exists()):
+            continue
+        if data is None or path.is_symlink() or not path.is_file() or path.read_bytes() != data:
+            raise EtbenchError(f"{path} exists and was not written by `{writer.command}` (it is not in "
+                               f"{out_dir / writer.manifest}): move it away or choose another output directory")
+
+
+def claim_outputs(out_dir: Path, names: Iterable[str], writer: Writer) -> None:
+    """Add ``names`` to ``writer``'s manifest in ``out_dir`` (atomically), before writing them: from then on
+    the next run of the command may replace them."""
+    out_dir = Path(out_dir)
+    listed = sorted(set(generated_files(out_dir, writer)) | set(names))
+    atomic_write_json(out_dir / writer.manifest, {"generated_by": writer.command, "files": listed})
 
 
 # ---------------------------------------------------------------------------------------------

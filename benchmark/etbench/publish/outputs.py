@@ -4,19 +4,19 @@ A command never deletes or overwrites a file it did not create. Each command tha
 into a directory the user names (``leaderboard build``, ``report``, ``compare --out``) is a ``Writer``: it
 lists what it wrote in its manifest, a hidden file in that directory, and ``write_tree`` replaces a file
 only when that manifest lists it (or when it already holds the exact bytes to be written). Anything else of
-the same name is the user's: the write is refused before anything is touched.
+the same name is the user's: the write is refused before anything is touched. ``Writer`` and the manifest
+rules live in ``core.io``, so ``etbench score`` (the scoring layer, below this one) keeps a manifest too.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from etbench.core.errors import EtbenchError
-from etbench.core.io import dumps_json, read_json, temporary_name
+from etbench.core.io import Writer, dumps_json, generated_files, refuse_foreign_files, temporary_name
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -148,36 +148,10 @@ def _remove(path: Path) -> None:
         pass
 
 
-@dataclass(frozen=True)
-class Writer:
-    """A command that writes files into an output directory, and the name of its manifest there."""
-
-    command: str  # as the user types it, for messages ("etbench report")
-    manifest: str  # hidden file in the output directory listing what this command wrote
-
-
 #: ``etbench leaderboard build`` (and ``etbench submit``, which rebuilds the leaderboard).
 LEADERBOARD_BUILD = Writer("etbench leaderboard build", ".etbench-manifest.json")
 #: The build's manifest file name (the leaderboard's own outputs list it among their files).
 MANIFEST_NAME = LEADERBOARD_BUILD.manifest
-
-
-def generated_files(out_dir: Path, writer: Writer = LEADERBOARD_BUILD) -> list[str]:
-    """The files ``writer`` last wrote into ``out_dir`` (relative, inside it); [] without a manifest."""
-    path = out_dir / writer.manifest
-    if not path.is_file():
-        return []
-    try:
-        listed = read_json(path).get("files", [])
-    except (EtbenchError, AttributeError):
-        return []  # an unreadable manifest claims nothing: no file is deleted or overwritten on its word
-    root = out_dir.resolve()
-    safe = []
-    for rel in listed if isinstance(listed, list) else []:
-        if isinstance(rel, str) and rel and not rel.startswith(("/", "\\")) and ".." not in Path(rel).parts:
-            if root in (out_dir / rel).resolve().parents:
-                safe.append(rel)
-    return safe
 
 
 def write_tree(out_dir: Path, files: dict[str, bytes], txn: Transaction,
@@ -188,11 +162,7 @@ def write_tree(out_dir: Path, files: dict[str, bytes], txn: Transaction,
     differs from it is the user's: refused, before anything is written, not overwritten."""
     out_dir = Path(out_dir)
     generated = set(generated_files(out_dir, writer))
-    for rel, data in files.items():
-        path = out_dir / rel
-        if rel not in generated and (path.is_symlink() or (path.is_file() and path.read_bytes() != data)):
-            raise EtbenchError(f"{path} exists and was not written by `{writer.command}` (it is not in "
-                               f"{out_dir / writer.manifest}): move it away or choose another output directory")
+    refuse_foreign_files(out_dir, files, writer)
     written = []
     for rel, data in files.items():
         path = out_dir / rel

@@ -168,6 +168,12 @@ def _check(jobs: Sequence[PairJob], settings: dict[str, Any]) -> None:
         raise EtbenchError(f"discovery must be one of {', '.join(DISCOVERY_MODES)}, got {settings['discovery']!r}")
     if settings["dtype"] not in (None, *DTYPES):
         raise EtbenchError(f"dtype must be one of {', '.join(DTYPES)}, got {settings['dtype']!r}")
+    # every pair's inputs, as ``score`` checks them, before Ray starts (a missing model package used to
+    # surface only from inside a worker); the device is each worker's to check (this process may be a
+    # CPU-only driver of a GPU cluster), so the check runs as for the CPU
+    for job in jobs:
+        pipeline.check_inputs(job.base, job.ft, job.out_dir, seed=settings["seed"],
+                              dtype=settings["dtype"] or "float32", device="cpu")
 
 
 def score_many(jobs: Sequence[PairJob], *, preset: Any = "quick", seed: int = 0, dtype: str | None = None,

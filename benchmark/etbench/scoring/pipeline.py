@@ -28,7 +28,15 @@ from typing import Any
 from etbench import __version__, models
 from etbench.core.checks import check_seed
 from etbench.core.errors import EtbenchError
-from etbench.core.io import atomic_write_json, check_output_dir, config_hash, jsonable
+from etbench.core.io import (
+    Writer,
+    atomic_write_json,
+    check_output_dir,
+    claim_outputs,
+    config_hash,
+    jsonable,
+    refuse_foreign_files,
+)
 from etbench.core.stats import mib_ci, mib_normalised
 from etbench.mech.heads import head_map
 from etbench.mech.nnsight_backend import load_remote, ndif_api_key
@@ -135,15 +143,24 @@ def check_remote_model(flag: str, ref: str) -> models.ModelSpec:
     return spec
 
 
+#: What ``score`` writes into its output directory (``etbench.score`` adds the report). Listed in its manifest
+#: there, so a later run replaces them; a file of one of these names that no run wrote is refused up front.
+SCORE_WRITER = Writer("etbench score", ".etbench-score-manifest.json")
+SCORE_OUTPUTS = ("scorecard.json", "items.jsonl", "circuit_base.json", "circuit_ft.json", "timings.json",
+                 "report.md", "report.html")
+
+
 def check_inputs(base: str, ft: str, out_dir: str | Path, *, seed: int, dtype: str, device: str,
                  remote: bool = False) -> dict[str, Any]:
-    """Everything ``score`` can check before loading a model (seed, dtype, device, ``out_dir``, both models
-    resolvable and distinct). Returns each model's published identity (ref, source, weights revision)."""
+    """Everything ``score`` can check before loading a model (seed, dtype, device, ``out_dir`` writable and
+    holding no file of an output's name that an earlier run did not write, both models resolvable and
+    distinct). Returns each model's published identity (ref, source, weights revision)."""
     check_seed(seed)
     if not remote:  # a remote run's dtype and device are NDIF's
         models.check_dtype(dtype)
         models.check_device(device)
     check_output_dir(out_dir)
+    refuse_foreign_files(Path(out_dir), dict.fromkeys(SCORE_OUTPUTS), SCORE_WRITER)
     specs = {"base": models.resolve(base), "ft": models.resolve(ft)}
     if _same_weights(specs["base"], specs["ft"]):
         raise EtbenchError(f"--base and --ft are the same model ({base}): score a fine-tuned model against the "
@@ -432,10 +449,12 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     card, items = assemble_scorecard(config, chash, cards.value, resolved(acc), circuit_results, resolved(faith),
                                      {w: [run.value for run in dcm_runs[w]] for w in SIDES}, cmap.value,
                                      resolved(semantics), seed, dtype, device, p.dcm_seeds)
+    claim_outputs(out_dir, SCORE_OUTPUTS, SCORE_WRITER)
     path = sc.save(card, out_dir, items)
     for which in SIDES:
         atomic_write_json(out_dir / f"circuit_{which}.json", circuit_results[which]["circuit"])
-    cached = sorted(set(_stage_names(p)) - set(cache.ran))
+    # this run's own cache only: a stage copied from another run is listed apart, as reused
+    cached = sorted(set(_stage_names(p)) - set(cache.ran) - set(cache.reused))
     atomic_write_json(out_dir / "timings.json", {"computed_s": cache.timings, "peak_rss_mb": cache.peak_rss_mb,
                                                  "cached": cached, "reused_from_other_runs": sorted(cache.reused)})
     return ScoreRun(card, path, dict(cache.timings), cached, dict(cache.peak_rss_mb), items, sorted(cache.reused))
