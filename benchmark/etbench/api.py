@@ -55,8 +55,20 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                              circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
                              progress=progress, share_base_weights=share_base_weights, remote=remote,
                              reuse_stages=reuse_stages)
-    report.write_doc(report.scorecard_report(run.card, run.items), Path(out_dir), stem="report")
+    _write_score_report(run.card, run.items, out_dir)
     return run
+
+
+def _write_score_report(card, items, out_dir: str | Path) -> None:
+    """A scored pair's report beside its scorecard, claimed in the score manifest just before it is written
+    (not earlier: a report that is never written must not be claimed, or a user's file of its name would be
+    replaced later)."""
+    # the pipeline imports torch, loaded by now: a pair was just scored
+    from etbench.core.io import claim_outputs
+    from etbench.scoring.pipeline import SCORE_REPORT_OUTPUTS, SCORE_REPORT_STEM, SCORE_WRITER
+
+    claim_outputs(Path(out_dir), SCORE_REPORT_OUTPUTS, SCORE_WRITER)
+    report.write_doc(report.scorecard_report(card, items), Path(out_dir), stem=SCORE_REPORT_STEM)
 
 
 def score_many(jobs, **kwargs):
@@ -70,8 +82,7 @@ def score_many(jobs, **kwargs):
     results = distributed.score_many(jobs, **kwargs)
     for r in results:
         card = sc.load(r.scorecard)
-        report.write_doc(report.scorecard_report(card, sc.load_items(r.scorecard, card)), Path(r.job.out_dir),
-                         stem="report")
+        _write_score_report(card, sc.load_items(r.scorecard, card), r.job.out_dir)
     return results
 
 

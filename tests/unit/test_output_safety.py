@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from etbench.core.io import is_temporary, remove_stale_temporaries, temporary_name
 
 
@@ -135,7 +137,54 @@ def test_score_never_overwrites_a_file_it_did_not_write(tmp_path):
     # what the manifest lists is the command's own: accepted (the API's check, no model loaded)
     own = tmp_path / "own"
     own.mkdir()
+    claim_outputs(own, SCORE_OUTPUTS, SCORE_WRITER)  # as a run does: claimed, then written
     for name in SCORE_OUTPUTS:
         (own / name).write_text("from an earlier run\n")
-    claim_outputs(own, SCORE_OUTPUTS, SCORE_WRITER)
     check_inputs("tiny-base", "tiny-ft", own, seed=0, dtype="float32", device="cpu")
+
+
+def test_score_claims_check_again_and_the_manifest_name_is_guarded(tmp_path):
+    """Review of the manifest: the check ran only before an hour-long run, so a report.md put into --out while
+    it ran was overwritten; a name claimed but never written (the report, when a score-many pair failed) made a
+    later user file of that name replaceable; score-many's workers.json was never checked; a directory (or a
+    non-manifest file) at the manifest's name failed only at the end, or was replaced."""
+    from etbench.core.errors import EtbenchError
+    from etbench.core.io import claim_outputs, generated_files
+    from etbench.scoring.distributed import SCORE_MANY_OUTPUTS, PairJob, _check
+    from etbench.scoring.pipeline import SCORE_DATA_OUTPUTS, SCORE_WRITER, check_inputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    check_inputs("tiny-base", "tiny-ft", out, seed=0, dtype="float32", device="cpu")  # empty: accepted
+    (out / "timings.json").write_text("a user's file, put here while the run ran\n")
+    with pytest.raises(EtbenchError, match="was not written by"):
+        claim_outputs(out, SCORE_DATA_OUTPUTS, SCORE_WRITER)
+    assert generated_files(out, SCORE_WRITER) == [] and not (out / SCORE_WRITER.manifest).exists()
+    (out / "timings.json").unlink()
+
+    claim_outputs(out, SCORE_DATA_OUTPUTS, SCORE_WRITER)  # the scorecard's files only: the report is not claimed
+    assert "report.md" not in generated_files(out, SCORE_WRITER)
+    (out / "report.md").write_text("MY NOTES\n")
+    with pytest.raises(EtbenchError, match="report.md exists and was not written by"):
+        check_inputs("tiny-base", "tiny-ft", out, seed=0, dtype="float32", device="cpu")
+    (out / "report.md").unlink()
+
+    # score-many's own file is checked before Ray starts
+    (out / SCORE_MANY_OUTPUTS[0]).write_text("{}")
+    settings = {"preset": "quick", "seed": 0, "dtype": None, "device": "cpu", "discovery": None}
+    with pytest.raises(EtbenchError, match="workers.json exists and was not written by"):
+        _check([PairJob("tiny-base", "tiny-ft", str(out))], settings)
+    (out / SCORE_MANY_OUTPUTS[0]).unlink()
+    _check([PairJob("tiny-base", "tiny-ft", str(out))], settings)
+
+    # the manifest's name: a directory or a file that is not a manifest is someone else's
+    for bad in ("dir", "not json", '{"files": "x"}'):
+        other = tmp_path / f"other-{len(bad)}"
+        other.mkdir()
+        manifest = other / SCORE_WRITER.manifest
+        manifest.mkdir() if bad == "dir" else manifest.write_text(bad)
+        with pytest.raises(EtbenchError, match="is not a manifest written by"):
+            check_inputs("tiny-base", "tiny-ft", other, seed=0, dtype="float32", device="cpu")
+        with pytest.raises(EtbenchError, match="is not a manifest written by"):
+            claim_outputs(other, SCORE_DATA_OUTPUTS, SCORE_WRITER)
+        assert manifest.is_dir() if bad == "dir" else manifest.read_text() == bad

@@ -194,3 +194,11 @@ def test_a_failed_side_reports_the_workers_own_message_not_rays_wrapper():
     assert _worker_error(Wrapped(EtbenchError("gemma-base needs: pip install x"))) == "gemma-base needs: pip install x"
     assert _worker_error(Wrapped(ValueError("bad shape\nmore"))) == "ValueError: bad shape"
     assert _worker_error(RuntimeError("plain")) == "RuntimeError: plain"
+    # a wrapper of a wrapper (Ray's RayTaskError is itself an EtbenchError subclass when the cause is one)
+    class WrappedEtbench(EtbenchError):
+        def __init__(self, cause):
+            super().__init__("\x1b[36mray::run_side()\x1b[39m (pid=1)\nTraceback ...")
+            self.cause = cause
+
+    assert _worker_error(Wrapped(WrappedEtbench(EtbenchError("deep")))) == "deep"
+    assert _worker_error(Wrapped(EtbenchError("line one\nline two"))) == "line one"

@@ -262,6 +262,7 @@ def refuse_foreign_files(out_dir: Path, files: Mapping[str, bytes | None], write
     path -> the bytes to be written, or None when they are not known yet) that ``writer``'s manifest does not
     list, unless it already holds exactly those bytes: that file is someone else's."""
     out_dir = Path(out_dir)
+    _refuse_foreign_manifest(out_dir, writer)
     generated = set(generated_files(out_dir, writer))
     for rel, data in files.items():
         path = out_dir / rel
@@ -272,10 +273,28 @@ def refuse_foreign_files(out_dir: Path, files: Mapping[str, bytes | None], write
                                f"{out_dir / writer.manifest}): move it away or choose another output directory")
 
 
+def _refuse_foreign_manifest(out_dir: Path, writer: Writer) -> None:
+    """The manifest's own name holds either nothing or a manifest (a JSON object with a list of files): anything
+    else there is someone else's, and replacing it (or failing on it only when claiming) is refused up front."""
+    path = out_dir / writer.manifest
+    if not (path.is_symlink() or path.exists()):
+        return
+    try:
+        ok = path.is_file() and not path.is_symlink() and isinstance(read_json(path).get("files"), list)
+    except (EtbenchError, AttributeError):
+        ok = False
+    if not ok:
+        raise EtbenchError(f"{path} is not a manifest written by `{writer.command}`: move it away or choose "
+                           "another output directory")
+
+
 def claim_outputs(out_dir: Path, names: Iterable[str], writer: Writer) -> None:
-    """Add ``names`` to ``writer``'s manifest in ``out_dir`` (atomically), before writing them: from then on
-    the next run of the command may replace them."""
+    """Add ``names`` to ``writer``'s manifest in ``out_dir`` (atomically), just before writing them: from then
+    on the next run of the command may replace them. Checks again, as ``refuse_foreign_files``, that none of
+    them is someone else's: a long run checks first, but a file may have appeared while it ran."""
     out_dir = Path(out_dir)
+    names = list(names)
+    refuse_foreign_files(out_dir, dict.fromkeys(names), writer)
     listed = sorted(set(generated_files(out_dir, writer)) | set(names))
     atomic_write_json(out_dir / writer.manifest, {"generated_by": writer.command, "files": listed})
 

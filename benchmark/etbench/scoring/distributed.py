@@ -36,14 +36,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from etbench.core.errors import EtbenchError, one_line
-from etbench.core.io import atomic_write_json
-from etbench.models import DTYPES
+from etbench.core.io import atomic_write_json, claim_outputs
+from etbench.models import default_dtype
 from etbench.schema.circuit import DISCOVERY_MODES
 from etbench.scoring import pipeline
 from etbench.scoring.presets import SCORE_PRESETS, Preset
 from etbench.scoring.stages import COMPUTE, HAND_OFF, WAIT, StagesHandedOff
 
 SIDES = pipeline.SIDES
+#: What score-many writes into a pair's directory beside ``score``'s files (claimed in the same manifest).
+WORKERS_FILE = "workers.json"
+SCORE_MANY_OUTPUTS = (WORKERS_FILE,)
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,12 @@ def side_plan(side: str, name: str) -> str:
 def _worker_error(err: BaseException) -> str:
     """One line for a side's failure. Ray wraps the worker's exception (``RayTaskError``, whose own first
     line names only the task); an ``EtbenchError`` inside is the message meant for the user, as is."""
-    cause = getattr(err, "cause", None)
-    if isinstance(cause, EtbenchError):
-        return str(cause)
-    return one_line(cause if isinstance(cause, BaseException) else err)
+    # a task that failed on another task's failure wraps a wrapper: unwrap down to the worker's own exception
+    while isinstance(getattr(err, "cause", None), BaseException) and err.cause is not err:
+        err = err.cause
+    if isinstance(err, EtbenchError) and str(err).strip():
+        return str(err).strip().splitlines()[0]
+    return one_line(err)
 
 
 def load_plan(path: str | Path) -> tuple[list[PairJob], dict[str, Any]]:
@@ -166,14 +171,13 @@ def _check(jobs: Sequence[PairJob], settings: dict[str, Any]) -> None:
         raise EtbenchError(f"unknown preset {settings['preset']!r}; known: {', '.join(SCORE_PRESETS)}")
     if settings["discovery"] not in (None, *DISCOVERY_MODES):
         raise EtbenchError(f"discovery must be one of {', '.join(DISCOVERY_MODES)}, got {settings['discovery']!r}")
-    if settings["dtype"] not in (None, *DTYPES):
-        raise EtbenchError(f"dtype must be one of {', '.join(DTYPES)}, got {settings['dtype']!r}")
     # every pair's inputs, as ``score`` checks them, before Ray starts (a missing model package used to
     # surface only from inside a worker); the device is each worker's to check (this process may be a
     # CPU-only driver of a GPU cluster), so the check runs as for the CPU
     for job in jobs:
         pipeline.check_inputs(job.base, job.ft, job.out_dir, seed=settings["seed"],
-                              dtype=settings["dtype"] or "float32", device="cpu")
+                              dtype=settings["dtype"] or default_dtype("cpu"), device="cpu",
+                              extra_outputs=SCORE_MANY_OUTPUTS)
 
 
 def score_many(jobs: Sequence[PairJob], *, preset: Any = "quick", seed: int = 0, dtype: str | None = None,
@@ -269,7 +273,8 @@ def _schedule(ray, jobs, settings, cpus, gpus, retries, echo) -> list[PairResult
     for r in results:
         if r.error is None and r.scorecard is None:
             r.error = "no scorecard was written"
-        atomic_write_json(Path(r.job.out_dir) / "workers.json", {"computed_s": r.computed, "error": r.error})
+        claim_outputs(Path(r.job.out_dir), SCORE_MANY_OUTPUTS, pipeline.SCORE_WRITER)
+        atomic_write_json(Path(r.job.out_dir) / WORKERS_FILE, {"computed_s": r.computed, "error": r.error})
     failed = [r for r in results if r.error]
     if failed:
         raise EtbenchError(f"{len(failed)} of {len(results)} pairs failed ("

@@ -143,24 +143,28 @@ def check_remote_model(flag: str, ref: str) -> models.ModelSpec:
     return spec
 
 
-#: What ``score`` writes into its output directory (``etbench.score`` adds the report). Listed in its manifest
-#: there, so a later run replaces them; a file of one of these names that no run wrote is refused up front.
+#: What ``score`` writes into its output directory: ``SCORE_DATA_OUTPUTS`` here, the report in ``etbench.score``.
+#: Each is listed in the manifest there just before it is written, so a later run replaces it; a file of one
+#: of these names that no run wrote is refused up front.
 SCORE_WRITER = Writer("etbench score", ".etbench-score-manifest.json")
-SCORE_OUTPUTS = ("scorecard.json", "items.jsonl", "circuit_base.json", "circuit_ft.json", "timings.json",
-                 "report.md", "report.html")
+SCORE_DATA_OUTPUTS = ("scorecard.json", "items.jsonl", "circuit_base.json", "circuit_ft.json", "timings.json")
+SCORE_REPORT_STEM = "report"
+SCORE_REPORT_OUTPUTS = (f"{SCORE_REPORT_STEM}.md", f"{SCORE_REPORT_STEM}.html")
+SCORE_OUTPUTS = SCORE_DATA_OUTPUTS + SCORE_REPORT_OUTPUTS
 
 
 def check_inputs(base: str, ft: str, out_dir: str | Path, *, seed: int, dtype: str, device: str,
-                 remote: bool = False) -> dict[str, Any]:
+                 remote: bool = False, extra_outputs: tuple[str, ...] = ()) -> dict[str, Any]:
     """Everything ``score`` can check before loading a model (seed, dtype, device, ``out_dir`` writable and
     holding no file of an output's name that an earlier run did not write, both models resolvable and
-    distinct). Returns each model's published identity (ref, source, weights revision)."""
+    distinct; ``extra_outputs``: the caller's own further files there). Returns each model's published identity
+    (ref, source, weights revision)."""
     check_seed(seed)
     if not remote:  # a remote run's dtype and device are NDIF's
         models.check_dtype(dtype)
         models.check_device(device)
     check_output_dir(out_dir)
-    refuse_foreign_files(Path(out_dir), dict.fromkeys(SCORE_OUTPUTS), SCORE_WRITER)
+    refuse_foreign_files(Path(out_dir), dict.fromkeys(SCORE_OUTPUTS + extra_outputs), SCORE_WRITER)
     specs = {"base": models.resolve(base), "ft": models.resolve(ft)}
     if _same_weights(specs["base"], specs["ft"]):
         raise EtbenchError(f"--base and --ft are the same model ({base}): score a fine-tuned model against the "
@@ -449,7 +453,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     card, items = assemble_scorecard(config, chash, cards.value, resolved(acc), circuit_results, resolved(faith),
                                      {w: [run.value for run in dcm_runs[w]] for w in SIDES}, cmap.value,
                                      resolved(semantics), seed, dtype, device, p.dcm_seeds)
-    claim_outputs(out_dir, SCORE_OUTPUTS, SCORE_WRITER)
+    claim_outputs(out_dir, SCORE_DATA_OUTPUTS, SCORE_WRITER)
     path = sc.save(card, out_dir, items)
     for which in SIDES:
         atomic_write_json(out_dir / f"circuit_{which}.json", circuit_results[which]["circuit"])
