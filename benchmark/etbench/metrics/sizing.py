@@ -29,18 +29,13 @@ from typing import Mapping, Sequence
 import torch
 
 from etbench.core.errors import EtbenchError
-from etbench.core.stats import Proportion, mib_normalised, proportion_ci, ratio_of_sums_ci
+from etbench.core.stats import Proportion, mib_normalised, paper_ratio, proportion_ci, ratio_of_sums_ci
 from etbench.mech.forward import forward
 from etbench.mech.interventions import replace_where
 from etbench.metrics.ablation import AblationRunner
 from etbench.schema.circuit import GROUPS, POSITION_CLASSES, Circuit, Node
 
 Head = tuple[int, int]
-
-
-def paper_ratio(circuit_acc: float, model_acc: float) -> float:
-    """The paper's faithfulness: circuit accuracy / model accuracy (nan when the model scores 0)."""
-    return circuit_acc / model_acc if model_acc > 0 else float("nan")
 
 
 @dataclass
