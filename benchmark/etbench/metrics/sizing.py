@@ -117,6 +117,7 @@ class GrowthStep:
     mib: float
     added: str  # how the step was chosen: "empty", "double" or "bisect"
     scale: float = 0.0  # s: each group's top ceil(s x k_g)
+    correct: tuple[bool, ...] = ()  # per sizing prompt: the rows ``accuracy`` is re-derived from
 
 
 @dataclass
@@ -167,9 +168,11 @@ def grow_circuit(runner: AblationRunner, rankings: Mapping[str, Sequence[Head]],
         key = tuple(sizes[g] for g in GROUPS)
         if key not in evaluated:
             # the empty circuit is the ceilings' floor, already measured on these prompts
-            acc = z if not any(key) else _acc(runner.correct(keep=_circuit(rankings, sizes).kept()))
+            flags = (tuple(ceiling.none_correct) if not any(key) else
+                     tuple(bool(x) for x in runner.correct(keep=_circuit(rankings, sizes).kept())))
+            acc = z if not any(key) else _acc(flags)
             evaluated[key] = GrowthStep(sizes, sum(key), acc, paper_ratio(acc, m), mib_normalised(acc, m, z), how,
-                                        scale)
+                                        scale, flags)
         return evaluated[key]
 
     def at_target(s: GrowthStep) -> bool:

@@ -563,7 +563,10 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]], memo: Optional[dic
     for s in card.semantics:
         _check_semantics(check, card, s, used)
     _check_absent_list(check, card, used)
-    notes += [f"not re-derivable, left out: {a.where} ({a.reason})" for a in card.absent]
+    by_reason: dict[str, int] = {}
+    for a in card.absent:
+        by_reason[a.reason] = by_reason.get(a.reason, 0) + 1
+    notes += [f"left out {k} number(s) that nothing on the card re-derives: {reason}" for reason, k in by_reason.items()]
     return notes
 
 
@@ -598,4 +601,4 @@ def leave_out_underivable(card: sc.Scorecard, items: list[dict[str, Any]]) -> sc
 
 
 def _left_out(est: Estimate) -> Estimate:
-    return Estimate(None, None, None, est.n, est.method, note="not re-derivable: left out")
+    return Estimate(None, None, None, est.n, est.method, note="not re-derivable: its rows were not kept (schema 2)")

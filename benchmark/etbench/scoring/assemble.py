@@ -145,9 +145,37 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
             items += [{"measure": "ceiling", "model": model, "ablation": ablation, "n_boxes": 7, "item": i,
                        "correct": bool(c)} for i, c in enumerate(flags)]
     items += dcm_runs["base"][0]["items"] + dcm_runs["ft"][0]["items"] + cmap["items"]
+    items += _rederivation_rows(circuits, faith, semantics)
     # the circuit-overlap CI's inputs, re-derived by submit: one row per (model, group, head, prompt)
     for model in ("base", "ft"):
         for group, heads in scores[model].items():
             items += [{"measure": "discovery_score", "model": model, "group": group, "layer": layer, "head": head,
                        "item": i, "score": x} for (layer, head), xs in heads.items() for i, x in enumerate(xs)]
     return card, items
+
+
+def _rederivation_rows(circuits, faith, semantics) -> list[dict[str, Any]]:
+    """The rows that re-derive the random-circuit baselines (per draw), the sizing records (per sizing prompt:
+    the model, the form, no heads, each curve point) and the semantics checks (per repeat): scorecard schema 3."""
+    rows = []
+    for model in ("base", "ft"):
+        for name in ("base", "ft"):
+            for d, flags in enumerate((faith[model][name].get("baseline") or {}).get("correct") or []):
+                rows += [{"measure": "random_circuit", "model": model, "circuit": name, "draw": d, "n_boxes": 7,
+                          "item": i, "correct": bool(c)} for i, c in enumerate(flags)]
+    for w in ("base", "ft"):
+        sized = circuits[w].get("sizing_items")
+        if sized:
+            for ablation in ("model", "form_all_heads", "no_heads"):
+                rows += [{"measure": "sizing", "model": w, "circuit": w, "ablation": ablation, "n_boxes": 7, "item": i,
+                          "correct": bool(c)} for i, c in enumerate(sized[ablation])]
+            for k, flags in enumerate(sized["points"]):
+                rows += [{"measure": "sizing", "model": w, "circuit": w, "point": k, "n_boxes": 7, "item": i,
+                          "correct": bool(c)} for i, c in enumerate(flags)]
+    for model in ("base", "ft"):
+        for r in semantics[model]["results"]:
+            for rep, flags in enumerate(r.get("correct") or []):
+                rows += [{"measure": "semantics", "model": model, "heads": "base", "group": r["group"],
+                          "desideratum": r["desideratum"], "draw": rep, "item": i, "correct": bool(c)}
+                         for i, c in enumerate(flags)]
+    return rows
