@@ -24,7 +24,6 @@ get this far (``scorecard.load`` refuses them).
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
@@ -45,9 +44,11 @@ from etbench.metrics.overlap import (
     dcm_seed_runs,
     equal_size_overlap,
     item_scores_from_rows,
+    selected_by_group,
 )
 from etbench.schema import scorecard as sc
 from etbench.schema.scorecard import check_items  # per-item rows are checked on every read
+from etbench.scoring.assemble import random_circuit_estimate, semantics_estimate
 
 TOL = 1e-9
 #: Resamples scoring uses for the CMAP gain CIs (``CmapResult.scores``) and the faithfulness CI.
@@ -79,23 +80,6 @@ def sizing_where(circuit: str) -> str:
 
 def semantics_where(s: sc.SemanticsScore) -> str:
     return f"semantics check accuracy ({s.heads_of} heads into {s.model}, {s.group}, {s.desideratum})"
-
-
-def random_circuit_estimate(accuracies: list[float], n_draws: int) -> Estimate:
-    """The random-circuit baseline as scoring states it: the mean over draws, low/high the min/max, n the draws."""
-    if not accuracies:
-        return Estimate(None, None, None, n_draws, "random circuits, same group sizes")
-    sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-    return Estimate(sum(accuracies) / len(accuracies), min(accuracies), max(accuracies), len(accuracies),
-                    "random circuits, same group sizes", note=f"low/high = min/max over draws; sd {sd:.3f}")
-
-
-def semantics_estimate(accuracies: list[float], n: int) -> Estimate:
-    """The semantics check as scoring states it: the mean over repeats, low/high the min/max."""
-    sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-    return Estimate(statistics.fmean(accuracies), min(accuracies), max(accuracies), n,
-                    f"mean over {len(accuracies)} repeats with fresh sources",
-                    note=f"low/high = min/max over repeats; sd {sd:.3f}")
 
 
 def _flags(items: list[dict[str, Any]], measure: str, **match: Any) -> list[bool]:
@@ -295,7 +279,7 @@ def _check_random_circuit(check: _Check, card: sc.Scorecard, f: sc.FaithfulnessS
                 check.fail(where, "declared absent, but the card states it")
             return
         if draws == 0:
-            check.expect(where, f.random_circuit_accuracy, random_circuit_estimate([], 0))
+            check.expect(where, f.random_circuit_accuracy, random_circuit_estimate([]))
             return
         check.fail(where, "the items file has no random_circuit rows for it (required since scorecard schema 3: "
                           "score again with this etbench)")
@@ -311,7 +295,7 @@ def _check_random_circuit(check: _Check, card: sc.Scorecard, f: sc.FaithfulnessS
         if sorted(flags) != list(range(n)):
             check.fail(where, f"draw {d} has rows for {len(flags)} items, not the faithfulness items 0..{n - 1}")
         accs.append(sum(flags.values()) / n)
-    check.expect(where, f.random_circuit_accuracy, random_circuit_estimate(accs, len(accs)))
+    check.expect(where, f.random_circuit_accuracy, random_circuit_estimate(accs))
 
 
 def _sizing_flags(check: _Check, where: str, name: str, n: int, **match: Any) -> list[bool]:
@@ -426,11 +410,11 @@ def _check_required(check: _Check, card: sc.Scorecard) -> None:
         for model in ("base", "ft"):
             if not any(f.circuit == name and f.model == model for f in card.faithfulness):
                 check.fail(f"faithfulness of the {name} circuit on {model}", "missing (the protocol measures it)")
-    if card.dcm or any(o.heads == "dcm" for o in card.overlap):
-        if card.dcm_selections is None:
-            check.fail("dcm_selections", "missing: the DCM head overlap over seeds is re-derived from every seed's "
-                                         "selections")
-        seeds = _dcm_seeds(card)
+    seeds = _dcm_seeds(card)
+    if card.dcm_selections is None and len(seeds) > 1 and (card.dcm or any(o.heads == "dcm" for o in card.overlap)):
+        check.fail("dcm_selections", f"missing: the DCM head overlap over {len(seeds)} seeds is re-derived from every "
+                                     "seed's selections")
+    if card.dcm_selections is not None:
         for d in card.dcm:
             for seed in seeds:
                 if not any(x.circuit == d.circuit and x.seed == seed and x.group == d.group
@@ -533,11 +517,16 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]], memo: Optional[dic
     seeds = _dcm_seeds(card)
     if card.dcm_selections is not None:
         _check_first_seed(check, card, seeds)
-    if dcm_rows:  # every seed's selections (required above), as scoring computed the overlap from them
+    if dcm_rows and card.dcm_selections is not None:  # every seed's selections, as scoring computed the overlap
         try:
             runs = dcm_seed_runs(card.dcm_selections, seeds)
         except EtbenchError as err:
             check.fail("DCM head overlap", f"its DCM selections: {err}")
+    elif dcm_rows:  # one seed (more are refused above): its selections are the DCM scores'
+        chosen = {w: selected_by_group({(d.group, d.desideratum): tuple(tuple(h) for h in d.selected_heads)
+                                        for d in card.dcm if d.circuit == w}) for w in ("base", "ft")}
+        runs = ([chosen["base"]], [chosen["ft"]])
+    if dcm_rows:
         derived = check.derive(("dcm_overlap", repr(runs), seed), lambda: {o.group: o for o in dcm_overlap(*runs,
                                                                                                              seed=seed)})
         _expect_overlap(check, "DCM head overlap", dcm_rows, derived, "the DCM selections")
