@@ -621,6 +621,47 @@ FORGERIES: dict[str, tuple[str, Callable[[dict, list], list | None]]] = {
                                                       for r in i]),
     "items-duplicate-rows": ("items", lambda c, i: i + [r for r in i if r["measure"] == "accuracy"
                                                          and r["model"] == "ft" and r["n_boxes"] == 7][:3]),
+    # issue #26, class 1: what submit did not re-derive (range-checked, or not checked at all)
+    "dcm-selections-deleted-overlap-0.90": ("dcm_selections: missing", lambda c, i: (
+        c.pop("dcm_selections"), _set_est(_find(c["overlap"], heads="dcm", group="all")["jaccard"], 0.90, 0.85, 0.95))
+        and None),
+    "dcm-selections-of-a-seed-deleted": ("DCM selections", lambda c, i: c.update(
+        dcm_selections=[x for x in c["dcm_selections"] if x["seed"] != 2])),
+    "ceilings-deleted": ("ceilings of base: missing", lambda c, i: c.update(ceilings=[])),
+    "cmap-row-duplicated": ("listed twice", lambda c, i: c["cmap"].append(json.loads(json.dumps(c["cmap"][0])))),
+    "semantics-row-duplicated": ("listed twice", lambda c, i: c["semantics"].append(
+        json.loads(json.dumps(c["semantics"][0])))),
+    "accuracy-at-3-boxes-deleted": ("accuracy of ft at 3 boxes: missing", lambda c, i: c.update(
+        accuracy=[a for a in c["accuracy"] if (a["model"], a["n_boxes"]) != ("ft", 3)])),
+    "faithfulness-row-deleted": ("faithfulness of the ft circuit on base: missing", lambda c, i: c.update(
+        faithfulness=[f for f in c["faithfulness"] if (f["circuit"], f["model"]) != ("ft", "base")])),
+    "random-baseline-stated-though-absent": ("random circuit accuracy of the base circuit on base", lambda c, i: _set_est(
+        _find(c["faithfulness"], circuit="base", model="base")["random_circuit_accuracy"], 0.05, 0.02, 0.12)),
+    "random-baseline-absence-undeclared": ("random circuit accuracy", lambda c, i: c.update(
+        absent=[a for a in c["absent"] if not a["where"].startswith("random circuit")])),
+    "random-baseline-rows-invented": ("random circuit accuracy of the base circuit on ft", lambda c, i: i + [
+        {"measure": "random_circuit", "model": "ft", "circuit": "base", "draw": d, "n_boxes": 7, "item": k,
+         "correct": k % 3 == 0} for d in range(5) for k in range(200)]),
+    "sizing-record-restored": ("sizing of the base circuit", lambda c, i: _find(c["circuits"], name="base").update(
+        sizing={"target_fraction": 0.9, "target_faithfulness": 0.1, "reached": True, "chosen": {}, "curve": []})),
+    "sizing-rows-forged-for-a-wrong-target": ("sizing of the ft circuit: target_faithfulness", lambda c, i: (
+        _find(c["circuits"], name="ft").update(sizing={
+            "target_fraction": 0.9, "target_faithfulness": 0.2, "reached": False, "chosen": {}, "curve": [],
+            "n": 100, "mean_n": 500, "model_accuracy": 0.5, "no_heads_accuracy": 0.0, "form_faithfulness": 0.5,
+            "note": "", "prompts": "", "strategy": "scaled-shape"}),
+        c.update(absent=[a for a in c["absent"] if a["where"] != "sizing of the ft circuit"]),
+        i + [{"measure": "sizing", "model": "ft", "circuit": "ft", "ablation": a, "n_boxes": 7, "item": k,
+              "correct": k < lim} for a, lim in (("model", 50), ("form_all_heads", 25), ("no_heads", 0))
+             for k in range(100)])[2]),
+    "absent-for-another-reason": ("declared absent for", lambda c, i: c["absent"][0].update(reason="too slow")),
+    "absent-names-a-published-number": ("names no number", lambda c, i: c["absent"].append(
+        {"where": "accuracy of ft at 7 boxes", "reason": "per-draw random-circuit rows were not kept before scorecard "
+                                                         "schema 3"})),
+    "estimate-level-edited": ("accuracy of ft at 7 boxes: level", lambda c, i: _find(c["accuracy"], model="ft",
+                                                                                      n_boxes=7)["accuracy"].update(
+        level=0.5)),
+    "random-baseline-sd-note-edited": ("random circuit", lambda c, i: _find(
+        c["faithfulness"], circuit="base", model="base")["random_circuit_accuracy"].update(note="sd 0.001")),
 }
 
 

@@ -262,8 +262,20 @@ def _check_absent_list(check: _Check, card: sc.Scorecard, used: set[str]) -> Non
                                              "baseline, sizing record or semantics check can be absent)")
 
 
+#: The note of a number left out (``leave_out_underivable``): an absent number states nothing else.
+LEFT_OUT_NOTE = "not re-derivable: its rows were not kept (schema 2)"
+
+
 def _null(est: Estimate) -> bool:
     return est.value is None and est.low is None and est.high is None
+
+
+def _check_left_out(check: _Check, where: str, est: Estimate, n: Any, method: str) -> None:
+    """An absent number is exactly ``leave_out_underivable``'s null: no value, interval or other note, and the
+    protocol's n and method."""
+    if est != Estimate(None, None, None, n, method, note=LEFT_OUT_NOTE):
+        check.fail(where, f"declared absent, but the card states it ({est.value!r} [{est.low!r}, {est.high!r}], n "
+                          f"{est.n!r}, level {est.level!r}, note {est.note!r})")
 
 
 def _check_random_circuit(check: _Check, card: sc.Scorecard, f: sc.FaithfulnessScore, n: int, used: set[str]) -> None:
@@ -275,8 +287,7 @@ def _check_random_circuit(check: _Check, card: sc.Scorecard, f: sc.FaithfulnessS
     if not rows:
         if _absent_ok(check, card, where, "random circuit accuracy"):
             used.add(where)
-            if not _null(f.random_circuit_accuracy):
-                check.fail(where, "declared absent, but the card states it")
+            _check_left_out(check, where, f.random_circuit_accuracy, draws, random_circuit_estimate([0.0]).method)
             return
         if draws == 0:
             check.expect(where, f.random_circuit_accuracy, random_circuit_estimate([]))
@@ -376,8 +387,9 @@ def _check_semantics(check: _Check, card: sc.Scorecard, s: sc.SemanticsScore, us
     if not rows:
         if _absent_ok(check, card, where, "semantics check accuracy"):
             used.add(where)
-            if not _null(s.accuracy):
-                check.fail(where, "declared absent, but the card states it")
+            dcm = card.config.get("dcm") if isinstance(card.config.get("dcm"), dict) else {}
+            want = semantics_estimate([0.0] * max(1, int(dcm.get("semantics_repeats") or 1)), dcm.get("semantics_n"))
+            _check_left_out(check, where, s.accuracy, want.n, want.method)
             return
         check.fail(where, "the items file has no semantics rows for it (required since scorecard schema 3: score "
                           "again with this etbench)")
@@ -590,4 +602,4 @@ def leave_out_underivable(card: sc.Scorecard, items: list[dict[str, Any]]) -> sc
 
 
 def _left_out(est: Estimate) -> Estimate:
-    return Estimate(None, None, None, est.n, est.method, note="not re-derivable: its rows were not kept (schema 2)")
+    return Estimate(None, None, None, est.n, est.method, note=LEFT_OUT_NOTE)
