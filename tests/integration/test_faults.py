@@ -1182,3 +1182,162 @@ def test_alias_revision_covers_the_adapter_and_its_base():
     weights_revision = _weights_revision()
     assert weights_revision("tiny-ft") != weights_revision("tiny-base")
     assert weights_revision("tiny-ft") == weights_revision("tiny-ft")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue #26: the writing commands, score-many's options, the edges (classes 2-4; class 1 is FORGERIES above)
+# ---------------------------------------------------------------------------------------------
+
+def _plant(path: Path, kind: str, tmp_path: Path) -> Path:
+    """A user's regular file, or a symlink to one elsewhere, at ``path``; returns the file holding the bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "file":
+        path.write_text("USER DATA\n")
+        return path
+    target = tmp_path / f"link-target-{path.name}"
+    target.write_text("USER DATA\n")
+    path.symlink_to(target)
+    return target
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+@pytest.mark.parametrize("command, out, name", [
+    (("data", "generate", "--n", "3", "--out"), "prompts.jsonl", "prompts.jsonl"),
+    (("circuit", "discover", "-m", "tiny-base", "--out"), "circuit.json", "circuit.json"),
+    (("accuracy", "-m", "tiny-base", "--n", "5", "--out"), "acc", "accuracy.json"),
+], ids=["data-generate", "circuit-discover", "accuracy"])
+def test_writing_commands_keep_a_users_file_and_link(command, out, name, kind, tmp_path):
+    """Class 2: ``data generate --out FILE``, ``circuit discover --out FILE`` and ``accuracy --out DIR`` replaced a
+    user's file (``data generate`` a symlink by a regular file; ``accuracy`` also through a symlinked directory)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    linked_dir = tmp_path / "linked"
+    linked_dir.symlink_to(real, target_is_directory=True)  # the output directory reached through a link
+    where = linked_dir / out
+    victim = where / name if out == "acc" else where
+    data = _plant(victim, kind, tmp_path)
+    before = tree_digest(tmp_path)
+    assert_error(cli(*command, where), str(victim))
+    assert tree_digest(tmp_path) == before and data.read_text() == "USER DATA\n"
+    assert victim.is_symlink() == (kind == "link")
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A port that accepts connections and never answers (what an unrelated service or a stuck host looks like)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def _closed_port() -> str:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"127.0.0.1:{port}"
+
+
+SCORE_MANY = ("score-many", "--base", "tiny-base", "--ft", "tiny-ft")
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (("--ray-address", "nohost"), "--ray-address must be auto, HOST:PORT"),
+    (("--ray-address", "host:99999"), "--ray-address must be"),
+    (("--cpus-per-side", "-1"), "--cpus-per-side"),
+    (("--gpus-per-side", "-0.5"), "--gpus-per-side"),
+    (("--retries", "-1"), "--retries"),
+    (("--num-cpus", "0"), "--num-cpus"),
+    (("--device", "tpu"), "--device must be"),
+], ids=["address-syntax", "address-port", "cpus-negative", "gpus-negative", "retries-negative", "num-cpus-0",
+        "device-unknown"])
+def test_score_many_options_are_checked_before_ray(options, fragment, tmp_path):
+    """Class 3: malformed Ray options ended in tracebacks from Ray; now one line before Ray is imported."""
+    out = tmp_path / "runs"
+    started = time.monotonic()
+    assert_error(cli(*SCORE_MANY, "--out", out, *options), fragment)
+    assert time.monotonic() - started < 60 and not out.exists()
+
+
+@pytest.mark.parametrize("address", ["closed", "silent"])
+def test_score_many_unreachable_ray_address_is_one_line_quickly(address, tmp_path):
+    """Class 3: an unreachable --ray-address hung in Ray's connection log past 2 minutes. A closed port (refused)
+    and a port that accepts but never answers (timed out) are both refused in one line naming the address."""
+    out = tmp_path / "runs"
+    with silent_server() as silent:
+        where = silent if address == "silent" else _closed_port()
+        started = time.monotonic()
+        line = assert_error(run(*SCORE_MANY, "--out", out, "--ray-address", where, timeout=150), where)
+    assert "no ray head answers there" in line.lower()
+    assert time.monotonic() - started < 120 and not out.exists()
+
+
+@pytest.mark.parametrize("pair, fragment", [
+    ({"base": "tiny-base", "ft": "no-such-org/no-such-model", "out": "runs/x"}, "no-such-org/no-such-model"),
+    ({"base": "tiny-base", "ft": "./missing-checkpoint", "out": "runs/y"}, "missing-checkpoint"),
+], ids=["hub-id-not-cached", "local-path-missing"])
+def test_score_many_plan_with_a_missing_model_fails_before_ray(pair, fragment, tmp_path):
+    """Class 3: a plan naming a missing fine-tune failed only inside the workers, 30-50 s after Ray started."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(json.dumps({"preset": "quick", "device": "cpu", "pairs": [pair]}))
+    assert_error(cli("score-many", "--plan", plan), fragment)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_score_many_plan_with_an_unknown_device_fails_before_ray(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(json.dumps({"device": "gpu0", "pairs": [{"base": "tiny-base", "ft": "tiny-ft", "out": "r"}]}))
+    assert_error(cli("score-many", "--plan", plan), "--device must be")
+    assert not (tmp_path / "r").exists()
+
+
+def _python_module(*args: Any, timeout: float = 120) -> Result:
+    proc = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, env=_env(),
+                          timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("module, args, fragment", [
+    ("etbench.training.tiny", ("--boxes", "x,y"), "--boxes"),
+    ("etbench.training.tiny", ("--threads", "0"), "--threads"),
+    ("etbench.training.zoo", ("--boxes", "3,1"), "--boxes"),
+    ("etbench.training.tiny", ("--no-monitor", "--base-only", "--out", "{file}"), "exists and is not a directory"),
+    ("etbench.training.zoo", ("--only", "tiny-null", "--out", "{file}"), "exists and is not a directory"),
+], ids=["tiny-boxes", "tiny-threads", "zoo-boxes", "tiny-out-file", "zoo-out-file"])
+def test_training_clis_refuse_bad_arguments_before_training(module, args, fragment, tmp_path):
+    """Class 4: the trainers' CLIs ended in tracebacks (``--boxes x,y``) or started training with a file as
+    --out. Now argparse's usage error (exit 2, the option named on the last line), before any model loads."""
+    user_file = tmp_path / "a-file"
+    user_file.write_text("USER DATA\n")
+    started = time.monotonic()
+    res = _python_module(module, *(a.replace("{file}", str(user_file)) for a in args))
+    assert "Traceback" not in res.err and res.rc == 2, res.err[-2000:]
+    assert fragment in res.err.strip().splitlines()[-1]
+    assert user_file.read_text() == "USER DATA\n" and time.monotonic() - started < 100
+
+
+def test_lm_eval_unknown_task_is_one_line():
+    """Class 4: ``etbench lm-eval --tasks nosuch`` passed lm-eval's ValueError traceback through."""
+    line = assert_error(run("lm-eval", "--tasks", "nosuch", "--model", "hf", "--model_args", "pretrained=x",
+                            timeout=240), "nosuch")
+    assert "entity_tracking" in line
+
+
+def test_circuit_eval_prints_undefined_not_nan(tmp_path):
+    """Also seen in issue #26: ``circuit eval`` on a random toy model (accuracy 0) printed ``nan`` for the curve
+    area. The toy's ratios are undefined and read so."""
+    from support.toy_pair import write_toy_pair
+
+    root = write_toy_pair(tmp_path / "toy")
+    res = cli("circuit", "eval", "-m", root / "base", "-c", root / "circuit.json", "--n", "4", "--mean-n", "4",
+              "--random-draws", "1", "--completeness-draws", "1", "--no-progress")
+    assert_ok(res)
+    assert "nan" not in res.out.lower() and "undefined" in res.out
