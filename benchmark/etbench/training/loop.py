@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from etbench import models
-from etbench.core.io import atomic_write_json
+from etbench.core.io import atomic_write_json, check_output_dir
 from etbench.core.stats import proportion_ci
 from etbench.metrics.accuracy import evaluate
 from etbench.task.prompts import (
@@ -243,8 +243,6 @@ def thread_count(text: str) -> int:
 def check_out(parser, out: Path) -> None:
     """``--out`` can hold the adapter directories, checked before anything trains (a file there was found only
     when the first adapter was saved, after its training)."""
-    from etbench.core.io import check_output_dir
-
     try:
         check_output_dir(out, "--out")
     except Exception as err:  # noqa: BLE001 - EtbenchError: the one line argparse prints
