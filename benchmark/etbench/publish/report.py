@@ -571,16 +571,22 @@ _LABEL_OFFSETS = tuple((dx * r, dy * r) for r in (1, 2, 3) for dx, dy in
                         (-10, -16)))
 
 
-def _place_labels(fig, ax, labels: list[tuple[str, tuple[float, float], str, Optional[str]]]) -> None:
+def _place_labels(fig, ax, labels: list[tuple[str, tuple[float, float], str, Optional[str]]],
+                  bars: tuple[tuple[float, float, float, float], ...] = ()) -> None:
     """Annotate each (text, (x, y), colour, url) at the first offset of ``_LABEL_OFFSETS`` whose text box
-    overlaps no label placed before it, no marker and stays inside the axes; where none does, the offset
-    with the least overlap (a thin leader line then joins label and marker). Deterministic: the same points
-    give the same places."""
+    overlaps no label placed before it, no marker, no error bar (``bars``: data-space boxes x0, y0, x1, y1)
+    and stays inside the axes; where none does, the offset with the least overlap (a thin leader line then
+    joins label and marker when it sits far out). Deterministic: the same points give the same places."""
+    from matplotlib.transforms import Bbox
+
     renderer = fig.canvas.get_renderer()
     to_px = ax.transData.transform
     markers = [to_px(xy) for _, xy, _, _ in labels]
     frame = ax.get_window_extent(renderer)
     placed: list = []
+    for x0, y0, x1, y1 in bars:  # an error bar as a box 3 px thick
+        (px0, py0), (px1, py1) = to_px((x0, y0)), to_px((x1, y1))
+        placed.append(Bbox([[min(px0, px1) - 1.5, min(py0, py1) - 1.5], [max(px0, px1) + 1.5, max(py0, py1) + 1.5]]))
 
     def clash(box) -> float:
         area = 0.0
@@ -629,14 +635,19 @@ def fig_gain_vs_cmap(points: list[PlotPoint], x_key: str = "cmap_gain", y_key: s
     plt = _mpl()
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
     ends = []
     labels = []
+    bars: list[tuple[float, float, float, float]] = []
     for i, p in enumerate(drawn):
         x, y = p.values[x_key], p.values[y_key]
         style = _marker_style(p, i)
         _linked(ax.errorbar([x.value], [y.value], xerr=_error_bar(x), yerr=_error_bar(y), **style), p)
         labels.append((p.label + (" (reported)" if p.reported else ""), (x.value, y.value), style["color"], p.url))
+        if has_ci(x):
+            bars.append((x.low, y.value, x.high, y.value))
+        if has_ci(y):
+            bars.append((x.value, y.low, x.value, y.high))
         ends += [v for e in (x, y) for v in (e.value, e.low, e.high) if v is not None]
     lo, hi = min(ends + [0.0]), max(ends + [0.0])
     pad = 0.05 * (hi - lo or 1.0)
@@ -645,7 +656,7 @@ def fig_gain_vs_cmap(points: list[PlotPoint], x_key: str = "cmap_gain", y_key: s
     ax.axvline(0, color="#cccccc", linewidth=0.8)
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
-    _place_labels(fig, ax, labels)
+    _place_labels(fig, ax, labels, tuple(bars))
     ax.set_xlabel("CMAP gain, full circuit (ft activations patched into base)")
     ax.set_ylabel("accuracy gain, ft - base, 7 boxes")
     ax.set_title("Accuracy gain vs CMAP gain (dashed: CMAP recovers the whole gain)")
@@ -670,7 +681,7 @@ def fig_group_overlap(points: list[PlotPoint], panels: tuple[tuple[str, str], ..
     if not shown:
         return None
     plt = _mpl()
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown) + 1.8, 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.8 * len(shown) + 1.8, 3.8), sharey=True, squeeze=False)
     from matplotlib.lines import Line2D
 
     width = 0.7  # of the band each group's markers spread over
@@ -687,7 +698,7 @@ def fig_group_overlap(points: list[PlotPoint], panels: tuple[tuple[str, str], ..
                 chance = p.chance.get(f"{key}/{g}")
                 if chance is not None:  # what a random head set of the same size would share
                     half = 0.5 * width / len(points)
-                    ax.hlines(chance, x - half, x + half, colors=style["color"], linestyles=":", linewidth=1.3)
+                    ax.hlines(chance, x - half, x + half, colors=style["color"], linewidth=2.2, alpha=0.55)
                     has_chance = True
                 _linked(ax.errorbar([x], [e.value], yerr=_error_bar(e), **style), p)
                 in_legend.setdefault(i, Line2D([], [], label=p.label, **{k: v for k, v in style.items()
@@ -699,8 +710,8 @@ def fig_group_overlap(points: list[PlotPoint], panels: tuple[tuple[str, str], ..
     axes[0][0].set_ylabel("base heads also in the ft set")
     handles = [in_legend[i] for i in sorted(in_legend)]
     if has_chance:
-        handles.append(Line2D([], [], color="#555555", linestyle=":", linewidth=1.3,
-                              label="chance: random heads, same size"))
+        handles.append(Line2D([], [], color="#555555", linewidth=2.2, alpha=0.55,
+                              label="bar: chance (random heads, same size)"))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     fig.suptitle("Head overlap per group (hollow: from the paper's published circuits, no CI)", fontsize=9, y=1.03)
     return _svg(fig)
