@@ -839,7 +839,8 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 _CSP = content_security_policy(scripts=False)
-_CSS = BASE_CSS + "figure{display:inline-block;margin:0 1em 1em 0}svg{max-width:100%;height:auto}"
+_CSS = (BASE_CSS + "figure{display:inline-block;margin:0 1em 1em 0}svg{max-width:100%;height:auto}"
+        "#summary td:nth-child(2){white-space:nowrap}")  # a headline's CI on one line
 
 
 @dataclass(frozen=True)
@@ -864,10 +865,10 @@ def _document(title: str, intro: list[str], tables, comp: Optional[Comparison], 
         md += [f"- {n}" for n in summary.notes] + ([""] if summary.notes else [])
         body += ['<section id="summary"><h2>Summary</h2>', f'<p class="verdict"><strong>{html.escape(summary.verdict)}'
                  "</strong></p>", _html_table(_SUMMARY_HEADER, summary.rows)]
-        body += [f"<p>{html.escape(n)}</p>" for n in summary.notes]
         if summary.figure is not None:
             md += [f"The key figure ({summary.figure[0]}) is in the HTML version of this report.", ""]
             body.append(f'<figure aria-label="{html.escape(summary.figure[0])}">{summary.figure[1]}</figure>')
+        body += [f"<p>{html.escape(n)}</p>" for n in summary.notes]
         body.append("</section>")
     md += intro + [""]
     body += [f"<p>{html.escape(p)}</p>" for p in intro if p]
