@@ -4,9 +4,14 @@
 file and ``submission.json``). ``build`` turns them, plus the paper's published figures
 (``assets/paper_results.json``, marked as reported by the paper), into ``leaderboards/``:
 ``leaderboard.csv``, ``leaderboard.json``, ``leaderboard.md``, a self-contained ``index.html``
-(inline CSS/JS, sortable, no network requests, with inline SVG figures), one report per submission
+(inline CSS/JS: one sortable table per base, a text filter and a compact view; no network requests; inline
+SVG figures), one report per submission
 under ``reports/``, and the pairwise comparisons among fine-tunes of one base (``comparisons.json``, a
 matrix on the page and in the Markdown, one comparison report per pair under ``reports/compare/``).
+
+Rows are grouped by base (the paper's rows in a group of their own, reported, not measured) and ranked within
+their group by Δaccuracy; each measured row carries the headline scores of ``etbench.metrics.headline``
+(mechanism reuse, gain explained) with their CIs, and its protocol, benchmark version and submission date.
 
 Output is a pure function of the inputs (no timestamps, sorted rows, canonical JSON), so a rebuild
 is byte-identical. Writes go through ``outputs.Transaction``: on any error every file is put back; the
