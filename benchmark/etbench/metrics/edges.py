@@ -171,13 +171,21 @@ def edge_nodes(base: Circuit, ft: Circuit, k: Mapping[str, int] | int | None = N
 
 
 def edge_scores(model, nodes: Mapping[str, Sequence[Sequence[int]]], tokenizer=None, *, n_boxes: int = 7,
-                n: int = 32, seed: int = 0, batch_size: int = 16, prefix_cache: bool = True, model_name: str = "",
-                progress: bool = False) -> EdgeScores:
+                n: int = 32, seed: int = 0, batch_size: int = 8, types: Sequence[str] | None = None,
+                prefix_cache: bool = True, model_name: str = "", progress: bool = False) -> EdgeScores:
     """Score every reachable edge between ``nodes`` (``{group: heads}``) on ``model`` (a loaded model +
     ``tokenizer``, a ``LoadedModel`` or a registry ref), on the first ``n`` items of seed ``seed`` and their
-    noise pairs (the discovery prompts of that seed)."""
+    noise pairs (the discovery prompts of that seed). ``types``: the edge types to score (default all).
+
+    Cost: one sender run per sender and one receiver run per edge, per batch. A run recomputes the tokens
+    from the batch's earliest sender position on, so items are batched in order of that position (D's
+    previous query label ranges over the whole context; C and B sit near the end)."""
     if n < 2:
         raise EtbenchError(f"edge scores need at least 2 prompts (a CI resamples them), got {n}")
+    types = [t.name for t in EDGE_TYPES] if types is None else list(types)
+    unknown = [t for t in types if t not in EDGE_TYPE_BY_NAME]
+    if unknown or not types:
+        raise EtbenchError(f"unknown edge type(s) {unknown or types}; known: {', '.join(EDGE_TYPE_BY_NAME)}")
     model, tokenizer, model_name = as_loaded(model, tokenizer, model_name)
     hm = head_map(model)
     spec = hm.spec
@@ -188,16 +196,24 @@ def edge_scores(model, nodes: Mapping[str, Sequence[Sequence[int]]], tokenizer=N
                 raise EtbenchError(f"{g} node L{layer}H{head} is not a head of this model "
                                    f"({spec.n_layers} layers x {spec.n_heads} heads)")
     _, _, _, encoded = discovery_pairs(tokenizer, n_boxes, n, seed)
-    receivers = {t.sender: node_heads.get(t.receiver, []) for t in EDGE_TYPES if t.receiver is not None}
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].base_layout.position("prev_query_label"))
+    chosen = [EDGE_TYPE_BY_NAME[t] for t in types]
+    senders = {t.sender: node_heads.get(t.sender, []) for t in chosen}
+    receivers = {t.sender: node_heads.get(t.receiver, []) for t in chosen if t.receiver is not None}
     counter = PassCounter()
-    effects = path_patching_edge_effects(model, hm, encoded, node_heads, receivers, batch_size,
+    effects = path_patching_edge_effects(model, hm, [encoded[i] for i in order], senders, receivers, batch_size,
                                          pad_id_of(tokenizer), counter, prefix_cache, progress)
     edges = []
     for t in EDGE_TYPES:
-        for (sender, site), per_item in sorted(effects.get(t.sender, {}).items(),
-                                               key=lambda kv: (kv[0][0], kv[0][1] or (-1, -1))):
-            edges.append(Edge(t.name, sender, site, list(per_item)))
-    params = {"n_boxes": n_boxes, "n": n, "seed": seed, "batch_size": batch_size,
+        if t not in chosen:
+            continue
+        for (sender, site), sorted_items in sorted(effects.get(t.sender, {}).items(),
+                                                   key=lambda kv: (kv[0][0], kv[0][1] or (-1, -1))):
+            per_item = [0.0] * len(order)
+            for j, i in enumerate(order):  # back to the items' own order
+                per_item[i] = sorted_items[j]
+            edges.append(Edge(t.name, sender, site, per_item))
+    params = {"n_boxes": n_boxes, "n": n, "seed": seed, "batch_size": batch_size, "types": types,
               "score": "mean relative change of p(answer), path-patched through one receiver",
               "v_receivers": "KV-head sites" if spec.n_kv_heads != spec.n_heads else "heads"}
     return EdgeScores(model_name, node_heads, edges, len(encoded), params, counter.as_dict())
