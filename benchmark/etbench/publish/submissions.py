@@ -443,8 +443,9 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
     card = sc.load(card_path)
     if card.schema_version != sc.SCHEMA_VERSION:
         raise EtbenchError(f"{origin}: scorecard schema version {card.schema_version} predates the current "
-                           f"{sc.SCHEMA_VERSION} (which records weights revisions and no local paths): score again "
-                           "with this etbench")
+                           f"{sc.SCHEMA_VERSION} (which keeps the rows that re-derive every number): score again with "
+                           "this etbench, or convert it (etbench.publish.rederive.leave_out_underivable) so that what "
+                           "it cannot re-derive is left out")
     local = [f"{where}: {value}" for where, value in _local_paths(card)]
     if local:
         raise EtbenchError(f"{origin}: publishes a local path ({local[0]}); score again with this etbench")
