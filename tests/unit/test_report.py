@@ -229,3 +229,15 @@ def test_compare_of_a_scorecard_with_itself_is_a_usage_error(tmp_path):
     result = etbench("compare", str(card), str(card), "--out", str(tmp_path / "rep"), cwd=tmp_path)
     assert_one_line_error(result, "twice")
     assert result.stdout == "" and not (tmp_path / "rep").exists()
+
+
+def test_prompt_sets_note_names_each_accuracy_with_its_prompts(card_a):
+    """The two accuracies a report shows for one model are told apart by their prompt sets, counted from the rows."""
+    note = report.prompt_sets_note(card_a.card, card_a.items)
+    acc = [r for r in card_a.items if r["measure"] == "accuracy" and r["model"] == "base" and r["n_boxes"] == 7]
+    faith = {r["item"] for r in card_a.items if r["measure"] == "circuit_accuracy" and r["model"] == "base"
+             and r.get("circuit") == "base"}
+    share = sum(r["correct"] for r in acc) / len(acc)
+    assert f"{share:.3f} of the {len(acc)} accuracy prompts" in note
+    assert f"of the {len(faith)} faithfulness prompts" in note
+    assert report.prompt_sets_note(card_a.card, []) is None

@@ -919,7 +919,9 @@ def prompt_sets_note(card: sc.Scorecard, items: list[dict[str, Any]]) -> Optiona
         first = sorted(acc_ids, key=lambda k: (str(type(k)), k))[:len(faith_ids)]
         which = f"the first {len(faith_ids)}" if sorted(faith_ids, key=lambda k: (str(type(k)), k)) == first \
             else f"{len(faith_ids)}"
-        where = (f" The faithfulness (and CMAP) prompts are {which} of the {len(acc_ids)} accuracy prompts, so "
+        cmap_ids = set(_select(items, "cmap", model="base", variant="none", group="none"))
+        named = "faithfulness (and CMAP)" if cmap_ids == faith_ids else "faithfulness"
+        where = (f" The {named} prompts are {which} of the {len(acc_ids)} accuracy prompts, so "
                  "the two accuracies differ only by which prompts they count; each ratio divides by the accuracy "
                  "on its own prompts. Circuits are sized on other prompts (a held-out stream), never on those "
                  "they are evaluated on.")
