@@ -379,7 +379,7 @@ def rows_for(entries: list[Entry], include_paper: bool = True) -> list[dict[str,
         # ft - base on the same items, paired bootstrap CI (the report's "accuracy, 7 boxes" row)
         row["accuracy_gain"] = _est(top.accuracy_change)
         row["reuse"], row["gain_explained"] = _est(top.reuse), _est(top.gain_explained)
-        row["reuse_by_group"] = {g: _est(e) for g, e in top.reuse_by_group.items() if g != "all"}
+        row["reuse_by_group"] = {g: _est(e) for g, e in top.reuse_by_group.items() if g != ALL}
         row["verdict"] = headline.verdict(top, entry.name)
         ps.append(row["delta_p"])
     present = [p for p in ps if p is not None]

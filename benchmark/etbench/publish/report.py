@@ -38,6 +38,7 @@ from etbench.metrics.overlap import format_chance
 from etbench.publish.outputs import Transaction, Writer, write_tree
 from etbench.publish.page import BASE_CSS, content_security_policy
 from etbench.schema import scorecard as sc
+from etbench.schema.circuit import GROUP_CODES
 
 SEED = 0
 N_RESAMPLES = 2000
@@ -456,7 +457,7 @@ def fig_cmap(card: sc.Scorecard) -> Optional[str]:
 
 
 #: One letter per group on the head map, as the paper names them.
-GROUP_LETTERS = {"value_fetcher": "A", "position_transmitter": "B", "position_detector": "C", "structure_reader": "D"}
+GROUP_LETTERS = GROUP_CODES
 
 
 def fig_overlap(card: sc.Scorecard) -> Optional[str]:
@@ -508,7 +509,7 @@ def fig_reuse(top: headline.Headline) -> Optional[str]:
     vals = np.array([e.value for _, e in shown])
     lo = np.array([e.low if e.low is not None else e.value for _, e in shown])
     hi = np.array([e.high if e.high is not None else e.value for _, e in shown])
-    colours = ["#55a868" if g == "all" else "#4c72b0" for g, _ in shown]
+    colours = ["#55a868" if g == headline.ALL else "#4c72b0" for g, _ in shown]
     ax.bar(xs, vals, yerr=[np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)], capsize=3, color=colours)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhline(1, color="#999999", linewidth=0.8, linestyle="--")
@@ -956,7 +957,7 @@ def _headline_rows(top: headline.Headline, card: sc.Scorecard) -> list[list[str]
             ["mechanism reuse (all groups)", format_estimate_of(top.reuse, signed=True, show_note=False),
              "equal-size circuits: 0 = a random head set, 1 = the base circuit's own heads"]]
     for g, e in top.reuse_by_group.items():
-        if g != "all":
+        if g != headline.ALL:
             rows.append([f"… {g.replace('_', ' ')} ({GROUP_LETTERS.get(g, '?')})",
                          format_estimate_of(e, signed=True, show_note=False), f"{e.n} base heads at equal size"])
     g = top.gain_explained
