@@ -1,6 +1,6 @@
 """Seeded fuzzing of ``etbench submit``'s scorecard checks (issue #26): no forged number is accepted.
 
-Each case mutates the committed tiny-ft scorecard (``submissions/scorecards/tiny-ft``) once: a number
+Each case mutates the committed tiny-ft scorecard (``submissions/results/tiny-ft``) once: a number
 anywhere on it changed (a value, an interval end, an n, a level, a head index, a seed, a sizing field...),
 an entry of a section deleted or duplicated, an optional field deleted, or an estimate nulled; then,
 as a careful forger would, its config hash is recomputed. The mutated card goes through every check
@@ -29,7 +29,7 @@ from etbench.publish.rederive import SECTION_KEYS
 from etbench.schema import scorecard as sc
 
 REPO = Path(__file__).resolve().parents[2]
-CARD = REPO / "submissions" / "scorecards" / "tiny-ft"
+CARD = REPO / "submissions" / "results" / "tiny-ft"
 SUBMISSION = REPO / "submissions" / "tiny-ft.yaml"
 N_MUTATIONS = 520
 SEED = 26

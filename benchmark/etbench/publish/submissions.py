@@ -25,6 +25,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
@@ -559,7 +560,9 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False) -> S
     meta = sub.metadata()
     meta.update({"config_hash": card.config_hash, "benchmark_version": card.provenance.benchmark_version,
                  "scorecard_sha256": hashlib.sha256(card_bytes).hexdigest(),
-                 "items_sha256": hashlib.sha256(items_bytes).hexdigest()})
+                 "items_sha256": hashlib.sha256(items_bytes).hexdigest(),
+                 # the leaderboard's date column (UTC day; the build itself stays a function of stored files)
+                 "submitted": datetime.now(timezone.utc).date().isoformat()})
     entry_files = {"scorecard.json": card_bytes, card.items_file: items_bytes,
                    "submission.json": dumps_json(meta).encode("utf-8")}
     items = [loads_json(line) for line in items_bytes.decode("utf-8").splitlines() if line.strip()]
