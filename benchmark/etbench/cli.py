@@ -21,7 +21,7 @@ from etbench.core.io import (
     Writer,
     check_output_dir,
     check_output_file,
-    claim_output_file,
+    claimed_file,
     refuse_foreign_file,
 )
 from etbench.core.progress import quiet_third_party
@@ -97,8 +97,8 @@ def data_generate(
         for row in rows:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
     else:
-        claim_output_file(out, DATA_WRITER)
-        atomic_write_jsonl(out, rows)
+        with claimed_file(out, DATA_WRITER):
+            atomic_write_jsonl(out, rows)
         typer.echo(f"wrote {len(rows)} examples to {out}", err=True)
 
 
@@ -259,8 +259,8 @@ def circuit_discover(
     result = discovery.discover(loaded, mode="exact" if exact else "fast", n=n, seed=seed, batch_size=batch_size,
                                minimality_mode=minimality, size=size, target_fraction=target,
                                model_name=model, progress=not no_progress)
-    claim_output_file(out, CIRCUIT_WRITER)
-    result.circuit.save(out)
+    with claimed_file(out, CIRCUIT_WRITER):
+        result.circuit.save(out)
     typer.echo(discovery.format_discovery(result))
     typer.echo(f"wrote {out}", err=True)
 
@@ -301,8 +301,8 @@ def circuit_eval(
                                        model_name=model, progress=not no_progress)
     typer.echo(faithfulness.format_evaluation(ev))
     if out is not None:
-        claim_output_file(out, CIRCUIT_WRITER)
-        ev.save(out)
+        with claimed_file(out, CIRCUIT_WRITER):
+            ev.save(out)
         typer.echo(f"wrote {out}", err=True)
 
 

@@ -5,6 +5,7 @@ runs apart."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -309,10 +310,33 @@ def refuse_foreign_file(path: str | os.PathLike, writer: Writer) -> None:
     refuse_foreign_files(path.parent, {path.name: None}, writer)
 
 
-def claim_output_file(path: str | os.PathLike, writer: Writer) -> None:
-    """``claim_outputs`` for a command's single output file, just before it is written."""
+@contextlib.contextmanager
+def claimed(out_dir: str | os.PathLike, names: Iterable[str], writer: Writer):
+    """``claim_outputs`` for the block that writes ``names``; when the block fails (a full disk, a file-size
+    limit), the manifest is put back as it was, so a failed command leaves nothing behind, not even a manifest
+    naming files it never wrote."""
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    manifest = out_dir / writer.manifest
+    before = manifest.read_bytes() if manifest.is_file() else None
+    claim_outputs(out_dir, names, writer)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if before is None:
+                manifest.unlink(missing_ok=True)
+                if created:
+                    out_dir.rmdir()  # only when empty: what the block wrote stays, and is named by the error
+            else:
+                atomic_write_bytes(manifest, before)
+        raise
+
+
+def claimed_file(path: str | os.PathLike, writer: Writer):
+    """``claimed`` for a command's single output file (its manifest is the one in the file's directory)."""
     path = Path(path)
-    claim_outputs(path.parent, [path.name], writer)
+    return claimed(path.parent, [path.name], writer)
 
 
 # ---------------------------------------------------------------------------------------------

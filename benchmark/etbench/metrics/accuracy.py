@@ -14,7 +14,7 @@ import torch
 
 from etbench import models
 from etbench.core.errors import EtbenchError
-from etbench.core.io import Writer, atomic_write_json, atomic_write_jsonl, claim_outputs, refuse_foreign_files
+from etbench.core.io import Writer, atomic_write_json, atomic_write_jsonl, claimed, refuse_foreign_files
 from etbench.core.progress import track
 from etbench.core.stats import Proportion, proportion_ci
 from etbench.mech.forward import last_token_logits, length_batches
@@ -159,11 +159,12 @@ def write_run(run_: AccuracyRun, out_dir) -> list:
     from pathlib import Path
 
     out_dir = Path(out_dir)
-    claim_outputs(out_dir, ACCURACY_OUTPUTS, ACCURACY_WRITER)
     summary = {"schema_version": SCHEMA_VERSION, "model": run_.model, "canonical_items": run_.canonical,
                "vocabulary_note": run_.vocabulary_note, "results": [r.summary() for r in run_.results]}
     rows = [row for r in run_.results for row in r.item_rows()]
-    return [atomic_write_jsonl(out_dir / "accuracy_items.jsonl", rows), atomic_write_json(out_dir / "accuracy.json", summary)]
+    with claimed(out_dir, ACCURACY_OUTPUTS, ACCURACY_WRITER):
+        return [atomic_write_jsonl(out_dir / "accuracy_items.jsonl", rows),
+                atomic_write_json(out_dir / "accuracy.json", summary)]
 
 
 def format_run(run_: AccuracyRun) -> str:

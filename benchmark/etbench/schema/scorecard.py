@@ -78,7 +78,9 @@ class FaithfulnessScore:
     model_accuracy: Estimate
     circuit_accuracy: Estimate
     faithfulness: Estimate  # circuit acc / model acc (the paper's ratio)
-    random_circuit_accuracy: Estimate  # same group sizes, mean over draws (n = draws)
+    # same group sizes, mean over draws (n = draws); null and listed in ``Scorecard.absent`` when the card has no
+    # per-draw rows to re-derive it from (converted from schema 2)
+    random_circuit_accuracy: Estimate
     # MIB's (m(C) - m(none)) / (m(N) - m(none)), m(none) = every head meaned (the CeilingScore floor)
     faithfulness_mib: Optional[Estimate] = None
 
