@@ -49,12 +49,15 @@ def export_model(ref: str, directory: str | os.PathLike, *, dtype: str = "float3
     directory = check_export_dir(directory)
     report = report or (lambda line: None)
     loaded = load(ref, dtype=dtype, device="cpu", entries=entries, report=report)
-    model = plain_model(loaded.model)
     tmp = temporary_name(directory)
     try:
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
+        with quiet_loading():  # peft's merge warns as its load does
+            model = plain_model(loaded.model)
+            tmp.mkdir(parents=True)
+            model.save_pretrained(tmp, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(tmp)
+        for path in tmp.iterdir():  # safetensors writes its file private; an export is an ordinary directory
+            path.chmod(0o644)
         report(f"checking the export of {ref}: reloading it, comparing tokens and logits")
         check_reloads_same(model, loaded.tokenizer, tmp, dtype, ref)
         files = sorted(p.name for p in tmp.iterdir())
