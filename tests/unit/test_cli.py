@@ -120,6 +120,32 @@ def test_report_is_written_beside_the_scorecard_not_in_the_current_directory(tmp
     assert (out / "report.md").read_bytes() == (run / "report.md").read_bytes()
 
 
+def test_report_in_a_score_run_directory_rewrites_the_report_score_wrote(tmp_path):
+    """`etbench score` writes report.md/html beside its scorecard; `etbench report RUN` there writes the same
+    bytes (allowed by the ownership rule), while a user's own report.md there is still refused."""
+    import shutil
+
+    from etbench.core.io import claim_outputs
+    from etbench.publish import report
+    from etbench.schema import scorecard as sc
+    from etbench.scoring.pipeline import SCORE_REPORT_OUTPUTS, SCORE_WRITER
+
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "submissions" / "results" / "tiny-null", run)
+    card = sc.load(run / "scorecard.json")
+    claim_outputs(run, SCORE_REPORT_OUTPUTS, SCORE_WRITER)  # as etbench.score does
+    report.write_doc(report.scorecard_report(card, sc.load_items(run / "scorecard.json", card)), run)
+    written = (run / "report.html").read_bytes()
+    result = etbench("report", str(run), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (run / "report.html").read_bytes() == written
+    (run / "report.md").write_text("my notes")
+    (run / SCORE_WRITER.manifest).unlink()
+    (run / report.REPORT_WRITER.manifest).unlink()
+    assert_one_line_error(etbench("report", str(run), cwd=tmp_path), "report.md exists and was not written")
+    assert (run / "report.md").read_text() == "my notes"
+
+
 def test_export_refuses_a_directory_it_did_not_write_before_loading(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
