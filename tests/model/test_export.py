@@ -116,3 +116,19 @@ def test_loading_from_the_python_api_prints_no_third_party_noise(adapters):
     noisy = subprocess.run([sys.executable, "-c", direct], capture_output=True, text=True, env=env, timeout=300)
     assert noisy.returncode == 0, noisy.stderr
     assert "Loading weights" in noisy.stderr or "FutureWarning" in noisy.stderr, noisy.stderr
+
+
+def test_the_reload_check_fails_on_a_directory_that_computes_something_else(adapters, tmp_path):
+    """The check an export runs before it is put in place can fail: weights that differ from the model's (here,
+    one output projection changed after saving) are refused, naming the difference."""
+    from etbench.models.export import check_reloads_same
+
+    root, tok = adapters
+    model = toy.tiny_llama(len(tok), n_layers=N_LAYERS, n_heads=N_HEADS, d_model=D_MODEL)
+    model.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    assert check_reloads_same(model, tok, tmp_path / "saved", "float32", "toy") == 0.0
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.mul_(1.5)
+    with pytest.raises(EtbenchError, match="logits differ from the model's by up to"):
+        check_reloads_same(model, tok, tmp_path / "saved", "float32", "toy")
