@@ -424,8 +424,8 @@ def report_cmd(
     if out is not None:
         check_output_dir(out)
     found = report.find_one(scorecard_ref, store)
-    out = found.path.parent if out is None else out
-    check_output_dir(out)
+    if out is None:
+        out = check_output_dir(found.path.parent)
     # a scorecard given by path gets the title `etbench score` gives the report it writes beside it, so in a
     # score run's directory this writes the same bytes (which the ownership check lets through), not a rival
     title = "" if Path(scorecard_ref).exists() else found.name
