@@ -154,8 +154,11 @@ def edge_nodes(base: Circuit, ft: Circuit, k: Mapping[str, int] | int | None = N
     ``k`` defaults to the paper's candidate k scaled to the model (``discovery.default_k``: 15, 3, 7 and 2
     heads of SmolLM2-135M's 270). Sized circuits can hold most of a model's heads; edges among all of
     them would cost |A| x |B| patched runs per prompt batch, and the top heads carry the groups' roles."""
-    if (base.n_layers, base.n_heads) != (ft.n_layers, ft.n_heads) or base.n_layers is None:
-        raise EtbenchError("edge nodes need two circuits of one head layout (n_layers, n_heads)")
+    if None in (base.n_layers, base.n_heads, ft.n_layers, ft.n_heads):
+        raise EtbenchError("edge nodes need circuits that record their model's shape (n_layers, n_heads)")
+    if (base.n_layers, base.n_heads) != (ft.n_layers, ft.n_heads):
+        raise EtbenchError(f"edge nodes need two circuits of one head layout: {base.n_layers} x {base.n_heads} "
+                           f"vs {ft.n_layers} x {ft.n_heads} (layers x heads)")
     if k is None:
         ks = default_k(base.n_layers * base.n_heads, PAPER_CANDIDATE_K)
     elif isinstance(k, int):
