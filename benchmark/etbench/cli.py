@@ -20,10 +20,12 @@ from etbench.core.errors import EtbenchError
 from etbench.core.io import check_output_dir, check_output_file
 from etbench.core.progress import quiet_third_party
 
+HELP_OPTIONS = ["-h", "--help"]  # every command's (a subcommand inherits its group's)
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": HELP_OPTIONS},
     help="etbench: score how fine-tuning changes a model's entity-tracking mechanism.",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Generate the benchmark's prompts.")
@@ -39,6 +41,25 @@ EXIT_USER_ERROR = 2
 def _fail(message: str) -> None:
     typer.echo(f"etbench: error: {message}", err=True)
     raise typer.Exit(EXIT_USER_ERROR)
+
+
+def _status(line: str) -> None:
+    """A status line (a model loading, a file written) on stderr, apart from the results on stdout."""
+    typer.echo(line, err=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from etbench import __version__
+
+        typer.echo(f"etbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(context_settings={"help_option_names": HELP_OPTIONS})
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print etbench's version and exit.")) -> None:
+    """etbench: score how fine-tuning changes a model's entity-tracking mechanism."""
 
 
 @data_app.command("generate")
@@ -97,7 +118,7 @@ def accuracy_cmd(
     # remote: a given --dtype is refused (NDIF's dtype), so no default stands in for it
     result = api.accuracy(model, n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, progress=not no_progress,
                           dtype=dtype if remote else dtype or "float32", device=device, backend=backend,
-                          remote=remote)
+                          remote=remote, report=None if no_progress else _status)
     typer.echo(accuracy.format_run(result))
     if out is not None:
         for path in accuracy.write_run(result, out):
@@ -218,7 +239,7 @@ def circuit_discover(
     check_sizing(size, target)
     check_output_file(out)
     models.resolve(model)
-    loaded = models.load(model, dtype=dtype, device=device)
+    loaded = models.load(model, dtype=dtype, device=device, report=None if no_progress else _status)
     # the command's fast default prunes nothing (the library's fast default, 'single', is kept for API users)
     minimality = minimality or ("pairs" if exact else "none")
     result = discovery.discover(loaded, mode="exact" if exact else "fast", n=n, seed=seed, batch_size=batch_size,
@@ -258,7 +279,7 @@ def circuit_eval(
         check_output_file(out)
     circ = load_circuit(circuit)  # a bad circuit fails before the model loads
     models.resolve(model)
-    loaded = models.load(model, dtype=dtype, device=device)
+    loaded = models.load(model, dtype=dtype, device=device, report=None if no_progress else _status)
     ev = faithfulness.evaluate_circuit(loaded, circ, n=n, seed=seed, mean_n=mean_n, batch_size=batch_size,
                                        random_draws=random_draws, completeness_draws=completeness_draws,
                                        model_name=model, progress=not no_progress)
@@ -289,11 +310,35 @@ def lm_eval_cmd(ctx: typer.Context) -> None:
 
 
 @models_app.command("list")
-def models_list() -> None:
+def models_list(
+    wide: bool = typer.Option(False, "--wide", help="Every column: where the weights come from, and why each "
+                              "model is or is not available (~160 columns)."),
+) -> None:
     """Show every alias, what it is, and whether it is available offline right now."""
     from etbench import models
 
-    typer.echo(models.format_model_table(models.list_models()))
+    typer.echo(models.format_model_table(models.list_models(), wide=wide))
+
+
+@models_app.command("export", short_help="Write a model as a plain transformers directory (adapters merged).")
+def models_export(
+    model: str = typer.Argument(..., metavar="MODEL", help="Alias, hub id, directory, .gguf file or adapter dir."),
+    directory: Path = typer.Argument(..., metavar="DIR", help="New or empty directory (or an earlier export's)."),
+    dtype: str = typer.Option("float32", help="float32 (the weights etbench scores on a CPU), bfloat16 or "
+                              "float16."),
+) -> None:
+    """Write MODEL as a plain transformers directory (config, safetensors, tokenizer; adapters merged), e.g. for
+    `lm_eval --model hf --model_args pretrained=DIR`.
+
+    The export is reloaded and checked against the model (same tokens, same logits) before it is put in
+    place; DIR is refused when it holds files an earlier export did not write."""
+    from etbench import models
+
+    models.check_dtype(dtype)
+    models.check_export_dir(directory)  # a refused directory or a missing model costs no model load
+    models.resolve(model)
+    path = models.export_model(model, directory, dtype=dtype, report=_status)
+    typer.echo(f"wrote {path}")
 
 
 # --- submissions, leaderboard, compare, report (etbench.publish) ---
@@ -370,13 +415,17 @@ def report_cmd(
     scorecard_ref: str = typer.Argument(..., help="scorecard.json (or its directory) or a stored submission name."),
     store: list[Path] = typer.Option([Path("submissions/results"), Path("etbench-out")], "--store",
                                      help="Where stored submissions and `etbench score` output live."),
-    out: Path = typer.Option(Path("."), "--out", "-o", help="Directory for report.md + report.html."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for report.md + report.html "
+                                       "(default: the scorecard's own directory)."),
 ) -> None:
-    """Markdown + HTML report of one scorecard (tables, paired base-vs-ft tests, figures)."""
+    """Markdown + HTML report of one scorecard (tables, paired tests, figures), beside it or in --out."""
     from etbench.publish import report
 
-    check_output_dir(out)
+    if out is not None:
+        check_output_dir(out)
     found = report.find_one(scorecard_ref, store)
+    out = found.path.parent if out is None else out
+    check_output_dir(out)
     doc = report.scorecard_report(found.card, found.items, title=found.name)
     for path in report.write_doc(doc, out, writer=report.REPORT_WRITER):
         typer.echo(f"wrote {path}")
@@ -443,7 +492,7 @@ def main() -> None:
     try:
         # not standalone: typer's usage errors (a missing argument, an unknown option or command) reach the
         # handler below and become the one-line error instead of typer's framed box
-        status = app(standalone_mode=False)
+        status = _command()(standalone_mode=False, prog_name="etbench")
     except TyperException as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # bare `etbench` / `etbench leaderboard`: help shown
             sys.exit(EXIT_USER_ERROR)
@@ -459,6 +508,22 @@ def main() -> None:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         _exit_with(f"unreadable input ({type(err).__name__}: {err})")
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def _command():
+    """The click command behind ``app``, with no type shown for on/off flags: typer's help prints ``<bool>``
+    beside ``--no-progress`` or ``--help``, which take no value."""
+    command = typer.main.get_command(app)
+    pending = [command]
+    while pending:
+        current = pending.pop()
+        # the context a run gives the command: get_params creates (and keeps) its help option from it
+        context = typer.Context(current, **{"help_option_names": HELP_OPTIONS, **(current.context_settings or {})})
+        for param in current.get_params(context):
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        pending.extend(getattr(current, "commands", {}).values())
+    return command
 
 
 def _exit_with(message: str) -> None:

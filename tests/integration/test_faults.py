@@ -43,7 +43,7 @@ from etbench.schema import scorecard
 from etbench.scoring import stages
 
 REPO = Path(__file__).resolve().parents[2]
-COMMITTED_CARD = REPO / "submissions" / "scorecards" / "tiny-ft"
+COMMITTED_CARD = REPO / "submissions" / "results" / "tiny-ft"
 COMMITTED_SUBMISSION = REPO / "submissions" / "tiny-ft.yaml"
 FIXTURES = REPO / "tests" / "fixtures" / "scorecards"
 PACKAGE_PARENT = Path(etbench.__file__).resolve().parents[1]
@@ -724,7 +724,7 @@ def test_submitted_files_hold_no_absolute_local_path(genuine_card, tmp_path):
 
 def test_committed_store_publishes_no_absolute_path():
     """The repository's own published files (store and leaderboard) name no local path."""
-    for sub in ("submissions/results", "submissions/scorecards", "leaderboards"):
+    for sub in ("submissions/results", "leaderboards"):
         for path in sorted((REPO / sub).rglob("*")):
             if path.is_file():
                 match = ABSOLUTE_PATH.search(path.read_text(encoding="utf-8", errors="replace"))

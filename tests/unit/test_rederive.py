@@ -109,7 +109,7 @@ def _drop_a_seed(card):
     (_edit_value, r"DCM head overlap \(all\), base in ft: value"),
     (_edit_ci, r"DCM head overlap \(value_fetcher\), Jaccard: low"),
     (_edit_a_later_seed, r"DCM head overlap \(value_fetcher\)"),
-    (_drop_a_seed, r"DCM head overlap \((value_fetcher|position_detector|all)\)"),
+    (_drop_a_seed, r"DCM selections \((base|ft), \w+, \w+, seed 2\): missing"),
 ])
 def test_edited_multi_seed_card_is_refused_naming_the_field(edit, message):
     card, items = _card()
@@ -125,7 +125,7 @@ def test_a_selection_outside_the_seeds_or_twice_is_refused():
     with pytest.raises(EtbenchError, match=r"DCM head overlap: its DCM selections: .*seed 7"):
         rederive(sc.Scorecard(**{**card.__dict__, "dcm_selections": card.dcm_selections + [extra]}), items)
     twice = copy.deepcopy(card.dcm_selections[-1])
-    with pytest.raises(EtbenchError, match="two DCM selections"):
+    with pytest.raises(EtbenchError, match=r"dcm_selections \(ft, 2, position_detector, positional\): listed twice"):
         rederive(sc.Scorecard(**{**card.__dict__, "dcm_selections": card.dcm_selections + [twice]}), items)
 
 
@@ -137,14 +137,12 @@ def test_first_seed_selections_must_be_the_dcm_scores():
         rederive(card, items)
 
 
-def test_card_without_per_seed_selections_is_range_checked_with_a_note():
-    """A card written before the selections were kept: accepted, said so, and still range-checked."""
+def test_card_without_per_seed_selections_is_refused():
+    """A card written before every seed's selections were kept: its DCM overlap over 3 seeds cannot be re-derived,
+    so it is refused (it was range-checked, and an overlap of 0.54 [0.51, 0.58] could be published as 0.90)."""
     card, items = _card(keep_selections=False)
     assert card.dcm_selections is None
-    notes = rederive(card, items)
-    assert any("DCM head overlap over 3 seeds is not re-derivable" in n for n in notes)
-    _overlap(card, "all").base_in_ft.value = 0.2  # below its interval (every seed pair gives 0.4 or more)
-    with pytest.raises(EtbenchError, match=r"DCM head overlap \(all\), base in ft"):
+    with pytest.raises(EtbenchError, match="dcm_selections: missing: the DCM head overlap over 3 seeds"):
         rederive(card, items)
     data = sc.to_dict(_card(keep_selections=False)[0])
     del data["dcm_selections"]  # the key is absent from such cards

@@ -123,13 +123,14 @@ class AccuracyRun:
 
 def run(model_ref: str, n_boxes: Sequence[int] = (7,), n: int | None = None, seed: int | None = None,
         batch_size: int = 16, dtype: str = "float32", device: str = "cpu", progress: bool = True,
-        loaded=None) -> AccuracyRun:
-    """Load a model (unless ``loaded`` is given) and score it on seeded example sets."""
+        loaded=None, report=None) -> AccuracyRun:
+    """Load a model (unless ``loaded`` is given; ``report(line)`` gets the load's lines, as in ``models.load``)
+    and score it on seeded example sets."""
     n = data.CANONICAL_N if n is None else n
     seed = data.CANONICAL_SEED if seed is None else seed
     for nb in n_boxes:  # validate sizes before spending time on a model load
         data.generate(n_boxes=nb, n=1, seed=seed)
-    loaded = loaded or models.load(model_ref, dtype=dtype, device=device)
+    loaded = loaded or models.load(model_ref, dtype=dtype, device=device, report=report)
     pool, labels = usable_pool(loaded.tokenizer, max(n_boxes))
     results = []
     for nb in n_boxes:

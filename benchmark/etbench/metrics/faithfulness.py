@@ -111,6 +111,8 @@ class RandomBaseline:
     sd: float
     faithfulness_mean: float
     faithfulness_sd: float
+    # per draw, per item: the rows a published baseline is re-derived from (etbench.publish.rederive)
+    correct: list[list[bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -243,10 +245,11 @@ def evaluate_circuit(model, circuit: Circuit, tokenizer=None, *, n_boxes: int = 
 
     baseline = None
     if random_draws:
-        accs = [_acc(step(lambda c=c: runner.correct(keep=c.kept()))) for _, c in todo[2:]]
+        flags = [list(step(lambda c=c: runner.correct(keep=c.kept()))) for _, c in todo[2:]]
+        accs = [_acc(f) for f in flags]
         m, sd = _mean_sd(accs)
         fm, fsd = _mean_sd([_faith(a, model_acc) for a in accs])
-        baseline = RandomBaseline(circuit.group_sizes, accs, m, sd, fm, fsd)
+        baseline = RandomBaseline(circuit.group_sizes, accs, m, sd, fm, fsd, [[bool(x) for x in f] for f in flags])
 
     completeness = None
     if completeness_draws:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
@@ -442,8 +443,9 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
     card = sc.load(card_path)
     if card.schema_version != sc.SCHEMA_VERSION:
         raise EtbenchError(f"{origin}: scorecard schema version {card.schema_version} predates the current "
-                           f"{sc.SCHEMA_VERSION} (which records weights revisions and no local paths): score again "
-                           "with this etbench")
+                           f"{sc.SCHEMA_VERSION} (which keeps the rows that re-derive every number): score again with "
+                           "this etbench, or convert it (etbench.publish.rederive.leave_out_underivable) so that what "
+                           "it cannot re-derive is left out")
     local = [f"{where}: {value}" for where, value in _local_paths(card)]
     if local:
         raise EtbenchError(f"{origin}: publishes a local path ({local[0]}); score again with this etbench")
@@ -551,7 +553,9 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False) -> S
     meta = sub.metadata()
     meta.update({"config_hash": card.config_hash, "benchmark_version": card.provenance.benchmark_version,
                  "scorecard_sha256": hashlib.sha256(card_bytes).hexdigest(),
-                 "items_sha256": hashlib.sha256(items_bytes).hexdigest()})
+                 "items_sha256": hashlib.sha256(items_bytes).hexdigest(),
+                 # the leaderboard's date column (UTC day; the build itself stays a function of stored files)
+                 "submitted": datetime.now(timezone.utc).date().isoformat()})
     entry_files = {"scorecard.json": card_bytes, card.items_file: items_bytes,
                    "submission.json": dumps_json(meta).encode("utf-8")}
     items = [loads_json(line) for line in items_bytes.decode("utf-8").splitlines() if line.strip()]

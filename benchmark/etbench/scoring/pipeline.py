@@ -294,16 +294,21 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
                       "curve": [{"size": st.size, "sizes": st.sizes, "accuracy": st.accuracy,
                                  "faithfulness": st.faithfulness, "mib": st.mib, "added": st.added, "scale": st.scale}
                                 for st in g.steps]}
+            # per sizing prompt, the rows submit re-derives the sizing record from (assemble_scorecard)
+            sizing_items = {"model": list(c.model_correct), "form_all_heads": list(c.form_correct),
+                            "no_heads": list(c.none_correct), "points": [list(st.correct) for st in g.steps]}
         # jsonable: a ratio over a model at 0 accuracy is NaN, stored as null (JSON has no NaN)
         # item_scores: per-prompt effects of each group's top heads, for the circuit-overlap CI
         return {"circuit": res.circuit.to_dict(), "method": res.circuit.method, "forward_passes": res.forward_passes,
-                "size_rule": p.circuit_size, "sizing": jsonable(sizing), "item_scores": res.item_score_rows()}
+                "size_rule": p.circuit_size, "sizing": jsonable(sizing), "item_scores": res.item_score_rows(),
+                **({"sizing_items": sizing_items} if sizing is not None else {})}
 
     discovery_settings = {"mode": p.discovery_mode, "n": p.discovery_n, "minimality_n": p.minimality_n,
                           "mean_n": p.mean_n, "minimality": p.minimality, "size": p.circuit_size,
                           "target_fraction": p.target_fraction, "sizing_n": p.sizing_n}
     if p.circuit_size == "faithfulness":  # a circuit cached under an earlier growth rule is a different circuit
         discovery_settings["growth"] = "scaled-shape, magnitude order"
+        discovery_settings["sizing_items"] = True  # stored before the per-prompt sizing rows were kept: recompute
     given = {"base": circuit_base, "ft": circuit_ft}
     recorded = {"base": recorded_base, "ft": recorded_ft}
     circuits = per_side("circuit_{}", lambda w: {**common, "model": ref[w], "given": recorded[w],
@@ -392,7 +397,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     def faith_part_depends(which: str) -> dict[str, Any]:
         # results without the ceilings' per-item flags cannot be submitted: compute them again
         return {**common, "model": ref[which], "n": p.faithfulness_n, "mean_n": p.mean_n,
-                "random_draws": p.random_draws, "ceiling_items": True}
+                "random_draws": p.random_draws, "ceiling_items": True, "random_items": True}
 
     def faith_depends(which: str) -> dict[str, Any]:
         # the parts' inputs plus both circuits (under score-many the first point where a side waits for the
@@ -414,11 +419,13 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
         results = semantics_check(m.model, m.tokenizer, selections, n=cfg.semantics_n, repeats=cfg.semantics_repeats,
                                   seed=seed, batch_size=p.batch_size, model_name=m.ref, progress=progress)
         return {"results": [{"group": r.group, "desideratum": r.desideratum, "heads": [list(h) for h in r.heads],
-                             "accuracies": list(r.accuracies), "n": r.n} for r in results]}
+                             "accuracies": list(r.accuracies), "n": r.n, "correct": [list(c) for c in r.correct]}
+                            for r in results]}
 
     semantics = per_side("semantics_{}", lambda w: {
         **common, "model": ref[w], "dcm_base": config_hash(dcm_runs["base"][0].value),
-        "n": dcm_preset(p.dcm).semantics_n, "repeats": dcm_preset(p.dcm).semantics_repeats}, semantics_stage)
+        "n": dcm_preset(p.dcm).semantics_n, "repeats": dcm_preset(p.dcm).semantics_repeats, "repeat_items": True},
+        semantics_stage)
 
     def cmap_stage():
 
