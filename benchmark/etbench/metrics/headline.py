@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from etbench.core.stats import proportion_ci
+from etbench.metrics.overlap import ALL
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import GROUPS
 
-ALL = "all"
 #: ``Estimate.method`` of a reuse score.
 REUSE_METHOD = "wilson over the base cut's heads, rescaled chance 0 .. identity 1"
 REUSE_NOTE = ("k heads of the base circuit's equal-size cut taken as k units, found again or not; a rerun of "

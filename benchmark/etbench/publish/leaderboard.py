@@ -4,9 +4,14 @@
 file and ``submission.json``). ``build`` turns them, plus the paper's published figures
 (``assets/paper_results.json``, marked as reported by the paper), into ``leaderboards/``:
 ``leaderboard.csv``, ``leaderboard.json``, ``leaderboard.md``, a self-contained ``index.html``
-(inline CSS/JS, sortable, no network requests, with inline SVG figures), one report per submission
+(inline CSS/JS: one sortable table per base, a text filter and a compact view; no network requests; inline
+SVG figures), one report per submission
 under ``reports/``, and the pairwise comparisons among fine-tunes of one base (``comparisons.json``, a
 matrix on the page and in the Markdown, one comparison report per pair under ``reports/compare/``).
+
+Rows are grouped by base (the paper's rows in a group of their own, reported, not measured) and ranked within
+their group by Δaccuracy; each measured row carries the headline scores of ``etbench.metrics.headline``
+(mechanism reuse, gain explained) with their CIs, and its protocol, benchmark version and submission date.
 
 Output is a pure function of the inputs (no timestamps, sorted rows, canonical JSON), so a rebuild
 is byte-identical. Writes go through ``outputs.Transaction``: on any error every file is put back; the
@@ -203,8 +208,10 @@ COLUMNS = (  # key, header, kind
     ("submitted", "Date", "text"),
 )
 #: Columns the page's compact view hides (each figure stays in the CSV, JSON, Markdown and the row's report).
-DETAIL_COLUMNS = frozenset({"base_accuracy", "faithfulness", "head_overlap", "head_overlap_chance", "cmap_gain",
-                            "benchmark_version"})
+DETAIL_COLUMNS = frozenset({"accuracy", "base_accuracy", "faithfulness", "head_overlap", "head_overlap_chance",
+                            "cmap_gain", "benchmark_version", "report"})
+#: Short text columns kept on one line.
+NOWRAP = frozenset({"rank", "name", "protocol", "benchmark_version", "submitted"})
 #: What each headline column means, shown as the header's tooltip (docs/method.md, "Headline scores").
 COLUMN_HELP = {
     "rank": "rank within the base's rows by Δaccuracy (point estimate)",
@@ -372,7 +379,7 @@ def rows_for(entries: list[Entry], include_paper: bool = True) -> list[dict[str,
         # ft - base on the same items, paired bootstrap CI (the report's "accuracy, 7 boxes" row)
         row["accuracy_gain"] = _est(top.accuracy_change)
         row["reuse"], row["gain_explained"] = _est(top.reuse), _est(top.gain_explained)
-        row["reuse_by_group"] = {g: _est(e) for g, e in top.reuse_by_group.items() if g != "all"}
+        row["reuse_by_group"] = {g: _est(e) for g, e in top.reuse_by_group.items() if g != ALL}
         row["verdict"] = headline.verdict(top, entry.name)
         ps.append(row["delta_p"])
     present = [p for p in ps if p is not None]
@@ -524,7 +531,10 @@ _STYLE = BASE_CSS + """
 body{max-width:none}
 table.board th{cursor:pointer;user-select:none;position:relative}
 table.board th[aria-sort=ascending]::after{content:" \\25B2"} table.board th[aria-sort=descending]::after{content:" \\25BC"}
-table.board td.est,table.board td.p{white-space:nowrap;font-variant-numeric:tabular-nums}
+table.board{font-size:13px}
+table.board th,table.board td{padding:4px 6px}
+table.board td.est,table.board td.p,table.board td.nowrap{white-space:nowrap;font-variant-numeric:tabular-nums}
+.scroll{overflow-x:auto}
 table.board td.method{max-width:11em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 table.board th.headline,table.board td.headline{background:#f3f7ff}
 table.board tr.paper td{background:#fff8e6;font-style:italic}
@@ -569,7 +579,10 @@ _SCRIPT = """
   filter.addEventListener('input',applyFilter);
   var compact=document.getElementById('compact');
   function applyCompact(){document.body.classList.toggle('compact',compact.checked);}
-  compact.checked=window.innerWidth<1500;applyCompact();
+  // the full view unless a table would need a horizontal scroll; #full or #compact in the address decides
+  function fits(){return tables.every(function(t){return t.scrollWidth<=t.parentNode.clientWidth;});}
+  compact.checked=false;applyCompact();
+  if(location.hash==='#compact'||(location.hash!=='#full'&&!fits())){compact.checked=true;applyCompact();}
   compact.addEventListener('change',applyCompact);
   window.etbenchSort=function(tableId,i,dir){sortBy(document.getElementById(tableId),i,dir);};
   window.etbenchFilter=function(q){filter.value=q;applyFilter();};
@@ -619,7 +632,7 @@ FIGURE_CAPTIONS = {
                            "in, minus the base). Hollow diamonds: reported by the paper, no CI. Each marker links "
                            "to the report that produced it.",
     "figure-overlap-by-group": "Share of the base circuit's heads of each group that the fine-tuned model's "
-                               "circuit also holds. The short dotted line under each marker, in its colour, is the "
+                               "circuit also holds. The short pale bar by each marker, in its colour, is the "
                                "share a random head set of the same size would hold (chance); DCM heads have no "
                                "chance line (each model's DCM heads are drawn from its own circuit). Error bars "
                                "only where the scorecard has a CI (DCM heads over several seeds); hollow markers: "
@@ -650,8 +663,8 @@ def _row_html(row: dict[str, Any]) -> str:
                 text += f' <span class="floor" title="{esc(report.CHANCE_LEGEND)}">{report.CHANCE_MARK}</span>'
         else:
             text = esc(text)
-        if kind in ("est", "p") and row["report"] and text != "—":
-            text = f'<a href="{esc(row["report"])}">{text}</a>'  # every measured number: its report
+        if (kind in ("est", "p") or key == "name") and row["report"] and text != "—":
+            text = f'<a href="{esc(row["report"])}">{text}</a>'  # the row's name and every measured number: its report
         title = ""
         if kind == "est" and e is not None and e.get("note"):
             title = f' title="{esc(e["note"])}"'
@@ -660,13 +673,14 @@ def _row_html(row: dict[str, Any]) -> str:
         elif key == "protocol" and row.get("config_hash"):
             title = f' title="config hash {esc(row["config_hash"])}"'
         classes = " ".join(c for c in (kind if kind in ("est", "p") else "", "method" if key == "method" else "",
+                                       "nowrap" if key in NOWRAP else "",
                                        "detail" if key in DETAIL_COLUMNS else "",
                                        "headline" if key in ("accuracy_gain", "reuse", "gain_explained") else "")
                            if c)
         cls = f' class="{classes}"' if classes else ""
         cells.append(f'<td data-sort="{esc(_sort_value(row, key, kind))}"{cls}{title}>{text}</td>')
     link = (f'<a href="{esc(row["report"])}">report</a>' if row["report"] else "—")
-    cells.append(f'<td data-sort="">{link}</td>')
+    cells.append(f'<td data-sort="" class="detail">{link}</td>')  # compact view: the name links to it
     cls = "paper" if row["origin"] == "paper" else "measured"
     search = " ".join(str(row[k] or "") for k in ("name", "method", "base", "model_ref", "protocol")).lower()
     verdict = f' title="{esc(row["verdict"])}"' if row.get("verdict") else ""
@@ -681,7 +695,7 @@ def group_id(group: str) -> str:
 
 def _tables_html(rows: list[dict[str, Any]]) -> str:
     esc = html.escape
-    head = "".join(_header_cell(k, h) for k, h, _ in COLUMNS) + "<th>Report</th>"
+    head = "".join(_header_cell(k, h) for k, h, _ in COLUMNS) + '<th class="detail">Report</th>'
     out = []
     for group in group_order(rows):
         members = [r for r in rows if r["group"] == group]
@@ -729,8 +743,8 @@ circuit itself 1 (CI over the base cut's heads). <em>Gain explained</em>: patchi
 the base recovers this fraction of its accuracy change (undefined where the change is within noise). Rows are
 grouped by base and ranked by Δaccuracy; rows of different bases are not comparable.</p>
 <div class="controls"><label>Filter rows <input type="search" id="filter" placeholder="name, method, base…"></label>
-<label><input type="checkbox" id="compact"> compact view (hides base accuracy, faithfulness, raw overlap,
-CMAP gain, version)</label></div>
+<label><input type="checkbox" id="compact"> compact view (hides the accuracies, faithfulness, raw overlap,
+CMAP gain, version and the report column: a row's name links to its report)</label></div>
 {_tables_html(rows)}
 <p class="note">Italic rows are <strong>{esc(PAPER_NOTE)}</strong> (head overlap derived from the paper's
 published circuit files).</p>

@@ -38,6 +38,7 @@ from etbench.metrics.overlap import format_chance
 from etbench.publish.outputs import Transaction, Writer, write_tree
 from etbench.publish.page import BASE_CSS, content_security_policy
 from etbench.schema import scorecard as sc
+from etbench.schema.circuit import GROUP_CODES
 
 SEED = 0
 N_RESAMPLES = 2000
@@ -457,7 +458,7 @@ def fig_cmap(card: sc.Scorecard) -> Optional[str]:
 
 
 #: One letter per group on the head map, as the paper names them.
-GROUP_LETTERS = {"value_fetcher": "A", "position_transmitter": "B", "position_detector": "C", "structure_reader": "D"}
+GROUP_LETTERS = GROUP_CODES
 
 
 def fig_overlap(card: sc.Scorecard) -> Optional[str]:
@@ -509,7 +510,7 @@ def fig_reuse(top: headline.Headline) -> Optional[str]:
     vals = np.array([e.value for _, e in shown])
     lo = np.array([e.low if e.low is not None else e.value for _, e in shown])
     hi = np.array([e.high if e.high is not None else e.value for _, e in shown])
-    colours = ["#55a868" if g == "all" else "#4c72b0" for g, _ in shown]
+    colours = ["#55a868" if g == headline.ALL else "#4c72b0" for g, _ in shown]
     ax.bar(xs, vals, yerr=[np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)], capsize=3, color=colours)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhline(1, color="#999999", linewidth=0.8, linestyle="--")
@@ -572,16 +573,22 @@ _LABEL_OFFSETS = tuple((dx * r, dy * r) for r in (1, 2, 3) for dx, dy in
                         (-10, -16)))
 
 
-def _place_labels(fig, ax, labels: list[tuple[str, tuple[float, float], str, Optional[str]]]) -> None:
+def _place_labels(fig, ax, labels: list[tuple[str, tuple[float, float], str, Optional[str]]],
+                  bars: tuple[tuple[float, float, float, float], ...] = ()) -> None:
     """Annotate each (text, (x, y), colour, url) at the first offset of ``_LABEL_OFFSETS`` whose text box
-    overlaps no label placed before it, no marker and stays inside the axes; where none does, the offset
-    with the least overlap (a thin leader line then joins label and marker). Deterministic: the same points
-    give the same places."""
+    overlaps no label placed before it, no marker, no error bar (``bars``: data-space boxes x0, y0, x1, y1)
+    and stays inside the axes; where none does, the offset with the least overlap (a thin leader line then
+    joins label and marker when it sits far out). Deterministic: the same points give the same places."""
+    from matplotlib.transforms import Bbox
+
     renderer = fig.canvas.get_renderer()
     to_px = ax.transData.transform
     markers = [to_px(xy) for _, xy, _, _ in labels]
     frame = ax.get_window_extent(renderer)
     placed: list = []
+    for x0, y0, x1, y1 in bars:  # an error bar as a box 3 px thick
+        (px0, py0), (px1, py1) = to_px((x0, y0)), to_px((x1, y1))
+        placed.append(Bbox([[min(px0, px1) - 1.5, min(py0, py1) - 1.5], [max(px0, px1) + 1.5, max(py0, py1) + 1.5]]))
 
     def clash(box) -> float:
         area = 0.0
@@ -630,14 +637,19 @@ def fig_gain_vs_cmap(points: list[PlotPoint], x_key: str = "cmap_gain", y_key: s
     plt = _mpl()
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
     ends = []
     labels = []
+    bars: list[tuple[float, float, float, float]] = []
     for i, p in enumerate(drawn):
         x, y = p.values[x_key], p.values[y_key]
         style = _marker_style(p, i)
         _linked(ax.errorbar([x.value], [y.value], xerr=_error_bar(x), yerr=_error_bar(y), **style), p)
         labels.append((p.label + (" (reported)" if p.reported else ""), (x.value, y.value), style["color"], p.url))
+        if has_ci(x):
+            bars.append((x.low, y.value, x.high, y.value))
+        if has_ci(y):
+            bars.append((x.value, y.low, x.value, y.high))
         ends += [v for e in (x, y) for v in (e.value, e.low, e.high) if v is not None]
     lo, hi = min(ends + [0.0]), max(ends + [0.0])
     pad = 0.05 * (hi - lo or 1.0)
@@ -646,7 +658,7 @@ def fig_gain_vs_cmap(points: list[PlotPoint], x_key: str = "cmap_gain", y_key: s
     ax.axvline(0, color="#cccccc", linewidth=0.8)
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
-    _place_labels(fig, ax, labels)
+    _place_labels(fig, ax, labels, tuple(bars))
     ax.set_xlabel("CMAP gain, full circuit (ft activations patched into base)")
     ax.set_ylabel("accuracy gain, ft - base, 7 boxes")
     ax.set_title("Accuracy gain vs CMAP gain (dashed: CMAP recovers the whole gain)")
@@ -671,7 +683,7 @@ def fig_group_overlap(points: list[PlotPoint], panels: tuple[tuple[str, str], ..
     if not shown:
         return None
     plt = _mpl()
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown) + 1.8, 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.8 * len(shown) + 1.8, 3.8), sharey=True, squeeze=False)
     from matplotlib.lines import Line2D
 
     width = 0.7  # of the band each group's markers spread over
@@ -688,7 +700,7 @@ def fig_group_overlap(points: list[PlotPoint], panels: tuple[tuple[str, str], ..
                 chance = p.chance.get(f"{key}/{g}")
                 if chance is not None:  # what a random head set of the same size would share
                     half = 0.5 * width / len(points)
-                    ax.hlines(chance, x - half, x + half, colors=style["color"], linestyles=":", linewidth=1.3)
+                    ax.hlines(chance, x - half, x + half, colors=style["color"], linewidth=2.2, alpha=0.55)
                     has_chance = True
                 _linked(ax.errorbar([x], [e.value], yerr=_error_bar(e), **style), p)
                 in_legend.setdefault(i, Line2D([], [], label=p.label, **{k: v for k, v in style.items()
@@ -700,8 +712,8 @@ def fig_group_overlap(points: list[PlotPoint], panels: tuple[tuple[str, str], ..
     axes[0][0].set_ylabel("base heads also in the ft set")
     handles = [in_legend[i] for i in sorted(in_legend)]
     if has_chance:
-        handles.append(Line2D([], [], color="#555555", linestyle=":", linewidth=1.3,
-                              label="chance: random heads, same size"))
+        handles.append(Line2D([], [], color="#555555", linewidth=2.2, alpha=0.55,
+                              label="bar: chance (random heads, same size)"))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     fig.suptitle("Head overlap per group (hollow: from the paper's published circuits, no CI)", fontsize=9, y=1.03)
     return _svg(fig)
@@ -829,7 +841,8 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 _CSP = content_security_policy(scripts=False)
-_CSS = BASE_CSS + "figure{display:inline-block;margin:0 1em 1em 0}svg{max-width:100%;height:auto}"
+_CSS = (BASE_CSS + "figure{display:inline-block;margin:0 1em 1em 0}svg{max-width:100%;height:auto}"
+        "#summary td:nth-child(2){white-space:nowrap}")  # a headline's CI on one line
 
 
 @dataclass(frozen=True)
@@ -854,10 +867,10 @@ def _document(title: str, intro: list[str], tables, comp: Optional[Comparison], 
         md += [f"- {n}" for n in summary.notes] + ([""] if summary.notes else [])
         body += ['<section id="summary"><h2>Summary</h2>', f'<p class="verdict"><strong>{html.escape(summary.verdict)}'
                  "</strong></p>", _html_table(_SUMMARY_HEADER, summary.rows)]
-        body += [f"<p>{html.escape(n)}</p>" for n in summary.notes]
         if summary.figure is not None:
             md += [f"The key figure ({summary.figure[0]}) is in the HTML version of this report.", ""]
             body.append(f'<figure aria-label="{html.escape(summary.figure[0])}">{summary.figure[1]}</figure>')
+        body += [f"<p>{html.escape(n)}</p>" for n in summary.notes]
         body.append("</section>")
     md += intro + [""]
     body += [f"<p>{html.escape(p)}</p>" for p in intro if p]
@@ -908,7 +921,9 @@ def prompt_sets_note(card: sc.Scorecard, items: list[dict[str, Any]]) -> Optiona
         first = sorted(acc_ids, key=lambda k: (str(type(k)), k))[:len(faith_ids)]
         which = f"the first {len(faith_ids)}" if sorted(faith_ids, key=lambda k: (str(type(k)), k)) == first \
             else f"{len(faith_ids)}"
-        where = (f" The faithfulness (and CMAP) prompts are {which} of the {len(acc_ids)} accuracy prompts, so "
+        cmap_ids = set(_select(items, "cmap", model="base", variant="none", group="none"))
+        named = "faithfulness (and CMAP)" if cmap_ids == faith_ids else "faithfulness"
+        where = (f" The {named} prompts are {which} of the {len(acc_ids)} accuracy prompts, so "
                  "the two accuracies differ only by which prompts they count; each ratio divides by the accuracy "
                  "on its own prompts. Circuits are sized on other prompts (a held-out stream), never on those "
                  "they are evaluated on.")
@@ -943,7 +958,7 @@ def _headline_rows(top: headline.Headline, card: sc.Scorecard) -> list[list[str]
             ["mechanism reuse (all groups)", format_estimate_of(top.reuse, signed=True, show_note=False),
              "equal-size circuits: 0 = a random head set, 1 = the base circuit's own heads"]]
     for g, e in top.reuse_by_group.items():
-        if g != "all":
+        if g != headline.ALL:
             rows.append([f"… {g.replace('_', ' ')} ({GROUP_LETTERS.get(g, '?')})",
                          format_estimate_of(e, signed=True, show_note=False), f"{e.n} base heads at equal size"])
     g = top.gain_explained
