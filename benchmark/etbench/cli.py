@@ -486,7 +486,8 @@ def edges_cmd(
     circuits = load_circuit(circuit_base), load_circuit(circuit_ft)  # a bad circuit fails before a model loads
     models.resolve(base)
     models.resolve(ft)
-    loaded = [models.load(ref, dtype=dtype, device=device) for ref in (base, ft)]
+    loaded = [models.load(ref, dtype=dtype, device=device, report=None if no_progress else _status)
+              for ref in (base, ft)]
     scores_base, scores_ft, cmp = edges.compare_models(*loaded, *circuits, n=n, seed=seed, batch_size=batch_size,
                                                        types=types, top_fraction=top_fraction,
                                                        progress=not no_progress)
