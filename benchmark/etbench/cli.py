@@ -441,11 +441,60 @@ def report_cmd(
     if out is not None:
         check_output_dir(out)
     found = report.find_one(scorecard_ref, store)
-    out = found.path.parent if out is None else out
-    check_output_dir(out)
-    doc = report.scorecard_report(found.card, found.items, title=found.name)
+    if out is None:
+        out = check_output_dir(found.path.parent)
+    # a scorecard given by path gets the title `etbench score` gives the report it writes beside it, so in a
+    # score run's directory this writes the same bytes (which the ownership check lets through), not a rival
+    title = "" if Path(scorecard_ref).exists() else found.name
+    doc = report.scorecard_report(found.card, found.items, title=title)
     for path in report.write_doc(doc, out, writer=report.REPORT_WRITER):
         typer.echo(f"wrote {path}")
+
+
+@app.command("edges")
+def edges_cmd(
+    base: str = typer.Option(..., "--base", help="The base model (alias, hub id, directory, .gguf or adapter dir)."),
+    ft: str = typer.Option(..., "--ft", help="The fine-tuned model."),
+    circuit_base: str = typer.Option(..., "--circuit-base", help="The base's circuit: JSON file or shipped name."),
+    circuit_ft: str = typer.Option(..., "--circuit-ft", help="The fine-tuned model's circuit (JSON file)."),
+    n: int = typer.Option(32, "--n", help="Prompts (and noise pairs) the edges are path-patched on."),
+    seed: int = typer.Option(0, help="Seed of the prompts and noise pairs, and of the bootstrap."),
+    top_fraction: float = typer.Option(0.25, "--top-fraction", help="Each model's top edges per type: this "
+                                       "fraction of the type's edges, by |effect|."),
+    types: list[str] = typer.Option([], "--type", help="Edge type to score (repeatable: D->C, C->B, B->A, "
+                                    "A->logits); default all. D->C is the dearest."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    out: Path = typer.Option(Path("etbench-edges"), "--out", "-o", help="Directory for edges_base.json, "
+                             "edges_ft.json and edge_comparison.json."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+) -> None:
+    """Edges between the head groups (path patching through one receiver) on both models, and how far the
+    fine-tune rewires them: overlap of the top edges per type with its chance level and a CI over prompts
+    (docs/method.md §13)."""
+    from etbench import models
+    from etbench.metrics import edges
+    from etbench.schema.circuit import load_circuit
+
+    _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
+    edges.check_edge_options(n=n, types=types, top_fraction=top_fraction)
+    if base == ft:
+        _fail("--base and --ft must be two models")
+    check_output_dir(out)
+    edges.check_edge_outputs(out)
+    circuits = load_circuit(circuit_base), load_circuit(circuit_ft)  # a bad circuit fails before a model loads
+    models.resolve(base)
+    models.resolve(ft)
+    loaded = [models.load(ref, dtype=dtype, device=device, report=None if no_progress else _status)
+              for ref in (base, ft)]
+    scores_base, scores_ft, cmp = edges.compare_models(*loaded, *circuits, n=n, seed=seed, batch_size=batch_size,
+                                                       types=types, top_fraction=top_fraction,
+                                                       progress=not no_progress)
+    written = edges.write_edges(out, scores_base, scores_ft, cmp)
+    typer.echo(edges.format_edge_comparison(cmp))
+    for path in written:
+        typer.echo(f"wrote {path}", err=True)
 
 
 def _check_model_options(*, n: int, batch_size: int, seed: int, dtype: str, device: str) -> None:

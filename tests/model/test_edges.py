@@ -8,10 +8,13 @@ import copy
 import pytest
 import torch
 
+from etbench.core.io import read_json
 from etbench.mech.heads import head_map
 from etbench.metrics.discovery import discovery_pairs, path_patching_scores
-from etbench.metrics.edges import compare_edges, edge_scores
+from etbench.metrics.edges import EdgeComparison, EdgeScores, compare_edges, compare_models, edge_scores, write_edges
+from etbench.models.load import LoadedModel
 from etbench.models.toy import tiny_llama, word_level_tokenizer
+from etbench.schema.circuit import Circuit
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -72,3 +75,17 @@ def test_a_removed_value_fetcher_loses_exactly_its_edges(toy):
             assert all(x == 0.0 for x in e_ft.effects) and any(x != 0.0 for x in e_base.effects)
     row = compare_edges(scores, planted).row("B->A")
     assert row.rewiring.value > 0 and row.base_edges_share.value < 1
+
+
+def test_compare_models_scores_the_chosen_types_on_the_circuits_nodes(toy, tmp_path):
+    model, tok, scores = toy
+    circuit = Circuit.from_heads(NODES, n_layers=N_LAYERS, n_heads=N_HEADS)
+    pair = [LoadedModel(ref, ref, m, tok) for ref, m in (("a", model), ("b", copy.deepcopy(model)))]
+    base, ft, cmp = compare_models(*pair, circuit, circuit, k=4, types=["B->A", "A->logits"], n_boxes=3, n=8,
+                                   batch_size=4, seed=1)
+    assert {e.type for e in base.edges} == {"B->A", "A->logits"}
+    assert [e.effects for e in base.edges] == [e.effects for e in scores.edges if e.type in ("B->A", "A->logits")]
+    assert [r.type for r in cmp.rows] == ["B->A", "A->logits", "all"] and cmp.row("all").rewiring.value == 0.0
+    written = write_edges(tmp_path, base, ft, cmp)
+    assert EdgeScores.from_dict(read_json(written[0])).edges == base.edges
+    assert EdgeComparison.from_dict(read_json(written[2])) == cmp

@@ -245,6 +245,9 @@ OUT_CASES = {
     "compare": (["compare", str(FIXTURE_CARD), str(FIXTURE_CARD.parent / "synthetic-ft-b"), "--out", "{out}"],
                 ["report.md", "report.html"]),
     "report": (["report", str(FIXTURE_CARD), "--out", "{out}"], ["report.md", "report.html"]),
+    "edges": (["edges", "--base", "tiny-base", "--ft", "tiny-null", "--circuit-base", "tiny-base",
+               "--circuit-ft", "tiny-base", "--out", "{out}"],
+              ["edges_base.json", "edges_ft.json", "edge_comparison.json"]),
 }
 
 

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy.stats import hypergeom
 
 from etbench.core.errors import EtbenchError
-from etbench.core.io import jsonable
+from etbench.core.io import Writer, atomic_write_json, claim_outputs, jsonable, refuse_foreign_files
 from etbench.core.stats import Estimate, format_estimate_of, format_p
 from etbench.mech.forward import PassCounter
 from etbench.mech.heads import head_map
@@ -153,8 +154,11 @@ def edge_nodes(base: Circuit, ft: Circuit, k: Mapping[str, int] | int | None = N
     ``k`` defaults to the paper's candidate k scaled to the model (``discovery.default_k``: 15, 3, 7 and 2
     heads of SmolLM2-135M's 270). Sized circuits can hold most of a model's heads; edges among all of
     them would cost |A| x |B| patched runs per prompt batch, and the top heads carry the groups' roles."""
-    if (base.n_layers, base.n_heads) != (ft.n_layers, ft.n_heads) or base.n_layers is None:
-        raise EtbenchError("edge nodes need two circuits of one head layout (n_layers, n_heads)")
+    if None in (base.n_layers, base.n_heads, ft.n_layers, ft.n_heads):
+        raise EtbenchError("edge nodes need circuits that record their model's shape (n_layers, n_heads)")
+    if (base.n_layers, base.n_heads) != (ft.n_layers, ft.n_heads):
+        raise EtbenchError(f"edge nodes need two circuits of one head layout: {base.n_layers} x {base.n_heads} "
+                           f"vs {ft.n_layers} x {ft.n_heads} (layers x heads)")
     if k is None:
         ks = default_k(base.n_layers * base.n_heads, PAPER_CANDIDATE_K)
     elif isinstance(k, int):
@@ -170,6 +174,20 @@ def edge_nodes(base: Circuit, ft: Circuit, k: Mapping[str, int] | int | None = N
     return out
 
 
+def check_edge_options(*, n: int = 2, types: Sequence[str] | None = None,
+                       top_fraction: float = DEFAULT_TOP_FRACTION) -> list[str]:
+    """Refuse bad edge options before any model loads; returns the edge types (default all)."""
+    if n < 2:
+        raise EtbenchError(f"edge scores need at least 2 prompts (a CI resamples them), got {n}")
+    if not 0 < top_fraction <= 1:  # also refuses NaN
+        raise EtbenchError(f"top fraction must be in (0, 1], got {top_fraction}")
+    names = [t.name for t in EDGE_TYPES] if not types else list(dict.fromkeys(types))
+    unknown = [t for t in names if t not in EDGE_TYPE_BY_NAME]
+    if unknown:
+        raise EtbenchError(f"unknown edge type(s) {', '.join(unknown)}; known: {', '.join(EDGE_TYPE_BY_NAME)}")
+    return names
+
+
 def edge_scores(model, nodes: Mapping[str, Sequence[Sequence[int]]], tokenizer=None, *, n_boxes: int = 7,
                 n: int = 32, seed: int = 0, batch_size: int = 8, types: Sequence[str] | None = None,
                 prefix_cache: bool = True, model_name: str = "", progress: bool = False) -> EdgeScores:
@@ -180,12 +198,7 @@ def edge_scores(model, nodes: Mapping[str, Sequence[Sequence[int]]], tokenizer=N
     Cost: one sender run per sender and one receiver run per edge, per batch. A run recomputes the tokens
     from the batch's earliest sender position on, so items are batched in order of that position (D's
     previous query label ranges over the whole context; C and B sit near the end)."""
-    if n < 2:
-        raise EtbenchError(f"edge scores need at least 2 prompts (a CI resamples them), got {n}")
-    types = [t.name for t in EDGE_TYPES] if types is None else list(types)
-    unknown = [t for t in types if t not in EDGE_TYPE_BY_NAME]
-    if unknown or not types:
-        raise EtbenchError(f"unknown edge type(s) {unknown or types}; known: {', '.join(EDGE_TYPE_BY_NAME)}")
+    types = check_edge_options(n=n, types=types)
     model, tokenizer, model_name = as_loaded(model, tokenizer, model_name)
     hm = head_map(model)
     spec = hm.spec
@@ -332,8 +345,7 @@ def _sum_chance(parts: Sequence[tuple[int, int]], n_common: int) -> OverlapChanc
 def compare_edges(base: EdgeScores, ft: EdgeScores, *, top_fraction: float = DEFAULT_TOP_FRACTION, seed: int = 0,
                   n_resamples: int = RESAMPLES) -> EdgeComparison:
     """Edge overlap, rewiring and the base edges' share per edge type and over all types (module docstring)."""
-    if not 0 < top_fraction <= 1:
-        raise EtbenchError(f"top fraction must be in (0, 1], got {top_fraction}")
+    check_edge_options(top_fraction=top_fraction)
     if n_resamples < 1:
         raise EtbenchError(f"resamples must be at least 1, got {n_resamples}")
     _check_comparable(base, ft)
@@ -411,3 +423,39 @@ def format_edge_comparison(cmp: EdgeComparison) -> str:
     head = f"edges: {cmp.base} -> {cmp.ft} ({cmp.parameters['n_items']} prompts, top {cmp.parameters['top_fraction']})"
     return head + "\n" + tabulate(rows, headers=["edges", "top k of M", "overlap", "by chance", "rewiring",
                                                  "base edges' share"], tablefmt="github", disable_numparse=True)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+#: ``etbench edges``' files in its output directory, and its manifest there (the ownership rule of core.io).
+EDGES_WRITER = Writer("etbench edges", ".etbench-edges-manifest.json")
+EDGE_OUTPUTS = ("edges_base.json", "edges_ft.json", "edge_comparison.json")
+
+
+def check_edge_outputs(out_dir: str | Path) -> None:
+    """Refuse, before any model loads, an output directory holding a file of an output's name that
+    ``etbench edges`` did not write."""
+    refuse_foreign_files(Path(out_dir), dict.fromkeys(EDGE_OUTPUTS), EDGES_WRITER)
+
+
+def write_edges(out_dir: str | Path, base: EdgeScores, ft: EdgeScores, cmp: EdgeComparison) -> list[Path]:
+    """The three files, each written atomically, after claiming them in the manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_outputs(out_dir, EDGE_OUTPUTS, EDGES_WRITER)
+    return [atomic_write_json(out_dir / name, obj.to_dict()) for name, obj in zip(EDGE_OUTPUTS, (base, ft, cmp))]
+
+
+def compare_models(base, ft, circuit_base: Circuit, circuit_ft: Circuit, *, k: Mapping[str, int] | int | None = None,
+                   n_boxes: int = 7, n: int = 32, seed: int = 0, batch_size: int = 8,
+                   types: Sequence[str] | None = None, top_fraction: float = DEFAULT_TOP_FRACTION,
+                   progress: bool = False) -> tuple[EdgeScores, EdgeScores, EdgeComparison]:
+    """Both models' edge scores on the node set of the two circuits (``edge_nodes``), and their comparison.
+    ``base``/``ft``: ``LoadedModel``s or registry refs."""
+    types = check_edge_options(n=n, types=types, top_fraction=top_fraction)
+    nodes = edge_nodes(circuit_base, circuit_ft, k)
+    kw = dict(n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, types=types, progress=progress)
+    scores_base = edge_scores(base, nodes, **kw)
+    scores_ft = edge_scores(ft, nodes, **kw)
+    return scores_base, scores_ft, compare_edges(scores_base, scores_ft, top_fraction=top_fraction, seed=seed)

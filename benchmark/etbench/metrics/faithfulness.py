@@ -295,15 +295,17 @@ def evaluate_circuit(model, circuit: Circuit, tokenizer=None, *, n_boxes: int = 
 
 def evaluation_runner(model, tokenizer, n_boxes: int = 7, n: int = 100, seed: int = 0, mean_n: int = 100,
                       batch_size: int = 16, mean: MeanActivations | None = None, counter: PassCounter | None = None,
-                      progress: bool = False, reuse_prefix: bool = True) -> AblationRunner:
+                      progress: bool = False, reuse_prefix: bool = True,
+                      wording: str = prompts.DEFAULT_WORDING) -> AblationRunner:
     """The ``AblationRunner`` over ``evaluate_circuit``'s prompts (``n`` seeded canonical prompts with
-    ``n_boxes`` boxes), computing the mean activations unless given."""
+    ``n_boxes`` boxes, in ``wording``), computing the mean activations (in the same wording) unless given."""
     hm = head_map(model)
     counter = counter if counter is not None else PassCounter()
     pool, labels = usable_pool(tokenizer, n_boxes)
-    lays = layouts(prompts.generate(n_boxes=n_boxes, n=n, seed=seed, objects=pool, labels=labels), tokenizer)
+    lays = layouts(prompts.generate(n_boxes=n_boxes, n=n, seed=seed, objects=pool, labels=labels, wording=wording),
+                   tokenizer)
     mean = mean or mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
-                                    counter=counter, progress=progress)
+                                    counter=counter, progress=progress, wording=wording)
     return AblationRunner(model, hm, lays, mean, batch_size, counter, reuse_prefix, n_boxes=n_boxes, seed=seed)
 
 

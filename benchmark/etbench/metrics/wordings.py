@@ -4,7 +4,8 @@ Circuits found by current methods can change under small meaning-preserving chan
 fine-tune can gain on one wording only. ``accuracy_by_wording`` scores one model on the same contexts and
 queries in each wording of ``task.prompts.WORDINGS`` (the paper's template and two held out from every
 fine-tune), each with its Wilson CI, and compares every wording with the first on the same items: the
-paired accuracy difference (bootstrap CI) and the exact McNemar p-value.
+paired accuracy difference (bootstrap CI) and the exact McNemar p-value. ``circuit_by_wording`` asks whether
+a circuit carries over: its faithfulness under mean ablation (§6), the mean taken in each wording.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 from etbench.core.errors import EtbenchError
-from etbench.core.io import jsonable
-from etbench.core.stats import Estimate, format_estimate_of, format_p, mcnemar, to_estimate
+from etbench.core.io import finite, jsonable
+from etbench.core.stats import Estimate, format_estimate, format_estimate_of, format_p, mcnemar, to_estimate
 from etbench.metrics.accuracy import evaluate
+from etbench.metrics.faithfulness import evaluate_circuit, evaluation_runner
 from etbench.models.load import as_loaded
+from etbench.schema.circuit import Circuit
 from etbench.task import prompts
 from etbench.task.layout import usable_pool
 
@@ -73,11 +76,7 @@ def accuracy_by_wording(model, tokenizer=None, *, wordings: Sequence[str] | None
                         progress: bool = False) -> WordingAccuracy:
     """Accuracy of ``model`` (a loaded model + ``tokenizer``, a ``LoadedModel`` or a registry ref) on the first
     ``n`` items of seed ``seed`` in each of ``wordings`` (default: every wording, the paper's first)."""
-    wordings = list(prompts.WORDINGS) if wordings is None else list(dict.fromkeys(wordings))
-    if not wordings:
-        raise EtbenchError("accuracy by wording needs at least one wording")
-    for w in wordings:
-        prompts.check_wording(w)
+    wordings = _checked_wordings(wordings)
     model, tokenizer, model_name = as_loaded(model, tokenizer, model_name)
     pool, labels = usable_pool(tokenizer, n_boxes)
     rows: list[WordingRow] = []
@@ -104,3 +103,50 @@ def format_wording_accuracy(res: WordingAccuracy) -> str:
     return (f"model: {res.model}   {res.n_boxes} boxes, {res.n} items (seed {res.seed})\n"
             + tabulate(rows, headers=["wording", "accuracy", f"vs {res.reference} (paired)", "McNemar p"],
                        tablefmt="github", disable_numparse=True))
+
+
+@dataclass
+class CircuitWordingRow:
+    wording: str
+    model_acc: Estimate
+    circuit_acc: Estimate
+    faithfulness: Estimate  # circuit / model accuracy, paired percentile bootstrap over items
+
+
+def _checked_wordings(wordings: Sequence[str] | None) -> list[str]:
+    wordings = list(prompts.WORDINGS) if wordings is None else list(dict.fromkeys(wordings))
+    if not wordings:
+        raise EtbenchError("a measure by wording needs at least one wording")
+    for w in wordings:
+        prompts.check_wording(w)
+    return wordings
+
+
+def circuit_by_wording(model, circuit: Circuit, tokenizer=None, *, wordings: Sequence[str] | None = None,
+                       n_boxes: int = 7, n: int = 100, mean_n: int = 100, seed: int = 0, batch_size: int = 16,
+                       model_name: str = "", progress: bool = False) -> list[CircuitWordingRow]:
+    """Faithfulness of ``circuit`` on ``model`` in each wording: the first ``n`` items of seed ``seed`` and a
+    mean over ``mean_n`` ablation prompts, both in that wording (the mean is position-wise)."""
+    wordings = _checked_wordings(wordings)
+    model, tokenizer, model_name = as_loaded(model, tokenizer, model_name)
+    rows = []
+    for w in wordings:
+        runner = evaluation_runner(model, tokenizer, n_boxes, n, seed, mean_n, batch_size, progress=progress,
+                                   wording=w)
+        ev = evaluate_circuit(model, circuit, tokenizer, n_boxes=n_boxes, n=n, seed=seed, mean_n=mean_n,
+                              batch_size=batch_size, random_draws=0, completeness_draws=0, curve=False,
+                              model_name=model_name, runner=runner)
+        low, high = ev.faithfulness_ci
+        value = finite(ev.faithfulness)
+        faith = Estimate(value, finite(low), finite(high), n, "paired-bootstrap-percentile (ratio of sums)",
+                         note="" if value is not None else "undefined: the model answers no item")
+        rows.append(CircuitWordingRow(w, to_estimate(ev.model_acc), to_estimate(ev.circuit_acc), faith))
+    return rows
+
+
+def format_circuit_by_wording(rows: Sequence[CircuitWordingRow]) -> str:
+    from tabulate import tabulate
+
+    return tabulate([[r.wording, format_estimate_of(r.model_acc), format_estimate_of(r.circuit_acc),
+                      format_estimate(r.faithfulness.value, r.faithfulness.low, r.faithfulness.high)] for r in rows],
+                    headers=["wording", "model", "circuit", "faithfulness"], tablefmt="github", disable_numparse=True)
