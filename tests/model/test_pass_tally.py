@@ -22,6 +22,8 @@ def test_tally_counts_forward_and_backward_tokens_and_repeated_unpatched_rows():
             with torch.no_grad():
                 run(model, None, {"input_ids": ids[1:]})  # repeats row 1 of the outer tally's first call
                 run(model, None, {"input_ids": torch.tensor([[1, 2, 3]])})  # new tokens
+                run(model, None, {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3)})  # again
+                run(model, None, {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.tensor([[0, 1, 1]])})
                 past = run(model, None, {"input_ids": ids[:1]}, use_cache=True).past_key_values
                 run(model, None, {"input_ids": torch.tensor([[11]])}, past_key_values=past)  # a continuation
             mask = torch.ones(4, requires_grad=True)
@@ -29,6 +31,6 @@ def test_tally_counts_forward_and_backward_tokens_and_repeated_unpatched_rows():
             torch.autograd.grad(out.logits[:, -1, 0].sum(), [mask])
             count_backward()
     assert first.as_dict() == {"calls": 3, "forward_tokens": 25, "backward_tokens": 0, "repeated_tokens": 5}
-    assert second.as_dict() == {"calls": 5, "forward_tokens": 5 + 3 + 5 + 1 + 10, "backward_tokens": 10,
-                                "repeated_tokens": 5 + 5}
+    assert second.as_dict() == {"calls": 7, "forward_tokens": 5 + 3 + 3 + 3 + 5 + 1 + 10, "backward_tokens": 10,
+                                "repeated_tokens": 5 + 3 + 5}  # a mask of ones is no padding: the same run
     assert outer.as_dict() == {k: first.as_dict()[k] + second.as_dict()[k] for k in outer.as_dict()}

@@ -213,7 +213,7 @@ class PassTally:
     ``calls`` forward passes (every ``run``; padding included: it is computed), ``backward_tokens`` (each
     ``count_backward``: the last forward run with gradients on), and ``repeated_tokens``: forward tokens of
     unpatched rows (no edit but reads) that the outermost open tally had already run on the same model,
-    with the same tokens and mask, from scratch (no KV cache): work a cache of that run would have saved."""
+    with the same tokens and padding, from scratch (no KV cache): work a cache of that run would have saved."""
 
     calls: int = 0
     forward_tokens: int = 0
@@ -262,7 +262,9 @@ def _tally(model, inputs: Mapping[str, torch.Tensor], edits: Sequence[Edit], for
         masks = None if mask is None else mask.detach().cpu().numpy()
         outer = tallies[0].seen
         for i, row in enumerate(rows):
-            key = hash((id(model), row.tobytes(), None if masks is None else masks[i].tobytes()))  # 8 bytes a row
+            # a row without padding runs the same with or without a mask of ones
+            padded = masks is not None and not masks[i].all()
+            key = hash((id(model), row.tobytes(), masks[i].tobytes() if padded else None))  # 8 bytes a row
             if key in outer:
                 repeated += row.size
             outer.add(key)
