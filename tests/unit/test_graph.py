@@ -83,7 +83,8 @@ def test_score_plan_prints_every_stage_with_its_side_reads_and_inputs_without_lo
     lines = plan.splitlines()
     assert lines[0] == "preset standard: 16 stages, in run order"
     for name in graph.stage_names(STANDARD):
-        assert sum(line.split()[0] == name for line in lines[2:]) == 1
+        assert sum(line.split()[0] == name for line in lines[2:] if line) == 1
+    assert "  dcm_{side}_seed{seed}: DCM masks on the side's own circuit, one DCM seed" in lines
     cmap = next(line for line in lines if line.startswith("cmap "))
     assert "pair (ft)" in cmap and "circuit_ft, dcm_ft_seed0" in cmap and "n=cmap_n:200" in cmap
     assert next(line for line in lines if line.startswith("semantics_ft ")).split()[1] == "ft"

@@ -427,6 +427,7 @@ def format_plan(preset: Preset) -> str:
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"preset {preset.name}: {len(instances(preset))} stages, in run order"]
     lines += ["  ".join(r[i].ljust(width[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    lines += ["", "what each stage does:"] + [f"  {s.name}: {s.what}" for s in GRAPH]
     return "\n".join(line.rstrip() for line in lines)
 
 
