@@ -17,13 +17,21 @@ from typer.exceptions import TyperException
 
 from etbench.core.checks import check_batch_size, check_draws, check_items, check_range, check_seed
 from etbench.core.errors import EtbenchError
-from etbench.core.io import check_output_dir, check_output_file
+from etbench.core.io import (
+    Writer,
+    check_output_dir,
+    check_output_file,
+    claim_output_file,
+    refuse_foreign_file,
+)
 from etbench.core.progress import quiet_third_party
 
+HELP_OPTIONS = ["-h", "--help"]  # every command's (a subcommand inherits its group's)
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": HELP_OPTIONS},
     help="etbench: score how fine-tuning changes a model's entity-tracking mechanism.",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Generate the benchmark's prompts.")
@@ -34,11 +42,34 @@ circuit_app = typer.Typer(no_args_is_help=True, help="Find circuits and measure 
 app.add_typer(circuit_app, name="circuit")
 
 EXIT_USER_ERROR = 2
+#: The single-file writers (``--out FILE``): each keeps a manifest in the file's directory and never replaces a
+#: file (or a link) of that name that it did not write (``etbench.core.io``'s ownership rule).
+DATA_WRITER = Writer("etbench data generate", ".etbench-data-manifest.json")
+CIRCUIT_WRITER = Writer("etbench circuit", ".etbench-circuit-manifest.json")
 
 
 def _fail(message: str) -> None:
     typer.echo(f"etbench: error: {message}", err=True)
     raise typer.Exit(EXIT_USER_ERROR)
+
+
+def _status(line: str) -> None:
+    """A status line (a model loading, a file written) on stderr, apart from the results on stdout."""
+    typer.echo(line, err=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from etbench import __version__
+
+        typer.echo(f"etbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(context_settings={"help_option_names": HELP_OPTIONS})
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print etbench's version and exit.")) -> None:
+    """etbench: score how fine-tuning changes a model's entity-tracking mechanism."""
 
 
 @data_app.command("generate")
@@ -59,12 +90,14 @@ def data_generate(
     check_seed(seed)
     if out is not None:
         check_output_file(out)
+        refuse_foreign_file(out, DATA_WRITER)
     examples = prompts.generate(n_boxes=n_boxes, n=n, seed=seed)
     rows = prompts.paper_records(examples) if fmt == "paper" else [ex.to_record() for ex in examples]
     if out is None:
         for row in rows:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
     else:
+        claim_output_file(out, DATA_WRITER)
         atomic_write_jsonl(out, rows)
         typer.echo(f"wrote {len(rows)} examples to {out}", err=True)
 
@@ -93,11 +126,12 @@ def accuracy_cmd(
         check_range(count, "--n-boxes", 2, 26)
     if out is not None:
         check_output_dir(out)
+        accuracy.check_run_outputs(out)
     models.resolve(model)  # a missing model is reported before anything is loaded
     # remote: a given --dtype is refused (NDIF's dtype), so no default stands in for it
     result = api.accuracy(model, n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, progress=not no_progress,
                           dtype=dtype if remote else dtype or "float32", device=device, backend=backend,
-                          remote=remote)
+                          remote=remote, report=None if no_progress else _status)
     typer.echo(accuracy.format_run(result))
     if out is not None:
         for path in accuracy.write_run(result, out):
@@ -221,13 +255,15 @@ def circuit_discover(
     _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
     check_sizing(size, target)
     check_output_file(out)
+    refuse_foreign_file(out, CIRCUIT_WRITER)
     models.resolve(model)
-    loaded = models.load(model, dtype=dtype, device=device)
+    loaded = models.load(model, dtype=dtype, device=device, report=None if no_progress else _status)
     # the command's fast default prunes nothing (the library's fast default, 'single', is kept for API users)
     minimality = minimality or ("pairs" if exact else "none")
     result = discovery.discover(loaded, mode="exact" if exact else "fast", n=n, seed=seed, batch_size=batch_size,
                                minimality_mode=minimality, size=size, target_fraction=target,
                                model_name=model, progress=not no_progress)
+    claim_output_file(out, CIRCUIT_WRITER)
     result.circuit.save(out)
     typer.echo(discovery.format_discovery(result))
     typer.echo(f"wrote {out}", err=True)
@@ -260,14 +296,16 @@ def circuit_eval(
     check_draws(completeness_draws, "--completeness-draws")
     if out is not None:
         check_output_file(out)
+        refuse_foreign_file(out, CIRCUIT_WRITER)
     circ = load_circuit(circuit)  # a bad circuit fails before the model loads
     models.resolve(model)
-    loaded = models.load(model, dtype=dtype, device=device)
+    loaded = models.load(model, dtype=dtype, device=device, report=None if no_progress else _status)
     ev = faithfulness.evaluate_circuit(loaded, circ, n=n, seed=seed, mean_n=mean_n, batch_size=batch_size,
                                        random_draws=random_draws, completeness_draws=completeness_draws,
                                        model_name=model, progress=not no_progress)
     typer.echo(faithfulness.format_evaluation(ev))
     if out is not None:
+        claim_output_file(out, CIRCUIT_WRITER)
         ev.save(out)
         typer.echo(f"wrote {out}", err=True)
 
@@ -293,11 +331,35 @@ def lm_eval_cmd(ctx: typer.Context) -> None:
 
 
 @models_app.command("list")
-def models_list() -> None:
+def models_list(
+    wide: bool = typer.Option(False, "--wide", help="Every column: where the weights come from, and why each "
+                              "model is or is not available (~160 columns)."),
+) -> None:
     """Show every alias, what it is, and whether it is available offline right now."""
     from etbench import models
 
-    typer.echo(models.format_model_table(models.list_models()))
+    typer.echo(models.format_model_table(models.list_models(), wide=wide))
+
+
+@models_app.command("export", short_help="Write a model as a plain transformers directory (adapters merged).")
+def models_export(
+    model: str = typer.Argument(..., metavar="MODEL", help="Alias, hub id, directory, .gguf file or adapter dir."),
+    directory: Path = typer.Argument(..., metavar="DIR", help="New or empty directory (or an earlier export's)."),
+    dtype: str = typer.Option("float32", help="float32 (the weights etbench scores on a CPU), bfloat16 or "
+                              "float16."),
+) -> None:
+    """Write MODEL as a plain transformers directory (config, safetensors, tokenizer; adapters merged), e.g. for
+    `lm_eval --model hf --model_args pretrained=DIR`.
+
+    The export is reloaded and checked against the model (same tokens, same logits) before it is put in
+    place; DIR is refused when it holds files an earlier export did not write."""
+    from etbench import models
+
+    models.check_dtype(dtype)
+    models.check_export_dir(directory)  # a refused directory or a missing model costs no model load
+    models.resolve(model)
+    path = models.export_model(model, directory, dtype=dtype, report=_status)
+    typer.echo(f"wrote {path}")
 
 
 # --- submissions, leaderboard, compare, report (etbench.publish) ---
@@ -374,16 +436,68 @@ def report_cmd(
     scorecard_ref: str = typer.Argument(..., help="scorecard.json (or its directory) or a stored submission name."),
     store: list[Path] = typer.Option([Path("submissions/results"), Path("etbench-out")], "--store",
                                      help="Where stored submissions and `etbench score` output live."),
-    out: Path = typer.Option(Path("."), "--out", "-o", help="Directory for report.md + report.html."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for report.md + report.html "
+                                       "(default: the scorecard's own directory)."),
 ) -> None:
-    """Markdown + HTML report of one scorecard (tables, paired base-vs-ft tests, figures)."""
+    """Markdown + HTML report of one scorecard (tables, paired tests, figures), beside it or in --out."""
     from etbench.publish import report
 
-    check_output_dir(out)
+    if out is not None:
+        check_output_dir(out)
     found = report.find_one(scorecard_ref, store)
-    doc = report.scorecard_report(found.card, found.items, title=found.name)
+    out = found.path.parent if out is None else out
+    check_output_dir(out)
+    # a scorecard given by path gets the title `etbench score` gives the report it writes beside it, so in a
+    # score run's directory this writes the same bytes (which the ownership check lets through), not a rival
+    title = "" if Path(scorecard_ref).exists() else found.name
+    doc = report.scorecard_report(found.card, found.items, title=title)
     for path in report.write_doc(doc, out, writer=report.REPORT_WRITER):
         typer.echo(f"wrote {path}")
+
+
+@app.command("edges")
+def edges_cmd(
+    base: str = typer.Option(..., "--base", help="The base model (alias, hub id, directory, .gguf or adapter dir)."),
+    ft: str = typer.Option(..., "--ft", help="The fine-tuned model."),
+    circuit_base: str = typer.Option(..., "--circuit-base", help="The base's circuit: JSON file or shipped name."),
+    circuit_ft: str = typer.Option(..., "--circuit-ft", help="The fine-tuned model's circuit (JSON file)."),
+    n: int = typer.Option(32, "--n", help="Prompts (and noise pairs) the edges are path-patched on."),
+    seed: int = typer.Option(0, help="Seed of the prompts and noise pairs, and of the bootstrap."),
+    top_fraction: float = typer.Option(0.25, "--top-fraction", help="Each model's top edges per type: this "
+                                       "fraction of the type's edges, by |effect|."),
+    types: list[str] = typer.Option([], "--type", help="Edge type to score (repeatable: D->C, C->B, B->A, "
+                                    "A->logits); default all. D->C is the dearest."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    out: Path = typer.Option(Path("etbench-edges"), "--out", "-o", help="Directory for edges_base.json, "
+                             "edges_ft.json and edge_comparison.json."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+) -> None:
+    """Edges between the head groups (path patching through one receiver) on both models, and how far the
+    fine-tune rewires them: overlap of the top edges per type with its chance level and a CI over prompts
+    (docs/method.md §13)."""
+    from etbench import models
+    from etbench.metrics import edges
+    from etbench.schema.circuit import load_circuit
+
+    _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
+    edges.check_edge_options(n=n, types=types, top_fraction=top_fraction)
+    if base == ft:
+        _fail("--base and --ft must be two models")
+    check_output_dir(out)
+    edges.check_edge_outputs(out)
+    circuits = load_circuit(circuit_base), load_circuit(circuit_ft)  # a bad circuit fails before a model loads
+    models.resolve(base)
+    models.resolve(ft)
+    loaded = [models.load(ref, dtype=dtype, device=device) for ref in (base, ft)]
+    scores_base, scores_ft, cmp = edges.compare_models(*loaded, *circuits, n=n, seed=seed, batch_size=batch_size,
+                                                       types=types, top_fraction=top_fraction,
+                                                       progress=not no_progress)
+    written = edges.write_edges(out, scores_base, scores_ft, cmp)
+    typer.echo(edges.format_edge_comparison(cmp))
+    for path in written:
+        typer.echo(f"wrote {path}", err=True)
 
 
 def _check_model_options(*, n: int, batch_size: int, seed: int, dtype: str, device: str) -> None:
@@ -402,7 +516,7 @@ def main() -> None:
     try:
         # not standalone: typer's usage errors (a missing argument, an unknown option or command) reach the
         # handler below and become the one-line error instead of typer's framed box
-        status = app(standalone_mode=False)
+        status = _command()(standalone_mode=False, prog_name="etbench")
     except TyperException as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # bare `etbench` / `etbench leaderboard`: help shown
             sys.exit(EXIT_USER_ERROR)
@@ -418,6 +532,22 @@ def main() -> None:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         _exit_with(f"unreadable input ({type(err).__name__}: {err})")
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def _command():
+    """The click command behind ``app``, with no type shown for on/off flags: typer's help prints ``<bool>``
+    beside ``--no-progress`` or ``--help``, which take no value."""
+    command = typer.main.get_command(app)
+    pending = [command]
+    while pending:
+        current = pending.pop()
+        # the context a run gives the command: get_params creates (and keeps) its help option from it
+        context = typer.Context(current, **{"help_option_names": HELP_OPTIONS, **(current.context_settings or {})})
+        for param in current.get_params(context):
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        pending.extend(getattr(current, "commands", {}).values())
+    return command
 
 
 def _exit_with(message: str) -> None:

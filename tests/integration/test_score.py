@@ -154,3 +154,25 @@ def test_circuits_sized_by_faithfulness_record_their_growth(toy_pair, tmp_path):
         # random toys score 0: the growth says why it grew nothing instead of inventing a circuit
         if not summary.sizing["reached"]:
             assert summary.sizing["note"]
+
+
+def test_every_number_of_a_fresh_scorecard_re_derives_from_its_rows(toy_pair, tmp_path):
+    """Scorecard schema 3: a scored card carries the rows of its random-circuit baselines (per draw), sizing
+    records (per sizing prompt) and semantics checks (per repeat); submit's re-derivation reproduces every
+    number with nothing left out, and refuses a baseline changed by one draw's worth."""
+    from dataclasses import replace
+
+    from etbench.publish.rederive import rederive
+
+    sized = replace(MICRO, circuit_size="faithfulness", sizing_n=8)
+    run = scoring.score(str(toy_pair / "base"), str(toy_pair / "ft"), tmp_path / "s", preset=sized, progress=False)
+    measures = {r["measure"] for r in run.items}
+    assert {"random_circuit", "sizing"} <= measures
+    assert ("semantics" in measures) == bool(run.card.semantics)
+    assert run.card.absent == [] and rederive(run.card, run.items) == []
+    f = run.card.faithfulness[0]
+    moved = (f.random_circuit_accuracy.value or 0) + 1 / (sized.random_draws * sized.faithfulness_n)
+    forged = replace(run.card, faithfulness=[replace(f, random_circuit_accuracy=replace(
+        f.random_circuit_accuracy, value=moved))] + run.card.faithfulness[1:])
+    with pytest.raises(EtbenchError, match="random circuit accuracy of the base circuit on base"):
+        rederive(forged, run.items)

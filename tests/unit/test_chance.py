@@ -50,12 +50,14 @@ def test_leaderboard_marks_faithfulness_at_the_chance_floor(cards):
     assert rows["guessing"]["faithfulness_at_chance"] is True and rows["fine"]["faithfulness_at_chance"] is False
     ordered = list(rows.values())
     md = lb.render_markdown(ordered)
-    line = {r: next(x for x in md.splitlines() if x.startswith(f"| {r} |")) for r in rows}
+    line = {r: next(x for x in md.splitlines() if x.startswith("| ") and f" | {r} | " in x) for r in rows}
     assert f"] {report.CHANCE_MARK} |" in line["guessing"] and report.CHANCE_MARK not in line["fine"]
     assert report.CHANCE_LEGEND in md and "1/7 = 0.143" in report.CHANCE_LEGEND
     page = lb.render_html(ordered)
     assert page.count('class="floor"') == 1 and 'id="legend-chance"' in page
-    csv_rows = {r.split(",")[0]: r for r in lb.render_csv(ordered).splitlines()}
+    lines = lb.render_csv(ordered).splitlines()
+    at = lines[0].split(",").index("name")
+    csv_rows = {r.split(",")[at]: r for r in lines}
     header = csv_rows["name"].split(",")
     column = header.index("faithfulness_at_chance")
     assert header[column - 4] == "faithfulness"  # right after the faithfulness estimate's columns

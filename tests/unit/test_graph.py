@@ -54,15 +54,15 @@ def test_declared_keys_are_the_keys_the_pipeline_stored_stages_under():
     assert key_of(run, "accuracy_ft") == {**common, "model": ref["ft"], "n": 400, "boxes": (3, 5, 7)}
     assert key_of(run, "circuit_base") == {**common, "model": ref["base"], "given": None, "discovery": {
         "mode": "fast", "n": 32, "minimality_n": 32, "mean_n": 500, "minimality": "none", "size": "faithfulness",
-        "target_fraction": 0.9, "sizing_n": 100, "growth": "scaled-shape, magnitude order"}}
+        "target_fraction": 0.9, "sizing_n": 100, "growth": "scaled-shape, magnitude order", "sizing_items": True}}
     assert key_of(run, "dcm_ft_seed2") == {**common, "model": ref["ft"], "circuit": circuit["ft"],
                                            "dcm": dcm_preset("quick", seed=2).to_dict(), "groups": p.dcm_groups}
     assert key_of(run, "faithfulness_base") == {
-        **common, "model": ref["base"], "n": 200, "mean_n": 500, "random_draws": 5, "ceiling_items": True,
+        **common, "model": ref["base"], "n": 200, "mean_n": 500, "random_draws": 5, "ceiling_items": True, "random_items": True,
         "completeness_draws": 2, "circuits": circuit}
     assert key_of(run, "semantics_ft") == {**common, "model": ref["ft"], "dcm_base": dcm0["base"],
                                            "n": dcm_preset("quick").semantics_n,
-                                           "repeats": dcm_preset("quick").semantics_repeats}
+                                           "repeats": dcm_preset("quick").semantics_repeats, "repeat_items": True}
     assert key_of(run, "cmap") == {**common, **ref, "n": 200, "variants": ("output", "qkv"),
                                    "head_sets": ["dcm", "circuit"], "objects": "usable",
                                    "circuit_ft": circuit["ft"], "dcm_ft": dcm0["ft"]}

@@ -78,14 +78,33 @@ def test_csv_markdown_html_agree(built):
     with open(out / "leaderboard.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 6 and rows[0]["name"] == "synthetic-ft-a" and rows[0]["accuracy_low"]
+    assert [(r["group"], r["rank"]) for r in rows[:2]] == [("synthetic/synthetic-base", "1"),
+                                                          ("synthetic/synthetic-base", "2")]
+    assert all(r["reuse_low"] and r["protocol"] for r in rows[:2])
     md = (out / "leaderboard.md").read_text()
     assert "reported by the paper, not measured here" in md
-    table = md.split("\n## ")[0]  # the leaderboard table; the comparison matrix follows it
-    assert table.count("\n| ") == 7
+    # one table per base (a header line and one line per row), the measured base first, the paper's last
+    sections = md.split("\n## ")
+    assert sections[1].startswith("synthetic/synthetic-base\n") and sections[1].count("\n| ") == 3
+    assert sections[2].startswith("Llama-7B (reported by the paper") and sections[2].count("\n| ") == 5
     page = (out / "index.html").read_text()
     assert "default-src 'none'" in page
-    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert not re.search(r"""src\s*=\s*["']?\s*(https?:)?//""", page, re.I) and "<link" not in page
+    # the one address outside the page's tree is the paper's, a link a reader follows, never fetched
+    assert set(re.findall(r"""href\s*=\s*["']?\s*((?:https?:)?//[^"' >]*)""", page, re.I)) == {lb.PAPER_URL}
     assert page.count('<tr class="paper"') == 4 and page.count('<tr class="measured"') == 2
+    assert page.count('<table class="board"') == 2  # one per base
+
+
+def test_rows_are_grouped_by_base_and_ranked_by_accuracy_change(built):
+    rows = json.loads((built / "leaderboards" / "leaderboard.json").read_text())["rows"]
+    for group in {r["group"] for r in rows}:
+        members = [r for r in rows if r["group"] == group]
+        assert [r["rank"] for r in members] == list(range(1, len(members) + 1))
+        gains = [r["accuracy_gain"]["value"] for r in members]
+        assert gains == sorted(gains, reverse=True), (group, gains)
+    measured = [r for r in rows if r["origin"] == "measured"]
+    assert all(r["reuse"]["low"] < r["reuse"]["high"] and r["verdict"] for r in measured)
 
 
 def test_empty_store_gives_paper_rows_only(tmp_path):
@@ -136,12 +155,25 @@ def test_every_link_of_the_page_resolves_and_measured_numbers_link_to_their_repo
     out = built / "leaderboards"
     page = (out / "index.html").read_text()
     links = _hrefs(page)
-    assert links and all((out / link).is_file() for link in links), links
+    repo = Path(__file__).resolve().parents[2]
+    outside = {link for link in links if link.startswith("https://")}
+    assert outside == {lb.PAPER_URL}  # a link, never a fetch: the only address outside the page's tree
+    for link in set(links) - outside:
+        path, _, anchor = link.partition("#")
+        if not path:
+            assert f'id="{anchor}"' in page, link
+        elif path.startswith("../"):  # the method doc and the submission guide, in the repository
+            assert (repo / path.removeprefix("../")).is_file(), link
+        else:
+            assert (out / path).is_file(), link
+    assert lb.METHOD_DOC in {link.partition("#")[0] for link in links} and lb.SUBMIT_DOC in links
     assert "reports/compare/synthetic-ft-a__synthetic-ft-b.html" in links
     for name in ("synthetic-ft-a", "synthetic-ft-b"):
-        row = re.search(rf'<tr class="measured" data-name="{name}">(.*?)</tr>', page).group(1)
-        numbers = [td for td in re.findall(r"<td[^>]*>(.*?)</td>", row) if re.search(r"\d\.\d", td)]
-        assert len(numbers) == 8 and all(f'<a href="reports/{name}.html">' in td for td in numbers), numbers
+        row = re.search(rf'<tr class="measured" data-name="{name}"[^>]*>(.*?)</tr>', page).group(1)
+        cells = re.findall(r'<td[^>]* class="(?:est|p)[^"]*"[^>]*>(.*?)</td>', row)
+        assert len(cells) == sum(kind in ("est", "p") for _, _, kind in lb.COLUMNS)
+        numbers = [td for td in cells if td != "—"]  # an undefined figure has nothing to link
+        assert len(numbers) >= 8 and all(re.search(r"\d\.\d", td) for td in numbers) and all(f'<a href="reports/{name}.html">' in td for td in numbers), numbers
 
 
 def test_page_has_figures_and_matrix(built):

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from etbench.cli import app
 from etbench.core import stats
 from etbench.core.errors import EtbenchError
+from etbench.metrics import headline
 from etbench.publish import report
 from etbench.schema import scorecard as sc
 
@@ -74,9 +75,38 @@ def test_scorecard_report_has_tables_figures_and_is_deterministic(card_a):
     one = report.scorecard_report(card_a.card, card_a.items)
     two = report.scorecard_report(card_a.card, card_a.items)
     assert one == two
-    assert one.html.count("<svg") == 3  # accuracy by box count, CMAP by group, head overlap
+    assert one.html.count("<svg") == 4  # reuse by group (the key figure), CMAP by group, head map, accuracy
     assert "default-src 'none'" in one.html and "Paired comparison" in one.markdown
     assert "exact McNemar" in one.markdown and "Head overlap" in one.markdown
+
+
+def test_scorecard_report_starts_with_the_answer(card_a):
+    """The summary (verdict, headline scores) and the key figure come before any table; the verdict is the
+    headline's, and the head map carries its group legend."""
+    doc = report.scorecard_report(card_a.card, card_a.items, title="synthetic-ft-a")
+    md, page = doc.markdown, doc.html
+    assert md.index("## Summary") < md.index("## Paired comparison") < md.index("## Accuracy")
+    top = report.headline_of(card_a.card, card_a.items)
+    assert f"**{headline.verdict(top, 'synthetic-ft-a')}**" in md
+    for label in ("Δaccuracy (ft − base, 7 boxes)", "mechanism reuse (all groups)", "gain explained"):
+        assert f"| {label} |" in md
+    first_svg = page.index("<svg")
+    assert page.index('id="summary"') < first_svg < page.index("</section>") < page.index("<h2>Paired comparison")
+    assert "Mechanism reuse" in page[first_svg:page.index("</svg>", first_svg)]
+    head_map = page[page.index('aria-label="circuit head overlap"'):]
+    assert "A: value fetcher" in head_map and "both circuits" in head_map
+
+
+def test_circuit_size_note_matches_the_sizing_curve():
+    """A circuit whose A group gave heads to B: the note names both counts and the group's change."""
+    circuit = sc.CircuitSummary(name="ft", found_on="ft", method="given", size_rule="faithfulness",
+                                heads={"value_fetcher": [[0, 0], [0, 1]], "position_transmitter": [[0, 2]]},
+                                sizing={"chosen": {"value_fetcher": 3, "position_transmitter": 1}})
+    note = report.circuit_size_note(circuit)
+    assert "holds 3 nodes" in note and "at 4" in note and "A 3 → 2" in note
+    same = sc.CircuitSummary(name="base", found_on="base", method="given", size_rule="faithfulness", heads={"value_fetcher": [[0, 0]]},
+                             sizing={"chosen": {"value_fetcher": 1}})
+    assert "are the sizing curve's point" in report.circuit_size_note(same)
 
 
 def test_report_without_items_falls_back_to_scorecard_estimates(card_a):
@@ -199,3 +229,15 @@ def test_compare_of_a_scorecard_with_itself_is_a_usage_error(tmp_path):
     result = etbench("compare", str(card), str(card), "--out", str(tmp_path / "rep"), cwd=tmp_path)
     assert_one_line_error(result, "twice")
     assert result.stdout == "" and not (tmp_path / "rep").exists()
+
+
+def test_prompt_sets_note_names_each_accuracy_with_its_prompts(card_a):
+    """The two accuracies a report shows for one model are told apart by their prompt sets, counted from the rows."""
+    note = report.prompt_sets_note(card_a.card, card_a.items)
+    acc = [r for r in card_a.items if r["measure"] == "accuracy" and r["model"] == "base" and r["n_boxes"] == 7]
+    faith = {r["item"] for r in card_a.items if r["measure"] == "circuit_accuracy" and r["model"] == "base"
+             and r.get("circuit") == "base"}
+    share = sum(r["correct"] for r in acc) / len(acc)
+    assert f"{share:.3f} of the {len(acc)} accuracy prompts" in note
+    assert f"of the {len(faith)} faithfulness prompts" in note
+    assert report.prompt_sets_note(card_a.card, []) is None

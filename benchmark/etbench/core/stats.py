@@ -415,6 +415,11 @@ def ratio_of_sums_ci(num_flags: Sequence[bool], den_flags: Sequence[bool], *, se
     return float(lo), float(hi)
 
 
+def paper_ratio(circuit_acc: float, model_acc: float) -> float:
+    """The paper's faithfulness: circuit accuracy / model accuracy (nan when the model scores 0)."""
+    return circuit_acc / model_acc if model_acc > 0 else float("nan")
+
+
 def mib_normalised(circuit_acc: float, model_acc: float, empty_acc: float) -> float:
     """MIB's (m(C) - m(∅)) / (m(N) - m(∅)); nan when the model is no better than the empty circuit."""
     gap = model_acc - empty_acc

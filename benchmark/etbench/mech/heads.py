@@ -329,3 +329,34 @@ def write_heads(view: torch.Tensor, values: torch.Tensor, positions=None, heads=
         return
     rows, pos, hh, single = _index(h, b, s, positions, view.device)
     view[rows, pos, hh] = (values[:, None] if single else values).to(view.device, view.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+
+
+@torch.no_grad()
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a projection applies, as ``[out, in]`` float32: a Linear's, a GPT-2 Conv1D's transposed, and
+    for an unmerged PEFT LoRA wrapper the base weight plus every active adapter's delta (``B A x scaling``), so
+    a fine-tune compares the same way whether it ships as an adapter, merged or full."""
+    base = getattr(module, "base_layer", module)
+    weight = base.weight.detach().float()
+    if type(base).__name__ == "Conv1D":
+        weight = weight.T
+    delta = getattr(module, "get_delta_weight", None)
+    if delta is not None and not getattr(module, "merged", False) and not getattr(module, "disable_adapters", False):
+        for name in module.active_adapters:
+            if name in getattr(module, "lora_A", {}):
+                weight = weight + delta(name).detach().float().to(weight.device)
+    return weight
+
+
+def head_weight_slices(hm: HeadMap, layer: int, kind: str) -> torch.Tensor:
+    """Per head, the part of a projection's weight that belongs to it: ``[n_sites, d_head, d_model]`` rows of
+    q/k/v (the head's outputs; KV heads for k/v) or, for ``z``, the output projection's columns that read the
+    head (transposed, so also ``[n_heads, d_head, d_model]``)."""
+    weight = projection_weight(hm.module(layer, kind))  # [out, in]
+    if kind == "z":
+        return hm.view("z", weight).permute(1, 2, 0)  # [out, H, d] -> [H, d, out]
+    return hm.view(kind, weight.T).permute(1, 2, 0)  # [in, n, d] -> [n, d, in]

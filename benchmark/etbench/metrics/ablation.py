@@ -29,22 +29,23 @@ from etbench.mech.interventions import replace as overwrite  # dataclasses.repla
 from etbench.mech.prefix import PatchRunner
 from etbench.schema.circuit import POSITION_CLASSES, Circuit
 from etbench.task.layout import Layout, layouts, pad_batch, pad_id_of
-from etbench.task.prompts import LABELS, Example, paper_objects, sample_context, stream_rng
+from etbench.task.prompts import DEFAULT_WORDING, LABELS, Example, paper_objects, sample_context, stream_rng
 
 # ----------------------------------------------------------------------------------------------
 # Mean activations
 
 
 def ablation_examples(n_boxes: int = 7, n: int = 500, seed: int = 0, objects: Sequence[str] | None = None,
-                      labels: Sequence[str] = LABELS) -> list[Example]:
+                      labels: Sequence[str] = LABELS, wording: str = DEFAULT_WORDING) -> list[Example]:
     """The mean-ablation prompts (docs/method.md §6): one fresh context each, queried at segment 0, with the
-    query letter replaced by a uniformly random letter (usually absent from the context)."""
+    query letter replaced by a uniformly random letter (usually absent from the context). ``wording``: the
+    same contexts in another wording (the mean is position-wise, so it must be taken in the wording it ablates)."""
     objects = tuple(paper_objects() if objects is None else objects)
     rng = stream_rng("ablation", seed, n_boxes)
     out = []
     for i in range(n):
         ctx = sample_context(rng, n_boxes, objects, tuple(labels), context_id=i)
-        out.append(replace(ctx, query_label=rng.choice(tuple(labels))))
+        out.append(replace(ctx, query_label=rng.choice(tuple(labels)), wording=wording))
     return out
 
 
@@ -66,10 +67,11 @@ class MeanActivations:
 @torch.no_grad()
 def mean_activations(model, tokenizer, hm: HeadMap | None = None, n_boxes: int = 7, n: int = 500, seed: int = 0,
                      batch_size: int = 16, objects: Sequence[str] | None = None, labels: Sequence[str] = LABELS,
-                     counter: PassCounter | None = None, progress: bool = False) -> MeanActivations:
+                     counter: PassCounter | None = None, progress: bool = False,
+                     wording: str = DEFAULT_WORDING) -> MeanActivations:
     """Mean z over ``ablation_examples`` (right-padded batches; padding never counts)."""
     hm = hm or head_map(model)
-    lays = layouts(ablation_examples(n_boxes, n, seed, objects, labels), tokenizer)
+    lays = layouts(ablation_examples(n_boxes, n, seed, objects, labels, wording), tokenizer)
     spec = hm.spec
     width = max(lay.length for lay in lays)
     sums = [torch.zeros(width, spec.n_heads, spec.d_head, dtype=torch.float64) for _ in range(spec.n_layers)]

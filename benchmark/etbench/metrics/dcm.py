@@ -585,6 +585,7 @@ class SemanticsResult:
     heads: tuple[Head, ...]
     accuracies: tuple[float, ...]  # one per repeat (fresh seeded sources, same base examples)
     n: int  # pairs per repeat
+    correct: tuple[tuple[bool, ...], ...] = ()  # per repeat, per pair: the rows a published check is re-derived from
 
     @property
     def mean(self) -> float:
@@ -614,6 +615,7 @@ def semantics_check(model, tokenizer, selections: Mapping[tuple[str, str], Seque
     desiderata = list(dict.fromkeys(d for _, d in sel))
     runner = None
     acc: dict[tuple[str, str], list[float]] = {k: [] for k in sel}
+    flags: dict[tuple[str, str], list[tuple[bool, ...]]] = {k: [] for k in sel}
     rows = torch.arange(n)
     work = [(r, d) for r in range(repeats) for d in desiderata]
     for r, d in track(work, "semantics", total=len(work), enabled=progress):
@@ -628,7 +630,9 @@ def semantics_check(model, tokenizer, selections: Mapping[tuple[str, str], Seque
                 ((g, d), hs, [], None, pos[g], ps.targets) for (g, dd), hs in sel.items() if dd == d]
         for key, correct in _evaluate(runner, rows, jobs, batch_size).items():
             acc[key].append(sum(correct) / len(correct))
-    return [SemanticsResult(model_name, g, d, hs, tuple(acc[(g, d)]), n) for (g, d), hs in sel.items()]
+            flags[key].append(tuple(bool(x) for x in correct))
+    return [SemanticsResult(model_name, g, d, hs, tuple(acc[(g, d)]), n, tuple(flags[(g, d)]))
+            for (g, d), hs in sel.items()]
 
 
 # ----------------------------------------------------------------------------------------------

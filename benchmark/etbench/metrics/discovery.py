@@ -8,7 +8,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -251,23 +251,50 @@ class _PatchBatch:
     @torch.no_grad()
     def sender_effect(self, layer: int, head: int, receivers=()) -> torch.Tensor | None:
         """Per-row (p - p_clean) / p_clean for one sender; None when it cannot reach any receiver."""
-        spec = self.hm.spec
         recv = _RECEIVERS[self.group]
         by = {}
         if recv is not None:
             by = {m: hs for m, hs in self.receivers_by_layer(receivers, recv[1]).items() if m > layer}
             if not by:
                 return None
+        logits, store = self._sender_run(layer, head, by)
+        if recv is not None:
+            logits = self.suffix([replace_edit(m, recv[1], store[(m, recv[1])], self.rel_recv, hs)
+                                  for m, hs in by.items()])
+        return (self.prob(logits) - self.p_clean) / self.p_clean
+
+    def _sender_run(self, layer: int, head: int, by: Mapping[int, list[int]]) -> tuple[torch.Tensor, dict]:
+        """Step 1: the sender's z from the noise run, every head above it frozen to clean; returns the logits
+        and the receivers' inputs ``{(layer, kind): [B, nh, d]}`` (heads of ``by[layer]``) it computed."""
+        spec = self.hm.spec
+        recv = _RECEIVERS[self.group]
         edits = [replace_edit(layer, "z", self.noise_z[layer][:, head][:, None], self.rel_s, [head])]
         edits += [replace_edit(m, "z", self.clean_z[m]) for m in range(layer + 1, spec.n_layers)]
         store: dict = {}
         if recv is not None:
             edits += [read(m, recv[1], store, self.rel_recv, hs) for m, hs in by.items()]
-        logits = self.suffix(edits)
-        if recv is not None:
-            logits = self.suffix([replace_edit(m, recv[1], store[(m, recv[1])], self.rel_recv, hs)
-                                  for m, hs in by.items()])
-        return (self.prob(logits) - self.p_clean) / self.p_clean
+        return self.suffix(edits), store
+
+    @torch.no_grad()
+    def edge_effects(self, layer: int, head: int, receivers) -> dict[tuple[int, int], torch.Tensor]:
+        """Per receiver site the sender can reach, per-row (p - p_clean) / p_clean when step 2 replaces *only
+        that site's* input by what step 1 computed: the path sender -> this receiver alone. A site is
+        (layer, query head) for q receivers and (layer, KV head) for v receivers: under grouped-query
+        attention one value vector feeds every query head of its group, so no patch can separate them."""
+        recv = _RECEIVERS[self.group]
+        if recv is None:
+            raise EtbenchError("edges of the value fetchers go to the logits: use sender_effect")
+        by = {m: hs for m, hs in self.receivers_by_layer(receivers, recv[1]).items() if m > layer}
+        if not by:
+            return {}
+        _, store = self._sender_run(layer, head, by)
+        out = {}
+        for m, hs in by.items():
+            values = store[(m, recv[1])]  # [B, nh, d]
+            for i, h in enumerate(hs):
+                logits = self.suffix([replace_edit(m, recv[1], values[:, i:i + 1], self.rel_recv, [h])])
+                out[(m, h)] = (self.prob(logits) - self.p_clean) / self.p_clean
+        return out
 
     # -- attribution ----------------------------------------------------------------------------
 
@@ -381,6 +408,57 @@ def path_patching_scores(model, hm, encoded, group: str, receivers=(), senders=N
                 for i, e in zip(indices[bi], eff.tolist()):
                     item_effects[(layer, head)][i] = e
     return {s: v / total for s, v in sums.items()}
+
+
+#: Where an edge's receiver sits: the head whose input step 2 replaces (``_RECEIVERS``), by sender group.
+EDGE_RECEIVERS: dict[str, tuple[str, str] | None] = dict(_RECEIVERS)
+
+#: An edge's key: (sender (layer, head), receiver site (layer, query head for q, KV head for v)), or
+#: (sender, None) for a value fetcher's direct path to the logits.
+EdgeKey = tuple[tuple[int, int], "tuple[int, int] | None"]
+
+
+def path_patching_edge_effects(model, hm, encoded, senders: Mapping[str, Sequence[tuple[int, int]]],
+                               receivers: Mapping[str, Sequence[tuple[int, int]]], batch_size: int = 16,
+                               pad_id: int = 0, counter=None, prefix_cache: bool = True,
+                               progress: bool = False) -> dict[str, dict[EdgeKey, list[float]]]:
+    """Per-item path-patching effects of single edges, ``{sender group: {(sender, site): [effect of item i]}}``.
+
+    ``senders[g]``: the heads of group g whose edges are scored; ``receivers[g]``: the heads of the group g's
+    search patches (B: the value fetchers, C: the position transmitters, D: the position detectors;
+    ``EDGE_RECEIVERS``). An edge's effect is path patching (docs/method.md §4) with one receiver: step 1 as
+    for the sender's group, step 2 replaces only that receiver site's input. A value fetcher's edge goes to
+    the logits: its node score. Edges whose receiver sits at or below the sender's layer cannot carry
+    anything and are left out. One noise pass and the clean passes per batch serve every group."""
+    spec = hm.spec
+    shared = _SharedCaches(model, hm, encoded, batch_size, pad_id, prefix_cache)
+    total = sum(len(b) for b in shared.batches)
+    out: dict[str, dict[EdgeKey, list[float]]] = {}
+    work = [(bi, g, tuple(s)) for bi in range(len(shared.batches)) for g in GROUPS for s in senders.get(g, ())]
+    batch_of: dict[tuple[int, str], _PatchBatch] = {}
+    for bi, g, (layer, head) in track(work, "edge path patching", total=len(work), enabled=progress):
+        if not 0 <= layer < spec.n_layers or not 0 <= head < spec.n_heads:
+            raise EtbenchError(f"sender L{layer}H{head} is not a head of this model")
+        key = (bi, g)
+        if key not in batch_of:
+            for done_bi, _ in batch_of:
+                if done_bi != bi:  # why: a finished batch's clean caches are not needed again
+                    for pc in set(GROUP_POSITION.values()):
+                        shared.caches[done_bi].release(pc)
+            batch_of.clear()
+            batch_of[key] = _PatchBatch(model, hm, shared.batches[bi], g, pad_id, counter, prefix_cache,
+                                        shared=shared.caches[bi])
+        pb = batch_of[key]
+        if EDGE_RECEIVERS[g] is None:
+            effects = {None: pb.sender_effect(layer, head)}
+        else:
+            effects = pb.edge_effects(layer, head, [tuple(r) for r in receivers.get(g, ())])
+        rows = out.setdefault(g, {})
+        for site, eff in effects.items():
+            per_item = rows.setdefault(((layer, head), site), [0.0] * total)
+            for i, e in zip(shared.indices[bi], eff.tolist()):
+                per_item[i] = e
+    return out
 
 
 def attribution_scores(model, hm, encoded, group: str, receivers=(), batch_size: int = 16, pad_id: int = 0,
@@ -545,6 +623,14 @@ def _per_group(k: Mapping[str, int] | int | None) -> dict[str, int]:
     return {group_name(g): int(v) for g, v in k.items()}
 
 
+def discovery_pairs(tokenizer, n_boxes: int, n: int, seed: int):
+    """(usable objects, usable labels, the first ``n`` items of seed ``seed``, their encoded noise pairs): the
+    prompts path patching runs on (discovery and edge scoring alike)."""
+    pool, labels = usable_pool(tokenizer, n_boxes)
+    examples = prompts.generate(n_boxes=n_boxes, n=n, seed=seed, objects=pool, labels=labels)
+    return pool, labels, examples, encode_pairs(noise_pairs(examples, seed, pool, labels), tokenizer)
+
+
 def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: int = 64, seed: int = 0,
              batch_size: int = 16, receiver_k: Mapping[str, int] | int | None = None,
              candidate_k: Mapping[str, int] | int | None = None, verify_k: Mapping[str, int] | int | None = None,
@@ -587,9 +673,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     verify = {g: min(total_heads, max(math.ceil(1.2 * candidate_k[g]), candidate_k[g] + 2, receiver_k[g] + 2))
               for g in GROUPS}
     verify.update(_per_group(verify_k))
-    pool, labels = usable_pool(tokenizer, n_boxes)
-    examples = prompts.generate(n_boxes=n_boxes, n=n, seed=seed, objects=pool, labels=labels)
-    encoded = encode_pairs(noise_pairs(examples, seed, pool, labels), tokenizer)
+    pool, labels, examples, encoded = discovery_pairs(tokenizer, n_boxes, n, seed)
     pad_id = pad_id_of(tokenizer)
 
     searches: dict[str, GroupSearch] = {}

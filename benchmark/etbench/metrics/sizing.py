@@ -29,18 +29,13 @@ from typing import Mapping, Sequence
 import torch
 
 from etbench.core.errors import EtbenchError
-from etbench.core.stats import Proportion, mib_normalised, proportion_ci, ratio_of_sums_ci
+from etbench.core.stats import Proportion, mib_normalised, paper_ratio, proportion_ci, ratio_of_sums_ci
 from etbench.mech.forward import forward
 from etbench.mech.interventions import replace_where
 from etbench.metrics.ablation import AblationRunner
 from etbench.schema.circuit import GROUPS, POSITION_CLASSES, Circuit, Node
 
 Head = tuple[int, int]
-
-
-def paper_ratio(circuit_acc: float, model_acc: float) -> float:
-    """The paper's faithfulness: circuit accuracy / model accuracy (nan when the model scores 0)."""
-    return circuit_acc / model_acc if model_acc > 0 else float("nan")
 
 
 @dataclass
@@ -122,6 +117,7 @@ class GrowthStep:
     mib: float
     added: str  # how the step was chosen: "empty", "double" or "bisect"
     scale: float = 0.0  # s: each group's top ceil(s x k_g)
+    correct: tuple[bool, ...] = ()  # per sizing prompt: the rows ``accuracy`` is re-derived from
 
 
 @dataclass
@@ -172,9 +168,11 @@ def grow_circuit(runner: AblationRunner, rankings: Mapping[str, Sequence[Head]],
         key = tuple(sizes[g] for g in GROUPS)
         if key not in evaluated:
             # the empty circuit is the ceilings' floor, already measured on these prompts
-            acc = z if not any(key) else _acc(runner.correct(keep=_circuit(rankings, sizes).kept()))
+            flags = (tuple(ceiling.none_correct) if not any(key) else
+                     tuple(bool(x) for x in runner.correct(keep=_circuit(rankings, sizes).kept())))
+            acc = z if not any(key) else _acc(flags)
             evaluated[key] = GrowthStep(sizes, sum(key), acc, paper_ratio(acc, m), mib_normalised(acc, m, z), how,
-                                        scale)
+                                        scale, flags)
         return evaluated[key]
 
     def at_target(s: GrowthStep) -> bool:

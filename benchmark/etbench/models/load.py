@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 from etbench.core.errors import EtbenchError, one_line
 from etbench.core.io import atomic_write_json
+from etbench.core.progress import quiet_loading
 from etbench.models.gguf import ensure_dequantised, find_dequantised
 from etbench.models.kept_ablation import (
     KEPT_ABLATION_FILE,
@@ -164,9 +167,18 @@ def _torch_dtype(dtype: str):
     return getattr(torch, check_dtype(dtype))
 
 
+def check_device_name(device: str) -> str:
+    """``device`` if it names a device etbench can use (cpu, cuda, cuda:<n>, mps, auto), whether or not this machine
+    has it: ``score-many`` checks its workers' device so, before Ray starts, on a driver that may lack it."""
+    if not isinstance(device, str) or re.fullmatch(r"cpu|auto|mps|cuda(:[0-9]+)?", device) is None:
+        raise EtbenchError(f"--device must be cpu, cuda, cuda:<n>, mps or auto, got {device!r}")
+    return device
+
+
 def check_device(device: str) -> str:
     """``device`` if this machine has it (asks torch), else one ``EtbenchError``: a model is never loaded
     (gigabytes, minutes) only to fail when it is moved to a missing GPU."""
+    check_device_name(device)
     if device in ("cpu", "auto"):
         return device
     import torch
@@ -294,7 +306,8 @@ def load(ref: str, dtype: str | None = "float32", device: str = "cpu", trust_rem
     ``device="auto"`` spreads the model with ``device_map="auto"``; otherwise the model is loaded on
     the CPU and moved. ``dtype=None``: ``default_dtype(device)``. ``trust_remote_code`` is passed
     through and off by default. ``entries`` replaces the shipped registry. Before loading, the memory
-    it needs is estimated (``report(line)`` gets it) and a model that cannot fit fails in one line.
+    it needs is estimated and a model that cannot fit fails in one line; ``report(line)`` gets that
+    estimate, a "loading NAME..." line and the load's time.
     """
     dtype = default_dtype(device) if dtype is None else dtype
     torch_dtype = _torch_dtype(dtype)
@@ -305,19 +318,23 @@ def load(ref: str, dtype: str | None = "float32", device: str = "cpu", trust_rem
         raise EtbenchError(f"{spec.name} is not available: {status.why}")
     estimate = estimate_memory(spec, dtype, device)
     if estimate is not None:
-        if report is not None:
-            report(estimate.line(spec.name, dtype))
         if not estimate.fits:
             raise EtbenchError(
                 f"{spec.name} does not fit: ~{estimate.weights_gb + estimate.activations_gb:.1f} GB needed "
                 f"({dtype}), {estimate.available_gb:.1f} GB free on {estimate.where}; try --dtype bfloat16, "
                 "--device auto (spread over GPUs, offload the rest) or a larger machine")
-    loaded = _load_spec(spec, torch_dtype, device, trust_remote_code)
+    if report is not None:
+        report(f"loading {estimate.line(spec.name, dtype) if estimate is not None else spec.name} ...")
+    start = time.perf_counter()
+    with quiet_loading():  # no transformers bars or notices, as in the command (API users included)
+        loaded = _load_spec(spec, torch_dtype, device, trust_remote_code)
     model = loaded.model
     if device != "auto":
         model.to(device=device)
     model.to(dtype=torch_dtype)  # PEFT adapters are kept in float32 by peft; cast them with the rest
     model.eval()
+    if report is not None:
+        report(f"loaded {spec.name} in {time.perf_counter() - start:.1f} s")
     return LoadedModel(ref=ref, source=loaded.source, model=model, tokenizer=loaded.tokenizer, kind=spec.kind,
                        weights_dir=loaded.weights_dir, base_source=loaded.base_source,
                        merged=spec.kind == "peft" and spec.merge)

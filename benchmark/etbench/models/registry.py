@@ -566,9 +566,29 @@ def list_models() -> list[ModelRow]:
     return rows
 
 
-def format_model_table(rows: list[ModelRow]) -> str:
+def format_model_table(rows: list[ModelRow], wide: bool = False) -> str:
+    """The table of ``etbench models list``: alias, kind, offline availability and what each model is, in
+    about 100 columns, each unavailable model's reason below it; ``wide`` adds the source and every reason
+    as columns (about 160)."""
+    import textwrap
+
     from tabulate import tabulate
 
-    table = [(r.alias, r.kind, r.description, r.source, "yes" if r.available else "no", r.why) for r in rows]
-    return tabulate(table, headers=("alias", "kind", "what it is", "source", "offline now", "why"),
-                    tablefmt="simple", maxcolwidths=[None, None, 36, 32, None, 44])
+    if wide:
+        table = [(r.alias, r.kind, r.description, r.source, "yes" if r.available else "no", r.why) for r in rows]
+        return tabulate(table, headers=("alias", "kind", "what it is", "source", "offline now", "why"),
+                        tablefmt="simple", maxcolwidths=[None, None, 36, 32, None, 44])
+    table = [(r.alias, r.kind, "yes" if r.available else "no", r.description) for r in rows]
+    text = tabulate(table, headers=("alias", "kind", "offline", "what it is"), tablefmt="simple",
+                    maxcolwidths=[None, None, None, NARROW_DESCRIPTION_WIDTH])
+    missing = [r for r in rows if not r.available]
+    if missing:
+        text += "\n\nnot available offline now (--wide: sources and reasons as columns):"
+        for r in missing:
+            text += "\n" + textwrap.fill(f"{r.alias}: {r.why}", width=NARROW_WIDTH, subsequent_indent="  ")
+    return text
+
+
+#: ``etbench models list`` fits a terminal of this many columns (without --wide).
+NARROW_WIDTH = 100
+NARROW_DESCRIPTION_WIDTH = 56

@@ -32,11 +32,13 @@ from etbench.core import stats
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_text
 from etbench.core.stats import format_estimate_of, format_p
+from etbench.metrics import headline
 from etbench.metrics.chance import FAITHFULNESS_BOXES, at_chance, chance_accuracy
 from etbench.metrics.overlap import format_chance
 from etbench.publish.outputs import Transaction, Writer, write_tree
 from etbench.publish.page import BASE_CSS, content_security_policy
 from etbench.schema import scorecard as sc
+from etbench.schema.circuit import GROUP_CODES
 
 SEED = 0
 N_RESAMPLES = 2000
@@ -136,6 +138,18 @@ def accuracy_tests(card: sc.Scorecard, items: list[dict[str, Any]],
         res = stats.mcnemar(a, b, seed=SEED, n_resamples=N_RESAMPLES)
         tests.append(AccuracyTest(f"accuracy, {k} boxes", k, card.base.ref, card.ft.ref, res))
     return tests
+
+
+def row_headline(card: sc.Scorecard, test: Optional[AccuracyTest]) -> headline.Headline:
+    """``card``'s headline scores, its accuracy change being ``test``'s paired 7-box difference (None without
+    per-item rows). The leaderboard and the report both read a row's headline from here."""
+    change = stats.to_estimate(test.result.difference) if test is not None else None
+    return headline.headline(card, change)
+
+
+def headline_of(card: sc.Scorecard, items: list[dict[str, Any]]) -> headline.Headline:
+    tests = accuracy_tests(card, items, n_boxes=(7,))
+    return row_headline(card, tests[0] if tests else None)
 
 
 def _cmap_groups(card: sc.Scorecard) -> list[tuple[str, str]]:
@@ -270,6 +284,7 @@ def compare_cards(card_a: sc.Scorecard, items_a: list[dict[str, Any]], card_b: s
                                                              if len(differences) > 6 else ""))
     a_name, b_name = name_a or card_a.ft.ref, name_b or card_b.ft.ref
     comp = Comparison(f"{a_name} vs {b_name}", a_name, b_name)
+    comp.notes += different_bases_notes(card_a, card_b, a_name, b_name)
     counts = sorted({x.n_boxes for x in card_a.accuracy} & {x.n_boxes for x in card_b.accuracy})
     for k in counts:
         a, b = _align(_select(items_a, "accuracy", model="ft", n_boxes=k),
@@ -442,27 +457,69 @@ def fig_cmap(card: sc.Scorecard) -> Optional[str]:
     return _svg(fig)
 
 
+#: One letter per group on the head map, as the paper names them.
+GROUP_LETTERS = GROUP_CODES
+
+
 def fig_overlap(card: sc.Scorecard) -> Optional[str]:
+    """The two circuits as found, head by head: colour = which circuit holds the head, letters = its groups
+    (A-D, in either circuit)."""
     base = next((c for c in card.circuits if c.name == "base"), None)
     ft = next((c for c in card.circuits if c.name == "ft"), None)
     if base is None or ft is None:
         return None
     plt = _mpl()
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     layers, heads = max(card.base.n_layers, 1), max(card.base.n_heads, 1)
     grid = np.zeros((layers, heads))
+    letters: dict[tuple[int, int], set[str]] = {}
     for code, circuit in ((1, base), (2, ft)):
-        for hs in circuit.heads.values():
+        for group, hs in circuit.heads.items():
             for layer, head in hs:
                 if 0 <= layer < layers and 0 <= head < heads:
                     grid[layer, head] = int(grid[layer, head]) | code
-    fig, ax = plt.subplots(figsize=(max(3, heads * 0.25 + 1.5), max(2.5, layers * 0.18 + 1)))
-    cmap = ListedColormap(["#ffffff", "#4c72b0", "#dd8452", "#55a868"])
-    ax.imshow(grid, cmap=cmap, vmin=0, vmax=3, aspect="auto", interpolation="nearest", origin="lower")
+                    letters.setdefault((layer, head), set()).add(GROUP_LETTERS.get(group, "?"))
+    fig, ax = plt.subplots(figsize=(max(3, heads * 0.32 + 2.5), max(2.5, layers * 0.2 + 1)))
+    colours = ["#ffffff", "#4c72b0", "#dd8452", "#55a868"]
+    ax.imshow(grid, cmap=ListedColormap(colours), vmin=0, vmax=3, aspect="auto", interpolation="nearest",
+              origin="lower")
+    for (layer, head), marks in sorted(letters.items()):
+        ax.text(head, layer, "".join(sorted(marks)), ha="center", va="center", fontsize=5, color="#111111")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title("Circuit heads: blue base only, orange ft only, green both")
+    n_base, n_ft = (sum(len(h) for h in c.heads.values()) for c in (base, ft))
+    ax.set_title(f"Circuit heads as found (base {n_base} nodes, ft {n_ft})")
+    handles = [Patch(facecolor=colours[1], label="base circuit only"), Patch(facecolor=colours[2], label="ft circuit only"),
+               Patch(facecolor=colours[3], label="both circuits")]
+    handles += [Patch(facecolor="none", edgecolor="none", label=f"{letter}: {g.replace('_', ' ')}")
+                for g, letter in GROUP_LETTERS.items()]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    return _svg(fig)
+
+
+def fig_reuse(top: headline.Headline) -> Optional[str]:
+    """Mechanism reuse per group and over all groups, with its 95% CI, between chance (0) and identity (1)."""
+    shown = [(g, e) for g, e in top.reuse_by_group.items() if e.value is not None]
+    if not shown:
+        return None
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(4.8, 3))
+    xs = np.arange(len(shown))
+    vals = np.array([e.value for _, e in shown])
+    lo = np.array([e.low if e.low is not None else e.value for _, e in shown])
+    hi = np.array([e.high if e.high is not None else e.value for _, e in shown])
+    colours = ["#55a868" if g == headline.ALL else "#4c72b0" for g, _ in shown]
+    ax.bar(xs, vals, yerr=[np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)], capsize=3, color=colours)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.axhline(1, color="#999999", linewidth=0.8, linestyle="--")
+    ax.text(len(shown) - 0.5, 0.02, "chance", ha="right", va="bottom", fontsize=7, color="#444444")
+    ax.text(len(shown) - 0.5, 0.98, "identity", ha="right", va="top", fontsize=7, color="#444444")
+    ax.set_xticks(xs, [g.replace("_", "\n") for g, _ in shown])
+    ax.set_ylim(min(-0.25, float(lo.min()) - 0.05), 1.1)
+    ax.set_ylabel("mechanism reuse (95% CI)")
+    ax.set_title("Mechanism reuse: equal-size circuits, chance 0, identity 1")
     return _svg(fig)
 
 
@@ -476,6 +533,7 @@ class PlotPoint:
     values: dict[str, stats.Interval]
     reported: bool = False
     url: Optional[str] = None
+    chance: dict[str, float] = field(default_factory=dict)  # chance level of a value, by the value's key
 
 
 def has_ci(e: Optional[stats.Interval]) -> bool:
@@ -509,6 +567,64 @@ def _linked(container, point: PlotPoint) -> None:
         container.lines[0].set_url(point.url)
 
 
+#: Label offsets (points from the marker) tried in turn: right, left, above, below, then further out.
+_LABEL_OFFSETS = tuple((dx * r, dy * r) for r in (1, 2, 3) for dx, dy in
+                       ((6, 3), (6, -9), (-6, 3), (-6, -9), (0, 8), (0, -14), (10, 10), (10, -16), (-10, 10),
+                        (-10, -16)))
+
+
+def _place_labels(fig, ax, labels: list[tuple[str, tuple[float, float], str, Optional[str]]],
+                  bars: tuple[tuple[float, float, float, float], ...] = ()) -> None:
+    """Annotate each (text, (x, y), colour, url) at the first offset of ``_LABEL_OFFSETS`` whose text box
+    overlaps no label placed before it, no marker, no error bar (``bars``: data-space boxes x0, y0, x1, y1)
+    and stays inside the axes; where none does, the offset with the least overlap (a thin leader line then
+    joins label and marker when it sits far out). Deterministic: the same points give the same places."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    markers = [to_px(xy) for _, xy, _, _ in labels]
+    frame = ax.get_window_extent(renderer)
+    placed: list = []
+    for x0, y0, x1, y1 in bars:  # an error bar as a box 3 px thick
+        (px0, py0), (px1, py1) = to_px((x0, y0)), to_px((x1, y1))
+        placed.append(Bbox([[min(px0, px1) - 1.5, min(py0, py1) - 1.5], [max(px0, px1) + 1.5, max(py0, py1) + 1.5]]))
+
+    def clash(box) -> float:
+        area = 0.0
+        for other in placed:
+            w = min(box.x1, other.x1) - max(box.x0, other.x0)
+            h = min(box.y1, other.y1) - max(box.y0, other.y0)
+            area += max(w, 0) * max(h, 0)
+        for mx, my in markers:  # a marker as a 10 px square
+            w = min(box.x1, mx + 5) - max(box.x0, mx - 5)
+            h = min(box.y1, my + 5) - max(box.y0, my - 5)
+            area += max(w, 0) * max(h, 0)
+        outside = (max(frame.x0 - box.x0, 0) + max(box.x1 - frame.x1, 0)) * box.height + \
+                  (max(frame.y0 - box.y0, 0) + max(box.y1 - frame.y1, 0)) * box.width
+        return area + outside
+
+    for text, xy, colour, url in labels:
+        best = None
+        for k, (dx, dy) in enumerate(_LABEL_OFFSETS):
+            note = ax.annotate(text, xy, xytext=(dx, dy), textcoords="offset points", fontsize=7, color=colour,
+                               ha="left" if dx > 0 else "right" if dx < 0 else "center")
+            box = note.get_window_extent(renderer)
+            cost = clash(box)
+            note.remove()
+            if best is None or cost < best[0]:
+                best = (cost, dx, dy, box)
+            if cost == 0:
+                break
+        cost, dx, dy, box = best
+        arrow = {"arrowstyle": "-", "color": colour, "linewidth": 0.5} if abs(dx) + abs(dy) > 20 else None
+        note = ax.annotate(text, xy, xytext=(dx, dy), textcoords="offset points", fontsize=7, color=colour,
+                           ha="left" if dx > 0 else "right" if dx < 0 else "center", arrowprops=arrow)
+        if url:
+            note.set_url(url)
+        placed.append(box)
+
+
 def fig_gain_vs_cmap(points: list[PlotPoint], x_key: str = "cmap_gain", y_key: str = "accuracy_gain") -> Optional[str]:
     """Accuracy gain (ft - base) against CMAP gain of the full circuit, one marker per model.
 
@@ -521,18 +637,19 @@ def fig_gain_vs_cmap(points: list[PlotPoint], x_key: str = "cmap_gain", y_key: s
     plt = _mpl()
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
     ends = []
+    labels = []
+    bars: list[tuple[float, float, float, float]] = []
     for i, p in enumerate(drawn):
         x, y = p.values[x_key], p.values[y_key]
         style = _marker_style(p, i)
         _linked(ax.errorbar([x.value], [y.value], xerr=_error_bar(x), yerr=_error_bar(y), **style), p)
-        # labels alternate above and below their marker: rows with equal numbers (Goat, FLoat) stay legible
-        label = ax.annotate(p.label + (" (reported)" if p.reported else ""), (x.value, y.value),
-                            xytext=(5, 4 if i % 2 == 0 else -10), textcoords="offset points", fontsize=7,
-                            color=style["color"])
-        if p.url:
-            label.set_url(p.url)
+        labels.append((p.label + (" (reported)" if p.reported else ""), (x.value, y.value), style["color"], p.url))
+        if has_ci(x):
+            bars.append((x.low, y.value, x.high, y.value))
+        if has_ci(y):
+            bars.append((x.value, y.low, x.value, y.high))
         ends += [v for e in (x, y) for v in (e.value, e.low, e.high) if v is not None]
     lo, hi = min(ends + [0.0]), max(ends + [0.0])
     pad = 0.05 * (hi - lo or 1.0)
@@ -541,6 +658,7 @@ def fig_gain_vs_cmap(points: list[PlotPoint], x_key: str = "cmap_gain", y_key: s
     ax.axvline(0, color="#cccccc", linewidth=0.8)
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
+    _place_labels(fig, ax, labels, tuple(bars))
     ax.set_xlabel("CMAP gain, full circuit (ft activations patched into base)")
     ax.set_ylabel("accuracy gain, ft - base, 7 boxes")
     ax.set_title("Accuracy gain vs CMAP gain (dashed: CMAP recovers the whole gain)")
@@ -549,7 +667,8 @@ def fig_gain_vs_cmap(points: list[PlotPoint], x_key: str = "cmap_gain", y_key: s
     if any(p.reported for p in drawn):
         handles.append(Line2D([], [], marker="D", linestyle="none", color=_REPORTED_COLOUR, markerfacecolor="none",
                               label="reported by the paper (no CI)"))
-    ax.legend(handles=handles, fontsize=7, loc="best")
+    # below the axes: inside, "best" avoids markers but not their labels
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     return _svg(fig)
 
 
@@ -564,11 +683,12 @@ def fig_group_overlap(points: list[PlotPoint], panels: tuple[tuple[str, str], ..
     if not shown:
         return None
     plt = _mpl()
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown) + 1.8, 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.8 * len(shown) + 1.8, 3.8), sharey=True, squeeze=False)
     from matplotlib.lines import Line2D
 
     width = 0.7  # of the band each group's markers spread over
     in_legend: dict[int, Line2D] = {}  # one marker-only entry per model (an error bar there would read as data)
+    has_chance = False
     for ax, (key, title) in zip(axes[0], shown):
         for i, p in enumerate(points):
             for j, g in enumerate(groups):
@@ -577,6 +697,11 @@ def fig_group_overlap(points: list[PlotPoint], panels: tuple[tuple[str, str], ..
                     continue
                 x = j - width / 2 + width * (i + 0.5) / len(points)
                 style = _marker_style(p, i)
+                chance = p.chance.get(f"{key}/{g}")
+                if chance is not None:  # what a random head set of the same size would share
+                    half = 0.5 * width / len(points)
+                    ax.hlines(chance, x - half, x + half, colors=style["color"], linewidth=2.2, alpha=0.55)
+                    has_chance = True
                 _linked(ax.errorbar([x], [e.value], yerr=_error_bar(e), **style), p)
                 in_legend.setdefault(i, Line2D([], [], label=p.label, **{k: v for k, v in style.items()
                                                                           if k not in ("ecolor", "capsize")}))
@@ -585,8 +710,11 @@ def fig_group_overlap(points: list[PlotPoint], panels: tuple[tuple[str, str], ..
         ax.set_title(title)
         ax.grid(axis="y", color="#eeeeee")
     axes[0][0].set_ylabel("base heads also in the ft set")
-    fig.legend(handles=[in_legend[i] for i in sorted(in_legend)], loc="center left", bbox_to_anchor=(1.0, 0.5),
-               fontsize=7, frameon=False)
+    handles = [in_legend[i] for i in sorted(in_legend)]
+    if has_chance:
+        handles.append(Line2D([], [], color="#555555", linewidth=2.2, alpha=0.55,
+                              label="bar: chance (random heads, same size)"))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     fig.suptitle("Head overlap per group (hollow: from the paper's published circuits, no CI)", fontsize=9, y=1.03)
     return _svg(fig)
 
@@ -635,10 +763,14 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
         tables.append(("Ceilings of the circuit form (every head kept at the form's positions; no heads = the floor)",
                        ["model", "form", "model acc", "every head, every position", "form acc", "no heads acc",
                         "form faithfulness", "form faithfulness (MIB)"], rows))
-    rows = [[c.name, c.size_rule, str(sum(len(h) for h in c.heads.values())), format_sizing(c.sizing)]
+    rows = [[c.name, c.size_rule, str(sum(len(h) for h in c.heads.values())),
+             str(sum(int(v) for v in c.sizing["chosen"].values())) if isinstance((c.sizing or {}).get("chosen"), dict)
+             else "—", format_sizing(c.sizing)]
             for c in card.circuits]
     if rows:
-        tables.append(("Circuits", ["circuit", "size rule", "nodes", "sizing"], rows))
+        tables.append(("Circuits (nodes: the circuit as evaluated; at the curve's target: before A gives up the heads "
+                       "also chosen for B)", ["circuit", "size rule", "nodes", "nodes at the curve's target", "sizing"],
+                       rows))
     rows = [[f.circuit, f.model, format_estimate_of(f.model_accuracy), format_estimate_of(f.circuit_accuracy),
              with_chance_mark(format_estimate_of(f.faithfulness), at_chance(f.model_accuracy)),
              with_chance_mark(format_estimate_of(f.faithfulness_mib), at_chance(f.model_accuracy)),
@@ -709,12 +841,39 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 _CSP = content_security_policy(scripts=False)
-_CSS = BASE_CSS + "figure{display:inline-block;margin:0 1em 1em 0}svg{max-width:100%;height:auto}"
+_CSS = (BASE_CSS + "figure{display:inline-block;margin:0 1em 1em 0}svg{max-width:100%;height:auto}"
+        "#summary td:nth-child(2){white-space:nowrap}")  # a headline's CI on one line
 
 
-def _document(title: str, intro: list[str], tables, comp: Optional[Comparison], figures: dict[str, str]) -> Doc:
-    md = [f"# {title}", ""] + intro + [""]
-    body = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{html.escape(p)}</p>" for p in intro if p]
+@dataclass(frozen=True)
+class Summary:
+    """The block a report opens with: a verdict, a table of the headline scores, notes, the key figure."""
+
+    verdict: str
+    rows: list[list[str]]
+    notes: list[str]
+    figure: Optional[tuple[str, str]] = None  # (label, svg)
+
+
+_SUMMARY_HEADER = ["score", "value [95% CI]", "what it says"]
+
+
+def _document(title: str, intro: list[str], tables, comp: Optional[Comparison], figures: dict[str, str],
+              summary: Optional[Summary] = None) -> Doc:
+    md = [f"# {title}", ""]
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if summary is not None:  # the answer first: verdict, headline scores, the key figure
+        md += ["## Summary", "", f"**{summary.verdict}**", ""] + _md_table(_SUMMARY_HEADER, summary.rows) + [""]
+        md += [f"- {n}" for n in summary.notes] + ([""] if summary.notes else [])
+        body += ['<section id="summary"><h2>Summary</h2>', f'<p class="verdict"><strong>{html.escape(summary.verdict)}'
+                 "</strong></p>", _html_table(_SUMMARY_HEADER, summary.rows)]
+        if summary.figure is not None:
+            md += [f"The key figure ({summary.figure[0]}) is in the HTML version of this report.", ""]
+            body.append(f'<figure aria-label="{html.escape(summary.figure[0])}">{summary.figure[1]}</figure>')
+        body += [f"<p>{html.escape(n)}</p>" for n in summary.notes]
+        body.append("</section>")
+    md += intro + [""]
+    body += [f"<p>{html.escape(p)}</p>" for p in intro if p]
     if comp is not None:
         rows = _comparison_rows(comp)
         header = [h.replace("Holm", _adj_name(comp)) for h in _COMP_HEADER]
@@ -722,12 +881,12 @@ def _document(title: str, intro: list[str], tables, comp: Optional[Comparison], 
         md += [f"- {n}" for n in comp.notes] + ([""] if comp.notes else [])
         body += ["<h2>Paired comparison</h2>", _html_table(header, rows)]
         body += [f"<p>{html.escape(n)}</p>" for n in comp.notes]
-    for name, header, rows in tables:
-        md += [f"## {name}", ""] + _md_table(header, rows) + [""]
-        body += [f"<h2>{html.escape(name)}</h2>", _html_table(header, rows)]
     if figures:
         md += ["## Figures", "", "Figures are in the HTML version of this report.", ""]
         body += ["<h2>Figures</h2>"] + [f'<figure aria-label="{html.escape(k)}">{v}</figure>' for k, v in figures.items()]
+    for name, header, rows in tables:
+        md += [f"## {name}", ""] + _md_table(header, rows) + [""]
+        body += [f"<h2>{html.escape(name)}</h2>", _html_table(header, rows)]
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
@@ -735,9 +894,97 @@ def _document(title: str, intro: list[str], tables, comp: Optional[Comparison], 
     return Doc("\n".join(md).rstrip() + "\n", page)
 
 
+def _share(flags: dict[Any, float]) -> Optional[float]:
+    return sum(flags.values()) / len(flags) if flags else None
+
+
+def prompt_sets_note(card: sc.Scorecard, items: list[dict[str, Any]]) -> Optional[str]:
+    """Why one model has several accuracies in a report: each figure is over its own prompts. Read from the
+    per-item rows and the circuits' sizing records; None without per-item rows."""
+    parts = []
+    for model, ref in (("base", card.base.ref), ("ft", card.ft.ref)):
+        acc = _select(items, "accuracy", model=model, n_boxes=FAITHFULNESS_BOXES)
+        if not acc:
+            return None
+        own = [f"{_share(acc):.3f} of the {len(acc)} accuracy prompts"]
+        faith = {k: v for k, v in acc.items() if k in _select(items, "circuit_accuracy", model=model, circuit="base")}
+        if faith:
+            own.append(f"{_share(faith):.3f} of the {len(faith)} faithfulness prompts")
+        sizing = next((c.sizing for c in card.circuits if c.name == model and c.sizing), None)
+        if sizing and sizing.get("model_accuracy") is not None:
+            own.append(f"{sizing['model_accuracy']:.3f} of the {sizing.get('n', '?')} held-out sizing prompts")
+        parts.append(f"{ref} answers " + ", ".join(own))
+    acc_ids = set(_select(items, "accuracy", model="base", n_boxes=FAITHFULNESS_BOXES))
+    faith_ids = set(_select(items, "circuit_accuracy", model="base", circuit="base"))
+    where = ""
+    if faith_ids and faith_ids <= acc_ids:
+        first = sorted(acc_ids, key=lambda k: (str(type(k)), k))[:len(faith_ids)]
+        which = f"the first {len(faith_ids)}" if sorted(faith_ids, key=lambda k: (str(type(k)), k)) == first \
+            else f"{len(faith_ids)}"
+        cmap_ids = set(_select(items, "cmap", model="base", variant="none", group="none"))
+        named = "faithfulness (and CMAP)" if cmap_ids == faith_ids else "faithfulness"
+        where = (f" The {named} prompts are {which} of the {len(acc_ids)} accuracy prompts, so "
+                 "the two accuracies differ only by which prompts they count; each ratio divides by the accuracy "
+                 "on its own prompts. Circuits are sized on other prompts (a held-out stream), never on those "
+                 "they are evaluated on.")
+    return "; ".join(parts) + "." + where
+
+
+def circuit_size_note(circuit: sc.CircuitSummary) -> Optional[str]:
+    """How a circuit's node count relates to its sizing curve: the curve counts the nodes at the chosen scale
+    before A gives up the heads also chosen for B (discovery's rule, docs/method.md §4)."""
+    sizing = circuit.sizing or {}
+    chosen = sizing.get("chosen")
+    if not isinstance(chosen, dict):
+        return None
+    nodes = sum(len(h) for h in circuit.heads.values())
+    at_curve = sum(int(v) for v in chosen.values())
+    if at_curve == nodes:
+        return f"the {circuit.name} circuit's {nodes} nodes are the sizing curve's point at the chosen scale"
+    moved = ", ".join(f"{GROUP_LETTERS.get(g, g)} {int(chosen[g])} → {len(circuit.heads.get(g, ()))}"
+                      for g in sorted(chosen) if int(chosen[g]) != len(circuit.heads.get(g, ())))
+    return (f"the {circuit.name} circuit holds {nodes} nodes where its sizing curve reached the target at "
+            f"{at_curve}: the curve counts each group's top heads at the chosen scale, then A gives up the heads "
+            f"also chosen for B (discovery's rule; {moved})")
+
+
+def _headline_rows(top: headline.Headline, card: sc.Scorecard) -> list[list[str]]:
+    acc = top.accuracy_change
+    base_acc, ft_acc = (next((a.accuracy for a in card.accuracy if a.model == m and a.n_boxes == FAITHFULNESS_BOXES),
+                             None) for m in ("base", "ft"))
+    rows = [["Δaccuracy (ft − base, 7 boxes)", format_estimate_of(acc, signed=True),
+             f"{card.base.ref} {format_estimate_of(base_acc)} → {card.ft.ref} {format_estimate_of(ft_acc)} on the same "
+             "prompts (paired)"],
+            ["mechanism reuse (all groups)", format_estimate_of(top.reuse, signed=True, show_note=False),
+             "equal-size circuits: 0 = a random head set, 1 = the base circuit's own heads"]]
+    for g, e in top.reuse_by_group.items():
+        if g != headline.ALL:
+            rows.append([f"… {g.replace('_', ' ')} ({GROUP_LETTERS.get(g, '?')})",
+                         format_estimate_of(e, signed=True, show_note=False), f"{e.n} base heads at equal size"])
+    g = top.gain_explained
+    rows.append(["gain explained", format_estimate_of(g, undefined="undefined", show_note=False),
+                 g.note if g.value is None else "share of the accuracy change (on CMAP's prompts) that patching the "
+                 "fine-tune's DCM heads into the base reproduces"])
+    return rows
+
+
+def report_summary(card: sc.Scorecard, items: list[dict[str, Any]], name: str) -> Summary:
+    top = headline_of(card, items)
+    notes = ["Headline scores are defined in docs/method.md (\"Headline scores\"); the reuse CI treats the base "
+             "cut's heads as units (Wilson) and does not cover a rerun of discovery."]
+    prompts = prompt_sets_note(card, items)
+    if prompts:
+        notes.append(prompts)
+    notes += [n[0].upper() + n[1:] + "." for n in (circuit_size_note(c) for c in card.circuits) if n]
+    figure = fig_reuse(top)
+    return Summary(headline.verdict(top, name), _headline_rows(top, card), notes,
+                   ("mechanism reuse by group", figure) if figure else None)
+
+
 def scorecard_report(card: sc.Scorecard, items: list[dict[str, Any]], title: str = "",
                      submission: Optional[dict[str, Any]] = None) -> Doc:
-    """Report of one scorecard: its tables, the base-vs-ft paired comparison, and figures."""
+    """Report of one scorecard: a summary (verdict, headline scores, key figure), the base-vs-ft paired
+    comparison, figures, then every table."""
     title = title or f"{card.ft.ref} (fine-tuned from {card.base.ref})"
     intro = [f"etbench report. Base model: {card.base.ref} ({card.base.architecture}, {card.base.n_layers} layers, "
              f"{card.base.n_heads} heads); fine-tuned: {card.ft.ref}. Benchmark version "
@@ -752,9 +999,9 @@ def scorecard_report(card: sc.Scorecard, items: list[dict[str, Any]], title: str
     if (any(g.at_chance for g in comp.gains) or any(at_chance(f.model_accuracy) for f in card.faithfulness)
             or any(at_chance(c.model_accuracy) for c in card.ceilings)):
         intro.append(CHANCE_LEGEND)
-    figures = {k: v for k, v in (("accuracy by box count", fig_accuracy(card)), ("CMAP gain by group", fig_cmap(card)),
-                                 ("circuit head overlap", fig_overlap(card))) if v}
-    return _document(title, intro, _tables(card), comp, figures)
+    figures = {k: v for k, v in (("CMAP gain by group", fig_cmap(card)), ("circuit head overlap", fig_overlap(card)),
+                                 ("accuracy by box count", fig_accuracy(card))) if v}
+    return _document(title, intro, _tables(card), comp, figures, report_summary(card, items, title))
 
 
 def comparison_report(comp: Comparison, cards: tuple[sc.Scorecard, ...] = ()) -> Doc:
@@ -853,11 +1100,14 @@ def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
             match = [f for f in cards if f.name == x] or [f for f in cards if f.card.ft.ref == x]
             if not match:
                 where = ", ".join(str(s) for s in stores) or "(no stores)"
-                if pa is None and pb is None:
+                stored = {f.name for f in cards} | {f.card.ft.ref for f in cards}
+                if pa is None and pb is None and not {a, b} & stored:  # two refs, neither a stored row
                     raise EtbenchError(f"no scorecard of {a!r} vs {b!r} in {where}: run `etbench score --base {a} "
                                        f"--ft {b} --out DIR`, then `etbench compare {a} {b} --store DIR`")
-                raise EtbenchError(f"no scorecard for {x!r} in {where}: run `etbench score` first or pass a "
-                                   "scorecard.json path")
+                names = sorted({f.name for f in cards})
+                known = f" (stored: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''})" if names else ""
+                raise EtbenchError(f"no scorecard for {x!r} in {where}{known}: pass a stored name, a scorecard.json "
+                                   "path, or score it first (`etbench score --ft MODEL --out DIR`, then --store DIR)")
             if len(match) > 1:
                 raise EtbenchError(f"{x!r} matches {len(match)} scorecards: pass a scorecard path instead")
             sides.append(match[0])
@@ -870,6 +1120,21 @@ def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
 
 SAME_SIDE_HINT = ("a scorecard against itself differs by exactly 0 with intervals of width zero; for its base "
                   "against its fine-tuned model use `etbench compare BASE_REF FT_REF` or `etbench report`")
+
+
+def different_bases_notes(card_a: sc.Scorecard, card_b: sc.Scorecard, a_name: str, b_name: str) -> list[str]:
+    """A comparison of fine-tunes of different bases is allowed (same protocol, same prompts) but reads
+    differently: what stays comparable, and what does not, in one note; [] for fine-tunes of one base."""
+    base_a, base_b = card_a.base, card_b.base
+    if (base_a.ref, base_a.revision) == (base_b.ref, base_b.revision):
+        return []
+    arch = (f"architectures {base_a.architecture} and {base_b.architecture}"
+            if base_a.architecture != base_b.architecture else f"both {base_a.architecture}")
+    return [f"{a_name} and {b_name} are fine-tunes of different bases ({base_a.ref} and {base_b.ref}; {arch}). "
+            "Accuracy is compared on the same prompts and stays comparable as behaviour; CMAP gains and "
+            "faithfulness are each measured against the fine-tune's own base, so their differences compare how "
+            "much each fine-tune changed its own base, not one mechanism; circuits and head overlaps name "
+            "different heads and are not compared."]
 
 
 def check_two_sides(fa: Found, fb: Found) -> None:

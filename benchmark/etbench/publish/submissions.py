@@ -25,6 +25,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
@@ -440,10 +441,25 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
     """Validate a scorecard for this submission; returns it with its canonical bytes and the items bytes."""
     origin = f"{sub.file}: scorecard {card_path.name}"
     card = sc.load(card_path)
+    items_name = card.items_file
+    items_path = sc.items_path(card_path, card, where=origin)
+    if not items_path.is_file():
+        raise EtbenchError(f"{origin}: items file {items_name} is missing (paired statistics need it)")
+    items_bytes = items_path.read_bytes()
+    items = read_jsonl(items_path, "per-item rows")
+    check_card(sub, card, items, origin)
+    return card, sc.canonical_bytes(card), items_bytes
+
+
+def check_card(sub: Submission, card: sc.Scorecard, items: list[dict[str, Any]], origin: str,
+               memo: Optional[dict] = None) -> None:
+    """Every check of a scorecard and its per-item rows for this submission (``check_scorecard`` after reading
+    them); ``memo``: see ``rederive``."""
     if card.schema_version != sc.SCHEMA_VERSION:
         raise EtbenchError(f"{origin}: scorecard schema version {card.schema_version} predates the current "
-                           f"{sc.SCHEMA_VERSION} (which records weights revisions and no local paths): score again "
-                           "with this etbench")
+                           f"{sc.SCHEMA_VERSION} (which keeps the rows that re-derive every number): score again with "
+                           "this etbench, or convert it (etbench.publish.rederive.leave_out_underivable) so that what "
+                           "it cannot re-derive is left out")
     local = [f"{where}: {value}" for where, value in _local_paths(card)]
     if local:
         raise EtbenchError(f"{origin}: publishes a local path ({local[0]}); score again with this etbench")
@@ -493,19 +509,12 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
         if None not in local and local != scored:
             raise EtbenchError(f"{origin}: the submission's {who} is {local} (architecture, layers, heads) but the "
                                f"scorecard scored {scored}: the scorecard is for another model")
-    items_name = card.items_file
-    items_path = sc.items_path(card_path, card, where=origin)
-    if not items_path.is_file():
-        raise EtbenchError(f"{origin}: items file {items_name} is missing (paired statistics need it)")
-    items_bytes = items_path.read_bytes()
-    items = read_jsonl(items_path, "per-item rows")
     if not any(r.get("measure") == "accuracy" for r in items):
-        raise EtbenchError(f"{origin}: items file {items_name} has no accuracy rows")
+        raise EtbenchError(f"{origin}: items file {card.items_file} has no accuracy rows")
     try:
-        sub.notes.extend(rederive(card, items))
+        sub.notes.extend(rederive(card, items, memo))
     except EtbenchError as err:
         raise EtbenchError(f"{origin}: {err}") from None
-    return card, sc.canonical_bytes(card), items_bytes
 
 
 def _score(sub: Submission, out_dir: Path) -> Path:
@@ -551,7 +560,9 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False) -> S
     meta = sub.metadata()
     meta.update({"config_hash": card.config_hash, "benchmark_version": card.provenance.benchmark_version,
                  "scorecard_sha256": hashlib.sha256(card_bytes).hexdigest(),
-                 "items_sha256": hashlib.sha256(items_bytes).hexdigest()})
+                 "items_sha256": hashlib.sha256(items_bytes).hexdigest(),
+                 # the leaderboard's date column (UTC day; the build itself stays a function of stored files)
+                 "submitted": datetime.now(timezone.utc).date().isoformat()})
     entry_files = {"scorecard.json": card_bytes, card.items_file: items_bytes,
                    "submission.json": dumps_json(meta).encode("utf-8")}
     items = [loads_json(line) for line in items_bytes.decode("utf-8").splitlines() if line.strip()]

@@ -28,8 +28,11 @@ __all__ = ["Estimate", "GROUPS", "config_hash"]  # re-exported: the types every 
 #: ceilings of the circuit form per model, MIB-normalised faithfulness, circuit sizing records, CMAP rows
 #: labelled by head set, overlap of single discoveries without a fake CI (issue #12). Version 1 is still
 #: read (reports, comparisons, the stored leaderboard) but not submitted.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+#: 3: every published number is re-derivable or absent (issue #26): per-draw random-circuit rows and per-prompt
+#: sizing rows in the items file; a number a card cannot re-derive (a card converted from version 2) is null and
+#: listed in ``absent`` with the reason. Submit requires version 3.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 #: Bump when prompts, metrics or presets change meaning: scorecards of another version are not comparable.
 #: 1.1: circuits grown by size of effect (scaled-shape growth), the ``standard`` preset (issues #12, #13).
 BENCHMARK_VERSION = "1.1"
@@ -174,6 +177,15 @@ class SemanticsScore:
 
 
 @dataclass
+class AbsentNumber:
+    """A number this card does not publish because nothing it carries re-derives it (``where``: the field, as
+    ``etbench submit`` names it; ``reason``: why). Its value on the card is null."""
+
+    where: str
+    reason: str
+
+
+@dataclass
 class Provenance:
     etbench_version: str
     benchmark_version: str
@@ -200,9 +212,11 @@ class Scorecard:
     cmap: list[CmapScore] = field(default_factory=list)
     semantics: list[SemanticsScore] = field(default_factory=list)
     # every DCM seed's selections (``dcm`` keeps the first seed's only); None in a card written before they
-    # were kept, whose multi-seed DCM overlap ``etbench submit`` can only range-check
+    # were kept, whose DCM overlap over seeds ``etbench submit`` cannot re-derive (so refuses)
     dcm_selections: Optional[list[DcmSelection]] = None
     limit: Optional[int] = None  # set when a run was truncated for a smoke test: never on a leaderboard
+    # numbers left out because nothing on the card re-derives them (schema 3; see ``AbsentNumber``)
+    absent: list[AbsentNumber] = field(default_factory=list)
     items_file: str = "items.jsonl"
     schema_version: int = SCHEMA_VERSION
 
@@ -316,7 +330,7 @@ def load(path: str | Path) -> Scorecard:
 
 #: Fields that identify one per-item row; two rows with the same values are a duplicate.
 ITEM_KEY = ("measure", "model", "circuit", "heads", "group", "variant", "desideratum", "ablation", "layer", "head",
-            "n_boxes", "item")
+            "n_boxes", "draw", "point", "item")
 #: Measures whose rows carry a number ``score`` (or null where it was not finite) instead of ``correct``.
 SCORE_MEASURES = ("discovery_score",)
 

@@ -46,11 +46,7 @@ def _faithfulness_score(ev: dict[str, Any], circuit: str, model: str) -> sc.Fait
         return sc.Estimate(d["value"], d["ci95"][0], d["ci95"][1], d["n"], d["method"])
 
     low, high = ev["faithfulness_ci"]
-    b = ev.get("baseline") or {}
-    accs = b.get("accuracies") or []
-    random_est = sc.Estimate(b.get("mean"), min(accs) if accs else None, max(accs) if accs else None, len(accs),
-                             "random circuits, same group sizes",
-                             note=f"low/high = min/max over draws; sd {b.get('sd', float('nan')):.3f}" if accs else "")
+    random_est = random_circuit_estimate((ev.get("baseline") or {}).get("accuracies") or [])
     mib = None
     if "mib" in ev:
         mib = _mib_estimate(ev["mib"], *ev["mib_ci"], ev["n"])
@@ -86,12 +82,29 @@ def _ratio_estimate(value, low, high, n: int, method: str, why_undefined: str) -
     return sc.Estimate(value, low, high, n, method)
 
 
+def random_circuit_estimate(accuracies: list[float]) -> sc.Estimate:
+    """The random-circuit baseline as a scorecard states it: the mean over draws, low/high their min/max, n the
+    draws (scoring, and submit's re-derivation from the per-draw rows)."""
+    if not accuracies:
+        return sc.Estimate(None, None, None, 0, "random circuits, same group sizes")
+    mean = sum(accuracies) / len(accuracies)
+    sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    return sc.Estimate(mean, min(accuracies), max(accuracies), len(accuracies), "random circuits, same group sizes",
+                       note=f"low/high = min/max over draws; sd {sd:.3f}")
+
+
+def semantics_estimate(accuracies: list[float], n: int) -> sc.Estimate:
+    """The semantics check as a scorecard states it: the mean over repeats, low/high their min/max, n the pairs
+    per repeat (scoring, and submit's re-derivation from the per-repeat rows)."""
+    sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    return sc.Estimate(statistics.fmean(accuracies), min(accuracies), max(accuracies), n,
+                       f"mean over {len(accuracies)} repeats with fresh sources",
+                       note=f"low/high = min/max over repeats; sd {sd:.3f}")
+
+
 def _semantics_score(model: str, r: dict[str, Any]) -> sc.SemanticsScore:
-    accs = r["accuracies"]
-    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    return sc.SemanticsScore("base", model, r["group"], r["desideratum"], r["heads"], sc.Estimate(
-        statistics.fmean(accs), min(accs), max(accs), r["n"], f"mean over {len(accs)} repeats with fresh sources",
-        note=f"low/high = min/max over repeats; sd {sd:.3f}"))
+    return sc.SemanticsScore("base", model, r["group"], r["desideratum"], r["heads"],
+                             semantics_estimate(r["accuracies"], r["n"]))
 
 
 def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device,
@@ -145,9 +158,37 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
             items += [{"measure": "ceiling", "model": model, "ablation": ablation, "n_boxes": 7, "item": i,
                        "correct": bool(c)} for i, c in enumerate(flags)]
     items += dcm_runs["base"][0]["items"] + dcm_runs["ft"][0]["items"] + cmap["items"]
+    items += _rederivation_rows(circuits, faith, semantics)
     # the circuit-overlap CI's inputs, re-derived by submit: one row per (model, group, head, prompt)
     for model in ("base", "ft"):
         for group, heads in scores[model].items():
             items += [{"measure": "discovery_score", "model": model, "group": group, "layer": layer, "head": head,
                        "item": i, "score": x} for (layer, head), xs in heads.items() for i, x in enumerate(xs)]
     return card, items
+
+
+def _rederivation_rows(circuits, faith, semantics) -> list[dict[str, Any]]:
+    """The rows that re-derive the random-circuit baselines (per draw), the sizing records (per sizing prompt:
+    the model, the form, no heads, each curve point) and the semantics checks (per repeat): scorecard schema 3."""
+    rows = []
+    for model in ("base", "ft"):
+        for name in ("base", "ft"):
+            for d, flags in enumerate((faith[model][name].get("baseline") or {}).get("correct") or []):
+                rows += [{"measure": "random_circuit", "model": model, "circuit": name, "draw": d, "n_boxes": 7,
+                          "item": i, "correct": bool(c)} for i, c in enumerate(flags)]
+    for w in ("base", "ft"):
+        sized = circuits[w].get("sizing_items")
+        if sized:
+            for ablation in ("model", "form_all_heads", "no_heads"):
+                rows += [{"measure": "sizing", "model": w, "circuit": w, "ablation": ablation, "n_boxes": 7, "item": i,
+                          "correct": bool(c)} for i, c in enumerate(sized[ablation])]
+            for k, flags in enumerate(sized["points"]):
+                rows += [{"measure": "sizing", "model": w, "circuit": w, "point": k, "n_boxes": 7, "item": i,
+                          "correct": bool(c)} for i, c in enumerate(flags)]
+    for model in ("base", "ft"):
+        for r in semantics[model]["results"]:
+            for rep, flags in enumerate(r.get("correct") or []):
+                rows += [{"measure": "semantics", "model": model, "heads": "base", "group": r["group"],
+                          "desideratum": r["desideratum"], "draw": rep, "item": i, "correct": bool(c)}
+                         for i, c in enumerate(flags)]
+    return rows

@@ -187,6 +187,7 @@ def discovery_settings(p: Preset) -> dict[str, Any]:
                 "sizing_n": p.sizing_n}
     if p.circuit_size == "faithfulness":  # a circuit cached under an earlier growth rule is a different circuit
         settings["growth"] = "scaled-shape, magnitude order"
+        settings["sizing_items"] = True  # stored before the per-prompt sizing rows were kept: recompute
     return settings
 
 
@@ -210,10 +211,14 @@ def circuit_stage(run: PairRun, inst: Instance) -> dict[str, Any]:
                   "curve": [{"size": st.size, "sizes": st.sizes, "accuracy": st.accuracy,
                              "faithfulness": st.faithfulness, "mib": st.mib, "added": st.added, "scale": st.scale}
                             for st in g.steps]}
+        # per sizing prompt, the rows submit re-derives the sizing record from (assemble_scorecard)
+        sizing_items = {"model": list(c.model_correct), "form_all_heads": list(c.form_correct),
+                        "no_heads": list(c.none_correct), "points": [list(st.correct) for st in g.steps]}
     # jsonable: a ratio over a model at 0 accuracy is NaN, stored as null (JSON has no NaN)
     # item_scores: per-prompt effects of each group's top heads, for the circuit-overlap CI
     return {"circuit": res.circuit.to_dict(), "method": res.circuit.method, "forward_passes": res.forward_passes,
-            "size_rule": p.circuit_size, "sizing": jsonable(sizing), "item_scores": res.item_score_rows()}
+            "size_rule": p.circuit_size, "sizing": jsonable(sizing), "item_scores": res.item_score_rows(),
+            **({"sizing_items": sizing_items} if sizing is not None else {})}
 
 
 def circuit_inputs(run: PairRun, inst: Instance) -> dict[str, Any]:
@@ -246,10 +251,11 @@ def dcm_inputs(run: PairRun, inst: Instance) -> dict[str, Any]:
 
 def faithfulness_part_inputs(run: PairRun, side: str) -> dict[str, Any]:
     """The key of the faithfulness parts (the ceilings; one circuit's evaluation adds the circuit): the model
-    and the sizes; results without the ceilings' per-item flags cannot be submitted, so those are keyed."""
+    and the sizes; results without the ceilings' (and random circuits') per-item flags cannot be submitted,
+    so those are keyed."""
     p = run.preset
     return {**run.common, "model": run.ref[side], "n": p.faithfulness_n, "mean_n": p.mean_n,
-            "random_draws": p.random_draws, "ceiling_items": True}
+            "random_draws": p.random_draws, "ceiling_items": True, "random_items": True}
 
 
 def faithfulness_stage(run: PairRun, inst: Instance) -> dict[str, Any]:
@@ -320,7 +326,8 @@ def semantics_stage(run: PairRun, inst: Instance) -> dict[str, Any]:
     results = semantics_check(m.model, m.tokenizer, selections, n=cfg.semantics_n, repeats=cfg.semantics_repeats,
                               seed=seed, batch_size=p.batch_size, model_name=m.ref, progress=run.progress)
     return {"results": [{"group": r.group, "desideratum": r.desideratum, "heads": [list(h) for h in r.heads],
-                         "accuracies": list(r.accuracies), "n": r.n} for r in results]}
+                         "accuracies": list(r.accuracies), "n": r.n, "correct": [list(c) for c in r.correct]}
+                        for r in results]}
 
 
 def semantics_inputs(run: PairRun, inst: Instance) -> dict[str, Any]:
@@ -376,11 +383,11 @@ GRAPH: tuple[Stage, ...] = (
     Stage("faithfulness_{side}", "each", faithfulness_stage,
           settings=(("n", "faithfulness_n"), ("mean_n", "mean_n"), ("random_draws", "random_draws"),
                     ("completeness_draws", "completeness_draws")),
-          constants=(("ceiling_items", True),),
+          constants=(("ceiling_items", True), ("random_items", True)),
           upstream=(("circuits/base", "circuit_base", "circuit"), ("circuits/ft", "circuit_ft", "circuit")),
           parts=("faithfulness_{side}_ceilings", "faithfulness_{side}_of_base", "faithfulness_{side}_of_ft"),
           what="both circuits mean-ablated on the side's model, with its ceilings"),
-    Stage("semantics_{side}", "each", semantics_stage, derived=semantics_inputs,
+    Stage("semantics_{side}", "each", semantics_stage, derived=semantics_inputs, constants=(("repeat_items", True),),
           upstream=(("dcm_base", "dcm_base_seed{seed0}", None),),
           what="the base's DCM heads patched into the side's model"),
     Stage("cmap", PAIR, cmap_stage,

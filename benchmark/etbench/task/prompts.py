@@ -51,6 +51,29 @@ ALTERATIONS: tuple[str, ...] = (
 EXTRA_SEGMENT_OBJECT, EXTRA_SEGMENT_LABEL = "apple", "O"
 
 
+@dataclass(frozen=True)
+class Wording:
+    """How a segment and the query are worded. Every wording names each object before its label and ends
+    the query with the word before the answer, as the paper's does, so positions (query label, its earlier
+    copy, last token) and every analysis carry over unchanged."""
+
+    before_object: str  # segment: before_object + object + before_label + label
+    before_label: str
+    before_query_label: str  # after the context's last segment
+    after_query_label: str  # ends the prompt; the answer follows
+
+
+#: The paper's template and two meaning-preserving rewordings held out from every fine-tune (the zoo and the
+#: tiny/gemma pairs train on the paper's template, the crate wording "a key sits inside crate Q; ... . Crate Q
+#: holds a", arithmetic or conversations), for robustness across wordings (docs/method.md §14).
+WORDINGS: dict[str, Wording] = {
+    "paper": Wording("the ", " is in Box ", ". Box ", " contains the"),
+    "stored": Wording("the ", " is stored in Box ", ". The item stored in Box ", " is the"),
+    "bin": Wording("the ", " went into Bin ", ". Bin ", " now contains the"),
+}
+DEFAULT_WORDING = "paper"
+
+
 @lru_cache(maxsize=1)
 def paper_objects() -> tuple[str, ...]:
     """The paper's 85 objects (``data/objects.csv`` of the reference repository), in file order."""
@@ -91,12 +114,16 @@ class Example:
     context_id: int = 0
     query_label: str = ""
     alteration: str | None = None
+    wording: str = DEFAULT_WORDING
 
     def __post_init__(self) -> None:
         if not self.query_label:
             object.__setattr__(self, "query_label", self.labels[self.query_index])
         if self.alteration is not None and self.alteration not in ALTERATIONS:
             raise EtbenchError(f"unknown alteration {self.alteration!r}; known: {', '.join(ALTERATIONS)}")
+        check_wording(self.wording)
+        if self.alteration is not None and self.wording != DEFAULT_WORDING:
+            raise EtbenchError(f"alterations reword the paper's template; the {self.wording!r} wording has none")
 
     @property
     def n_boxes(self) -> int:
@@ -158,6 +185,9 @@ class Example:
 def _segment_words(example: Example, i: int) -> list[tuple[str, str | None]]:
     """The words of segment i as (text, role) pieces; role marks the words whose span is kept."""
     obj, label = example.objects[i], example.labels[i]
+    if example.wording != DEFAULT_WORDING:
+        w = WORDINGS[example.wording]
+        return [(w.before_object, None), (obj, "object"), (w.before_label, None), (label, "label")]
     queried = i == example.query_index
     alt = example.alteration
     if queried and alt == "altered_box_obj_order":
@@ -191,9 +221,10 @@ def render(example: Example) -> Rendered:
         pieces.append((", these are a bunch of boxes containing objects", None))
     elif alt == "add_seg_end":
         pieces.append((f", the {EXTRA_SEGMENT_OBJECT} is in Box {EXTRA_SEGMENT_LABEL}", None))
-    pieces.append((". Box ", None))
+    w = WORDINGS[example.wording]
+    pieces.append((w.before_query_label, None))
     pieces.append((example.query_label, "query_label"))
-    pieces.append((" contains the", None))
+    pieces.append((w.after_query_label, None))
 
     text, objects, labels, query = "", [], [], None
     for piece, role in pieces:
@@ -220,6 +251,11 @@ def _check_sizes(n_boxes: int, n: int, pool: tuple[str, ...]) -> None:
         raise EtbenchError(f"the number of examples must be between 1 and {MAX_ITEMS}, got {n}")
     if len(pool) < n_boxes:
         raise EtbenchError(f"{n_boxes} boxes need {n_boxes} distinct objects, but only {len(pool)} are available")
+
+
+def check_wording(wording: str) -> None:
+    if wording not in WORDINGS:
+        raise EtbenchError(f"unknown wording {wording!r}; known: {', '.join(WORDINGS)}")
 
 
 def stream_rng(*parts: object) -> random.Random:
@@ -250,11 +286,14 @@ def generate(
     seed: int = CANONICAL_SEED,
     objects: tuple[str, ...] | None = None,
     labels: tuple[str, ...] = LABELS,
+    wording: str = DEFAULT_WORDING,
 ) -> list[Example]:
     """The first ``n`` examples of the seeded stream: contexts in blocks of ``n_boxes``, each box
-    queried once in segment order (a partial last block when n is not a multiple of n_boxes)."""
+    queried once in segment order (a partial last block when n is not a multiple of n_boxes).
+    ``wording`` words them (``WORDINGS``); the contexts and queries are the same in every wording."""
     pool = paper_objects() if objects is None else tuple(objects)
     _check_sizes(n_boxes, n, pool)
+    check_wording(wording)
     if len(labels) < n_boxes:
         raise EtbenchError(f"{n_boxes} boxes need {n_boxes} distinct labels, but only {len(labels)} are usable")
     rng = stream_rng("data", seed, n_boxes)
@@ -265,7 +304,7 @@ def generate(
         for q in range(n_boxes):
             if len(examples) == n:
                 break
-            examples.append(context.with_query(q))
+            examples.append(replace(context.with_query(q), wording=wording))
         context_id += 1
     return examples
 
