@@ -71,6 +71,15 @@ def _write_score_report(card, items, out_dir: str | Path) -> None:
     report.write_doc(report.scorecard_report(card, items), Path(out_dir), stem=SCORE_REPORT_STEM)
 
 
+def score_plan(preset: str | Preset = "quick", discovery: str | None = None) -> str:
+    """The stage graph ``score`` runs under ``preset`` (``etbench score --plan``): each stage, the score-many
+    side that computes it, the stages it reads and its key inputs. Nothing is loaded or written."""
+    from etbench.scoring import graph  # torch: imported only when asked for
+    from etbench.scoring.presets import resolve_preset
+
+    return graph.format_plan(resolve_preset(preset, discovery))
+
+
 def score_many(jobs, **kwargs):
     """Score several pairs (``scoring.distributed.PairJob``s) on Ray, each pair's base-side and ft-side
     stages as concurrent tasks, and write each pair's report; keyword arguments as

@@ -157,6 +157,7 @@ def score_cmd(
     share_base_weights: bool = typer.Option(False, "--share-base-weights", help="One copy of the base weights for a LoRA fine-tune of it (7B memory; logits equal to ~1e-7)."),
     remote: bool = typer.Option(False, "--remote", help="With --backend nnsight: run on NDIF (hub models it hosts; NDIF_API_KEY or `nnsight login`; needs --circuit-base/--circuit-ft; DCM not run)."),
     reuse_stages: list[Path] = typer.Option([], "--reuse-stages", help="An earlier run's --out directory: its stages with the same inputs are copied, not computed (e.g. the base side of another fine-tune of this base). Repeatable."),
+    plan: bool = typer.Option(False, "--plan", help="Print the stage graph of this preset (stages, sides, inputs) and exit: nothing is loaded or written."),
 ) -> None:
     """Score a fine-tuned model against its base: accuracy, faithfulness, head overlap, CMAP."""
     from etbench import api
@@ -164,6 +165,9 @@ def score_cmd(
 
     if exact and fast:
         _fail("--exact and --fast exclude each other")
+    if plan:
+        typer.echo(api.score_plan(preset, discovery="exact" if exact else "fast" if fast else None))
+        return
     run = api.score(base, ft, out, preset=preset, discovery="exact" if exact else "fast" if fast else None,
                     seed=seed, circuit_base=circuit_base, circuit_ft=circuit_ft, dtype=dtype, device=device,
                     progress=not no_progress, backend=backend, share_base_weights=share_base_weights,

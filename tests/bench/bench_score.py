@@ -1,10 +1,17 @@
-"""Benchmark (prints figures; not a test): the whole scorecard of a model pair, stage by stage.
+"""Benchmark (prints figures; not a test): the whole scorecard of a model pair, stage by stage, in machine units.
 
-Runs ``etbench score`` from an empty output directory (nothing cached) and prints each stage's wall
-time and peak resident memory, the total, and the scorecard's headline numbers. It first times one
-plain 16 x 90-token forward pass of the base model (the "machine unit") and prints the total as a
-multiple of it, so figures from machines of different speed can be compared. Run it on an idle
-machine: on the 2-core reference machine every other process shows up in the figures.
+Runs ``etbench score`` from an empty output directory (nothing cached) and prints, per computed stage, its
+wall time in machine units, its peak resident memory and the token positions it ran through the models
+(``timings.json``'s ``passes``): forward, backward, and the lower bound of the protocol as measured here,
+the forward tokens less those that repeated an unpatched row an earlier stage (or the same one) had already
+run on the same model (each distinct prompt once per model), plus the backward ones; cost and bound weigh a
+backward token as 2 forward ones (its FLOPs). Patched runs are all taken as distinct and KV-prefix sharing
+is not credited, so the true bound can be lower: a ratio near 1 says no unpatched prompt was run twice, not
+that the stage is at its limit. A stage's parts (faithfulness) are indented and inside its figures.
+
+The machine unit is ``etbench.core.machine_unit.machine_unit_seconds()`` (100 x a 1024^2 fp32 matmul, best of
+3), timed before and after the run; units use their mean. On a machine shared with other processes every
+one of them shows up in the figures: say so beside them.
 
     python tests/bench/bench_score.py                      # the embedded pair, quick preset
     python tests/bench/bench_score.py --threads 2 --out /tmp/score-bench
@@ -15,6 +22,7 @@ machine: on the 2-core reference machine every other process shows up in the fig
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import tempfile
@@ -22,23 +30,10 @@ import time
 from pathlib import Path
 
 
-def calibrate(model_ref: str, repeats: int = 3) -> float:
-    """Seconds of one plain forward pass of ``model_ref`` over a fixed 16 x 90-token batch of random
-    tokens (a fixed shape, not a prompt: the same work on every machine; tiny-base's 7-box prompts are 53
-    tokens): the machine's unit, so totals from different machines can be compared as multiples of it."""
-    import torch
-
-    from etbench.mech.forward import forward
-    from etbench.models import load
-
-    model = load(model_ref).model
-    ids = torch.randint(100, 10_000, (16, 90), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        forward(model, ids)  # warm-up: first-call allocations
-        start = time.perf_counter()
-        for _ in range(repeats):
-            forward(model, ids)
-    return (time.perf_counter() - start) / repeats
+def cost(passes: dict[str, int]) -> tuple[int, int]:
+    """(token positions run, the bound): backward tokens weigh 2 forward ones."""
+    back = 2 * passes["backward_tokens"]
+    return passes["forward_tokens"] + back, passes["forward_tokens"] - passes["repeated_tokens"] + back
 
 
 def main() -> None:
@@ -64,24 +59,51 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from etbench.api import score  # what `etbench score` runs (scorecard + report)
+    from etbench.core.machine_unit import machine_unit_seconds
     from etbench.publish.terminal import format_scorecard
+    from etbench.scoring.graph import instances
+    from etbench.scoring.presets import resolve_preset
 
-    unit = calibrate(args.base)
+    unit_before = machine_unit_seconds()
     start = time.perf_counter()
     run = score(args.base, args.ft, out, preset=args.preset, seed=args.seed, progress=False,
                 reuse_stages=args.reuse_stages)
     total = time.perf_counter() - start
+    unit_after = machine_unit_seconds()
+    unit = (unit_before + unit_after) / 2
     print(format_scorecard(run.card))
     print(f"\n{args.base} -> {args.ft}, preset {args.preset}, torch threads {torch.get_num_threads()}")
-    print(f"{'stage':22} {'wall s':>8} {'peak RSS MB':>12}")
+    print(f"machine unit (100 x 1024^2 fp32 matmul, best of 3): {unit_before:.3f} s before, {unit_after:.3f} s after")
+    preset = resolve_preset(args.preset)
+    parts = {inst.format(part, preset) for inst in instances(preset) for part in inst.stage.parts}
+    head = (f"{'stage':28} {'units':>7} {'wall s':>8} {'RSS MB':>7} {'calls':>6} {'fwd tok':>9} {'bwd tok':>8} "
+            f"{'repeat':>8} {'bound':>9} {'ratio':>6}")
+    print(head)
+    totals = [0.0, 0, 0]
     for name, secs in run.timings.items():
-        print(f"{name:22} {secs:>8.1f} {run.peak_rss_mb.get(name, float('nan')):>12.0f}")
+        passes = run.passes.get(name)
+        ran, bound = cost(passes) if passes else (0, 0)
+        if name not in parts:
+            totals[0] += secs
+            totals[1] += ran
+            totals[2] += bound
+        label = ("  " if name in parts else "") + name
+        row = f"{label:28} {secs / unit:>7.1f} {secs:>8.1f} {run.peak_rss_mb.get(name, float('nan')):>7.0f}"
+        if passes:
+            ratio = ran / bound if bound else float("nan")
+            row += (f" {passes['calls']:>6} {passes['forward_tokens']:>9} {passes['backward_tokens']:>8} "
+                    f"{passes['repeated_tokens']:>8} {bound:>9} {ratio:>6.2f}")
+            if ratio > 3:
+                row += f"  over 3x: {passes['repeated_tokens']} forward tokens repeat unpatched rows already run"
+        print(row)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{'total (incl. loads)':22} {total:>8.1f} {peak:>12.0f}")
-    print(f"machine unit: one 16 x 90-token forward of {args.base} takes {unit:.2f} s; "
-          f"total = {total / unit:.0f} units")
+    print(f"{'stages (parts not re-added)':28} {totals[0] / unit:>7.1f} {totals[0]:>8.1f} {'':>7} {'':>6} "
+          f"{totals[1]:>9} {'':>8} {'':>8} {totals[2]:>9} {totals[1] / max(totals[2], 1):>6.2f}")
+    print(f"{'total (incl. loads)':28} {total / unit:>7.1f} {total:>8.1f} {peak:>7.0f}")
     if run.cached_stages:
         print(f"from cache (not timed): {', '.join(run.cached_stages)}")
+    print(json.dumps({"unit_s": [round(unit_before, 4), round(unit_after, 4)], "total_s": round(total, 2),
+                      "total_units": round(total / unit, 1), "computed_s": run.timings, "passes": run.passes}))
     print(f"scorecard: {run.path}")
 
 

@@ -9,6 +9,7 @@ import pytest
 from etbench import api
 from etbench.core.errors import EtbenchError
 from etbench.publish.terminal import format_timings
+from etbench.scoring import graph
 from etbench.scoring import pipeline as scoring
 from support.toy_pair import write_toy_pair
 
@@ -52,7 +53,7 @@ def test_same_seed_gives_byte_identical_scorecards_and_resume_after_interruption
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scoring, "run_cmap", interrupted)  # the pipeline's CMAP stage
+    monkeypatch.setattr(graph, "run_cmap", interrupted)  # the graph's CMAP stage
     with pytest.raises(KeyboardInterrupt):
         run_score(toy_pair, tmp_path / "c")
     assert not (tmp_path / "c" / "scorecard.json").exists()

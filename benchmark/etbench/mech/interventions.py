@@ -30,7 +30,7 @@ import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -207,11 +207,82 @@ def forward_backend(run_fn: Callable | None) -> Iterator[None]:
         _BACKEND.reset(token)
 
 
+@dataclass
+class PassTally:
+    """The token positions a block of work ran through models (``tallying``): ``forward_tokens`` over
+    ``calls`` forward passes (every ``run``; padding included: it is computed), ``backward_tokens`` (each
+    ``count_backward``: the last forward run with gradients on), and ``repeated_tokens``: forward tokens of
+    unpatched rows (no edit but reads) that the outermost open tally had already run on the same model,
+    with the same tokens and padding, from scratch (no KV cache): work a cache of that run would have saved."""
+
+    calls: int = 0
+    forward_tokens: int = 0
+    backward_tokens: int = 0
+    repeated_tokens: int = 0
+    seen: set = field(default_factory=set, repr=False)
+    last_grad_tokens: int = field(default=0, repr=False)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"calls": self.calls, "forward_tokens": self.forward_tokens, "backward_tokens": self.backward_tokens,
+                "repeated_tokens": self.repeated_tokens}
+
+
+#: The open tallies, outermost first (``tallying``).
+_TALLIES: ContextVar[tuple[PassTally, ...]] = ContextVar("etbench_pass_tallies", default=())
+
+
+@contextmanager
+def tallying() -> Iterator[PassTally]:
+    """Counts every forward (and ``count_backward``) inside the block; tallies nest (a stage's and its run's)."""
+    tally = PassTally()
+    token = _TALLIES.set(_TALLIES.get() + (tally,))
+    try:
+        yield tally
+    finally:
+        _TALLIES.reset(token)
+
+
+def count_backward() -> None:
+    """A backward pass through the last forward that ran with gradients on: its token positions."""
+    for tally in _TALLIES.get():
+        tally.backward_tokens += tally.last_grad_tokens
+        tally.last_grad_tokens = 0
+
+
+def _tally(model, inputs: Mapping[str, torch.Tensor], edits: Sequence[Edit], forward_kwargs) -> None:
+    tallies = _TALLIES.get()
+    ids = inputs.get("input_ids")
+    if not tallies or ids is None:
+        return
+    tokens = int(ids.numel())
+    repeated = 0
+    if forward_kwargs.get("past_key_values") is None and all(isinstance(e.fn, Reader) for e in edits):
+        mask = inputs.get("attention_mask")
+        rows = ids.detach().cpu().numpy()
+        masks = None if mask is None else mask.detach().cpu().numpy()
+        outer = tallies[0].seen
+        for i, row in enumerate(rows):
+            # a row without padding runs the same with or without a mask of ones
+            padded = masks is not None and not masks[i].all()
+            key = hash((id(model), row.tobytes(), masks[i].tobytes() if padded else None))  # 8 bytes a row
+            if key in outer:
+                repeated += row.size
+            outer.add(key)
+    grad = torch.is_grad_enabled()
+    for tally in tallies:
+        tally.calls += 1
+        tally.forward_tokens += tokens
+        tally.repeated_tokens += repeated
+        if grad:
+            tally.last_grad_tokens = tokens
+
+
 def run(model, hm: HeadMap | None, inputs: Mapping[str, torch.Tensor], edits: Sequence[Edit] = (), **forward_kwargs):
     """``model(**inputs, **forward_kwargs)`` with ``edits`` applied; returns the model output.
     ``hm`` may be None when there are no edits.
 
     Call it with the model you evaluate (a ``PeftModel`` stays a ``PeftModel``, so LoRA stays on)."""
+    _tally(model, inputs, edits, forward_kwargs)
     other = _BOUND.get(model) or _BACKEND.get()
     if other is not None:
         return other(model, hm, inputs, edits, **forward_kwargs)

@@ -46,7 +46,7 @@ from etbench.core.progress import track
 from etbench.core.stats import Proportion, proportion_ci, to_estimate
 from etbench.mech.forward import device_of, length_batches
 from etbench.mech.heads import HeadMap, HeadSpec, head_map
-from etbench.mech.interventions import Edit, mix, read, replace, run
+from etbench.mech.interventions import Edit, count_backward, mix, read, replace, run
 from etbench.mech.prefix import EditsFn, PatchRunner
 from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Head, group_name
 from etbench.schema.scorecard import DcmScore
@@ -529,6 +529,7 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
             # why autograd.grad: the caller's model may not be frozen; .backward() would also compute
             # (and keep) gradients for every weight after the first masked layer.
             grads = torch.autograd.grad(loss, [masks[t] for t in group_tasks])
+            count_backward()
             for t, grad in zip(group_tasks, grads):
                 masks[t].grad = grad
                 opts[t].step()

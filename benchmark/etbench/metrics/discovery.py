@@ -17,7 +17,7 @@ from etbench.core.io import jsonable
 from etbench.core.progress import track
 from etbench.mech.forward import PassCounter, forward, length_batches
 from etbench.mech.heads import head_map
-from etbench.mech.interventions import Edit, Site, cache, read
+from etbench.mech.interventions import Edit, Site, cache, count_backward, read
 from etbench.mech.interventions import replace as replace_edit
 from etbench.mech.prefix import cache_fits
 from etbench.metrics.ablation import AblationRunner, mean_activations
@@ -320,6 +320,7 @@ class _PatchBatch:
             # why autograd.grad w.r.t. the deltas only: .backward() would also compute (and keep) a
             # gradient for every weight of a model that is not frozen (13.5 GB on Llama-7B in bf16)
             grads_r = torch.autograd.grad((p / p.detach()).sum(), list(deltas_r.values()), allow_unused=True)
+            count_backward()
             if self.counter is not None:
                 self.counter.backward += 1
             weights = {m: torch.zeros_like(d) if g is None else g.detach()
@@ -348,6 +349,7 @@ class _PatchBatch:
         grads: tuple[torch.Tensor | None, ...] | list[None] = [None] * spec.n_layers
         if isinstance(metric, torch.Tensor) and metric.requires_grad:
             grads = torch.autograd.grad(metric, deltas, allow_unused=True)
+            count_backward()
         if self.counter is not None:
             self.counter.backward += 1
         out = torch.zeros(spec.n_layers, spec.n_heads)

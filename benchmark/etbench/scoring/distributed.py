@@ -42,11 +42,11 @@ from etbench.core.errors import EtbenchError, one_line
 from etbench.core.io import atomic_write_json, claim_outputs
 from etbench.models import availability, check_device_name, default_dtype, resolve
 from etbench.schema.circuit import DISCOVERY_MODES
-from etbench.scoring import pipeline
+from etbench.scoring import graph, pipeline
 from etbench.scoring.presets import SCORE_PRESETS, Preset
 from etbench.scoring.stages import COMPUTE, HAND_OFF, WAIT, StagesHandedOff
 
-SIDES = pipeline.SIDES
+SIDES = graph.SIDES
 #: What score-many writes into a pair's directory beside ``score``'s files (claimed in the same manifest).
 WORKERS_FILE = "workers.json"
 SCORE_MANY_OUTPUTS = (WORKERS_FILE,)
@@ -72,23 +72,20 @@ class PairResult:
 
 
 def stage_side(name: str) -> str:
-    """Which side computes stage ``name`` (see the module docstring). The base model's semantics check is
-    the base side's: it needs only the base model and the base DCM heads, and the ft side, which also
-    checks the pair and runs CMAP, is the longer one (estimated from the standard tiny pair's stage times,
-    not measured end to end: 91 instead of 96 min for the pair on 2 workers)."""
-    # the faithfulness stage's parts (faithfulness_base_ceilings, faithfulness_base_of_*) are computed
-    # inside it, by the side that runs it
-    base_side = (name in ("accuracy_base", "circuit_base", "semantics_base")
-                 or name.startswith(("dcm_base_", "faithfulness_base")))
-    return "base" if base_side else "ft"
+    """Which side computes stage ``name``: the graph's (``graph.worker_of``: a per-side stage its own side's,
+    its parts included; the pair check and CMAP the ft side's, which holds both models). The base model's
+    semantics check is the base side's: it needs only the base model and the base DCM heads, and the ft side
+    is the longer one (estimated from the standard tiny pair's stage times, not measured end to end: 91
+    instead of 96 min for the pair on 2 workers)."""
+    return graph.worker_of(name)
 
 
 def side_plan(side: str, name: str) -> str:
-    """``StageCache`` plan of one side. The base side's share ends at CMAP, the first stage in ``score``'s
-    order after its last own stage (everything from there on is the ft side's)."""
+    """``StageCache`` plan of one side. The base side's share ends at the graph's last stage (CMAP), the first
+    stage in ``score``'s order after its last own stage (everything from there on is the ft side's)."""
     if stage_side(name) == side:
         return COMPUTE
-    if side == "base" and name == "cmap":
+    if side == "base" and name == graph.GRAPH[-1].name:
         return HAND_OFF
     return WAIT
 

@@ -6,7 +6,8 @@ stage and the stages downstream of it.
 A stage result is strict JSON (``{"key", "result", "checksum"}``), written atomically: a stage is either
 complete on disk or absent, never half-written. A file that is unreadable, of the wrong shape, stored
 under another key, or edited since it was written (its checksum no longer matches) is a miss: the
-stage is computed again rather than trusted. Non-finite floats (a ratio over zero items) are stored
+stage is computed again rather than trusted. Each computed stage's wall time, peak memory and token
+positions run through the models (``mech.interventions.PassTally``) are kept beside it. Non-finite floats (a ratio over zero items) are stored
 as ``{"$float": "nan"}`` so the file stays valid JSON and the value reads back unchanged. Wall times go to a separate file so that cached and
 fresh runs produce byte-identical results.
 """
@@ -26,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_json, loads_json
+from etbench.mech.interventions import tallying
 from etbench.schema.scorecard import config_hash
 
 
@@ -168,6 +170,7 @@ class StageCache:
         self.plan, self.poll_s, self.wait_s = plan, poll_s, wait_s
         self.timings: dict[str, float] = {}
         self.peak_rss_mb: dict[str, float] = {}  # per computed stage
+        self.passes: dict[str, dict[str, int]] = {}  # per computed stage: token positions (``PassTally``)
         self.ran: list[str] = []  # stages computed in this process (the others came from disk)
 
     def path(self, name: str) -> Path:
@@ -208,10 +211,11 @@ class StageCache:
         if action == WAIT:
             return self._wait(name, key)
         start = time.perf_counter()
-        with PeakMemory() as memory:
+        with PeakMemory() as memory, tallying() as tally:
             result = compute()
         self.timings[name] = round(time.perf_counter() - start, 3)
         self.peak_rss_mb[name] = memory.peak_mb
+        self.passes[name] = tally.as_dict()
         encoded = encode_floats(result)
         # Round-trip through JSON so a fresh result is exactly what a resumed run will read back.
         result = decode_floats(json.loads(json.dumps(encoded, allow_nan=False)))
