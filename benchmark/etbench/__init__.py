@@ -30,6 +30,7 @@ _PUBLIC: dict[str, str] = {
     "Scorecard": "etbench.schema.scorecard",
     "generate": "etbench.task.prompts",
     "load_model": "etbench.models.load",
+    "export_model": "etbench.models.export",
     "discover": "etbench.metrics.discovery",
     "evaluate_circuit": "etbench.metrics.faithfulness",
     "score": "etbench.api",

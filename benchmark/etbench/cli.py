@@ -17,7 +17,13 @@ from typer.exceptions import TyperException
 
 from etbench.core.checks import check_batch_size, check_draws, check_items, check_range, check_seed
 from etbench.core.errors import EtbenchError
-from etbench.core.io import check_output_dir, check_output_file
+from etbench.core.io import (
+    Writer,
+    check_output_dir,
+    check_output_file,
+    claim_output_file,
+    refuse_foreign_file,
+)
 from etbench.core.progress import quiet_third_party
 
 HELP_OPTIONS = ["-h", "--help"]  # every command's (a subcommand inherits its group's)
@@ -36,6 +42,10 @@ circuit_app = typer.Typer(no_args_is_help=True, help="Find circuits and measure 
 app.add_typer(circuit_app, name="circuit")
 
 EXIT_USER_ERROR = 2
+#: The single-file writers (``--out FILE``): each keeps a manifest in the file's directory and never replaces a
+#: file (or a link) of that name that it did not write (``etbench.core.io``'s ownership rule).
+DATA_WRITER = Writer("etbench data generate", ".etbench-data-manifest.json")
+CIRCUIT_WRITER = Writer("etbench circuit", ".etbench-circuit-manifest.json")
 
 
 def _fail(message: str) -> None:
@@ -80,12 +90,14 @@ def data_generate(
     check_seed(seed)
     if out is not None:
         check_output_file(out)
+        refuse_foreign_file(out, DATA_WRITER)
     examples = prompts.generate(n_boxes=n_boxes, n=n, seed=seed)
     rows = prompts.paper_records(examples) if fmt == "paper" else [ex.to_record() for ex in examples]
     if out is None:
         for row in rows:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
     else:
+        claim_output_file(out, DATA_WRITER)
         atomic_write_jsonl(out, rows)
         typer.echo(f"wrote {len(rows)} examples to {out}", err=True)
 
@@ -114,6 +126,7 @@ def accuracy_cmd(
         check_range(count, "--n-boxes", 2, 26)
     if out is not None:
         check_output_dir(out)
+        accuracy.check_run_outputs(out)
     models.resolve(model)  # a missing model is reported before anything is loaded
     # remote: a given --dtype is refused (NDIF's dtype), so no default stands in for it
     result = api.accuracy(model, n_boxes=n_boxes, n=n, seed=seed, batch_size=batch_size, progress=not no_progress,
@@ -238,6 +251,7 @@ def circuit_discover(
     _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
     check_sizing(size, target)
     check_output_file(out)
+    refuse_foreign_file(out, CIRCUIT_WRITER)
     models.resolve(model)
     loaded = models.load(model, dtype=dtype, device=device, report=None if no_progress else _status)
     # the command's fast default prunes nothing (the library's fast default, 'single', is kept for API users)
@@ -245,6 +259,7 @@ def circuit_discover(
     result = discovery.discover(loaded, mode="exact" if exact else "fast", n=n, seed=seed, batch_size=batch_size,
                                minimality_mode=minimality, size=size, target_fraction=target,
                                model_name=model, progress=not no_progress)
+    claim_output_file(out, CIRCUIT_WRITER)
     result.circuit.save(out)
     typer.echo(discovery.format_discovery(result))
     typer.echo(f"wrote {out}", err=True)
@@ -277,6 +292,7 @@ def circuit_eval(
     check_draws(completeness_draws, "--completeness-draws")
     if out is not None:
         check_output_file(out)
+        refuse_foreign_file(out, CIRCUIT_WRITER)
     circ = load_circuit(circuit)  # a bad circuit fails before the model loads
     models.resolve(model)
     loaded = models.load(model, dtype=dtype, device=device, report=None if no_progress else _status)
@@ -285,6 +301,7 @@ def circuit_eval(
                                        model_name=model, progress=not no_progress)
     typer.echo(faithfulness.format_evaluation(ev))
     if out is not None:
+        claim_output_file(out, CIRCUIT_WRITER)
         ev.save(out)
         typer.echo(f"wrote {out}", err=True)
 
@@ -424,9 +441,12 @@ def report_cmd(
     if out is not None:
         check_output_dir(out)
     found = report.find_one(scorecard_ref, store)
-    out = found.path.parent if out is None else out
-    check_output_dir(out)
-    doc = report.scorecard_report(found.card, found.items, title=found.name)
+    if out is None:
+        out = check_output_dir(found.path.parent)
+    # a scorecard given by path gets the title `etbench score` gives the report it writes beside it, so in a
+    # score run's directory this writes the same bytes (which the ownership check lets through), not a rival
+    title = "" if Path(scorecard_ref).exists() else found.name
+    doc = report.scorecard_report(found.card, found.items, title=title)
     for path in report.write_doc(doc, out, writer=report.REPORT_WRITER):
         typer.echo(f"wrote {path}")
 
@@ -466,7 +486,8 @@ def edges_cmd(
     circuits = load_circuit(circuit_base), load_circuit(circuit_ft)  # a bad circuit fails before a model loads
     models.resolve(base)
     models.resolve(ft)
-    loaded = [models.load(ref, dtype=dtype, device=device) for ref in (base, ft)]
+    loaded = [models.load(ref, dtype=dtype, device=device, report=None if no_progress else _status)
+              for ref in (base, ft)]
     scores_base, scores_ft, cmp = edges.compare_models(*loaded, *circuits, n=n, seed=seed, batch_size=batch_size,
                                                        types=types, top_fraction=top_fraction,
                                                        progress=not no_progress)

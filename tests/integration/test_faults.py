@@ -621,6 +621,47 @@ FORGERIES: dict[str, tuple[str, Callable[[dict, list], list | None]]] = {
                                                       for r in i]),
     "items-duplicate-rows": ("items", lambda c, i: i + [r for r in i if r["measure"] == "accuracy"
                                                          and r["model"] == "ft" and r["n_boxes"] == 7][:3]),
+    # issue #26, class 1: what submit did not re-derive (range-checked, or not checked at all)
+    "dcm-selections-deleted-overlap-0.90": ("dcm_selections: missing", lambda c, i: (
+        c.pop("dcm_selections"), _set_est(_find(c["overlap"], heads="dcm", group="all")["jaccard"], 0.90, 0.85, 0.95))
+        and None),
+    "dcm-selections-of-a-seed-deleted": ("DCM selections", lambda c, i: c.update(
+        dcm_selections=[x for x in c["dcm_selections"] if x["seed"] != 2])),
+    "ceilings-deleted": ("ceilings of base: missing", lambda c, i: c.update(ceilings=[])),
+    "cmap-row-duplicated": ("listed twice", lambda c, i: c["cmap"].append(json.loads(json.dumps(c["cmap"][0])))),
+    "semantics-row-duplicated": ("listed twice", lambda c, i: c["semantics"].append(
+        json.loads(json.dumps(c["semantics"][0])))),
+    "accuracy-at-3-boxes-deleted": ("accuracy of ft at 3 boxes: missing", lambda c, i: c.update(
+        accuracy=[a for a in c["accuracy"] if (a["model"], a["n_boxes"]) != ("ft", 3)])),
+    "faithfulness-row-deleted": ("faithfulness of the ft circuit on base: missing", lambda c, i: c.update(
+        faithfulness=[f for f in c["faithfulness"] if (f["circuit"], f["model"]) != ("ft", "base")])),
+    "random-baseline-stated-though-absent": ("random circuit accuracy of the base circuit on base", lambda c, i: _set_est(
+        _find(c["faithfulness"], circuit="base", model="base")["random_circuit_accuracy"], 0.05, 0.02, 0.12)),
+    "random-baseline-absence-undeclared": ("random circuit accuracy", lambda c, i: c.update(
+        absent=[a for a in c["absent"] if not a["where"].startswith("random circuit")])),
+    "random-baseline-rows-invented": ("random circuit accuracy of the base circuit on ft", lambda c, i: i + [
+        {"measure": "random_circuit", "model": "ft", "circuit": "base", "draw": d, "n_boxes": 7, "item": k,
+         "correct": k % 3 == 0} for d in range(5) for k in range(200)]),
+    "sizing-record-restored": ("sizing of the base circuit", lambda c, i: _find(c["circuits"], name="base").update(
+        sizing={"target_fraction": 0.9, "target_faithfulness": 0.1, "reached": True, "chosen": {}, "curve": []})),
+    "sizing-rows-forged-for-a-wrong-target": ("sizing of the ft circuit: target_faithfulness", lambda c, i: (
+        _find(c["circuits"], name="ft").update(sizing={
+            "target_fraction": 0.9, "target_faithfulness": 0.2, "reached": False, "chosen": {}, "curve": [],
+            "n": 100, "mean_n": 500, "model_accuracy": 0.5, "no_heads_accuracy": 0.0, "form_faithfulness": 0.5,
+            "note": "", "prompts": "", "strategy": "scaled-shape"}),
+        c.update(absent=[a for a in c["absent"] if a["where"] != "sizing of the ft circuit"]),
+        i + [{"measure": "sizing", "model": "ft", "circuit": "ft", "ablation": a, "n_boxes": 7, "item": k,
+              "correct": k < lim} for a, lim in (("model", 50), ("form_all_heads", 25), ("no_heads", 0))
+             for k in range(100)])[2]),
+    "absent-for-another-reason": ("declared absent for", lambda c, i: c["absent"][0].update(reason="too slow")),
+    "absent-names-a-published-number": ("names no number", lambda c, i: c["absent"].append(
+        {"where": "accuracy of ft at 7 boxes", "reason": "per-draw random-circuit rows were not kept before scorecard "
+                                                         "schema 3"})),
+    "estimate-level-edited": ("accuracy of ft at 7 boxes: level", lambda c, i: _find(c["accuracy"], model="ft",
+                                                                                      n_boxes=7)["accuracy"].update(
+        level=0.5)),
+    "random-baseline-sd-note-edited": ("random circuit", lambda c, i: _find(
+        c["faithfulness"], circuit="base", model="base")["random_circuit_accuracy"].update(note="sd 0.001")),
 }
 
 
@@ -1141,3 +1182,162 @@ def test_alias_revision_covers_the_adapter_and_its_base():
     weights_revision = _weights_revision()
     assert weights_revision("tiny-ft") != weights_revision("tiny-base")
     assert weights_revision("tiny-ft") == weights_revision("tiny-ft")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue #26: the writing commands, score-many's options, the edges (classes 2-4; class 1 is FORGERIES above)
+# ---------------------------------------------------------------------------------------------
+
+def _plant(path: Path, kind: str, tmp_path: Path) -> Path:
+    """A user's regular file, or a symlink to one elsewhere, at ``path``; returns the file holding the bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "file":
+        path.write_text("USER DATA\n")
+        return path
+    target = tmp_path / f"link-target-{path.name}"
+    target.write_text("USER DATA\n")
+    path.symlink_to(target)
+    return target
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+@pytest.mark.parametrize("command, out, name", [
+    (("data", "generate", "--n", "3", "--out"), "prompts.jsonl", "prompts.jsonl"),
+    (("circuit", "discover", "-m", "tiny-base", "--out"), "circuit.json", "circuit.json"),
+    (("accuracy", "-m", "tiny-base", "--n", "5", "--out"), "acc", "accuracy.json"),
+], ids=["data-generate", "circuit-discover", "accuracy"])
+def test_writing_commands_keep_a_users_file_and_link(command, out, name, kind, tmp_path):
+    """Class 2: ``data generate --out FILE``, ``circuit discover --out FILE`` and ``accuracy --out DIR`` replaced a
+    user's file (``data generate`` a symlink by a regular file; ``accuracy`` also through a symlinked directory)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    linked_dir = tmp_path / "linked"
+    linked_dir.symlink_to(real, target_is_directory=True)  # the output directory reached through a link
+    where = linked_dir / out
+    victim = where / name if out == "acc" else where
+    data = _plant(victim, kind, tmp_path)
+    before = tree_digest(tmp_path)
+    assert_error(cli(*command, where), str(victim))
+    assert tree_digest(tmp_path) == before and data.read_text() == "USER DATA\n"
+    assert victim.is_symlink() == (kind == "link")
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A port that accepts connections and never answers (what an unrelated service or a stuck host looks like)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def _closed_port() -> str:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"127.0.0.1:{port}"
+
+
+SCORE_MANY = ("score-many", "--base", "tiny-base", "--ft", "tiny-ft")
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (("--ray-address", "nohost"), "--ray-address must be auto, HOST:PORT"),
+    (("--ray-address", "host:99999"), "--ray-address must be"),
+    (("--cpus-per-side", "-1"), "--cpus-per-side"),
+    (("--gpus-per-side", "-0.5"), "--gpus-per-side"),
+    (("--retries", "-1"), "--retries"),
+    (("--num-cpus", "0"), "--num-cpus"),
+    (("--device", "tpu"), "--device must be"),
+], ids=["address-syntax", "address-port", "cpus-negative", "gpus-negative", "retries-negative", "num-cpus-0",
+        "device-unknown"])
+def test_score_many_options_are_checked_before_ray(options, fragment, tmp_path):
+    """Class 3: malformed Ray options ended in tracebacks from Ray; now one line before Ray is imported."""
+    out = tmp_path / "runs"
+    started = time.monotonic()
+    assert_error(cli(*SCORE_MANY, "--out", out, *options), fragment)
+    assert time.monotonic() - started < 60 and not out.exists()
+
+
+@pytest.mark.parametrize("address", ["closed", "silent"])
+def test_score_many_unreachable_ray_address_is_one_line_quickly(address, tmp_path):
+    """Class 3: an unreachable --ray-address hung in Ray's connection log past 2 minutes. A closed port (refused)
+    and a port that accepts but never answers (timed out) are both refused in one line naming the address."""
+    out = tmp_path / "runs"
+    with silent_server() as silent:
+        where = silent if address == "silent" else _closed_port()
+        started = time.monotonic()
+        line = assert_error(run(*SCORE_MANY, "--out", out, "--ray-address", where, timeout=150), where)
+    assert "no ray head answers there" in line.lower()
+    assert time.monotonic() - started < 120 and not out.exists()
+
+
+@pytest.mark.parametrize("pair, fragment", [
+    ({"base": "tiny-base", "ft": "no-such-org/no-such-model", "out": "runs/x"}, "no-such-org/no-such-model"),
+    ({"base": "tiny-base", "ft": "./missing-checkpoint", "out": "runs/y"}, "missing-checkpoint"),
+], ids=["hub-id-not-cached", "local-path-missing"])
+def test_score_many_plan_with_a_missing_model_fails_before_ray(pair, fragment, tmp_path):
+    """Class 3: a plan naming a missing fine-tune failed only inside the workers, 30-50 s after Ray started."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(json.dumps({"preset": "quick", "device": "cpu", "pairs": [pair]}))
+    assert_error(cli("score-many", "--plan", plan), fragment)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_score_many_plan_with_an_unknown_device_fails_before_ray(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(json.dumps({"device": "gpu0", "pairs": [{"base": "tiny-base", "ft": "tiny-ft", "out": "r"}]}))
+    assert_error(cli("score-many", "--plan", plan), "--device must be")
+    assert not (tmp_path / "r").exists()
+
+
+def _python_module(*args: Any, timeout: float = 120) -> Result:
+    proc = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, env=_env(),
+                          timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("module, args, fragment", [
+    ("etbench.training.tiny", ("--boxes", "x,y"), "--boxes"),
+    ("etbench.training.tiny", ("--threads", "0"), "--threads"),
+    ("etbench.training.zoo", ("--boxes", "3,1"), "--boxes"),
+    ("etbench.training.tiny", ("--no-monitor", "--base-only", "--out", "{file}"), "exists and is not a directory"),
+    ("etbench.training.zoo", ("--only", "tiny-null", "--out", "{file}"), "exists and is not a directory"),
+], ids=["tiny-boxes", "tiny-threads", "zoo-boxes", "tiny-out-file", "zoo-out-file"])
+def test_training_clis_refuse_bad_arguments_before_training(module, args, fragment, tmp_path):
+    """Class 4: the trainers' CLIs ended in tracebacks (``--boxes x,y``) or started training with a file as
+    --out. Now argparse's usage error (exit 2, the option named on the last line), before any model loads."""
+    user_file = tmp_path / "a-file"
+    user_file.write_text("USER DATA\n")
+    started = time.monotonic()
+    res = _python_module(module, *(a.replace("{file}", str(user_file)) for a in args))
+    assert "Traceback" not in res.err and res.rc == 2, res.err[-2000:]
+    assert fragment in res.err.strip().splitlines()[-1]
+    assert user_file.read_text() == "USER DATA\n" and time.monotonic() - started < 100
+
+
+def test_lm_eval_unknown_task_is_one_line():
+    """Class 4: ``etbench lm-eval --tasks nosuch`` passed lm-eval's ValueError traceback through."""
+    line = assert_error(run("lm-eval", "--tasks", "nosuch", "--model", "hf", "--model_args", "pretrained=x",
+                            timeout=240), "nosuch")
+    assert "entity_tracking" in line
+
+
+def test_circuit_eval_prints_undefined_not_nan(tmp_path):
+    """Also seen in issue #26: ``circuit eval`` on a random toy model (accuracy 0) printed ``nan`` for the curve
+    area. The toy's ratios are undefined and read so."""
+    from support.toy_pair import write_toy_pair
+
+    root = write_toy_pair(tmp_path / "toy")
+    res = cli("circuit", "eval", "-m", root / "base", "-c", root / "circuit.json", "--n", "4", "--mean-n", "4",
+              "--random-draws", "1", "--completeness-draws", "1", "--no-progress")
+    assert_ok(res)
+    assert "nan" not in res.out.lower() and "undefined" in res.out

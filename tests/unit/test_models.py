@@ -223,7 +223,15 @@ def test_list_models_touches_no_network_and_covers_every_alias(offline, no_netwo
     assert not by_alias["llama7b"].available and "hf download huggyllama/llama-7b" in by_alias["llama7b"].why
     assert all(r.why for r in rows)
     table = models.format_model_table(rows)
-    assert "offline now" in table and "smollm2-135m-instruct" in table
+    assert "offline" in table and "smollm2-135m-instruct" in table
+    # narrow by default (issue 25: it was ~150 columns): every line fits 100 columns, and a model that is not
+    # available offline still says why, below the table; --wide has the source and reason columns
+    from etbench.models.registry import NARROW_WIDTH
+
+    assert NARROW_WIDTH == 100 and max(len(line) for line in table.splitlines()) <= NARROW_WIDTH
+    assert "hf download huggyllama/llama-7b" in table.replace("\n  ", " ")
+    wide = models.format_model_table(rows, wide=True)
+    assert "offline now" in wide and "source" in wide.splitlines()[0] and "source" not in table.splitlines()[0]
 
 
 def test_cli_models_list(tmp_path):

@@ -188,3 +188,93 @@ def test_score_claims_check_again_and_the_manifest_name_is_guarded(tmp_path):
         with pytest.raises(EtbenchError, match="is not a manifest written by"):
             claim_outputs(other, SCORE_DATA_OUTPUTS, SCORE_WRITER)
         assert manifest.is_dir() if bad == "dir" else manifest.read_text() == bad
+
+
+def _cli(*args) -> tuple[int, str]:
+    """``etbench ARGS`` in this process (``etbench.cli.main``, as the console script): (exit code, stderr)."""
+    import contextlib
+    import io
+    import sys
+
+    from etbench import cli
+
+    err, saved = io.StringIO(), sys.argv
+    sys.argv = ["etbench", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+                rc = 0
+            except SystemExit as exit_:
+                rc = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved
+    return rc, err.getvalue()
+
+
+def _commands_with_out() -> set[str]:
+    """Every CLI command (``group sub`` for nested ones) that takes ``--out``."""
+    import typer
+
+    from etbench.cli import app
+
+    found, todo = set(), [("", typer.main.get_command(app))]
+    while todo:
+        prefix, command = todo.pop()
+        for name, sub in getattr(command, "commands", {}).items():
+            todo.append((f"{prefix} {name}".strip(), sub))
+        if any("--out" in getattr(p, "opts", ()) for p in getattr(command, "params", ())):
+            found.add(prefix)
+    return found
+
+
+FIXTURE_CARD = Path(__file__).resolve().parents[1] / "fixtures" / "scorecards" / "synthetic-ft-a"
+#: command -> (its arguments with {out} for the output, the output names it writes there); the arguments
+#: pass every other check, so only the ownership rule stops it (no case loads a model: the rule runs first)
+OUT_CASES = {
+    "data generate": (["data", "generate", "--n", "2", "--out", "{out}/prompts.jsonl"], ["prompts.jsonl"]),
+    "accuracy": (["accuracy", "-m", "tiny-base", "--out", "{out}"], ["accuracy.json", "accuracy_items.jsonl"]),
+    "score": (["score", "--out", "{out}"], ["scorecard.json", "items.jsonl", "circuit_base.json",
+                                            "circuit_ft.json", "timings.json", "report.md", "report.html"]),
+    "score-many": (["score-many", "--base", "tiny-base", "--ft", "tiny-ft", "--out", "{out}"],
+                   ["tiny-ft/scorecard.json", "tiny-ft/workers.json"]),
+    "circuit discover": (["circuit", "discover", "-m", "tiny-base", "--out", "{out}/c.json"], ["c.json"]),
+    "circuit eval": (["circuit", "eval", "-m", "tiny-base", "-c", "tiny-base", "--out", "{out}/e.json"], ["e.json"]),
+    "leaderboard build": (["leaderboard", "build", "--root", "{out}/root", "--out", "{out}"],
+                          ["index.html", "leaderboard.csv"]),
+    "compare": (["compare", str(FIXTURE_CARD), str(FIXTURE_CARD.parent / "synthetic-ft-b"), "--out", "{out}"],
+                ["report.md", "report.html"]),
+    "report": (["report", str(FIXTURE_CARD), "--out", "{out}"], ["report.md", "report.html"]),
+    "edges": (["edges", "--base", "tiny-base", "--ft", "tiny-null", "--circuit-base", "tiny-base",
+               "--circuit-ft", "tiny-base", "--out", "{out}"],
+              ["edges_base.json", "edges_ft.json", "edge_comparison.json"]),
+}
+
+
+def test_every_command_that_writes_keeps_a_users_file_and_link_of_each_output_name(tmp_path):
+    """Issue #26: ``data generate --out FILE``, ``accuracy --out DIR`` and ``circuit discover --out FILE``
+    replaced a user's file (``data generate`` also a user's symlink, by a regular file). Every command with
+    ``--out`` (found by walking the CLI, so a new one must join ``OUT_CASES``) now refuses, in one line with exit
+    2, a file of one of its output names that it did not write, and a symlink there (never written through or
+    replaced): the user's file, the link and its target keep their bytes."""
+    assert _commands_with_out() == set(OUT_CASES)
+    for command, (args, names) in OUT_CASES.items():
+        for name in names:
+            for kind in ("file", "link"):
+                out = tmp_path / f"{command.replace(' ', '-')}-{name.replace('/', '-')}-{kind}"
+                (out / "root").mkdir(parents=True)
+                target = out / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if kind == "file":
+                    target.write_text("MY OWN FILE\n")
+                else:
+                    (tmp_path / f"elsewhere-{out.name}").write_text("THE LINK'S TARGET\n")
+                    target.symlink_to(tmp_path / f"elsewhere-{out.name}")
+                before = _tree(out)
+                rc, err = _cli(*(a.replace("{out}", str(out)) for a in args))
+                lines = [line for line in err.splitlines() if line.strip()]
+                assert rc == 2 and len(lines) == 1 and lines[0].startswith("etbench: error:"), (command, name, err)
+                assert str(target) in lines[0] and ("not written by" in lines[0] or "symbolic link" in lines[0])
+                assert _tree(out) == before, (command, name, kind)
+                assert target.is_symlink() == (kind == "link")
+    assert all(p.read_text() == "THE LINK'S TARGET\n" for p in tmp_path.glob("elsewhere-*"))

@@ -10,7 +10,7 @@ import copy
 import pytest
 
 from etbench.core.errors import EtbenchError
-from etbench.core.stats import proportion_ci, to_estimate
+from etbench.core.stats import mib_ci, proportion_ci, ratio_of_sums_ci, to_estimate
 from etbench.metrics.overlap import dcm_overlap, dcm_seed_runs
 from etbench.publish.rederive import rederive
 from etbench.schema import scorecard as sc
@@ -155,3 +155,113 @@ def test_one_seed_card_without_selections_re_derives_from_its_dcm_scores():
     _overlap(card, "value_fetcher").base_in_ft.value = 0.5
     with pytest.raises(EtbenchError, match=r"DCM head overlap \(value_fetcher\), base in ft"):
         rederive(card, items)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema 3: a sized circuit's record and the random-circuit baseline, re-derived from planted rows
+# ---------------------------------------------------------------------------------------------
+
+N_SIZING = 10
+#: sizing prompts correct out of 10: the model 8, the form (every head at its positions) 6, no heads 0
+SIZING_CEILINGS = {"model": 8, "form_all_heads": 6, "no_heads": 0}
+#: curve points (scale, sizes, correct out of 10), by size; the empty circuit is the floor
+CURVE = [(0.0, {"value_fetcher": 0, "position_transmitter": 0, "position_detector": 0, "structure_reader": 0}, 0),
+         (1.0, {"value_fetcher": 2, "position_transmitter": 1, "position_detector": 1, "structure_reader": 1}, 3),
+         (1.5, {"value_fetcher": 3, "position_transmitter": 2, "position_detector": 2, "structure_reader": 2}, 6),
+         (2.0, {"value_fetcher": 4, "position_transmitter": 2, "position_detector": 2, "structure_reader": 2}, 7)]
+#: by hand: form faithfulness 6/8 = 0.75, target 0.9 x 0.75 = 0.675; the points' faithfulness 0, 3/8, 6/8, 7/8:
+#: scale 1.5 is the smallest at the target, so its sizes are chosen
+TARGET = 0.9 * 0.75
+
+
+def _flags(k: int, n: int = N_SIZING) -> list[bool]:
+    return [i < k for i in range(n)]
+
+
+def _sized_card() -> tuple[sc.Scorecard, list[dict]]:
+    # a circuit of another name than base/ft: the protocol then asks for no faithfulness rows of it
+    items = [{"measure": "sizing", "model": "base", "circuit": "planted", "ablation": a, "n_boxes": 7, "item": i,
+              "correct": c} for a, k in SIZING_CEILINGS.items() for i, c in enumerate(_flags(k))]
+    items += [{"measure": "sizing", "model": "base", "circuit": "planted", "point": p, "n_boxes": 7, "item": i,
+               "correct": c} for p, (_, _, k) in enumerate(CURVE) for i, c in enumerate(_flags(k))]
+    curve = [{"size": sum(sizes.values()), "sizes": sizes, "accuracy": k / 10, "faithfulness": (k / 10) / 0.8,
+              "mib": (k / 10) / 0.8, "added": "double", "scale": scale} for scale, sizes, k in CURVE]
+    sizing = {"target_fraction": 0.9, "target_faithfulness": TARGET, "reached": True, "chosen": CURVE[2][1],
+              "strategy": "scaled-shape", "note": "", "n": N_SIZING, "mean_n": 8, "prompts": "held out",
+              "form_faithfulness": 0.75, "model_accuracy": 0.8, "no_heads_accuracy": 0.0, "curve": curve}
+    heads = {g: [[i, 0] for i in range(k)] for g, k in CURVE[2][1].items()}
+    model = sc.ModelCard("m", "m", "llama", 8, 4)
+    config = {"seed": 0, "preset": {"name": "planted", "sizing_n": N_SIZING, "mean_n": 8, "target_fraction": 0.9,
+                                    "random_draws": 2}}
+    card = sc.Scorecard(base=model, ft=model, config=config, config_hash=sc.config_hash(config),
+                        provenance=sc.Provenance("0", sc.BENCHMARK_VERSION, {}, "cpu", "float32"),
+                        circuits=[sc.CircuitSummary("planted", "m", "attribution+verify", heads, "faithfulness", sizing)])
+    return sc.from_dict(sc.to_dict(card)), items
+
+
+def test_planted_sizing_record_re_derives_from_its_rows():
+    card, items = _sized_card()
+    assert rederive(card, items) == []
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s, i: s.update(target_faithfulness=0.6), "target_faithfulness"),
+    (lambda s, i: s.update(form_faithfulness=0.9), "form_faithfulness"),
+    (lambda s, i: s["curve"][1].update(accuracy=0.4), "curve point 1 accuracy"),
+    (lambda s, i: s["curve"][3].update(faithfulness=0.9), "curve point 3 faithfulness"),
+    (lambda s, i: s.update(chosen=CURVE[3][1]), "chosen"),
+    (lambda s, i: s.update(reached=False), "reached"),
+    (lambda s, i: s.update(n=9), "sizing_n"),
+    (lambda s, i: s.update(headline=0.99), "unknown or missing fields"),
+    (lambda s, i: s["curve"].pop(), "which the curve does not have"),
+    (lambda s, i: i.pop(), "sizing rows for"),
+], ids=["target", "form", "point-accuracy", "point-faithfulness", "chosen", "reached", "n", "extra-key",
+        "point-dropped", "row-dropped"])
+def test_edited_sizing_record_is_refused_naming_the_field(edit, message):
+    card, items = _sized_card()
+    edit(card.circuits[0].sizing, items)
+    with pytest.raises(EtbenchError, match=message):
+        rederive(card, items)
+
+
+def test_random_circuit_baseline_re_derives_from_every_draw():
+    """Two draws of 4 items, 1 and 3 correct: mean 0.5, min 0.25, max 0.75, sd 0.354 (by hand)."""
+    model = sc.ModelCard("m", "m", "llama", 8, 4)
+    config = {"seed": 0, "preset": {"name": "planted", "random_draws": 2, "accuracy_boxes": [7]}}
+    flags = {"accuracy": [True] * 4, "circuit_accuracy": [True, True, False, False]}
+    items = [{"measure": m, "model": w, "n_boxes": 7, "item": i, "correct": c, **({"circuit": "base"} if m !=
+             "accuracy" else {})} for w in ("base", "ft") for m, fl in flags.items() for i, c in enumerate(fl)]
+    items += [{"measure": "ceiling", "model": w, "ablation": a, "n_boxes": 7, "item": i, "correct": c}
+              for w in ("base", "ft") for a, fl in (("every_head_every_position", [True] * 4),
+                                                     ("form_all_heads", [True] * 4), ("no_heads", [False] * 4))
+              for i, c in enumerate(fl)]
+    items += [{"measure": "random_circuit", "model": w, "circuit": "base", "draw": d, "n_boxes": 7, "item": i,
+               "correct": i < k} for w in ("base", "ft") for d, k in enumerate((1, 3)) for i in range(4)]
+    baseline = sc.Estimate(0.5, 0.25, 0.75, 2, "random circuits, same group sizes",
+                           note="low/high = min/max over draws; sd 0.354")
+    acc = to_estimate(proportion_ci(4, 4))
+    circ = to_estimate(proportion_ci(2, 4))
+    low, high = ratio_of_sums_ci([True, True, False, False], [True] * 4, seed=0, draws=2000)
+    faith = [sc.FaithfulnessScore("base", w, acc, circ, sc.Estimate(0.5, low, high, 4, ""), baseline)
+             for w in ("base", "ft")]
+    card = sc.Scorecard(base=model, ft=model, config=config, config_hash=sc.config_hash(config),
+                        provenance=sc.Provenance("0", sc.BENCHMARK_VERSION, {}, "cpu", "float32"),
+                        accuracy=[sc.AccuracyScore(w, 7, acc) for w in ("base", "ft")], faithfulness=faith)
+    ceilings = planted_ceilings()
+    card = sc.from_dict({**sc.to_dict(card), "ceilings": ceilings})
+    assert rederive(card, items) == []
+    card.faithfulness[1].random_circuit_accuracy.value = 0.625  # one item of one draw more
+    with pytest.raises(EtbenchError, match="random circuit accuracy of the base circuit on ft: value"):
+        rederive(card, items)
+
+
+def planted_ceilings() -> list[dict]:
+    """The ceilings of the planted rows, as scoring states them (every head kept: all 4 right; no heads: none)."""
+    all4, none4 = [True] * 4, [False] * 4
+    low, high = ratio_of_sums_ci(all4, all4, seed=0, draws=2000)
+    mlow, mhigh = mib_ci(all4, all4, none4, 0)
+    est = lambda k: {**vars(to_estimate(proportion_ci(k, 4)))}  # noqa: E731
+    return [{"model": w, "form": "paper", "model_accuracy": est(4), "every_head_every_position": est(4),
+             "form_accuracy": est(4), "no_heads_accuracy": est(0),
+             "form_faithfulness": vars(sc.Estimate(1.0, low, high, 4, "paired-bootstrap ratio")),
+             "form_faithfulness_mib": vars(sc.Estimate(1.0, mlow, mhigh, 4, "mib"))} for w in ("base", "ft")]

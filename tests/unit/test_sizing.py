@@ -42,6 +42,7 @@ class FakeCeiling:
         self.model = proportion_ci(round(model * 100), 100)
         self.no_heads = proportion_ci(round(none * 100), 100)
         self.form_faithfulness = form / model
+        self.none_correct = tuple(i < round(none * 100) for i in range(100))  # the empty circuit's rows
 
 
 def test_growth_reaches_a_planted_target():

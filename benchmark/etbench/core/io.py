@@ -266,7 +266,10 @@ def refuse_foreign_files(out_dir: Path, files: Mapping[str, bytes | None], write
     generated = set(generated_files(out_dir, writer))
     for rel, data in files.items():
         path = out_dir / rel
-        if rel in generated or not (path.is_symlink() or path.exists()):
+        if path.is_symlink():  # written through, it would change the link's target; replaced, the link is lost
+            raise EtbenchError(f"{path} is a symbolic link: `{writer.command}` writes a regular file of that name and "
+                               "never replaces or writes through a link: move it away or choose another output")
+        if rel in generated or not path.exists():
             continue
         if data is None or path.is_symlink() or not path.is_file() or path.read_bytes() != data:
             raise EtbenchError(f"{path} exists and was not written by `{writer.command}` (it is not in "
@@ -297,6 +300,19 @@ def claim_outputs(out_dir: Path, names: Iterable[str], writer: Writer) -> None:
     refuse_foreign_files(out_dir, dict.fromkeys(names), writer)
     listed = sorted(set(generated_files(out_dir, writer)) | set(names))
     atomic_write_json(out_dir / writer.manifest, {"generated_by": writer.command, "files": listed})
+
+
+def refuse_foreign_file(path: str | os.PathLike, writer: Writer) -> None:
+    """``refuse_foreign_files`` for a command's single output file (``--out FILE``): its manifest is the one in the
+    file's directory."""
+    path = Path(path)
+    refuse_foreign_files(path.parent, {path.name: None}, writer)
+
+
+def claim_output_file(path: str | os.PathLike, writer: Writer) -> None:
+    """``claim_outputs`` for a command's single output file, just before it is written."""
+    path = Path(path)
+    claim_outputs(path.parent, [path.name], writer)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 from etbench import models
 from etbench.core.errors import EtbenchError
-from etbench.core.io import atomic_write_json, atomic_write_jsonl
+from etbench.core.io import Writer, atomic_write_json, atomic_write_jsonl, claim_outputs, refuse_foreign_files
 from etbench.core.progress import track
 from etbench.core.stats import Proportion, proportion_ci
 from etbench.mech.forward import last_token_logits, length_batches
@@ -140,11 +140,26 @@ def run(model_ref: str, n_boxes: Sequence[int] = (7,), n: int | None = None, see
     return AccuracyRun(model=model_ref, results=results, vocabulary_note=note)
 
 
+#: ``etbench accuracy --out DIR`` (and ``write_run``): its files, listed in its manifest there before they are
+#: written; a file of one of these names that no run wrote is refused (``check_run_outputs``), never replaced.
+ACCURACY_WRITER = Writer("etbench accuracy", ".etbench-accuracy-manifest.json")
+ACCURACY_OUTPUTS = ("accuracy_items.jsonl", "accuracy.json")
+
+
+def check_run_outputs(out_dir) -> None:
+    """Raise, before a model loads, when ``out_dir`` holds a file of ``write_run``'s names that it did not write."""
+    from pathlib import Path
+
+    refuse_foreign_files(Path(out_dir), dict.fromkeys(ACCURACY_OUTPUTS), ACCURACY_WRITER)
+
+
 def write_run(run_: AccuracyRun, out_dir) -> list:
-    """``accuracy.json`` (summary) and ``accuracy_items.jsonl`` (every item), written atomically."""
+    """``accuracy.json`` (summary) and ``accuracy_items.jsonl`` (every item), written atomically; a file of either
+    name that an earlier run did not write is refused (``ACCURACY_WRITER``)."""
     from pathlib import Path
 
     out_dir = Path(out_dir)
+    claim_outputs(out_dir, ACCURACY_OUTPUTS, ACCURACY_WRITER)
     summary = {"schema_version": SCHEMA_VERSION, "model": run_.model, "canonical_items": run_.canonical,
                "vocabulary_note": run_.vocabulary_note, "results": [r.summary() for r in run_.results]}
     rows = [row for r in run_.results for row in r.item_rows()]

@@ -315,30 +315,34 @@ def _circuit_of(nodes: Sequence[Node], like: Circuit) -> Circuit:
 
 
 def format_evaluation(ev: CircuitEvaluation) -> str:
-    """A human-readable table of a ``CircuitEvaluation``."""
+    """A human-readable table of a ``CircuitEvaluation``; a ratio that is not a number (a model at 0 accuracy: the
+    curve's area, faithfulness) reads "undefined", not ``nan``."""
     from tabulate import tabulate
+
+    def num(x: float, digits: int = 3) -> str:
+        return f"{x:.{digits}f}" if math.isfinite(x) else "undefined"
 
     sizes = ", ".join(f"{GROUP_CODES[g]} {k}" for g, k in ev.group_sizes.items())
     rows = [
-        ["model accuracy", f"{ev.model_acc.value:.3f}", f"[{ev.model_acc.low:.3f}, {ev.model_acc.high:.3f}]"],
-        ["circuit accuracy", f"{ev.circuit_acc.value:.3f}", f"[{ev.circuit_acc.low:.3f}, {ev.circuit_acc.high:.3f}]"],
-        ["faithfulness", f"{ev.faithfulness:.3f}", f"[{ev.faithfulness_ci[0]:.3f}, {ev.faithfulness_ci[1]:.3f}]"],
+        ["model accuracy", num(ev.model_acc.value), f"[{num(ev.model_acc.low)}, {num(ev.model_acc.high)}]"],
+        ["circuit accuracy", num(ev.circuit_acc.value), f"[{num(ev.circuit_acc.low)}, {num(ev.circuit_acc.high)}]"],
+        ["faithfulness", num(ev.faithfulness), f"[{num(ev.faithfulness_ci[0])}, {num(ev.faithfulness_ci[1])}]"],
     ]
     if ev.baseline:
         b = ev.baseline
-        rows.append([f"random circuit ({len(b.accuracies)} draws)", f"{b.mean:.3f} ± {b.sd:.3f}",
-                     f"faithfulness {b.faithfulness_mean:.3f} ± {b.faithfulness_sd:.3f}"])
+        rows.append([f"random circuit ({len(b.accuracies)} draws)", f"{num(b.mean)} ± {num(b.sd)}",
+                     f"faithfulness {num(b.faithfulness_mean)} ± {num(b.faithfulness_sd)}"])
     if ev.completeness:
         c = ev.completeness
-        rows.append([f"completeness |F(M\\K)-F(C\\K)| (random K, {len(c.random_k)})", f"{c.score_mean:.3f} ± {c.score_sd:.3f}",
-                     "lower is better"])
+        rows.append([f"completeness |F(M\\K)-F(C\\K)| (random K, {len(c.random_k)})",
+                     f"{num(c.score_mean)} ± {num(c.score_sd)}", "lower is better"])
         for g, v in c.per_group.items():
-            rows.append([f"  K = group {GROUP_CODES[g]}", f"{v['score']:.3f}",
-                         f"C\\K {v['circuit_minus_k']:.3f} / M\\K {v['model_minus_k']:.3f}"])
+            rows.append([f"  K = group {GROUP_CODES[g]}", num(v['score']),
+                         f"C\\K {num(v['circuit_minus_k'])} / M\\K {num(v['model_minus_k'])}"])
     if ev.curve:
         cv = ev.curve
-        pts = " ".join(f"{p.k}:{p.faithfulness:.2f}" for p in cv.points)
-        rows.append(["faithfulness curve area (CPR-like)", f"{cv.area:.3f}", f"CMD {cv.cmd:.3f}; k:F {pts}"])
+        pts = " ".join(f"{p.k}:{num(p.faithfulness, 2)}" for p in cv.points)
+        rows.append(["faithfulness curve area (CPR-like)", num(cv.area), f"CMD {num(cv.cmd)}; k:F {pts}"])
     head = (f"model: {ev.model}   circuit: {ev.circuit_model or '?'} ({ev.circuit_method}; {sizes})\n"
             f"{ev.n} prompts, {ev.n_boxes} boxes, seed {ev.seed}; mean over {ev.mean_n} random-query prompts; "
             f"{ev.forward_passes.get('calls', 0)} forward passes, {ev.wall_s:.1f} s")

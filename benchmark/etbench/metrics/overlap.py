@@ -109,9 +109,17 @@ def group_overlaps(base: Circuit | Mapping[str, Iterable[Sequence[int]]],
                    ft: Circuit | Mapping[str, Iterable[Sequence[int]]]) -> dict[str, Overlap]:
     """``{group: Overlap}`` for every group either side has (a missing group is empty), plus ``"all"``
     over distinct heads."""
-    b, f = _by_group(base), _by_group(ft)
-    out = {g: head_overlap(b.get(g, ()), f.get(g, ())) for g in GROUPS if g in b or g in f}
-    out[ALL] = head_overlap(set().union(*b.values()) if b else (), set().union(*f.values()) if f else ())
+    return _overlaps_of_sets(_by_group(base), _by_group(ft))
+
+
+def _overlaps_of_sets(b: Mapping[str, set[Head]], f: Mapping[str, set[Head]]) -> dict[str, Overlap]:
+    """``group_overlaps`` of head sets already checked: the bootstrap calls it 2000 times per card, where checking
+    every head again was 85% of ``etbench submit``'s time (4 of 4.7 s on the tiny-ft card)."""
+    def overlap(x: set[Head], y: set[Head]) -> Overlap:
+        return Overlap(len(x), len(y), len(x & y), len(x | y))
+
+    out = {g: overlap(b.get(g, set()), f.get(g, set())) for g in GROUPS if g in b or g in f}
+    out[ALL] = overlap(set().union(*b.values()) if b else set(), set().union(*f.values()) if f else set())
     return out
 
 
@@ -280,8 +288,8 @@ def _circuit_overlap(found: Mapping[str, Overlap], base, ft, item_scores: tuple[
     off = {g for g in GROUPS if rb0.get(g, set()) != b.get(g, set()) or rf0.get(g, set()) != f.get(g, set())}
     draws = np.random.default_rng(seed).integers(0, n_items, size=(n_resamples, n_items))
     redrawn = list(zip(_redrawn(b, item_scores[0], draws), _redrawn(f, item_scores[1], draws)))
-    per_draw = [group_overlaps({g: hs for g, hs in rb.items() if g in b}, {g: hs for g, hs in rf.items() if g in f})
-                for rb, rf in redrawn]
+    per_draw = [_overlaps_of_sets({g: hs for g, hs in rb.items() if g in b},
+                                  {g: hs for g, hs in rf.items() if g in f}) for rb, rf in redrawn]
     out = []
     for g, o in found.items():
         if g in off or (g == ALL and off):

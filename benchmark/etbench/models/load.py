@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -166,9 +167,18 @@ def _torch_dtype(dtype: str):
     return getattr(torch, check_dtype(dtype))
 
 
+def check_device_name(device: str) -> str:
+    """``device`` if it names a device etbench can use (cpu, cuda, cuda:<n>, mps, auto), whether or not this machine
+    has it: ``score-many`` checks its workers' device so, before Ray starts, on a driver that may lack it."""
+    if not isinstance(device, str) or re.fullmatch(r"cpu|auto|mps|cuda(:[0-9]+)?", device) is None:
+        raise EtbenchError(f"--device must be cpu, cuda, cuda:<n>, mps or auto, got {device!r}")
+    return device
+
+
 def check_device(device: str) -> str:
     """``device`` if this machine has it (asks torch), else one ``EtbenchError``: a model is never loaded
     (gigabytes, minutes) only to fail when it is moved to a missing GPU."""
+    check_device_name(device)
     if device in ("cpu", "auto"):
         return device
     import torch

@@ -220,26 +220,26 @@ def _preset(card: sc.Scorecard) -> dict[str, Any]:
     return preset if isinstance(preset, dict) else {}
 
 
-#: Each list section's identity: two entries with the same key are the same number stated twice.
-SECTION_KEYS: dict[str, Callable[[Any], tuple]] = {
-    "accuracy": lambda a: (a.model, a.n_boxes),
-    "circuits": lambda c: (c.name,),
-    "faithfulness": lambda f: (f.circuit, f.model),
-    "ceilings": lambda c: (c.model, c.form),
-    "overlap": lambda o: (o.heads, o.group),
-    "dcm": lambda d: (d.circuit, d.group, d.desideratum),
-    "cmap": lambda c: (c.variant, c.group, c.heads),
-    "semantics": lambda s: (s.heads_of, s.model, s.group, s.desideratum),
-    "dcm_selections": lambda x: (x.circuit, x.seed, x.group, x.desideratum),
-    "absent": lambda a: (a.where,),
+#: Each list section's identity (its entries' fields): two entries with the same key state one number twice.
+SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "accuracy": ("model", "n_boxes"),
+    "circuits": ("name",),
+    "faithfulness": ("circuit", "model"),
+    "ceilings": ("model", "form"),
+    "overlap": ("heads", "group"),
+    "dcm": ("circuit", "group", "desideratum"),
+    "cmap": ("variant", "group", "heads"),
+    "semantics": ("heads_of", "model", "group", "desideratum"),
+    "dcm_selections": ("circuit", "seed", "group", "desideratum"),
+    "absent": ("where",),
 }
 
 
 def _check_unique(check: _Check, card: sc.Scorecard) -> None:
-    for section, key in SECTION_KEYS.items():
+    for section, fields in SECTION_KEYS.items():
         seen = set()
         for entry in getattr(card, section) or ():
-            k = key(entry)
+            k = tuple(getattr(entry, f) for f in fields)
             if k in seen:
                 check.fail(f"{section} ({', '.join(map(str, k))})", "listed twice")
             seen.add(k)
@@ -262,8 +262,20 @@ def _check_absent_list(check: _Check, card: sc.Scorecard, used: set[str]) -> Non
                                              "baseline, sizing record or semantics check can be absent)")
 
 
+#: The note of a number left out (``leave_out_underivable``): an absent number states nothing else.
+LEFT_OUT_NOTE = "not re-derivable: its rows were not kept (schema 2)"
+
+
 def _null(est: Estimate) -> bool:
     return est.value is None and est.low is None and est.high is None
+
+
+def _check_left_out(check: _Check, where: str, est: Estimate, n: Any, method: str) -> None:
+    """An absent number is exactly ``leave_out_underivable``'s null: no value, interval or other note, and the
+    protocol's n and method."""
+    if est != Estimate(None, None, None, n, method, note=LEFT_OUT_NOTE):
+        check.fail(where, f"declared absent, but the card states it ({est.value!r} [{est.low!r}, {est.high!r}], n "
+                          f"{est.n!r}, level {est.level!r}, note {est.note!r})")
 
 
 def _check_random_circuit(check: _Check, card: sc.Scorecard, f: sc.FaithfulnessScore, n: int, used: set[str]) -> None:
@@ -275,8 +287,7 @@ def _check_random_circuit(check: _Check, card: sc.Scorecard, f: sc.FaithfulnessS
     if not rows:
         if _absent_ok(check, card, where, "random circuit accuracy"):
             used.add(where)
-            if not _null(f.random_circuit_accuracy):
-                check.fail(where, "declared absent, but the card states it")
+            _check_left_out(check, where, f.random_circuit_accuracy, draws, random_circuit_estimate([0.0]).method)
             return
         if draws == 0:
             check.expect(where, f.random_circuit_accuracy, random_circuit_estimate([]))
@@ -369,15 +380,25 @@ def _check_sizing(check: _Check, card: sc.Scorecard, c: sc.CircuitSummary, used:
 
 
 def _check_semantics(check: _Check, card: sc.Scorecard, s: sc.SemanticsScore, used: set[str]) -> None:
-    """The semantics check from its per-repeat rows (``semantics``, ``draw`` = the repeat)."""
+    """The semantics check from its per-repeat rows (``semantics``, ``draw`` = the repeat); its heads are the DCM
+    selection it patched (the ``heads_of`` circuit's at the first DCM seed)."""
     where = semantics_where(s)
+    seeds = _dcm_seeds(card)
+    selected = ([x for x in card.dcm_selections if x.seed == seeds[0]] if card.dcm_selections is not None and seeds
+                else card.dcm)
+    patched = next((x.selected_heads for x in selected if (x.circuit, x.group, x.desideratum)
+                    == (s.heads_of, s.group, s.desideratum)), None)
+    if patched is None or sorted(map(tuple, s.heads)) != sorted(map(tuple, patched)):
+        check.fail(f"{where}: heads", f"{len(s.heads)} heads, not the {s.heads_of} circuit's DCM selection "
+                                      f"({'none' if patched is None else len(patched)})")
     rows = [r for r in check.by_measure.get("semantics", []) if r.get("model") == s.model
             and r.get("heads") == s.heads_of and r.get("group") == s.group and r.get("desideratum") == s.desideratum]
     if not rows:
         if _absent_ok(check, card, where, "semantics check accuracy"):
             used.add(where)
-            if not _null(s.accuracy):
-                check.fail(where, "declared absent, but the card states it")
+            dcm = card.config.get("dcm") if isinstance(card.config.get("dcm"), dict) else {}
+            want = semantics_estimate([0.0] * max(1, int(dcm.get("semantics_repeats") or 1)), dcm.get("semantics_n"))
+            _check_left_out(check, where, s.accuracy, want.n, want.method)
             return
         check.fail(where, "the items file has no semantics rows for it (required since scorecard schema 3: score "
                           "again with this etbench)")
@@ -590,4 +611,4 @@ def leave_out_underivable(card: sc.Scorecard, items: list[dict[str, Any]]) -> sc
 
 
 def _left_out(est: Estimate) -> Estimate:
-    return Estimate(None, None, None, est.n, est.method, note="not re-derivable: its rows were not kept (schema 2)")
+    return Estimate(None, None, None, est.n, est.method, note=LEFT_OUT_NOTE)

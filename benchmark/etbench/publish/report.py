@@ -284,6 +284,7 @@ def compare_cards(card_a: sc.Scorecard, items_a: list[dict[str, Any]], card_b: s
                                                              if len(differences) > 6 else ""))
     a_name, b_name = name_a or card_a.ft.ref, name_b or card_b.ft.ref
     comp = Comparison(f"{a_name} vs {b_name}", a_name, b_name)
+    comp.notes += different_bases_notes(card_a, card_b, a_name, b_name)
     counts = sorted({x.n_boxes for x in card_a.accuracy} & {x.n_boxes for x in card_b.accuracy})
     for k in counts:
         a, b = _align(_select(items_a, "accuracy", model="ft", n_boxes=k),
@@ -1099,11 +1100,14 @@ def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
             match = [f for f in cards if f.name == x] or [f for f in cards if f.card.ft.ref == x]
             if not match:
                 where = ", ".join(str(s) for s in stores) or "(no stores)"
-                if pa is None and pb is None:
+                stored = {f.name for f in cards} | {f.card.ft.ref for f in cards}
+                if pa is None and pb is None and not {a, b} & stored:  # two refs, neither a stored row
                     raise EtbenchError(f"no scorecard of {a!r} vs {b!r} in {where}: run `etbench score --base {a} "
                                        f"--ft {b} --out DIR`, then `etbench compare {a} {b} --store DIR`")
-                raise EtbenchError(f"no scorecard for {x!r} in {where}: run `etbench score` first or pass a "
-                                   "scorecard.json path")
+                names = sorted({f.name for f in cards})
+                known = f" (stored: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''})" if names else ""
+                raise EtbenchError(f"no scorecard for {x!r} in {where}{known}: pass a stored name, a scorecard.json "
+                                   "path, or score it first (`etbench score --ft MODEL --out DIR`, then --store DIR)")
             if len(match) > 1:
                 raise EtbenchError(f"{x!r} matches {len(match)} scorecards: pass a scorecard path instead")
             sides.append(match[0])
@@ -1116,6 +1120,21 @@ def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
 
 SAME_SIDE_HINT = ("a scorecard against itself differs by exactly 0 with intervals of width zero; for its base "
                   "against its fine-tuned model use `etbench compare BASE_REF FT_REF` or `etbench report`")
+
+
+def different_bases_notes(card_a: sc.Scorecard, card_b: sc.Scorecard, a_name: str, b_name: str) -> list[str]:
+    """A comparison of fine-tunes of different bases is allowed (same protocol, same prompts) but reads
+    differently: what stays comparable, and what does not, in one note; [] for fine-tunes of one base."""
+    base_a, base_b = card_a.base, card_b.base
+    if (base_a.ref, base_a.revision) == (base_b.ref, base_b.revision):
+        return []
+    arch = (f"architectures {base_a.architecture} and {base_b.architecture}"
+            if base_a.architecture != base_b.architecture else f"both {base_a.architecture}")
+    return [f"{a_name} and {b_name} are fine-tunes of different bases ({base_a.ref} and {base_b.ref}; {arch}). "
+            "Accuracy is compared on the same prompts and stays comparable as behaviour; CMAP gains and "
+            "faithfulness are each measured against the fine-tune's own base, so their differences compare how "
+            "much each fine-tune changed its own base, not one mechanism; circuits and head overlaps name "
+            "different heads and are not compared."]
 
 
 def check_two_sides(fa: Found, fb: Found) -> None:

@@ -441,6 +441,20 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
     """Validate a scorecard for this submission; returns it with its canonical bytes and the items bytes."""
     origin = f"{sub.file}: scorecard {card_path.name}"
     card = sc.load(card_path)
+    items_name = card.items_file
+    items_path = sc.items_path(card_path, card, where=origin)
+    if not items_path.is_file():
+        raise EtbenchError(f"{origin}: items file {items_name} is missing (paired statistics need it)")
+    items_bytes = items_path.read_bytes()
+    items = read_jsonl(items_path, "per-item rows")
+    check_card(sub, card, items, origin)
+    return card, sc.canonical_bytes(card), items_bytes
+
+
+def check_card(sub: Submission, card: sc.Scorecard, items: list[dict[str, Any]], origin: str,
+               memo: Optional[dict] = None) -> None:
+    """Every check of a scorecard and its per-item rows for this submission (``check_scorecard`` after reading
+    them); ``memo``: see ``rederive``."""
     if card.schema_version != sc.SCHEMA_VERSION:
         raise EtbenchError(f"{origin}: scorecard schema version {card.schema_version} predates the current "
                            f"{sc.SCHEMA_VERSION} (which keeps the rows that re-derive every number): score again with "
@@ -495,19 +509,12 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
         if None not in local and local != scored:
             raise EtbenchError(f"{origin}: the submission's {who} is {local} (architecture, layers, heads) but the "
                                f"scorecard scored {scored}: the scorecard is for another model")
-    items_name = card.items_file
-    items_path = sc.items_path(card_path, card, where=origin)
-    if not items_path.is_file():
-        raise EtbenchError(f"{origin}: items file {items_name} is missing (paired statistics need it)")
-    items_bytes = items_path.read_bytes()
-    items = read_jsonl(items_path, "per-item rows")
     if not any(r.get("measure") == "accuracy" for r in items):
-        raise EtbenchError(f"{origin}: items file {items_name} has no accuracy rows")
+        raise EtbenchError(f"{origin}: items file {card.items_file} has no accuracy rows")
     try:
-        sub.notes.extend(rederive(card, items))
+        sub.notes.extend(rederive(card, items, memo))
     except EtbenchError as err:
         raise EtbenchError(f"{origin}: {err}") from None
-    return card, sc.canonical_bytes(card), items_bytes
 
 
 def _score(sub: Submission, out_dir: Path) -> Path:

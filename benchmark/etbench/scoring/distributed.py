@@ -27,7 +27,9 @@ and must all see the output directories (a shared file system).
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -35,9 +37,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
+from etbench.core.checks import check_range
 from etbench.core.errors import EtbenchError, one_line
 from etbench.core.io import atomic_write_json, claim_outputs
-from etbench.models import default_dtype
+from etbench.models import availability, check_device_name, default_dtype, resolve
 from etbench.schema.circuit import DISCOVERY_MODES
 from etbench.scoring import pipeline
 from etbench.scoring.presets import SCORE_PRESETS, Preset
@@ -160,6 +163,67 @@ def _ray():
     return ray
 
 
+#: ``--ray-address``: ``auto`` (a cluster Ray finds on this node), or ``[ray://]HOST:PORT``.
+RAY_ADDRESS = re.compile(r"(?:ray://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})")
+#: Bounds on Ray's counts: CPU/GPU slots (local or per side) and reruns of a dead side.
+MAX_SLOTS = 4096
+MAX_RETRIES = 100
+#: How long ``check_address`` waits for the head node to accept a connection (Ray's own attempt logs for minutes).
+REACH_TIMEOUT_S = 5.0
+
+
+def check_address(address: str | None, timeout: float = REACH_TIMEOUT_S) -> None:
+    """``address`` is ``None`` (a local Ray), ``auto``, or ``[ray://]HOST:PORT`` where something accepts a TCP
+    connection within ``timeout`` seconds: one line naming the address otherwise."""
+    if address is None or address == "auto":
+        return
+    match = RAY_ADDRESS.fullmatch(address) if isinstance(address, str) else None
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        raise EtbenchError(f"--ray-address must be auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    why = _grpc_answer(match["host"].strip("[]"), int(match["port"]), timeout)
+    if why:
+        raise EtbenchError(f"--ray-address {address}: no Ray head answers there ({why}; waited up to {timeout:g} s): "
+                           "start it with `ray start --head` or give the address it printed")
+
+
+#: HTTP/2's client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, or its client server) answers
+#: with a SETTINGS frame of its own.
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _grpc_answer(host: str, port: int, timeout: float) -> str:
+    """"" when a gRPC server answers at ``host:port`` within ``timeout``, else why not. A TCP connection alone
+    proves nothing: a proxy or an unrelated service accepts it, and Ray then retried for minutes."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(_HTTP2_HELLO)
+            frame = conn.recv(9)
+    except TimeoutError:
+        return "timed out"
+    except OSError as err:
+        return err.strerror or str(err)
+    if len(frame) < 4 or frame[3] != 4:  # byte 3 of a frame header is its type; 4 = SETTINGS
+        return "something accepted the connection but does not speak gRPC"
+    return ""
+
+
+def check_resources(num_cpus: int | None, cpus: float, gpus: float | None, retries: int) -> None:
+    """The Ray resources asked for are counts Ray accepts: slots >= 1, a side's CPUs > 0 and GPUs >= 0, retries
+    >= 0 (Ray's own refusals were tracebacks)."""
+    if num_cpus is not None:
+        check_range(num_cpus, "--num-cpus", 1, MAX_SLOTS)
+    check_range(retries, "--retries", 0, MAX_RETRIES)
+    for option, value, low_ok in (("--cpus-per-side", cpus, False), ("--gpus-per-side", gpus, True)):
+        if value is None and option == "--gpus-per-side":
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or not (value >= 0 if low_ok else value > 0) or value > MAX_SLOTS:
+            bound = ">= 0" if low_ok else "> 0"
+            raise EtbenchError(f"{option} must be a number {bound} and at most {MAX_SLOTS}, got {value!r}")
+
+
+
 def _check(jobs: Sequence[PairJob], settings: dict[str, Any]) -> None:
     """Fail before starting Ray on what every worker would fail on."""
     if not jobs:
@@ -174,10 +238,17 @@ def _check(jobs: Sequence[PairJob], settings: dict[str, Any]) -> None:
     # every pair's inputs, as ``score`` checks them, before Ray starts (a missing model package used to
     # surface only from inside a worker); the device is each worker's to check (this process may be a
     # CPU-only driver of a GPU cluster), so the check runs as for the CPU
+    check_device_name(settings["device"])
     for job in jobs:
         pipeline.check_inputs(job.base, job.ft, job.out_dir, seed=settings["seed"],
                               dtype=settings["dtype"] or default_dtype("cpu"), device="cpu",
                               extra_outputs=SCORE_MANY_OUTPUTS)
+        # a model that cannot be loaded (not on this machine, or a hub id neither cached nor reachable) failed
+        # inside the workers, 30-50 s after Ray started; the driver sees what the workers see (a shared file system)
+        for flag, ref in (("base", job.base), ("ft", job.ft)):
+            found = availability(resolve(ref), allow_download=True)
+            if not found.ok:
+                raise EtbenchError(f"pair {job.base} -> {job.ft}: {flag} {ref} cannot be loaded: {found.why}")
 
 
 def score_many(jobs: Sequence[PairJob], *, preset: Any = "quick", seed: int = 0, dtype: str | None = None,
@@ -187,7 +258,9 @@ def score_many(jobs: Sequence[PairJob], *, preset: Any = "quick", seed: int = 0,
     """Score every pair through Ray (see the module docstring); one ``PairResult`` per job, in order.
     Raises ``EtbenchError`` naming the failed pairs when any failed (the others are complete)."""
     settings = {"preset": preset, "seed": seed, "dtype": dtype, "device": device, "discovery": discovery}
+    check_resources(num_cpus, cpus, gpus, retries)
     _check(jobs, settings)
+    check_address(address)
     ray = _ray()
     gpus = (1.0 if device.startswith("cuda") else 0.0) if gpus is None else gpus
     started = False

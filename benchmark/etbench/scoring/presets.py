@@ -42,7 +42,7 @@ class Preset:
 
 
 SCORE_PRESETS: dict[str, Preset] = {
-    # quick: a first look, sized for the 5-minute goal on 2 CPU cores (see README, Benchmarks). Its circuits
+    # quick: a first look, sized for the 5-minute goal on 2 CPU cores (see docs/benchmarks.md). Its circuits
     # are the discovery's top-k and its mean-ablation set is 32 prompts, so its faithfulness rows are noisy
     # (+-0.05 between reference sets) and read against the ceilings reported beside them. It leaves out
     # what the scorecard shows least: completeness (12 of the own circuit's 28 evaluations, and no

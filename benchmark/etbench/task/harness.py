@@ -12,6 +12,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from etbench.core.errors import EtbenchError
+
 TASK_GROUPS = ("entity_tracking", "entity_tracking_mc")
 
 
@@ -36,13 +38,24 @@ def with_include_path(args: list[str]) -> list[str]:
 
 
 def run_lm_eval(args: list[str]) -> None:
-    """Run lm-eval's own CLI with etbench's task directory on the include path."""
+    """Run lm-eval's own CLI with etbench's task directory on the include path. An unknown task name (lm-eval
+    raises a ValueError, printed as a traceback) is one ``EtbenchError`` naming it and etbench's tasks."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *with_include_path(args)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as err:
+        if not str(err).startswith("Tasks not found"):
+            raise
+        raise EtbenchError(f"lm-eval: {err} (etbench's task groups: {', '.join(TASK_GROUPS)}; `etbench lm-eval "
+                           "--tasks list` lists every task)") from None
 
 
 def main() -> None:
     """Console script ``etbench-lm-eval``."""
-    run_lm_eval(sys.argv[1:])
+    try:
+        run_lm_eval(sys.argv[1:])
+    except EtbenchError as err:
+        print(f"etbench: error: {err}", file=sys.stderr)
+        sys.exit(2)

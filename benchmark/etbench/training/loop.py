@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from etbench import models
-from etbench.core.io import atomic_write_json
+from etbench.core.io import atomic_write_json, check_output_dir
 from etbench.core.stats import proportion_ci
 from etbench.metrics.accuracy import evaluate
 from etbench.task.prompts import (
@@ -208,3 +208,55 @@ def save_results(results: dict, path: Path | None) -> None:
 def accuracy_record(k: int, n: int) -> dict:
     ci = proportion_ci(k, n)
     return {"accuracy": round(ci.value, 4), "k": k, "n": n, "ci95": [round(ci.low, 4), round(ci.high, 4)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipes' command lines (``python -m etbench.training.tiny`` / ``.zoo``)
+# ---------------------------------------------------------------------------------------------
+
+def box_counts(text: str) -> list[int]:
+    """argparse type of ``--boxes``: comma-separated box counts 2..26 (``x,y`` was a ValueError traceback)."""
+    import argparse
+
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated box counts such as 3,5,7, got {text!r}") from None
+    if not counts or any(not 2 <= k <= 26 for k in counts):
+        raise argparse.ArgumentTypeError(f"box counts must be between 2 and 26, got {text!r}")
+    return counts
+
+
+def thread_count(text: str) -> int:
+    """argparse type of ``--threads``: 1..1024."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"expected a number of threads from 1 to 1024, got {text!r}")
+    return n
+
+
+def check_out(parser, out: Path) -> None:
+    """``--out`` can hold the adapter directories, checked before anything trains (a file there was found only
+    when the first adapter was saved, after its training)."""
+    try:
+        check_output_dir(out, "--out")
+    except Exception as err:  # noqa: BLE001 - EtbenchError: the one line argparse prints
+        parser.error(str(err))
+
+
+def monitor_every(text: str) -> int:
+    """argparse type of ``--monitor-every``: 0 (off) or a positive number of steps."""
+    import argparse
+
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if not 0 <= k <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"expected 0 (off) or a number of steps, got {text!r}")
+    return k

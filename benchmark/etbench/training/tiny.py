@@ -42,6 +42,7 @@ from typing import Sequence
 import torch
 
 from etbench import models
+from etbench.core.errors import EtbenchError
 from etbench.core.io import ASSETS_DIR, atomic_write_text
 from etbench.metrics.accuracy import evaluate
 from etbench.task.layout import TokenEncoder, layouts
@@ -53,16 +54,20 @@ from etbench.training.loop import (
     AnswerRow,
     add_lora,
     answer_token_loss,
+    box_counts,
     card_results,
+    check_out,
     compare_adapters,
     deterministic,
     environment,
     fresh_examples,
     last_logits,
     masked_token_loss,
+    monitor_every,
     run_steps,
     save_adapter,
     stack_rows,
+    thread_count,
 )
 from etbench.training.zoo import ZooRow, arithmetic_rows
 
@@ -288,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--family", choices=sorted(FAMILIES), default="tiny", help="which model family")
     parser.add_argument("--out", type=Path, default=None, help="where the adapter directories go "
                         "(default: the package's assets/<family>/)")
-    parser.add_argument("--monitor-every", type=int, default=0, metavar="K",
+    parser.add_argument("--monitor-every", type=monitor_every, default=0, metavar="K",
                         help="log held-out accuracy every K steps (slower; does not change the adapters)")
     parser.add_argument("--no-monitor", action="store_true",
                         help="skip the held-out accuracy log (faster; the adapters are the same)")
@@ -299,8 +304,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--card", action="store_true", help="also evaluate the models for MODEL_CARD.md")
     parser.add_argument("--card-only", action="store_true", help="only evaluate (no training)")
     parser.add_argument("--models", default=None, help="models to evaluate (comma-separated; default: the family's)")
-    parser.add_argument("--boxes", default=",".join(map(str, CARD_BOXES)), help="box counts to evaluate")
-    parser.add_argument("--threads", type=int, default=THREADS,
+    parser.add_argument("--boxes", type=box_counts, default=list(CARD_BOXES), help="box counts to evaluate")
+    parser.add_argument("--threads", type=thread_count, default=THREADS,
                         help="torch threads for the evaluation (training always uses 2)")
     parser.add_argument("--card-json", type=Path, default=None,
                         help="results file, resumed if it exists (default OUT/card_results.json)")
@@ -313,6 +318,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(stages) - set(names))
     if unknown:  # before any model loads: one usage error, not train()'s ValueError traceback
         parser.error(f"--stages: {', '.join(unknown)} not in family {family.name} ({', '.join(names)})")
+    check_out(parser, out)
+    try:
+        run(args, family, out, names, stages)
+    except EtbenchError as err:
+        parser.exit(2, f"etbench: error: {err}\n")
+
+
+def run(args, family, out: Path, names: list[str], stages: list[str]) -> None:
+    """``main``'s work once its arguments are checked."""
     if not args.card_only:
         out.mkdir(parents=True, exist_ok=True)
         summary = train(family, out, args.monitor_every, not args.no_monitor, stages)
@@ -326,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.card or args.card_only:
         path = args.card_json or out / "card_results.json"
         refs = args.models.split(",") if args.models else list(family.card_models)
-        results = card_results(refs, [int(b) for b in args.boxes.split(",")], family.test_subset, path,
+        results = card_results(refs, args.boxes, family.test_subset, path,
                                threads=args.threads)
         print(json.dumps(results, indent=1, sort_keys=True))
 

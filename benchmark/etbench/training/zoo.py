@@ -47,7 +47,9 @@ from etbench.training.loop import (
     TokenRow,
     add_lora,
     answer_token_loss,
+    box_counts,
     card_results,
+    check_out,
     compare_adapters,
     deterministic,
     environment,
@@ -56,6 +58,7 @@ from etbench.training.loop import (
     masked_token_loss,
     run_steps,
     save_adapter,
+    thread_count,
 )
 
 BASE_REF = "tiny-base"
@@ -287,12 +290,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ASSET_DIR, help="where the adapter directories go")
     parser.add_argument("--card", action="store_true", help="also evaluate the rows for MODEL_CARD.md")
     parser.add_argument("--card-only", action="store_true", help="only evaluate (no training)")
-    parser.add_argument("--boxes", default=",".join(map(str, CARD_BOXES)), help="box counts to evaluate")
-    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads for the evaluation")
+    parser.add_argument("--boxes", type=box_counts, default=list(CARD_BOXES), help="box counts to evaluate")
+    parser.add_argument("--threads", type=thread_count, default=THREADS, help="torch threads for the evaluation")
     parser.add_argument("--card-json", type=Path, default=None,
                         help="results file, resumed if it exists (default OUT/card_results.json)")
     args = parser.parse_args(argv)
     names = args.only or list(ROW_BY_NAME)
+    check_out(parser, args.out)
     try:
         if not args.card_only:
             log_path = args.out / "training_log.json"
@@ -302,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 atomic_write_json(log_path, {**previous, **summary})
         if args.card or args.card_only:
             path = args.card_json or args.out / "card_results.json"
-            card_results(names, [int(b) for b in args.boxes.split(",")], TEST_SUBSET, path, threads=args.threads)
+            card_results(names, args.boxes, TEST_SUBSET, path, threads=args.threads)
     except EtbenchError as err:
         parser.exit(2, f"etbench: error: {err}\n")
 
