@@ -435,6 +435,15 @@ def _check_required(check: _Check, card: sc.Scorecard) -> None:
     if card.dcm_selections is None and len(seeds) > 1 and (card.dcm or any(o.heads == "dcm" for o in card.overlap)):
         check.fail("dcm_selections", f"missing: the DCM head overlap over {len(seeds)} seeds is re-derived from every "
                                      "seed's selections")
+    # the semantics check runs on both models for every (group, desideratum) of the base circuit's first-seed DCM
+    # selection (scoring's semantics stage): an entry deleted with its absent line would hide a failed check
+    first = ([x for x in card.dcm_selections if seeds and x.seed == seeds[0]] if card.dcm_selections is not None
+             else card.dcm)
+    for key in sorted({(x.group, x.desideratum) for x in first if x.circuit == "base"}):
+        for model in ("base", "ft"):
+            if not any((s.heads_of, s.model, s.group, s.desideratum) == ("base", model, *key) for s in card.semantics):
+                check.fail(f"semantics check (base heads into {model}, {key[0]}, {key[1]})",
+                           "missing (the protocol runs it on both models for every DCM selection of the base circuit)")
     if card.dcm_selections is not None:
         for d in card.dcm:
             for seed in seeds:
