@@ -73,3 +73,32 @@ def test_reordering_the_ft_circuit_within_its_groups_cannot_raise_mechanism_reus
     assert forged.value > 0.7  # the forgery does what it says (genuine: 0.52)
     with pytest.raises(EtbenchError):
         _check(genuine, card)
+
+
+HIDDEN = {
+    # mechanism reuse (a headline column) read "—", "undefined: no equal-size circuit overlap in the scorecard"
+    "equal-size overlap rows": (lambda c: c.update(overlap=[o for o in c["overlap"] if o["heads"] != "circuit-top"]),
+                                r"equal-size head overlap \(.*missing"),
+    "equal-size overlap, all groups": (lambda c: c.update(overlap=[o for o in c["overlap"] if (o["heads"], o["group"])
+                                                                   != ("circuit-top", "all")]),
+                                       r"equal-size head overlap \(all\): missing"),
+    "as-found overlap rows": (lambda c: c.update(overlap=[o for o in c["overlap"] if o["heads"] != "circuit"]),
+                              r"head overlap \(.*missing"),
+    # gain explained (a headline column) read "—": the full circuit's CMAP row, or the whole section, deleted
+    "CMAP full row": (lambda c: c.update(cmap=[x for x in c["cmap"] if (x["variant"], x["group"], x["heads"])
+                                               != ("output", "full", "dcm")]), r"CMAP output full \(dcm heads\): missing"),
+    "CMAP section": (lambda c: c.update(cmap=[]), r"CMAP .*: missing"),
+    "DCM overlap rows": (lambda c: c.update(overlap=[o for o in c["overlap"] if o["heads"] != "dcm"]),
+                         r"DCM head overlap: missing"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(HIDDEN))
+def test_a_number_the_card_carries_the_inputs_of_cannot_be_deleted(genuine, what):
+    """Each was accepted: the number was gone without an ``absent`` line, and the board showed the headline as
+    undefined. Only the three kinds of ``rederive.ABSENTABLE`` may be left out."""
+    edit, message = HIDDEN[what]
+    card = copy.deepcopy(genuine[0])
+    edit(card)
+    with pytest.raises(EtbenchError, match=message):
+        _check(genuine, card)
