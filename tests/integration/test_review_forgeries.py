@@ -102,3 +102,12 @@ def test_a_number_the_card_carries_the_inputs_of_cannot_be_deleted(genuine, what
     edit(card)
     with pytest.raises(EtbenchError, match=message):
         _check(genuine, card)
+
+
+@pytest.mark.parametrize("yaml_file", sorted(p.name for p in (REPO / "submissions").glob("*.yaml")))
+def test_every_committed_card_passes_submit_check(yaml_file):
+    """``leaderboard build`` publishes the store as it is (a card's bytes are checked against submission.json's
+    sha256, which an editor of the store can rewrite too): every committed card must still pass every check of
+    ``etbench submit --check``, including the sections required since review-s8."""
+    sub = submissions.validate(REPO / "submissions" / yaml_file)
+    assert sub.name == yaml_file.removesuffix(".yaml")
