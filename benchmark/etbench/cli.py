@@ -474,9 +474,9 @@ def edges_cmd(
     device: str = typer.Option("cpu"),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
-    """Edges between the head groups (path patching through one receiver) on both models, and how far the
-    fine-tune rewires them: overlap of the top edges per type with its chance level and a CI over prompts
-    (docs/method.md §13)."""
+    """Edges between the head groups on both models, and how far the fine-tune rewires them (docs/method.md §13).
+
+    Path patching through one receiver; top-edge overlap per type with its chance level and a CI over prompts."""
     from etbench import models
     from etbench.metrics import edges
     from etbench.schema.circuit import load_circuit

@@ -3,6 +3,8 @@ interval (never a point), and the verdict follows the CIs."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from etbench.core.stats import proportion_ci
@@ -50,3 +52,16 @@ def test_verdict_follows_the_cis():
                              {}, gain)
     text = headline.verdict(flat, "m")
     assert "does not clearly change" in text and "does not clearly reuse" in text and "undefined" in text
+
+
+def test_verdict_gives_the_reason_gain_explained_is_undefined():
+    """The verdict said "no clear accuracy change on the CMAP prompts" for every undefined gain, also for a card
+    with no CMAP of the full circuit (a remote run: no DCM heads), whose accuracy change may be clear."""
+    reuse = headline.mechanism_reuse(_overlap(18, 20, 0.2))
+    no_cmap = headline.Headline(Estimate(0.2, 0.1, 0.3, 400, "b"), reuse, {}, headline.gain_explained(SimpleNamespace(cmap=[])))
+    text = headline.verdict(no_cmap, "m")
+    assert "no CMAP of the full circuit" in text and "no clear accuracy change" not in text
+    gap = Estimate(None, None, None, 200, "paired-bootstrap-percentile",
+                   note="ft - base accuracy -0.025 [-0.075, +0.020] is not clearly nonzero: normalised gain undefined")
+    flat = headline.Headline(Estimate(0.2, 0.1, 0.3, 400, "b"), reuse, {}, gap)
+    assert "no clear accuracy change on the CMAP prompts" in headline.verdict(flat, "m")

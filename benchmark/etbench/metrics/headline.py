@@ -116,7 +116,12 @@ def verdict(h: Headline, name: str) -> str:
         second = f"{phrase} (reuse {r.value:+.2f})"
     g = h.gain_explained
     if g.value is None:
-        third = "gain explained is undefined (no clear accuracy change on the CMAP prompts)"
+        note = g.note or ""
+        if "not clearly nonzero" in note or "equals base accuracy" in note:  # core.stats.normalised_gain's reasons
+            third = "gain explained is undefined (no clear accuracy change on the CMAP prompts)"
+        else:  # another reason (no CMAP of the full circuit on the card): say that one, not the accuracy change
+            reason = note.removeprefix("undefined").lstrip(": ").strip()
+            third = f"gain explained is undefined{f' ({reason})' if reason else ''}"
     else:
         third = (f"patching its DCM heads into the base reproduces {g.value:.2f} of its accuracy change on the "
                  "CMAP prompts")

@@ -43,6 +43,7 @@ from etbench.metrics.overlap import (
     dcm_overlap,
     dcm_seed_runs,
     equal_size_overlap,
+    group_overlaps,
     item_scores_from_rows,
     selected_by_group,
 )
@@ -435,6 +436,36 @@ def _check_required(check: _Check, card: sc.Scorecard) -> None:
     if card.dcm_selections is None and len(seeds) > 1 and (card.dcm or any(o.heads == "dcm" for o in card.overlap)):
         check.fail("dcm_selections", f"missing: the DCM head overlap over {len(seeds)} seeds is re-derived from every "
                                      "seed's selections")
+    # the head overlap of the two circuits, as found and at equal size (mechanism reuse, a headline score), per group
+    # the circuits give: deleting a row would leave its headline blank as if undefined
+    circuits = {c.name: c.heads for c in card.circuits}
+    if "base" in circuits and "ft" in circuits:
+        pool = card.base.n_layers * card.base.n_heads
+        for heads, groups in (("circuit", set(group_overlaps(circuits["base"], circuits["ft"]))),
+                              ("circuit-top", {o.group for o in equal_size_overlap(circuits["base"], circuits["ft"],
+                                                                                   pool)})):
+            for g in sorted(groups - {o.group for o in card.overlap if o.heads == heads}):
+                check.fail(f"{'equal-size ' if heads == 'circuit-top' else ''}head overlap ({g})",
+                           "missing (the circuits on the card give it)")
+    # every CMAP number whose per-item rows the card carries (gain explained, a headline score, is the full row's)
+    stated = {(c.variant, c.group, c.heads) for c in card.cmap}
+    for r in check.by_measure.get("cmap", []):
+        key = (r.get("variant", "output"), r.get("group"), r.get("heads", "dcm"))
+        if key[0] != "none" and key not in stated:
+            check.fail(f"CMAP {key[0]} {key[1]} ({key[2]} heads)", "missing (the items file carries its rows)")
+    if {"base", "ft"} <= {d.circuit for d in card.dcm} and not any(o.heads == "dcm" for o in card.overlap):
+        check.fail("DCM head overlap", "missing (the card's DCM selections of both circuits give it)")
+    # the semantics check runs on both models for every (group, desideratum) of the base circuit's first-seed DCM
+    # selection (scoring's semantics stage, recorded in the config's DCM settings): an entry deleted with its absent
+    # line would hide a failed check
+    dcm_cfg = card.config.get("dcm") if isinstance(card.config.get("dcm"), dict) else {}
+    first = ([] if not dcm_cfg.get("semantics_repeats") else card.dcm if card.dcm_selections is None
+             else [x for x in card.dcm_selections if seeds and x.seed == seeds[0]])
+    for key in sorted({(x.group, x.desideratum) for x in first if x.circuit == "base"}):
+        for model in ("base", "ft"):
+            if not any((s.heads_of, s.model, s.group, s.desideratum) == ("base", model, *key) for s in card.semantics):
+                check.fail(f"semantics check (base heads into {model}, {key[0]}, {key[1]})",
+                           "missing (the protocol runs it on both models for every DCM selection of the base circuit)")
     if card.dcm_selections is not None:
         for d in card.dcm:
             for seed in seeds:

@@ -1072,6 +1072,16 @@ def stored_cards(stores: list[Path]) -> list[Found]:
     return found
 
 
+def check_stores_exist(stores: list[Path]) -> None:
+    """When no store exists (the defaults are relative: run outside the checkout), say so in one line rather than
+    suggest scoring a stored row again."""
+    missing = [str(s) for s in stores if not Path(s).exists()]
+    if stores and len(missing) == len(stores):
+        raise EtbenchError(f"no scorecard store here: {', '.join(missing)} {'does' if len(missing) == 1 else 'do'} "
+                           f"not exist (relative to {Path.cwd()}): run from the etbench checkout, pass --store DIR, or score a "
+                           "pair first (`etbench score --base BASE --ft FT --out DIR`)")
+
+
 def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
     """``a``/``b``: scorecard paths, stored submission names, or model refs.
 
@@ -1100,6 +1110,7 @@ def resolve_pair(a: str, b: str, stores: list[Path]) -> Comparison:
             match = [f for f in cards if f.name == x] or [f for f in cards if f.card.ft.ref == x]
             if not match:
                 where = ", ".join(str(s) for s in stores) or "(no stores)"
+                check_stores_exist(stores)
                 stored = {f.name for f in cards} | {f.card.ft.ref for f in cards}
                 if pa is None and pb is None and not {a, b} & stored:  # two refs, neither a stored row
                     raise EtbenchError(f"no scorecard of {a!r} vs {b!r} in {where}: run `etbench score --base {a} "
@@ -1155,6 +1166,8 @@ def find_one(ref: str, stores: list[Path]) -> Found:
     cards = stored_cards(stores)
     match = [f for f in cards if f.name == ref] or [f for f in cards if f.card.ft.ref == ref]
     if len(match) != 1:
+        if not match:
+            check_stores_exist(stores)
         where = ", ".join(str(s) for s in stores) or "(no stores)"
         raise EtbenchError(f"{'no' if not match else len(match)} scorecard(s) for {ref!r} in {where}: "
                            "pass a scorecard.json path")
