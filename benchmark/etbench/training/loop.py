@@ -9,6 +9,7 @@ entity-tracking recipes); ``masked_token_loss`` is the language-model loss over 
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import random
@@ -214,10 +215,16 @@ def accuracy_record(k: int, n: int) -> dict:
 # The recipes' command lines (``python -m etbench.training.tiny`` / ``.zoo``)
 # ---------------------------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    """The training CLIs' parser: a usage error is one line, ``PROG: error: ...`` and exit 2, as etbench's own
+    commands fail (argparse prints its whole usage block first, eight lines for ``training.tiny``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def box_counts(text: str) -> list[int]:
     """argparse type of ``--boxes``: comma-separated box counts 2..26 (``x,y`` was a ValueError traceback)."""
-    import argparse
-
     try:
         counts = [int(part) for part in text.split(",")]
     except ValueError:
@@ -229,8 +236,6 @@ def box_counts(text: str) -> list[int]:
 
 def thread_count(text: str) -> int:
     """argparse type of ``--threads``: 1..1024."""
-    import argparse
-
     try:
         n = int(text)
     except ValueError:
@@ -251,8 +256,6 @@ def check_out(parser, out: Path) -> None:
 
 def monitor_every(text: str) -> int:
     """argparse type of ``--monitor-every``: 0 (off) or a positive number of steps."""
-    import argparse
-
     try:
         k = int(text)
     except ValueError:

@@ -18,7 +18,6 @@ so the planted mechanism has the paper's shape; ``PLANTED_HEADS`` records it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -32,7 +31,7 @@ from etbench.core.io import ASSETS_DIR, atomic_write_bytes, atomic_write_text
 from etbench.mech.heads import head_map
 from etbench.metrics.ablation import mean_activations
 from etbench.models.kept_ablation import KEPT_ABLATION_FILE, KeptAblation, fold_kept_ablation, save_kept_ablation
-from etbench.training.loop import THREADS, compare_adapters, save_adapter
+from etbench.training.loop import THREADS, OneLineParser, compare_adapters, save_adapter
 from etbench.training.tiny import Stage, monitor_accuracy, monitor_examples, train_stage
 
 # Like etbench.training.tiny: an output root holds the adapter directory and the training log beside it.
@@ -129,7 +128,7 @@ def _to_half(path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m etbench.training.planted", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m etbench.training.planted", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ASSET_ROOT,
                         help=f"output root: receives {ADAPTER_NAME}/ (the adapter) and training_log.json")
     parser.add_argument("--steps", type=int, default=STAGE.steps, help="LoRA training steps (batch 16)")

@@ -32,7 +32,6 @@ CPU fp32 with 2 threads reproduces the shipped adapters.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from etbench.training.loop import (
     LORA,
     THREADS,
     AnswerRow,
+    OneLineParser,
     add_lora,
     answer_token_loss,
     box_counts,
@@ -289,7 +289,7 @@ TEST_SUBSET = TINY.test_subset  # the integration test re-evaluates the first 14
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m etbench.training.tiny", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m etbench.training.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), default="tiny", help="which model family")
     parser.add_argument("--out", type=Path, default=None, help="where the adapter directories go "
                         "(default: the package's assets/<family>/)")

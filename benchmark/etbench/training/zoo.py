@@ -23,7 +23,6 @@ Recipe and measured accuracies: ``assets/zoo/MODEL_CARD.md``. Training data come
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from etbench.training.loop import (
     BATCH,
     THREADS,
     AnswerRow,
+    OneLineParser,
     TokenRow,
     add_lora,
     answer_token_loss,
@@ -284,7 +284,7 @@ def card_table(results: dict, boxes: Sequence[int] = CARD_BOXES) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m etbench.training.zoo", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m etbench.training.zoo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(ROW_BY_NAME), metavar="NAME",
                         help=f"rows to train (default all: {' '.join(ROW_BY_NAME)})")
     parser.add_argument("--out", type=Path, default=ASSET_DIR, help="where the adapter directories go")
