@@ -112,8 +112,9 @@ def verdict(h: Headline, name: str) -> str:
     else:
         s = clear_sign(r)
         phrase = ("reuses the base circuit above chance" if s > 0 else "reuses the base circuit less than chance"
-                  if s < 0 else "does not clearly reuse the base circuit (its reuse CI contains chance)")
-        second = f"{phrase} (reuse {r.value:+.2f})"
+                  if s < 0 else "does not clearly reuse the base circuit")
+        # one bracket: the value, and for an unclear reuse why it is unclear (read before as "(...) (reuse x)")
+        second = f"{phrase} (reuse {r.value:+.2f}{', its CI contains chance' if s == 0 else ''})"
     g = h.gain_explained
     if g.value is None:
         note = g.note or ""
