@@ -90,10 +90,10 @@ def main() -> None:
         label = ("  " if name in parts else "") + name
         row = f"{label:28} {secs / unit:>7.1f} {secs:>8.1f} {run.peak_rss_mb.get(name, float('nan')):>7.0f}"
         if passes:
-            ratio = ran / bound if bound else float("nan")
+            ratio = ran / bound if bound else None  # a stage that runs no pass (loading) has no ratio
             row += (f" {passes['calls']:>6} {passes['forward_tokens']:>9} {passes['backward_tokens']:>8} "
-                    f"{passes['repeated_tokens']:>8} {bound:>9} {ratio:>6.2f}")
-            if ratio > 3:
+                    f"{passes['repeated_tokens']:>8} {bound:>9} {'—' if ratio is None else f'{ratio:.2f}':>6}")
+            if ratio is not None and ratio > 3:
                 row += f"  over 3x: {passes['repeated_tokens']} forward tokens repeat unpatched rows already run"
         print(row)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
