@@ -38,7 +38,7 @@ import numpy as np
 from scipy.stats import hypergeom
 
 from etbench.core.errors import EtbenchError
-from etbench.core.io import Writer, atomic_write_json, claim_outputs, jsonable, refuse_foreign_files
+from etbench.core.io import Writer, atomic_write_json, claimed, jsonable, refuse_foreign_files
 from etbench.core.stats import Estimate, format_estimate_of, format_p
 from etbench.mech.forward import PassCounter
 from etbench.mech.heads import head_map
@@ -440,11 +440,11 @@ def check_edge_outputs(out_dir: str | Path) -> None:
 
 
 def write_edges(out_dir: str | Path, base: EdgeScores, ft: EdgeScores, cmp: EdgeComparison) -> list[Path]:
-    """The three files, each written atomically, after claiming them in the manifest."""
+    """The three files, each written atomically, claimed in the manifest as ``accuracy.write_run`` claims its
+    own (core.io.claimed: a failed write puts the manifest back)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    claim_outputs(out_dir, EDGE_OUTPUTS, EDGES_WRITER)
-    return [atomic_write_json(out_dir / name, obj.to_dict()) for name, obj in zip(EDGE_OUTPUTS, (base, ft, cmp))]
+    with claimed(out_dir, EDGE_OUTPUTS, EDGES_WRITER):
+        return [atomic_write_json(out_dir / name, obj.to_dict()) for name, obj in zip(EDGE_OUTPUTS, (base, ft, cmp))]
 
 
 def compare_models(base, ft, circuit_base: Circuit, circuit_ft: Circuit, *, k: Mapping[str, int] | int | None = None,
