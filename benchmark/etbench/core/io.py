@@ -272,7 +272,7 @@ def refuse_foreign_files(out_dir: Path, files: Mapping[str, bytes | None], write
                                "never replaces or writes through a link: move it away or choose another output")
         if rel in generated or not path.exists():
             continue
-        if data is None or path.is_symlink() or not path.is_file() or path.read_bytes() != data:
+        if data is None or not path.is_file() or path.read_bytes() != data:
             raise EtbenchError(f"{path} exists and was not written by `{writer.command}` (it is not in "
                                f"{out_dir / writer.manifest}): move it away or choose another output directory")
 
