@@ -10,11 +10,14 @@ A notebook user and the CLI go through the same functions::
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from etbench.core.errors import EtbenchError
+from etbench.metrics.robustness import write as write_robustness
 from etbench.publish import report
+from etbench.publish.leaderboard import locked
 from etbench.scoring.presets import DEFAULT_BASE, DEFAULT_FT, Preset
 
 if TYPE_CHECKING:  # the running modules import torch; compare() and the CLI's publishing commands must not
@@ -42,8 +45,6 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     ``nnsight login``); both circuits must be given, DCM is not run (``pipeline.check_remote``).
     ``reuse_stages``: earlier runs' directories whose stages under the same inputs are copied instead of
     computed (e.g. the base side, when scoring another fine-tune of a base scored before)."""
-    from contextlib import nullcontext
-
     from etbench.mech.interventions import forward_backend  # torch: imported only when a model is run
     from etbench.scoring import pipeline
 
@@ -114,8 +115,6 @@ def accuracy(model: str, n_boxes: Sequence[int] = (7,), n: int | None = None, se
              backend: str = "hooks", remote: bool = False, **kwargs) -> AccuracyRun:
     """Full-model accuracy (greedy top-1 over the whole vocabulary) with 95% Wilson CIs. ``backend`` and
     ``remote`` as for ``score`` (remote: a hub model hosted on NDIF; ``dtype``/``device`` do not apply)."""
-    from contextlib import nullcontext
-
     from etbench.mech.interventions import forward_backend  # torch: imported only when a model is run
     from etbench.metrics.accuracy import run
 
@@ -134,4 +133,39 @@ def accuracy(model: str, n_boxes: Sequence[int] = (7,), n: int | None = None, se
         return run(model, n_boxes=n_boxes, n=n, seed=seed, **kwargs)
 
 
-__all__ = ["DEFAULT_STORES", "EtbenchError", "accuracy", "compare", "score", "score_many"]
+def robustness_directory(row: str | Path, store: str | Path = DEFAULT_STORES[0]) -> Path:
+    """A row's directory: ``row`` itself when it holds a ``scorecard.json``, else ``store/row``."""
+    for candidate in (Path(row), Path(store) / str(row)):
+        if (candidate / "scorecard.json").is_file():
+            return candidate
+    raise EtbenchError(f"{row}: neither a directory holding scorecard.json nor a row of {store}")
+
+
+def robustness(rows: Sequence[str | Path], store: str | Path = DEFAULT_STORES[0], *, n: int | None = None,
+               mean_n: int | None = None, diff_n: int | None = None, batch_size: int = 16, progress: bool = True,
+               status=lambda line: None) -> list[Path]:
+    """Measure and write each row's ``robustness.json`` beside its scorecard (docs/method.md §14-15): its models
+    and committed circuits in every wording, and the diffing view of the pair. Every row is checked before a
+    model loads; rows of one base share the base side. ``n``/``mean_n``/``diff_n``: items per wording, mean
+    ablation prompts per wording, diffing prompts (default: ``robustness_run``'s)."""
+    from etbench.metrics import robustness_run  # torch: imported only when a model is run
+
+    sizes = dict(n=n or robustness_run.DEFAULT_N, mean_n=mean_n or robustness_run.DEFAULT_MEAN_N,
+                 diff_n=diff_n or robustness_run.DEFAULT_DIFF_N)
+    robustness_run.check_sizes(**sizes)
+    dirs = list(dict.fromkeys(robustness_directory(r, store) for r in rows))
+    for d in dirs:
+        robustness_run.check_row(d, sizes["n"])
+    cache = robustness_run.BaseSideCache()
+    written = []
+    for d in dirs:
+        rob = robustness_run.measure(d, batch_size=batch_size, cache=cache, progress=progress,
+                                     status=lambda line, d=d: status(f"{d.name}: {line}"), **sizes)
+        # a stored row is written under the store's lock, as submit writes it
+        in_store = d.resolve().parent == Path(store).resolve()
+        with locked(Path(store).parent.parent) if in_store else nullcontext():
+            written.append(write_robustness(rob, d))
+    return written
+
+
+__all__ = ["DEFAULT_STORES", "EtbenchError", "accuracy", "compare", "robustness", "score", "score_many"]

@@ -373,17 +373,28 @@ def submit_cmd(
     root: Path = typer.Option(Path("."), "--root", help="Directory holding submissions/ and leaderboards/."),
     replace: bool = typer.Option(False, "--replace", help="Update an existing submission of the same name."),
     check: bool = typer.Option(False, "--check", help="Validate only; write nothing."),
+    add_edges: bool = typer.Option(False, "--add-edges", help="Add the edges section its scorecard lacks (from the "
+                                   "card's own models, circuits and seed), then store it: replaces the stored entry "
+                                   "holding this scorecard."),
+    work: Optional[Path] = typer.Option(None, "--work", help="With --add-edges: keep its stages here (resumable; "
+                                        "default a temporary directory)."),
+    device: str = typer.Option("cpu", "--device", help="With --add-edges: where the models run."),
 ) -> None:
     """Validate a submission, ingest its scorecard and rebuild the leaderboard (all or nothing)."""
     from etbench.publish import submissions
 
+    if check and add_edges:
+        _fail("--check writes nothing; --add-edges computes and stores a section: give one of them")
     if check:
         sub = submissions.validate(file)
         typer.echo(f"{file}: valid submission {sub.name!r}")
         for note in sub.notes:
             typer.echo(f"note: {note}", err=True)
         return
-    result = submissions.submit(file, root=root, replace=replace)
+    if (work is not None or device != "cpu") and not add_edges:
+        _fail("--work and --device apply to --add-edges only")
+    result = submissions.submit(file, root=root, replace=replace, add_edges=add_edges, work_dir=work, device=device,
+                                progress=add_edges)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(f"submitted {result.name}: results in {root / 'submissions' / 'results' / result.name}, "
@@ -450,7 +461,7 @@ def report_cmd(
     # a scorecard given by path gets the title `etbench score` gives the report it writes beside it, so in a
     # score run's directory this writes the same bytes (which the ownership check lets through), not a rival
     title = "" if Path(scorecard_ref).exists() else found.name
-    doc = report.scorecard_report(found.card, found.items, title=title)
+    doc = report.scorecard_report(found.card, found.items, title=title, robust=found.robustness())
     for path in report.write_doc(doc, out, writer=report.REPORT_WRITER):
         typer.echo(f"wrote {path}")
 
@@ -499,6 +510,35 @@ def edges_cmd(
     typer.echo(edges.format_edge_comparison(cmp))
     for path in written:
         typer.echo(f"wrote {path}", err=True)
+
+
+@app.command("robustness")
+def robustness_cmd(
+    rows: list[str] = typer.Argument(..., help="Leaderboard rows (names in --store) or directories holding a "
+                                     "scorecard.json; several rows of one base share its side."),
+    store: Path = typer.Option(Path("submissions/results"), "--store", help="Where rows given by name live."),
+    n: int = typer.Option(100, "--n", help="Items per wording and model (accuracy and circuit faithfulness; the "
+                          "paper wording's are the scorecard's own first n)."),
+    mean_n: int = typer.Option(50, "--mean-n", help="Mean-ablation prompts per held-out wording and model."),
+    diff_n: int = typer.Option(50, "--diff-n", help="Prompts of the model-diffing view."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Template robustness and the model-diffing view of each row (docs/method.md §14-15): its models and
+    committed circuits in the paper's wording and two held-out ones, written to robustness.json beside the
+    row's scorecard (shown by `etbench report` and on the leaderboard)."""
+    from etbench import api
+
+    check_batch_size(batch_size)
+    if threads is not None:
+        check_range(threads, "--threads", 1, 1024)
+        import torch  # only when asked: the thread count is torch's
+
+        torch.set_num_threads(threads)
+    for path in api.robustness(rows, store, n=n, mean_n=mean_n, diff_n=diff_n, batch_size=batch_size,
+                               progress=not no_progress, status=_status):
+        typer.echo(f"wrote {path}")
 
 
 def _check_model_options(*, n: int, batch_size: int, seed: int, dtype: str, device: str) -> None:

@@ -202,7 +202,8 @@ def relabel(card: dict[str, Any], ft: str, base: str) -> dict[str, Any]:
             c["found_on"] = base
         elif c["found_on"] == "tiny-ft":
             c["found_on"] = ft
-    card["schema_version"] = scorecard.SCHEMA_VERSION  # as this etbench writes it: sources are hub ids here
+    # the schema version stays the committed card's (3, still submittable): raised to 4 without an edges section,
+    # the card would claim a protocol with edges that it does not carry, which submit refuses as edited
     card["config_hash"] = scorecard.config_hash(card["config"])
     return card
 

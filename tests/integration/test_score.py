@@ -156,6 +156,33 @@ def test_circuits_sized_by_faithfulness_record_their_growth(toy_pair, tmp_path):
             assert summary.sizing["note"]
 
 
+def test_the_mean_that_sizing_and_faithfulness_ablate_with_is_computed_once_per_side(toy_pair, tmp_path, monkeypatch):
+    """Circuits sized by faithfulness and the faithfulness stage ablate with the same mean (same prompts, seed
+    and model): it is computed once per side, and the scorecard is byte-identical to one whose stages each
+    computed their own (as before the sharing)."""
+    from dataclasses import replace
+
+    sized = replace(MICRO, circuit_size="faithfulness", sizing_n=8)
+    calls = []
+    real = graph.mean_activations
+    monkeypatch.setattr(graph, "mean_activations", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
+    shared = scoring.score(str(toy_pair / "base"), str(toy_pair / "ft"), tmp_path / "shared", preset=sized,
+                           progress=False)
+    assert len(calls) == 2  # one per side, under the run's seed
+
+    once = graph.PairRun.mean
+
+    def every_time(self, side):  # the stages' own means, as each computed before
+        self.means.pop(side, None)
+        return once(self, side)
+
+    monkeypatch.setattr(graph.PairRun, "mean", every_time)
+    apart = scoring.score(str(toy_pair / "base"), str(toy_pair / "ft"), tmp_path / "apart", preset=sized,
+                          progress=False)
+    assert len(calls) == 2 + 4  # sizing and faithfulness, each side
+    assert apart.path.read_bytes() == shared.path.read_bytes()
+
+
 def test_every_number_of_a_fresh_scorecard_re_derives_from_its_rows(toy_pair, tmp_path):
     """Scorecard schema 3: a scored card carries the rows of its random-circuit baselines (per draw), sizing
     records (per sizing prompt) and semantics checks (per repeat); submit's re-derivation reproduces every

@@ -11,7 +11,16 @@ import torch
 from etbench.core.io import read_json
 from etbench.mech.heads import head_map
 from etbench.metrics.discovery import discovery_pairs, path_patching_scores
-from etbench.metrics.edges import EdgeComparison, EdgeScores, compare_edges, compare_models, edge_scores, write_edges
+from etbench.metrics.edge_comparison import reachable_edges
+from etbench.metrics.edges import (
+    EDGE_TYPES,
+    EdgeComparison,
+    EdgeScores,
+    compare_edges,
+    compare_models,
+    edge_scores,
+    write_edges,
+)
 from etbench.models.load import LoadedModel
 from etbench.models.toy import tiny_llama, word_level_tokenizer
 from etbench.schema.circuit import Circuit
@@ -48,6 +57,18 @@ def test_an_edge_is_path_patching_through_one_receiver(toy):
             ref = path_patching_scores(model, hm, encoded, group[t], receivers, [e.sender], batch_size=8)
             assert e.score == pytest.approx(ref[e.sender], abs=1e-12)
     assert any(abs(e.score) > 0 for e in scores.edges)
+
+
+def test_the_scored_edges_are_the_reachable_edges_submit_expects(toy):
+    """``edge_comparison.reachable_edges`` (what ``submit`` requires of a card's rows, without a model) lists
+    exactly the edges path patching scored, in their order, here with 2 query heads per KV head."""
+    tok = word_level_tokenizer()
+    gqa = tiny_llama(len(tok), n_layers=N_LAYERS, n_heads=N_HEADS, d_model=D_MODEL, n_kv_heads=2, seed=4).double()
+    for model, scores in ((toy[0], toy[2]), (gqa, edge_scores(gqa, NODES, tok, model_name="gqa", **KW))):
+        group_size = head_map(model).spec.group_size
+        assert scores.parameters["kv_group_size"] == group_size
+        assert [e.key for e in scores.edges] == reachable_edges(NODES, [t.name for t in EDGE_TYPES], group_size)
+    assert head_map(gqa).spec.group_size == 2
 
 
 def test_identical_pair_shows_no_rewiring(toy):

@@ -13,11 +13,13 @@ from etbench.mech.heads import head_map
 from etbench.mech.interventions import run
 from etbench.mech.prefix import PatchRunner
 from etbench.metrics.ablation import (
+    AblationRunner,
     ablated_correct,
     ablation_edits,
     ablation_examples,
     circuit_correct,
     mean_activations,
+    sparse_keep_edits,
 )
 from etbench.metrics.faithfulness import (
     circuit_ranking,
@@ -220,6 +222,53 @@ def test_prefix_reuse_equals_whole_prompt_ablation(setup):
     assert runner.base_argmax.tolist() == empty.argmax(-1).tolist()
     with pytest.raises(EtbenchError, match="before the shift"):
         ablation_edits(hm, mean, lays, keep=circuit.kept(), shift=int(starts.max()) + 1)
+
+
+def test_sparse_circuit_runs_equal_whole_prompt_ablation(setup):
+    """Under mean ablation every head outside the kept positions outputs its mean, so a position's residual
+    stream depends on its own token only: a circuit run that computes just the kept positions and the last,
+    over the all-meaned run's keys and values of every other position, gives the logits of mean-ablating the
+    whole prompts (the hand-written naive loop), for circuits over every subset of the position classes."""
+    model, tok, hm = setup
+    mean = mean_activations(model, tok, hm, n_boxes=3, n=6, seed=0)
+    lays = layouts(data.generate(3, 9, seed=0), tok)
+    ids = torch.tensor([lay.input_ids for lay in lays])
+    naive_mean = naive_mean_z(model, tok, ablation_examples(3, 6, seed=0))
+    runner = PatchRunner(model, ids, 4, base_edits=lambda rows: ablation_edits(
+        hm, mean, [lays[r] for r in rows.tolist()], keep={}))
+    rows = torch.arange(len(lays))
+    full = {"A": [[2, 0], [1, 3]], "B": [[2, 1]], "C": [[1, 1]], "D": [[0, 0], [1, 2]]}
+    for groups in (full, {"D": [[0, 0]]}, {"C": [[1, 1]], "D": [[1, 2]]}, {"A": [[2, 0]]}):
+        circuit = Circuit.from_heads(groups)
+        keep = circuit.kept()
+        classes = [pc for pc, heads in keep.items() if heads]
+        fed = torch.tensor([sorted({getattr(lay, pc) for pc in classes} | {lay.length - 1}) for lay in lays])
+        with torch.no_grad():
+            got = runner.logits_at(rows, runner.kv(rows), fed, sparse_keep_edits(hm, mean, lays, keep, fed))
+        ref = naive_ablated_logits(model, ids, lays, naive_mean, list(circuit.nodes()), hm.spec.d_head)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_the_ablation_runner_takes_the_sparse_path_only_after_it_agrees_with_the_prefix_path(setup, monkeypatch):
+    """AblationRunner checks its first sparse circuit run against the prefix path and keeps the sparse path
+    only when they agree; a model whose sparse runs differ (planted here) keeps the prefix path, so its flags
+    are the prefix path's either way."""
+    model, tok, hm = setup
+    mean = mean_activations(model, tok, hm, n_boxes=3, n=6, seed=0)
+    lays = layouts(data.generate(3, 24, seed=1), tok)
+    circuits = [Circuit.from_heads({"A": [[2, 0], [1, 3]], "B": [[2, 1]], "C": [[1, 1]], "D": [[0, 0]]}),
+                Circuit.from_heads({"A": [[2, 2]], "C": [[0, 3]]})]
+    prefix = AblationRunner(model, hm, lays, mean, batch_size=4, sparse=False)
+    want = [prefix.correct(keep=c.kept()) for c in circuits]
+    sparse = AblationRunner(model, hm, lays, mean, batch_size=4)
+    assert [sparse.correct(keep=c.kept()) for c in circuits] == want
+    assert sparse.sparse is True and sparse.sparse_check["max_abs_logit_diff"] <= 1e-5
+
+    real = PatchRunner.logits_at
+    monkeypatch.setattr(PatchRunner, "logits_at", lambda self, *a, **k: real(self, *a, **k) + 0.01)
+    planted = AblationRunner(model, hm, lays, mean, batch_size=4)
+    assert [planted.correct(keep=c.kept()) for c in circuits] == want
+    assert planted.sparse is False and planted.sparse_check["max_abs_logit_diff"] > 0.005
 
 
 def test_evaluate_circuit_bookkeeping(setup):

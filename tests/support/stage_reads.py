@@ -8,6 +8,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any, Callable
 
+from etbench.schema.circuit import Circuit
 from etbench.scoring import pipeline
 from etbench.scoring.stages import COMPUTE, StageCache, StagesHandedOff
 
@@ -25,8 +26,9 @@ def stage_reads(plan: Callable[[str], str] | None, preset: str = "standard",
     class PlaceholderCache(StageCache):
         def run(self, name: str, depends: Any, compute: Callable[[], Any]) -> Any:
             reads.append((name, COMPUTE if self.plan is None else self.plan(name)))
-            if name.startswith("circuit_"):
-                return {"circuit": {"stands_for": name}}
+            if name.startswith("circuit_"):  # a real circuit: the edges stages' key reads its node set
+                return {"circuit": Circuit.from_heads({"A": [[29, 0]]}, n_layers=30, n_heads=9).to_dict(),
+                        "stands_for": name}
             return {"selections": [], "stands_for": name}
 
     def assemble(*args: Any, **kwargs: Any) -> None:

@@ -131,7 +131,9 @@ def test_report_in_a_score_run_directory_rewrites_the_report_score_wrote(tmp_pat
     from etbench.scoring.pipeline import SCORE_REPORT_OUTPUTS, SCORE_WRITER
 
     run = tmp_path / "run"
-    shutil.copytree(ROOT / "submissions" / "results" / "tiny-null", run)
+    # a score run's files only (a stored row also holds robustness.json, which the report would add)
+    shutil.copytree(ROOT / "submissions" / "results" / "tiny-null", run,
+                    ignore=shutil.ignore_patterns("robustness.json", ".etbench-robustness-manifest.json"))
     card = sc.load(run / "scorecard.json")
     claim_outputs(run, SCORE_REPORT_OUTPUTS, SCORE_WRITER)  # as etbench.score does
     report.write_doc(report.scorecard_report(card, sc.load_items(run / "scorecard.json", card)), run)

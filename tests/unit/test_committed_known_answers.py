@@ -10,7 +10,10 @@ metric, reported, never a row to drop or a threshold to move.
 * ``tiny-harmful`` (wrong bindings): 7-box accuracy drops, exact McNemar p < 0.01, and the full CMAP gain
   is negative (its 95% CI below 0);
 * ``tiny-planted-a`` (trained with the base circuit's value fetchers ablated): its value-fetcher
-  overlap with the base circuit (at equal size) stands less far above chance than the null row's.
+  overlap with the base circuit (at equal size) stands less far above chance than the null row's;
+* edges (docs/method.md §13; both cards carry the section, added with ``etbench submit --add-edges``):
+  ``tiny-null`` shows little rewiring (its B->A rewiring well below its chance level, the interval's top too),
+  and ``tiny-planted-a`` rewires into A (its B->A rewiring above the null row's).
 
 A row not yet scored under the standard protocol is skipped, saying so.
 """
@@ -125,3 +128,24 @@ def test_planted_row_reuses_value_fetchers_less_than_the_null_row(board_rows):
     planted = board_rows["tiny-planted-a"]["reuse_by_group"]["value_fetcher"]["value"]
     null = board_rows["tiny-null"]["reuse_by_group"]["value_fetcher"]["value"]
     assert planted < null, (planted, null)
+
+
+def _b_to_a(name: str) -> sc.EdgeTypeScore:
+    card, _ = _row(name)
+    assert card.edges is not None, f"{name} carries no edges section (add it: etbench submit --add-edges)"
+    return next(r for r in card.edges.rows if r.type == "B->A")
+
+
+def test_null_row_rewires_its_edges_far_less_than_chance():
+    null = _b_to_a("tiny-null")
+    by_chance = 1 - null.chance.base_in_ft
+    # "well below": the whole 95% interval under half the chance level, and the overlap's p-value tiny
+    assert null.rewiring.high is not None and null.rewiring.high < by_chance / 2
+    assert null.chance.p_value < 1e-6
+
+
+def test_planted_row_rewires_into_the_value_fetchers_more_than_the_null_row():
+    planted, null = _b_to_a("tiny-planted-a"), _b_to_a("tiny-null")
+    assert planted.rewiring.value > null.rewiring.value
+    # and further than the null row's interval reaches
+    assert planted.rewiring.value > null.rewiring.high

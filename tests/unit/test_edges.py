@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from scipy.stats import hypergeom
 
 from etbench.core.errors import EtbenchError
+from etbench.metrics.discovery import EDGE_RECEIVERS
 from etbench.metrics.edges import (
     EDGE_TYPES,
     Edge,
@@ -140,3 +143,13 @@ def test_edge_nodes_unite_each_circuits_top_heads():
     assert nodes["position_transmitter"] == [(2, 0)] and nodes["structure_reader"] == [(0, 1)]
     with pytest.raises(EtbenchError, match="one head layout"):
         edge_nodes(base, Circuit.from_heads({"value_fetcher": [(0, 0)]}, n_layers=2, n_heads=4))
+
+
+def test_the_torch_free_edge_types_are_path_patchings_hops():
+    """``edge_comparison.EDGE_TYPES`` is written out (submit and the leaderboard import no torch); it must be the
+    flow ``discovery.EDGE_RECEIVERS`` patches, upstream first."""
+    want = [(g, r[0] if r else None, r[1] if r else "logits") for g, r in reversed(EDGE_RECEIVERS.items())]
+    assert [(t.sender, t.receiver, t.site) for t in EDGE_TYPES] == want
+    assert [t.name for t in EDGE_TYPES] == ["D->C", "C->B", "B->A", "A->logits"]
+    code = "import sys, etbench.metrics.edge_comparison, etbench.publish.rederive; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300).returncode == 0

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from etbench import models
 from etbench.training import tiny
 from etbench.training.tiny import FAMILIES, GEMMA, TINY, WORDINGS
+from etbench.training.zoo import ROW_BY_NAME
 
 STAGES = [(family, stage) for family in FAMILIES.values() for stage in family.stages]
 
@@ -48,9 +49,20 @@ def test_families_order_parents_first_and_share_the_recipe():
         for stage in family.stages:
             assert stage.parent is None or stage.parent in seen
             seen.add(stage.name)
-    # the second family repeats the first one's base and crate stages, and adds an arithmetic one
+    # the second family repeats the first one's base and crate stages, and adds arithmetic and transfer ones
     assert [s.wording for s in TINY.stages] == [s.wording for s in GEMMA.stages][:2]
     assert {s.wording for s in GEMMA.stages} == set(WORDINGS)
+
+
+@pytest.mark.parametrize("stage,tiny_row", [("gemma-goat", "tiny-goat"), ("gemma-code", "tiny-code"),
+                                            ("gemma-kv", "tiny-kv")])
+def test_second_family_transfer_stages_repeat_the_tiny_zoo_rows_recipe_and_data(stage, tiny_row):
+    """A gemma row and its tiny row differ only in the base: same data kind, stream seed, steps and lr, so the
+    two families' transfer attempts train on the same problems and prompts."""
+    mine = tiny.zoo_row(next(s for s in GEMMA.stages if s.name == stage))
+    theirs = ROW_BY_NAME[tiny_row]
+    assert (mine.data, mine.seed, mine.steps, mine.lr, mine.objective) == \
+        (theirs.data, theirs.seed, theirs.steps, theirs.lr, theirs.objective)
 
 
 def test_unknown_stage_is_a_usage_error_before_anything_loads(capsys, monkeypatch):

@@ -58,7 +58,7 @@ def _card(seeds=SEEDS, planted=PLANTED, keep_selections: bool = True) -> tuple[s
     selections = _selections(planted)
     dcm, items = _dcm_scores_and_items(selections)
     model = sc.ModelCard("m", "m", "llama", 8, 4)
-    config = {"seed": 0, "preset": {"name": "planted", "dcm_seeds": list(seeds)}}
+    config = {"seed": 0, "preset": {"name": "planted", "dcm_seeds": list(seeds), "edge_types": []}}  # scores no edges
     card = sc.Scorecard(base=model, ft=model, config=config, config_hash=sc.config_hash(config),
                         provenance=sc.Provenance("0", sc.BENCHMARK_VERSION, {}, "cpu", "float32"),
                         overlap=dcm_overlap(*dcm_seed_runs(selections, seeds), seed=0), dcm=dcm,
@@ -191,7 +191,7 @@ def _sized_card() -> tuple[sc.Scorecard, list[dict]]:
               "form_faithfulness": 0.75, "model_accuracy": 0.8, "no_heads_accuracy": 0.0, "curve": curve}
     heads = {g: [[i, 0] for i in range(k)] for g, k in CURVE[2][1].items()}
     model = sc.ModelCard("m", "m", "llama", 8, 4)
-    config = {"seed": 0, "preset": {"name": "planted", "sizing_n": N_SIZING, "mean_n": 8, "target_fraction": 0.9,
+    config = {"seed": 0, "preset": {"name": "planted", "edge_types": [], "sizing_n": N_SIZING, "mean_n": 8, "target_fraction": 0.9,
                                     "random_draws": 2}}
     card = sc.Scorecard(base=model, ft=model, config=config, config_hash=sc.config_hash(config),
                         provenance=sc.Provenance("0", sc.BENCHMARK_VERSION, {}, "cpu", "float32"),
@@ -227,7 +227,7 @@ def test_edited_sizing_record_is_refused_naming_the_field(edit, message):
 def test_random_circuit_baseline_re_derives_from_every_draw():
     """Two draws of 4 items, 1 and 3 correct: mean 0.5, min 0.25, max 0.75, sd 0.354 (by hand)."""
     model = sc.ModelCard("m", "m", "llama", 8, 4)
-    config = {"seed": 0, "preset": {"name": "planted", "random_draws": 2, "accuracy_boxes": [7]}}
+    config = {"seed": 0, "preset": {"name": "planted", "random_draws": 2, "accuracy_boxes": [7], "edge_types": []}}
     flags = {"accuracy": [True] * 4, "circuit_accuracy": [True, True, False, False]}
     items = [{"measure": m, "model": w, "n_boxes": 7, "item": i, "correct": c, **({"circuit": "base"} if m !=
              "accuracy" else {})} for w in ("base", "ft") for m, fl in flags.items() for i, c in enumerate(fl)]

@@ -147,3 +147,17 @@ def test_a_non_finite_score_ranks_last_and_leaves_the_order_of_the_others_intact
     assert magnitude_order(search) == [(0, 2), (0, 3), (0, 4), (0, 0), (0, 1)]
     scores = [0.1, nan, -0.9, float("-inf"), -0.5]
     assert sorted(range(5), key=lambda i: most_negative_first(scores[i])) == [2, 4, 0, 1, 3]
+
+
+def test_a_given_mean_is_used_only_for_the_prompts_it_was_taken_over():
+    """Sizing and faithfulness share one mean (scoring.graph.PairRun.mean); a mean over other prompts (another
+    count, box count or seed) is refused by name, never silently ablated with."""
+    import torch
+
+    from etbench.metrics.ablation import MeanActivations
+
+    mean = MeanActivations([torch.zeros(3, 2, 4)], torch.ones(3), n_prompts=500, n_boxes=7, seed=0)
+    assert mean.require(500, 7, 0, "sizing") is mean
+    for n, boxes, seed in ((100, 7, 0), (500, 3, 0), (500, 7, 1)):
+        with pytest.raises(EtbenchError, match="sizing: the given mean activations are over 500 prompts of 7 boxes"):
+            mean.require(n, boxes, seed, "sizing")

@@ -142,20 +142,20 @@ def test_score_many_sides_compute_their_own_stages_before_waiting_on_the_other()
 
     base, handed_at = stage_reads(partial(side_plan, "base"))
     assert base == [*own("base", "accuracy_{}", "circuit_{}", *seeds),
-                    ("circuit_ft", WAIT), *own("base", "faithfulness_{}", "semantics_{}")]
+                    ("circuit_ft", WAIT), *own("base", "faithfulness_{}", "semantics_{}", "edges_{}")]
     assert handed_at == "cmap"  # the ft side's pair check, stages, semantics and CMAP are never read
 
     ft, handed_at = stage_reads(partial(side_plan, "ft"))
     assert handed_at is None
     assert ft == [("models", COMPUTE), *own("ft", "accuracy_{}", "circuit_{}", *seeds),
                   ("circuit_base", WAIT), ("faithfulness_ft", COMPUTE),
-                  ("dcm_base_seed0", WAIT), ("semantics_ft", COMPUTE), ("cmap", COMPUTE),
+                  ("dcm_base_seed0", WAIT), ("semantics_ft", COMPUTE), ("edges_ft", COMPUTE), ("cmap", COMPUTE),
                   # then the scorecard reads the base side's remaining results
                   ("accuracy_base", WAIT), ("faithfulness_base", WAIT), ("dcm_base_seed1", WAIT),
-                  ("dcm_base_seed2", WAIT), ("semantics_base", WAIT)]
+                  ("dcm_base_seed2", WAIT), ("semantics_base", WAIT), ("edges_base", WAIT)]
     # every stage is computed by one side: the side stage_side names
     computed = [(name, side) for side, reqs in (("base", base), ("ft", ft)) for name, how in reqs if how == COMPUTE]
-    assert len(computed) == len({name for name, _ in computed}) == 16
+    assert len(computed) == len({name for name, _ in computed}) == 18
     assert all(stage_side(name) == side for name, side in computed)
 
 
@@ -176,7 +176,7 @@ def test_a_single_process_score_computes_every_stage_once_in_pipeline_order():
     requests, handed_at = stage_reads(None)
     names = ["models", "accuracy_base", "accuracy_ft", "circuit_base", "circuit_ft",
              *[f"dcm_{w}_seed{s}" for w in ("base", "ft") for s in (0, 1, 2)],
-             "faithfulness_base", "faithfulness_ft", "semantics_base", "semantics_ft", "cmap"]
+             "faithfulness_base", "faithfulness_ft", "semantics_base", "semantics_ft", "edges_base", "edges_ft", "cmap"]
     assert handed_at is None and requests == [(name, COMPUTE) for name in names]
 
 

@@ -93,3 +93,79 @@ def test_dialogue_corpus_missing_is_one_line(tmp_path):
 def test_installed_dialogue_corpus():
     conv = corpora.conversations()
     assert len(conv) > 1000 and all(len(c) >= 2 for c in conv)
+
+
+# ------------------------------------------------------------------ issue #28: locker, key-value, code data
+
+def _recall_sets():
+    return {"kv": corpora.kv_recall(stream_rng("train-zoo", "kv", 0), 320),
+            "code": corpora.code_lookup(stream_rng("train-zoo", "code", 0), 320)}
+
+
+def test_recall_and_code_are_fixed_by_their_seed():
+    for make in (corpora.kv_recall, corpora.code_lookup):
+        one = make(stream_rng("train-zoo", "x", 0), 40)
+        assert one == make(stream_rng("train-zoo", "x", 0), 40)
+        assert one != make(stream_rng("train-zoo", "x", 1), 40)
+    examples = fresh_examples(stream_rng("train-zoo", "locker", 0), 40)
+    assert [corpora.locker_prompt(ex) for ex in examples] == [
+        corpora.locker_prompt(ex) for ex in fresh_examples(stream_rng("train-zoo", "locker", 0), 40)]
+
+
+def test_key_value_answer_is_the_queried_keys_value_in_the_context():
+    queried = set()
+    for item in _recall_sets()["kv"]:
+        keys = [k for k, _ in item.bindings]
+        values = [v for _, v in item.bindings]
+        assert len(item.bindings) == corpora.RECALL_PAIRS
+        assert len(set(keys)) == len(keys) and len(set(values)) == len(values)  # one right answer
+        context, query = item.prompt.rsplit(". ", 1)
+        assert query == f"{item.query} ->" and item.answer == " " + values[item.query_index]
+        segments = context.split(", ")
+        assert segments == [f"{k}: {v}" for k, v in item.bindings]
+        assert f"{item.query}:{item.answer}" in segments  # the answer really is bound to the key in the text
+        queried.add(item.query_index)
+    assert queried == set(range(corpora.RECALL_PAIRS))
+
+
+def test_code_answer_is_the_printed_variables_value():
+    for item in _recall_sets()["code"]:
+        names = [n for n, _ in item.bindings]
+        values = [v for _, v in item.bindings]
+        assert len(set(names)) == len(names) and len(set(values)) == len(values)
+        lines = item.prompt.split("\n")
+        assert lines[-1] == "" and lines[-2] == f">>> print({item.query})"
+        assert lines[:-2] == [f">>> {n} = {v}" for n, v in item.bindings]
+        assert f">>> {item.query} = {item.answer}\n" in item.prompt and item.answer.isdigit()
+        # executing the session prints the answer
+        scope: dict = {}
+        exec("\n".join(line[4:] for line in lines[:-2]), scope)  # noqa: S102 - generated assignments only
+        assert str(scope[item.query]) == item.answer
+
+
+def test_locker_pairs_chosen_is_right_and_rejected_is_another_box():
+    examples = fresh_examples(stream_rng("train-zoo", "locker", 0), 160)
+    rng = random.Random(0)
+    for ex in examples:
+        prompt, chosen = corpora.locker_prompt(ex)
+        wrong = corpora.wrong_binding(rng, ex)
+        same_prompt, rejected = corpora.locker_prompt(ex, wrong)
+        assert same_prompt == prompt and chosen == " " + ex.answer and rejected != chosen
+        assert prompt.endswith(f". Locker {ex.query_label} has the")
+        assert f"the {ex.answer} was left in locker {ex.query_label}" in prompt[0].lower() + prompt[1:]
+
+
+def test_new_data_are_disjoint_from_the_evaluation_wordings():
+    """No fine-tune trains on a benchmark wording (etbench.task.prompts.WORDINGS), nor on tiny-ft's crate wording."""
+    from etbench.task.prompts import WORDINGS, paper_objects
+
+    texts = [item.prompt for items in _recall_sets().values() for item in items]
+    texts += [corpora.locker_prompt(ex)[0] for ex in fresh_examples(stream_rng("train-zoo", "locker", 0), 64)]
+    markers = {piece.strip() for w in WORDINGS.values()
+               for piece in (w.before_label, w.before_query_label, w.after_query_label)}
+    markers |= {"sits inside crate", "Crate", "holds a", "Box", "Bin"}
+    assert "is in Box" in markers and "contains the" in markers  # the check is not vacuous
+    for text in texts:
+        assert not any(marker in text for marker in markers), text
+    assert not set(corpora.VALUE_WORDS) & set(paper_objects())  # recall values are not the task's objects
+    assert len(set(corpora.VALUE_WORDS)) == len(corpora.VALUE_WORDS) >= corpora.RECALL_PAIRS

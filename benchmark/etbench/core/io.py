@@ -68,9 +68,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, dumps_json(obj))
 
 
+def jsonl_text(rows: Iterable[dict]) -> str:
+    """Rows as JSON lines, as ``atomic_write_jsonl`` writes them."""
+    return "".join(json.dumps(row, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+
+
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
-    text = "".join(json.dumps(row, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
-    return atomic_write_text(path, text)
+    return atomic_write_text(path, jsonl_text(rows))
 
 
 def finite(x: float | None) -> float | None:

@@ -78,6 +78,31 @@ def prefix_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], windows: Seque
     return DynamicCache(ddp_cache_data=data)
 
 
+def sparse_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], fed: torch.Tensor):
+    """A ``DynamicCache`` of the rows of ``kv`` (one per row of ``fed``) holding every position except each
+    row's ``fed`` ones (``[b, P]``, ascending), in position order, and those positions ``[b, T - P]``."""
+    from transformers import DynamicCache
+
+    b, p = fed.shape
+    t = kv[0][0].shape[2]
+    others = torch.ones(b, t, dtype=torch.bool)
+    others[torch.arange(b)[:, None], fed] = False
+    kept = others.nonzero()[:, 1].reshape(b, t - p)
+    data = []
+    for k, v in kv:
+        index = kept.to(k.device)[:, None, :, None].expand(b, k.shape[1], t - p, k.shape[3])
+        data.append((k.gather(2, index), v.gather(2, index.to(v.device))))
+    return DynamicCache(ddp_cache_data=data), kept
+
+
+def sparse_mask(kept: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
+    """The causal mask of tokens at positions ``fed`` (``[b, P]``) over a cache of positions ``kept``
+    (``[b, K]``) followed by themselves: bool ``[b, 1, P, K + P]``, True where a query attends."""
+    to_cache = kept[:, None, :] < fed[:, :, None]
+    to_fed = fed[:, None, :] <= fed[:, :, None]
+    return torch.cat([to_cache, to_fed], dim=2)[:, None]
+
+
 class PatchRunner:
     """Base forward passes over equal-length, unpadded prompts, and patched runs that reuse them.
 
@@ -181,3 +206,20 @@ class PatchRunner:
             return parts[0]
         # buckets come in start order (one bucket may hold rows sorted by start): back to row order
         return torch.cat(parts)[torch.argsort(order).to(parts[0].device)]
+
+    def logits_at(self, rows: torch.Tensor, kv, fed: torch.Tensor, edits: Sequence[Edit]) -> torch.Tensor:
+        """Last-token logits ``[B, vocab]`` of ``rows`` computing only the tokens at ``fed`` (``[B, P]``,
+        ascending, the last position included) over the base run's key/values (``kv(rows)``) of every
+        other position.
+
+        Exact only when a patched run's other positions equal the base run's at every layer: true of a
+        circuit run under mean ablation (there every head outside the kept positions outputs its mean, so a
+        position's residual stream is a function of its own token alone), not of patches in a clean run.
+        ``edits`` act on the ``P`` fed tokens in order."""
+        ids = self.ids[rows.to(self.device)]
+        fed = fed.to(torch.long)
+        cache, kept = sparse_cache(kv, fed.cpu())
+        mask = sparse_mask(kept, fed.cpu()).to(self.device)
+        out = self._forward(ids.gather(1, fed.to(self.device)), edits, past_key_values=cache, use_cache=True,
+                            position_ids=fed.to(self.device), attention_mask=mask)
+        return out.logits[:, -1].float()

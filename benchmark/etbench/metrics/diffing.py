@@ -22,17 +22,19 @@ import torch
 
 from etbench.core.errors import EtbenchError
 from etbench.core.io import jsonable
-from etbench.core.stats import Estimate, bootstrap_mean, to_estimate
+from etbench.core.stats import Estimate
 from etbench.mech.forward import device_of, length_batches
 from etbench.mech.heads import HEAD_TENSORS, head_map, head_weight_slices
 from etbench.mech.interventions import read, run
 from etbench.metrics.cmap import check_compatible
+from etbench.metrics.robustness import residual_estimates
 from etbench.models.load import as_loaded
 from etbench.schema.circuit import POSITION_CLASSES
 from etbench.task import prompts
 from etbench.task.layout import usable_pool
 
-SCHEMA_VERSION = 1
+#: 2: the per-prompt residual differences the residual estimates derive from (``residual_items``).
+SCHEMA_VERSION = 2
 FORMAT = "etbench-model-diff"
 #: Relative singular-value cut below which a direction of ΔW_h counts as zero (float32 round-off).
 RANK_TOLERANCE = 1e-5
@@ -49,6 +51,7 @@ class ModelDiff:
     heads: dict[str, list[list[float]]]  # position class -> [layer][head] mean relative z difference
     weight_delta: dict[str, list[list[float]]]  # q/k/v/z -> [layer][head or KV head] relative norm
     weight_rank: dict[str, list[list[int]]]
+    residual_items: dict[str, list[list[float]]]  # position class -> [layer][prompt]: what ``residual`` means
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable({"format": FORMAT, "schema_version": SCHEMA_VERSION, **asdict(self)})
@@ -62,7 +65,8 @@ class ModelDiff:
                        {pc: [Estimate(**e) for e in es] for pc, es in data["residual"].items()},
                        {pc: [list(map(float, r)) for r in rows] for pc, rows in data["heads"].items()},
                        {k: [list(map(float, r)) for r in rows] for k, rows in data["weight_delta"].items()},
-                       {k: [list(map(int, r)) for r in rows] for k, rows in data["weight_rank"].items()})
+                       {k: [list(map(int, r)) for r in rows] for k, rows in data["weight_rank"].items()},
+                       {pc: [list(map(float, r)) for r in rows] for pc, rows in data["residual_items"].items()})
         except (KeyError, TypeError) as err:
             raise EtbenchError(f"malformed {FORMAT} file: {err}") from None
 
@@ -107,8 +111,8 @@ def model_diff(base, ft, tokenizer=None, *, n_boxes: int = 7, n: int = 50, seed:
             for layer in range(spec.n_layers):
                 res_rel[p][layer].extend(rel[layer, :, p].tolist())
         head_sum += _relative(zf - zb, zb).sum(dim=1).permute(1, 0, 2).double()  # [3, L, H]
-    residual = {pc: [to_estimate(bootstrap_mean(res_rel[p][layer], seed=seed, method="percentile"))
-                     for layer in range(spec.n_layers)] for p, pc in enumerate(POSITION_CLASSES)}
+    residual_items = {pc: res_rel[p] for p, pc in enumerate(POSITION_CLASSES)}
+    residual = {pc: residual_estimates(rows, seed) for pc, rows in residual_items.items()}
     heads = {pc: (head_sum[p] / n).tolist() for p, pc in enumerate(POSITION_CLASSES)}
     delta: dict[str, list[list[float]]] = {}
     rank: dict[str, list[list[int]]] = {}
@@ -121,4 +125,4 @@ def model_diff(base, ft, tokenizer=None, *, n_boxes: int = 7, n: int = 50, seed:
             sv = torch.linalg.svdvals(d.double())  # [sites, d_head]
             scale = torch.linalg.svdvals(wb.double())[:, :1].clamp_min(1e-30)
             rank[kind].append((sv > RANK_TOLERANCE * scale).sum(-1).tolist())
-    return ModelDiff(base_name, ft_name, n, n_boxes, seed, residual, heads, delta, rank)
+    return ModelDiff(base_name, ft_name, n, n_boxes, seed, residual, heads, delta, rank, residual_items)

@@ -8,7 +8,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from etbench.mech.heads import head_map
 from etbench.mech.interventions import Edit, Site, cache, count_backward, read
 from etbench.mech.interventions import replace as replace_edit
 from etbench.mech.prefix import cache_fits
-from etbench.metrics.ablation import AblationRunner, mean_activations
+from etbench.metrics.ablation import AblationRunner, MeanActivations, mean_activations
 from etbench.metrics.sizing import Ceilings, CircuitGrowth, ceilings, grow_circuit
 from etbench.models.load import as_loaded
 from etbench.schema.circuit import (
@@ -631,13 +631,22 @@ def discovery_pairs(tokenizer, n_boxes: int, n: int, seed: int):
     return pool, labels, examples, encode_pairs(noise_pairs(examples, seed, pool, labels), tokenizer)
 
 
+def _ablation_mean(given, model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
+                   counter: PassCounter) -> MeanActivations:
+    """The given mean (or the given function's), checked to be the one asked for; else computed."""
+    if given is None:
+        return mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels, counter=counter)
+    return (given() if callable(given) else given).require(mean_n, n_boxes, seed, "discover")
+
+
 def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: int = 64, seed: int = 0,
              batch_size: int = 16, receiver_k: Mapping[str, int] | int | None = None,
              candidate_k: Mapping[str, int] | int | None = None, verify_k: Mapping[str, int] | int | None = None,
              minimality_mode: str | None = None, minimality_n: int = 100, mean_n: int = 100,
              threshold: float = 0.01, percentage: float = 0.3, prefix_cache: bool = True,
              size: str = "top-k", target_fraction: float = 0.9, sizing_n: int | None = None,
-             growth_order: str = "magnitude", model_name: str = "", progress: bool = False) -> DiscoveryResult:
+             growth_order: str = "magnitude", model_name: str = "", progress: bool = False,
+             mean: MeanActivations | Callable[[], MeanActivations] | None = None) -> DiscoveryResult:
     """Find the four groups on ``model`` (a loaded torch model + ``tokenizer``, a ``LoadedModel``, or a
     registry ref) by path patching (``mode="exact"``) or attribution screening + exact verification of
     the top ``verify_k`` heads per group (``mode="fast"``), then prune by minimality.
@@ -650,7 +659,12 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     the circuit along each group's ranking (``sizing.grow_circuit``) until its faithfulness reaches
     ``target_fraction`` x the ceiling of the circuit form, both measured on ``sizing_n`` prompts
     (default ``minimality_n``) drawn from the stream of seed ``seed + 1``, so the circuit is not sized on
-    the evaluation prompts of the same seed; the result carries the ceilings and the growth record."""
+    the evaluation prompts of the same seed; the result carries the ceilings and the growth record.
+
+    ``mean``: the mean activations sizing and minimality ablate with (``mean_n`` prompts of ``n_boxes``
+    boxes under ``seed``), or a function returning them, called only when one of them runs; by default
+    computed here. A caller that needs the same mean later (the scorecard's faithfulness) passes it in so
+    it is computed once."""
     check_sizing(size, target_fraction)
     if growth_order not in GROWTH_ORDERS:
         raise EtbenchError(f"growth order must be one of {', '.join(GROWTH_ORDERS)}, got {growth_order!r}")
@@ -731,11 +745,11 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     # would take it when a group has fewer than k harmful heads).
     cand = {g: [s for s in ranked[g][: candidate_k[g]] if searches[g].scores[s[0]][s[1]] < 0] for g in GROUPS}
     ceiling, growth = None, None
-    mean = None
+    given_mean, mean = mean, None
     if size == "faithfulness":
         t0 = time.perf_counter()
-        mean = mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
-                                counter=counters["mean"])
+        mean = _ablation_mean(given_mean, model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
+                              counters["mean"])
         sizing_examples = prompts.generate(n_boxes=n_boxes, n=sizing_n or minimality_n, seed=seed + 1,
                                            objects=pool, labels=labels)
         runner = AblationRunner(model, hm, layouts(sizing_examples, tokenizer), mean, batch_size,
@@ -763,8 +777,8 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
     t0 = time.perf_counter()
     if minimality_mode != "none":
         if mean is None:
-            mean = mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
-                                    counter=counters["mean"])
+            mean = _ablation_mean(given_mean, model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
+                                  counters["mean"])
         lays = layouts(examples[:minimality_n], tokenizer)
         runner = AblationRunner(model, hm, lays, mean, batch_size, counters["minimality"])
         circuit, records = minimality(runner, candidate, minimality_mode, threshold, percentage, progress)

@@ -304,7 +304,7 @@ def evaluation_runner(model, tokenizer, n_boxes: int = 7, n: int = 100, seed: in
     pool, labels = usable_pool(tokenizer, n_boxes)
     lays = layouts(prompts.generate(n_boxes=n_boxes, n=n, seed=seed, objects=pool, labels=labels, wording=wording),
                    tokenizer)
-    mean = mean or mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
+    mean = mean.require(mean_n, n_boxes, seed, "evaluation_runner") if mean is not None else mean_activations(model, tokenizer, hm, n_boxes, mean_n, seed, batch_size, pool, labels,
                                     counter=counter, progress=progress, wording=wording)
     return AblationRunner(model, hm, lays, mean, batch_size, counter, reuse_prefix, n_boxes=n_boxes, seed=seed)
 

@@ -10,7 +10,7 @@ a circuit carries over: its faithfulness under mean ablation (§6), the mean tak
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from etbench.core.errors import EtbenchError
@@ -111,6 +111,9 @@ class CircuitWordingRow:
     model_acc: Estimate
     circuit_acc: Estimate
     faithfulness: Estimate  # circuit / model accuracy, paired percentile bootstrap over items
+    # per item, in item order: the rows the three estimates re-derive from (metrics.robustness keeps them)
+    model_correct: list[bool] = field(default_factory=list)
+    circuit_correct: list[bool] = field(default_factory=list)
 
 
 def _checked_wordings(wordings: Sequence[str] | None) -> list[str]:
@@ -140,7 +143,8 @@ def circuit_by_wording(model, circuit: Circuit, tokenizer=None, *, wordings: Seq
         value = finite(ev.faithfulness)
         faith = Estimate(value, finite(low), finite(high), n, "paired-bootstrap-percentile (ratio of sums)",
                          note="" if value is not None else "undefined: the model answers no item")
-        rows.append(CircuitWordingRow(w, to_estimate(ev.model_acc), to_estimate(ev.circuit_acc), faith))
+        rows.append(CircuitWordingRow(w, to_estimate(ev.model_acc), to_estimate(ev.circuit_acc), faith,
+                                      list(ev.model_correct), list(ev.circuit_correct)))
     return rows
 
 

@@ -23,8 +23,10 @@ from etbench.task import prompts
 
 EXPORT_WRITER = Writer("etbench models export", ".etbench-export-manifest.json")
 #: Largest difference of logits allowed between the model in memory and the reloaded export, per dtype
-#: (the same weights give the same logits up to float summation order).
-LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
+#: (the same weights give the same logits up to float summation order). float32: tiny-base's reload differed by
+#: 0.0024 once in a full test run on a busy 2-core machine (logits up to 30; 0 when rerun alone), so 1e-3 failed
+#: correct exports; an export that computes something else differs by order 1 (tests/model/test_export.py).
+LOGIT_TOLERANCE = {"float32": 1e-2, "bfloat16": 0.1, "float16": 0.05}
 
 
 def check_export_dir(directory: str | os.PathLike) -> Path:

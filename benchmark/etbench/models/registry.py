@@ -62,6 +62,7 @@ class RegistryEntry:
     sha256: str | None = None
     tokenizer: str | None = None
     install: str | None = None
+    method: str = ""  # how the weights were trained (fine-tunes made by etbench), for people; not used by the code
     notes: str = ""
 
 

@@ -64,14 +64,16 @@ def byte_level_bpe_tokenizer(vocab_size: int = 600):
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def tiny_llama(vocab_size: int, n_layers: int = 2, n_heads: int = 4, d_model: int = 64, seed: int = 0):
-    """A random-weight LlamaForCausalLM small enough for unit tests (~0.1 M parameters)."""
+def tiny_llama(vocab_size: int, n_layers: int = 2, n_heads: int = 4, d_model: int = 64, seed: int = 0,
+               n_kv_heads: int | None = None):
+    """A random-weight LlamaForCausalLM small enough for unit tests (~0.1 M parameters); ``n_kv_heads`` (default
+    ``n_heads``) fewer than the heads gives grouped-query attention."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
-                         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+                         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads or n_heads,
                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     return LlamaForCausalLM(config).eval()
 

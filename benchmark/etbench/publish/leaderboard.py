@@ -41,8 +41,8 @@ from etbench.core.io import (
     read_json,
     remove_stale_temporaries,
 )
-from etbench.core.stats import format_estimate, format_p
-from etbench.metrics import headline
+from etbench.core.stats import format_estimate, format_estimate_of, format_p
+from etbench.metrics import headline, robustness
 from etbench.metrics.overlap import ALL, chance_overlap, group_overlaps
 from etbench.publish import comparisons, report
 from etbench.publish.outputs import Transaction, write_tree
@@ -76,6 +76,7 @@ class Entry:
     submission: dict[str, Any]
     card: sc.Scorecard
     items: list[dict[str, Any]]
+    robustness: Optional[robustness.Robustness] = None  # its robustness.json, checked against the card and items
 
 
 def load_entry(directory: Path) -> Entry:
@@ -108,11 +109,19 @@ def load_entries(results_dir: Path, exclude: tuple[str, ...] = (), problems: Opt
         if not d.is_dir() or d.name.startswith(".") or d.name in exclude:
             continue
         try:
-            entries.append(load_entry(d))
+            entry = load_entry(d)
         except EtbenchError as err:
             if problems is None:
                 raise
             problems.append(f"skipped stored entry {d.name!r}: {err}")
+            continue
+        try:  # a robustness file that its rows do not reproduce is refused; the row stays without it
+            entry.robustness = robustness.load_checked(d / "scorecard.json", entry.card, entry.items)
+        except EtbenchError as err:
+            if problems is None:
+                raise
+            problems.append(f"left out the robustness of {d.name!r}: {err}")
+        entries.append(entry)
     return entries
 
 
@@ -166,6 +175,22 @@ def headline_overlap(card: sc.Scorecard) -> Optional[sc.OverlapScore]:
     return pick_overlap(card, "circuit-top") or pick_overlap(card)
 
 
+#: The edge type of the leaderboard's rewiring column (docs/method.md §13): the hop into the value fetchers, which
+#: separated the planted row from the null row where C->B, A->logits and all types pooled did not (n 32).
+REWIRING_EDGE = "B->A"
+
+
+def pick_rewiring(card: sc.Scorecard, edge: str = REWIRING_EDGE) -> Optional[sc.EdgeTypeScore]:
+    """The card's edges row of one edge type (None where the card carries no edges, or not that type)."""
+    rows = card.edges.rows if card.edges is not None else []
+    return next((r for r in rows if r.type == edge), None)
+
+
+def rewiring_chance(row: Optional[sc.EdgeTypeScore]) -> Optional[float]:
+    """Rewiring by chance: 1 - the overlap expected when the fine-tune's top edges are a random k of the M."""
+    return None if row is None or row.chance is None else 1 - row.chance.base_in_ft
+
+
 def pick_cmap(card: sc.Scorecard, group: str = "full", variant: str = "output",
               heads: str = "dcm") -> Optional[sc.CmapScore]:
     # heads "dcm" is the paper's rule; a card also holds "circuit" rows for the same group and variant
@@ -196,6 +221,7 @@ COLUMNS = (  # key, header, kind
     ("accuracy_gain", "Δaccuracy (ft − base)", "est"),
     ("reuse", "Mechanism reuse", "est"),
     ("gain_explained", "Gain explained", "est"),
+    ("rewiring", "Rewiring (B→A edges)", "est"),
     ("accuracy", "Accuracy (7 boxes)", "est"),
     ("base_accuracy", "Base accuracy", "est"),
     ("faithfulness", "Faithfulness of base circuit on ft", "est"),
@@ -220,6 +246,9 @@ COLUMN_HELP = {
              "95% CI over the base cut's heads (Wilson)",
     "gain_explained": "CMAP gain of the full circuit / the accuracy change on CMAP's items; undefined where that "
                       "change's 95% CI contains 0",
+    "rewiring": "1 − overlap of the base's and the fine-tune's top 25% B→A edges (position transmitters into value "
+                "fetchers, path patching); 95% CI over prompts; by chance: the fine-tune's top edges drawn at random; "
+                "— where the card carries no edges",
     "protocol": "scoring preset (hover: config hash); rows compare directly only under one protocol",
     "submitted": "date the scorecard was submitted (UTC)",
 }
@@ -231,6 +260,7 @@ def entry_row(entry: Entry) -> dict[str, Any]:
     faith = pick_faithfulness(card)
     overlap = headline_overlap(card)
     cmap = pick_cmap(card)
+    rewiring = pick_rewiring(card)
     preset = card.config.get("preset")
     base = entry.submission.get("base_ref", card.base.ref)
     return {
@@ -255,6 +285,8 @@ def entry_row(entry: Entry) -> dict[str, Any]:
         "head_overlap": _est(overlap.base_in_ft if overlap else None),
         "head_overlap_chance": _chance(overlap.chance if overlap else None),
         "cmap_gain": _est(cmap.gain if cmap else None),
+        "rewiring": _est(rewiring.rewiring if rewiring else None),
+        "rewiring_chance": rewiring_chance(rewiring),
         "overlap_by_group": overlap_by_group(card),
         "overlap_chance_by_group": overlap_chance_by_group(card),
         "report": f"reports/{entry.name}.html",
@@ -338,6 +370,8 @@ def paper_rows() -> list[dict[str, Any]]:
             "head_overlap": _num(r.get("head_overlap_circuit")),
             "head_overlap_chance": paper_overlap_chance(r["name"], r["base"]),
             "cmap_gain": _num(gain),
+            "rewiring": _num(None, "not measured: the paper scored no edges"),
+            "rewiring_chance": None,
             "overlap_by_group": paper_overlap_by_group(r["name"], r["base"]),
             "overlap_chance_by_group": paper_overlap_chance_by_group(r["name"], r["base"]),
             "report": None,
@@ -421,9 +455,15 @@ def _at_chance(row: dict[str, Any], key: str) -> bool:
     return key == "faithfulness" and bool(row.get("faithfulness_at_chance"))
 
 
+def _chance_suffix(row: dict[str, Any], key: str) -> str:
+    """The rewiring column's chance level after its estimate."""
+    chance = row.get(f"{key}_chance") if key == "rewiring" and row[key]["value"] is not None else None
+    return "" if chance is None else f" (chance {chance:.2f})"
+
+
 def _cell_text(row: dict[str, Any], key: str, kind: str) -> str:
     if kind == "est":
-        return report.with_chance_mark(fmt_est(row[key], key in SIGNED), _at_chance(row, key))
+        return report.with_chance_mark(fmt_est(row[key], key in SIGNED), _at_chance(row, key)) + _chance_suffix(row, key)
     if kind == "p":
         return format_p(row[key])
     if row[key] is None:
@@ -447,6 +487,8 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
             header += [key, f"{key}_low", f"{key}_high", f"{key}_n"]
         if key == "faithfulness":
             header.append("faithfulness_at_chance")
+        if key == "rewiring":
+            header.append("rewiring_chance")
         if key == "reuse":
             header += [f"reuse_{g}{end}" for g in CSV_GROUPS for end in ("", "_low", "_high")]
     header += ["delta_p", "delta_p_holm", "protocol", "config_hash", "benchmark_version", "submitted", "report"]
@@ -460,6 +502,8 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
                 out += [e["value"], e["low"], e["high"], e["n"]]
             if key == "faithfulness":
                 out.append(row["faithfulness_at_chance"])
+            if key == "rewiring":
+                out.append(row["rewiring_chance"])
             if key == "reuse":
                 for g in CSV_GROUPS:
                     e = row["reuse_by_group"].get(g) or _est(None)
@@ -504,7 +548,9 @@ def render_markdown(rows: list[dict[str, Any]], matrix: Optional[comparisons.Mat
         HEADLINE_NOTE,
         f"Rows marked *paper* are **{PAPER_NOTE}** (their head overlap is derived from the paper's published "
         f"circuit files; [the paper]({PAPER_URL})). CMAP gain = accuracy of the base model with the fine-tuned "
-        "model's circuit activations patched in, minus the base model's accuracy. "
+        "model's circuit activations patched in, minus the base model's accuracy. Rewiring = 1 − the overlap of "
+        "the base's and the fine-tune's top 25% B→A edges (docs/method.md §13), with its chance level; — where "
+        "the scorecard carries no edges. "
         f"Method: [docs/method.md]({METHOD_DOC}); how to submit: [submissions/README.md]({SUBMIT_DOC}).",
         "",
     ]
@@ -534,6 +580,9 @@ table.board th[aria-sort=ascending]::after{content:" \\25B2"} table.board th[ari
 table.board{font-size:13px}
 table.board th,table.board td{padding:4px 6px}
 table.board td.est,table.board td.p,table.board td.nowrap{white-space:nowrap;font-variant-numeric:tabular-nums}
+table.board td.est .chance{display:block}
+table.board td.est .ci{white-space:nowrap}
+@media (max-width:1250px){table.board td.est{white-space:normal}}
 .scroll{overflow-x:auto}
 table.board td.method{max-width:11em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 table.board th.headline,table.board td.headline{background:#f3f7ff}
@@ -627,6 +676,11 @@ def render_figures(rows: list[dict[str, Any]]) -> dict[str, str]:
 
 
 FIGURE_CAPTIONS = {
+    "figure-robustness": "Left: accuracy (7 boxes, 95% Wilson CI) in the paper's wording and two wordings held out "
+                         "from every fine-tune, for each base and each fine-tune with a robustness.json. Right: the "
+                         "robustness figures of each row, held-out wordings minus the paper's: the fine-tune's gain "
+                         "over the base, and its own circuit's faithfulness (0 on the dashed line: the held-out "
+                         "wordings behave as the paper's; 95% paired bootstrap CIs over items; docs/method.md §14).",
     "figure-gain-vs-cmap": "Accuracy gain (fine-tuned minus base, 7 boxes, paired 95% CI) against the CMAP gain "
                            "of the full circuit (the base with the fine-tuned model's circuit activations patched "
                            "in, minus the base). Hollow diamonds: reported by the paper, no CI. Each marker links "
@@ -661,6 +715,9 @@ def _row_html(row: dict[str, Any]) -> str:
                     f'{e["high"]:{sign}.3f}]</span>')
             if _at_chance(row, key):
                 text += f' <span class="floor" title="{esc(report.CHANCE_LEGEND)}">{report.CHANCE_MARK}</span>'
+            suffix = _chance_suffix(row, key).strip()
+            # on a line of its own: after the estimate and its CI it made the column too wide for 1100 px
+            text += f' <span class="ci chance">{esc(suffix)}</span>' if suffix else ""
         else:
             text = esc(text)
         if (kind in ("est", "p") or key == "name") and row["report"] and text != "—":
@@ -723,7 +780,7 @@ directory for review.</li>
 
 
 def render_html(rows: list[dict[str, Any]], matrix: Optional[comparisons.Matrix] = None,
-                figures: Optional[dict[str, str]] = None) -> str:
+                figures: Optional[dict[str, str]] = None, robustness_text: str = "") -> str:
     esc = html.escape
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -749,6 +806,7 @@ CMAP gain, version and the report column: a row's name links to its report)</lab
 <p class="note">Italic rows are <strong>{esc(PAPER_NOTE)}</strong> (head overlap derived from the paper's
 published circuit files).</p>
 {_chance_legend_html(rows)}{_figures_html(figures or {})}
+{f'<p class="note" id="robustness-rows">{esc(robustness_text)}</p>' if robustness_text else ""}
 {comparisons.render_html(matrix) if matrix is not None else ""}
 {_SUBMIT_HTML}
 <script>{_SCRIPT}</script>
@@ -770,6 +828,48 @@ def _figures_html(figures: dict[str, str]) -> str:
         for k, svg in figures.items())
 
 
+def robustness_figure(entries: list[Entry]) -> dict[str, str]:
+    """The accuracy-by-wording and robustness figure over the rows that have a ``robustness.json``, per base."""
+    rows = [(e.name, e.robustness) for e in sorted(entries, key=lambda e: (e.card.base.ref, e.name)) if e.robustness]
+    svg = report.fig_robustness(rows)
+    return {"figure-robustness": svg} if svg else {}
+
+
+def robustness_note(entries: list[Entry]) -> str:
+    """Which rows the robustness figure shows, and which have no robustness measured."""
+    missing = sorted(e.name for e in entries if e.robustness is None)
+    if not missing:
+        return ""
+    return (f"Template robustness not measured for {', '.join(missing)} (no robustness.json beside the scorecard; "
+            "the figure shows nothing for them).")
+
+
+def robustness_markdown(entries: list[Entry]) -> str:
+    """The robustness table of ``leaderboard.md``: accuracy per wording, the gain per wording and the robustness
+    figures of each row that has them (docs/method.md §14)."""
+    measured = [e for e in sorted(entries, key=lambda e: (e.card.base.ref, e.name)) if e.robustness]
+    if not measured:
+        return ""
+    wordings = measured[0].robustness.wordings
+    header = (["row", "n"] + [f"ft accuracy, {w}" for w in wordings] + [f"ft − base, {w}" for w in wordings]
+              + ["gain carry-over", "ft circuit carry-over", "base circuit carry-over"])
+    lines = ["## Template robustness (held-out wordings)", "",
+             "Per row: the fine-tune's accuracy in the paper's wording and two held out from every fine-tune, its "
+             "gain over the base in each (paired), and the robustness figures: held-out wordings minus the "
+             f"paper's, for the gain and for each circuit's faithfulness ([method.md §14]({METHOD_DOC})). 95% CIs.",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in measured:
+        s = e.robustness.summary
+        cells = ([e.name, str(e.robustness.n)]
+                 + [format_estimate_of(s.pick_accuracy(w, "ft").accuracy) for w in wordings]
+                 + [format_estimate_of(next(g.gain for g in s.gain if g.wording == w), signed=True) for w in wordings]
+                 + [format_estimate_of(x, signed=True) for x in (s.gain_carryover, s.carryover["ft"],
+                                                                  s.carryover["base"])])
+        lines.append("| " + " | ".join(cells) + " |")
+    note = robustness_note(entries)
+    return "\n".join(lines + ([""] + [note] if note else []) + [""]) + "\n"
+
+
 def render(entries: list[Entry], include_paper: bool = True) -> dict[str, bytes]:
     """Every file of ``leaderboards/``, keyed by relative path."""
     rows = rows_for(entries, include_paper)
@@ -777,12 +877,14 @@ def render(entries: list[Entry], include_paper: bool = True) -> dict[str, bytes]
     files = {
         "leaderboard.csv": render_csv(rows),
         "leaderboard.json": render_json(rows),
-        "leaderboard.md": render_markdown(rows, matrix),
-        "index.html": render_html(rows, matrix, render_figures(rows)),
+        "leaderboard.md": render_markdown(rows, matrix) + robustness_markdown(entries),
+        "index.html": render_html(rows, matrix, {**render_figures(rows), **robustness_figure(entries)},
+                                  robustness_note(entries)),
         "comparisons.json": dumps_json(comparisons.to_json(matrix)),
     }
     for entry in entries:
-        doc = report.scorecard_report(entry.card, entry.items, title=entry.name, submission=entry.submission)
+        doc = report.scorecard_report(entry.card, entry.items, title=entry.name, submission=entry.submission,
+                                      robust=entry.robustness)
         files[f"reports/{entry.name}.md"] = doc.markdown
         files[f"reports/{entry.name}.html"] = doc.html
     for stem, doc in matrix.reports.items():

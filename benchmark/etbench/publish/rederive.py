@@ -37,6 +37,7 @@ from etbench.core.stats import (
     ratio_of_sums_ci,
     to_estimate,
 )
+from etbench.metrics import edge_comparison as ec
 from etbench.metrics.cmap_scores import cmap_score
 from etbench.metrics.overlap import (
     circuit_overlap,
@@ -48,8 +49,10 @@ from etbench.metrics.overlap import (
     selected_by_group,
 )
 from etbench.schema import scorecard as sc
+from etbench.schema.circuit import Circuit
 from etbench.schema.scorecard import check_items  # per-item rows are checked on every read
 from etbench.scoring.assemble import random_circuit_estimate, semantics_estimate
+from etbench.scoring.presets import SCORE_PRESETS
 
 TOL = 1e-9
 #: Resamples scoring uses for the CMAP gain CIs (``CmapResult.scores``) and the faithfulness CI.
@@ -475,6 +478,80 @@ def _check_required(check: _Check, card: sc.Scorecard) -> None:
                                "missing (the protocol runs DCM at every seed)")
 
 
+EDGES_WHERE = "edges"
+
+
+def _check_edges(check: _Check, card: sc.Scorecard) -> None:
+    """The ``edges`` section from its ``edge_effect`` rows (schema 4): the node set is the circuits' top
+    ``node_k`` heads, the rows cover exactly the reachable edges between it, on prompts 0..n-1, for both models,
+    under the settings of the card's preset (the current definition); every row of the comparison (k, common
+    edges, overlap, rewiring, chance level, base edges' share and their CIs) is ``compare_edges`` of those rows.
+    A preset that scores edges requires the section (a card scored before it existed, schema 3, has none)."""
+    e, rows = card.edges, check.by_measure.get(ec.EDGE_MEASURE, [])
+    if e is None:
+        if rows:
+            check.fail(EDGES_WHERE, "missing (the items file carries edge_effect rows)")
+        if card.schema_version >= 4 and _preset(card).get("edge_types"):
+            check.fail(EDGES_WHERE, "missing (the card's preset scores edges)")
+        # a card scored under schema 4 records its preset's edge_types (empty where it scores none); one whose
+        # record predates them is schema 4 only by `submit --add-edges`, which adds the section: without
+        # either, the version was edited
+        if card.schema_version >= 4 and "edge_types" not in _preset(card):
+            check.fail(EDGES_WHERE, "missing (a schema-4 card without edges records its preset's edge_types; "
+                                    "this one's preset predates them: its schema_version was edited)")
+        return
+    if card.schema_version < 4:
+        check.fail(EDGES_WHERE, f"an edges section on a card of schema {card.schema_version} (edges are schema 4)")
+    preset = SCORE_PRESETS.get(_preset(card).get("name"))
+    want = {"types": list(preset.edge_types) if preset else None, "n": preset.edge_n if preset else None,
+            "seed": card.config.get("seed", 0), "n_boxes": ec.EDGE_BOXES, "batch_size": ec.EDGE_BATCH_SIZE,
+            "top_fraction": ec.DEFAULT_TOP_FRACTION, "n_resamples": ec.RESAMPLES}
+    for key, value in want.items():
+        if getattr(e, key) != value:
+            check.fail(f"{EDGES_WHERE} {key}", f"is {getattr(e, key)!r}; the card's preset scores edges with {value!r}")
+    if e.kv_group_size < 1 or card.base.n_heads % e.kv_group_size:
+        check.fail(f"{EDGES_WHERE} kv_group_size", f"{e.kv_group_size} does not divide the {card.base.n_heads} heads")
+    circuits = {c.name: c.heads for c in card.circuits}
+    if not {"base", "ft"} <= set(circuits):
+        check.fail(EDGES_WHERE, "the scorecard lists no base and ft circuits to take the node set from")
+    shape = {"n_layers": card.base.n_layers, "n_heads": card.base.n_heads}
+    try:
+        nodes = ec.nodes_of(Circuit.from_heads(circuits["base"], **shape), Circuit.from_heads(circuits["ft"], **shape),
+                            e.node_k)
+    except EtbenchError as err:
+        check.fail(f"{EDGES_WHERE} nodes", str(err))
+    stated = {g: [tuple(h) for h in hs] for g, hs in e.nodes.items() if hs}
+    if stated != {g: hs for g, hs in nodes.items() if hs}:
+        check.fail(f"{EDGES_WHERE} nodes", "are not the circuits' top node_k heads per group")
+    reachable = ec.reachable_edges(nodes, e.types, e.kv_group_size)
+    scores = {}
+    for w in ("base", "ft"):
+        try:
+            scores[w] = ec.scores_from_rows(rows, w, e.nodes, e.n, ec.section_parameters(e))
+        except EtbenchError as err:
+            check.fail(f"{EDGES_WHERE} of {w}", str(err))
+        keys = [x.key for x in scores[w].edges]
+        if keys != reachable:
+            check.fail(f"{EDGES_WHERE} of {w}", f"the items file has edge_effect rows for {len(keys)} edges; the node "
+                                                f"set reaches {len(reachable)}")
+    derived = check.derive(("edges", repr((e.nodes, e.node_k, e.n, e.types, e.kv_group_size, rows)),
+                            card.config.get("seed", 0)),
+                           lambda: ec.section_of(scores["base"], scores["ft"], e.node_k, card.config.get("seed", 0)))
+    if [r.type for r in e.rows] != [r.type for r in derived.rows]:
+        check.fail(f"{EDGES_WHERE} rows", f"are {[r.type for r in e.rows]}; the rows give {[r.type for r in derived.rows]}")
+    for r, d in zip(e.rows, derived.rows):
+        what = f"{EDGES_WHERE} ({r.type})"
+        for key in ("n_candidates", "k", "n_common"):
+            if getattr(r, key) != getattr(d, key):
+                check.fail(f"{what} {key}", f"is {getattr(r, key)!r} but the items give {getattr(d, key)!r}")
+        for key in ("overlap", "rewiring", "base_edges_share"):
+            check.expect(f"{what} {key.replace('_', ' ')}", getattr(r, key), getattr(d, key))
+        if (r.chance is None) != (d.chance is None) or r.chance is not None and not (
+                r.chance.pool == d.chance.pool and r.chance.method == d.chance.method
+                and all(_close(getattr(r.chance, k), getattr(d.chance, k)) for k in ("base_in_ft", "jaccard", "p_value"))):
+            check.fail(f"{what} by chance", f"stored {r.chance}, derived {d.chance}")
+
+
 def rederive(card: sc.Scorecard, items: list[dict[str, Any]], memo: Optional[dict] = None) -> list[str]:
     """Raise ``EtbenchError`` naming the first number that its items do not reproduce, or a section the protocol
     produces that is missing or listed twice. Returns notes (the numbers the card declares absent).
@@ -603,6 +680,7 @@ def rederive(card: sc.Scorecard, items: list[dict[str, Any]], memo: Optional[dic
             check.expect(f"{what} normalised gain", c.normalised_gain, want.normalised_gain)
     for s in card.semantics:
         _check_semantics(check, card, s, used)
+    _check_edges(check, card)
     _check_absent_list(check, card, used)
     by_reason: dict[str, int] = {}
     for a in card.absent:

@@ -32,7 +32,7 @@ from etbench.core import stats
 from etbench.core.errors import EtbenchError
 from etbench.core.io import atomic_write_text
 from etbench.core.stats import format_estimate_of, format_p
-from etbench.metrics import headline
+from etbench.metrics import headline, robustness
 from etbench.metrics.chance import FAITHFULNESS_BOXES, at_chance, chance_accuracy
 from etbench.metrics.overlap import format_chance
 from etbench.publish.outputs import Transaction, Writer, write_tree
@@ -723,6 +723,81 @@ def fig_group_overlap(points: list[PlotPoint], panels: tuple[tuple[str, str], ..
 # Documents
 # ---------------------------------------------------------------------------------------------
 
+_WORDING_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#8172b3")
+
+
+def _bar(e: sc.Estimate) -> list[list[float]]:
+    """An error bar around ``e.value`` (zero where the estimate has no interval; clipped, never negative)."""
+    lo = e.low if e.low is not None else e.value
+    hi = e.high if e.high is not None else e.value
+    return [[max(0.0, e.value - lo)], [max(0.0, hi - e.value)]]
+
+
+def fig_robustness(rows: list[tuple[str, robustness.Robustness]]) -> Optional[str]:
+    """Left: accuracy per wording (95% Wilson CI) of each base (once) and each row's fine-tune. Right: each row's
+    robustness figures (docs/method.md §14): the gain carry-over and the fine-tuned circuit's carry-over, both
+    held-out wordings minus the paper's (0: the held-out wordings behave as the paper's), 95% CIs."""
+    if not rows:
+        return None
+    plt = _mpl()
+    models: list[tuple[str, robustness.RobustnessSummary, str]] = []  # (label, summary, model)
+    for name, rob in rows:
+        if not any(label == f"base: {rob.base}" for label, _, _ in models):
+            models.append((f"base: {rob.base}", rob.summary, "base"))
+    models += [(name, rob.summary, "ft") for name, rob in rows]
+    wordings = rows[0][1].wordings
+    height = 0.9 + 0.32 * len(models)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.6, max(2.6, height)), sharey=False,
+                                      gridspec_kw={"width_ratios": [1.15, 1]})
+    for k, w in enumerate(wordings):
+        ys, xs, bars = [], [], [[], []]
+        for i, (_, summary, model) in enumerate(models):
+            e = summary.pick_accuracy(w, model).accuracy
+            if e.value is None:
+                continue
+            b = _bar(e)
+            ys.append(i + (k - (len(wordings) - 1) / 2) * 0.22)
+            xs.append(e.value)
+            bars[0] += b[0]
+            bars[1] += b[1]
+        left.errorbar(xs, ys, xerr=bars, marker="os^D"[k % 4], linestyle="none", capsize=2,
+                      color=_WORDING_COLOURS[k % len(_WORDING_COLOURS)], label=w + (" (held out)" if k else ""))
+    left.set_yticks(range(len(models)), [label for label, _, _ in models])
+    left.invert_yaxis()
+    left.set_xlim(0, 1)
+    left.set_xlabel(f"accuracy, 7 boxes (95% CI; n = {rows[0][1].n} per wording)")
+    left.set_title("Accuracy by wording")
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(wordings), frameon=False)
+    names = [name for name, _ in rows]
+    for k, (label, pick) in enumerate((("gain carry-over (ft − base)", lambda r: r.summary.gain_carryover),
+                                       ("fine-tuned circuit's faithfulness carry-over",
+                                        lambda r: r.summary.carryover["ft"]))):
+        ys, xs, bars = [], [], [[], []]
+        for i, (_, rob) in enumerate(rows):
+            e = pick(rob)
+            if e.value is None:
+                continue
+            b = _bar(e)
+            ys.append(i + (k - 0.5) * 0.3)
+            xs.append(e.value)
+            bars[0] += b[0]
+            bars[1] += b[1]
+        right.errorbar(xs, ys, xerr=bars, marker="os"[k], linestyle="none", capsize=2,
+                       color=_MEASURED_COLOURS[k + 3], label=label)
+    right.axvline(0, color="#999999", linewidth=0.8, linestyle="--")
+    right.set_yticks(range(len(rows)), names)
+    right.invert_yaxis()
+    right.set_xlabel("held-out wordings minus the paper's (95% CI)")
+    right.set_title("Robustness")
+    right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1, frameon=False)
+    fig.tight_layout()
+    return _svg(fig)
+
+
+ROBUSTNESS_ABSENT = ("Template robustness and model diffing: not measured for this row (no robustness.json beside "
+                     "its scorecard; `etbench robustness ROW` measures them, docs/method.md §14-15).")
+
+
 @dataclass(frozen=True)
 class Doc:
     markdown: str
@@ -799,6 +874,17 @@ def _tables(card: sc.Scorecard) -> list[tuple[str, list[str], list[list[str]]]]:
         tables.append(("CMAP (ft activations patched into base; heads: dcm = the paper's DCM-filtered set, "
                        "circuit = every head of the ft circuit)",
                        ["heads", "variant", "group", "patched acc", "gain", "normalised gain"], rows))
+    e = card.edges
+    if e is not None:
+        rows = [[r.type, f"{r.k} of {r.n_candidates}", format_estimate_of(r.overlap), format_chance(r.chance),
+                 format_estimate_of(r.rewiring), format_estimate_of(r.base_edges_share)] for r in e.rows]
+        nodes = ", ".join(f"{GROUP_CODES[g]} {len(hs)}" for g, hs in e.nodes.items())
+        added = [a for a in card.provenance.added if a.section == "edges"]
+        tables.append((f"Edges between the groups (path patching, {e.n} prompts; nodes: each group's top heads of both "
+                       f"circuits, {nodes}; top edges: the {e.top_fraction:g} largest |effect| per type; by chance: "
+                       "a random top set of the same size)"
+                       + (f"; added to this card later by etbench {added[0].etbench_version}" if added else ""),
+                       ["edges", "top k of M", "overlap", "by chance (p)", "rewiring", "base edges' share"], rows))
     return tables
 
 
@@ -982,9 +1068,11 @@ def report_summary(card: sc.Scorecard, items: list[dict[str, Any]], name: str) -
 
 
 def scorecard_report(card: sc.Scorecard, items: list[dict[str, Any]], title: str = "",
-                     submission: Optional[dict[str, Any]] = None) -> Doc:
+                     submission: Optional[dict[str, Any]] = None,
+                     robust: Optional[robustness.Robustness] = None) -> Doc:
     """Report of one scorecard: a summary (verdict, headline scores, key figure), the base-vs-ft paired
-    comparison, figures, then every table."""
+    comparison, figures, then every table; ``robust`` (the row's checked ``robustness.json``) adds the
+    template-robustness and model-diffing sections after the circuits' (or a line saying the row has none)."""
     title = title or f"{card.ft.ref} (fine-tuned from {card.base.ref})"
     intro = [f"etbench report. Base model: {card.base.ref} ({card.base.architecture}, {card.base.n_layers} layers, "
              f"{card.base.n_heads} heads); fine-tuned: {card.ft.ref}. Benchmark version "
@@ -1000,8 +1088,16 @@ def scorecard_report(card: sc.Scorecard, items: list[dict[str, Any]], title: str
             or any(at_chance(c.model_accuracy) for c in card.ceilings)):
         intro.append(CHANCE_LEGEND)
     figures = {k: v for k, v in (("CMAP gain by group", fig_cmap(card)), ("circuit head overlap", fig_overlap(card)),
-                                 ("accuracy by box count", fig_accuracy(card))) if v}
-    return _document(title, intro, _tables(card), comp, figures, report_summary(card, items, title))
+                                 ("accuracy by box count", fig_accuracy(card)),
+                                 ("accuracy by wording and robustness",
+                                  fig_robustness([(title, robust)] if robust else []))) if v}
+    tables = _tables(card)
+    if robust is None:
+        intro.append(ROBUSTNESS_ABSENT)
+    else:  # beside the circuit groups: after the circuits' and faithfulness tables
+        at = next((i + 1 for i, t in enumerate(tables) if t[0].startswith("Faithfulness")), len(tables))
+        tables[at:at] = robustness.robustness_tables(robust)
+    return _document(title, intro, tables, comp, figures, report_summary(card, items, title))
 
 
 def comparison_report(comp: Comparison, cards: tuple[sc.Scorecard, ...] = ()) -> Doc:
@@ -1047,6 +1143,10 @@ class Found:
     card: sc.Scorecard
     items: list[dict[str, Any]]
     path: Path
+
+    def robustness(self) -> Optional[robustness.Robustness]:
+        """The ``robustness.json`` beside the scorecard, checked against it (None when there is none)."""
+        return robustness.load_checked(self.path, self.card, self.items)
 
 
 def _load_found(path: Path, name: str = "") -> Found:

@@ -35,17 +35,19 @@ from etbench.core.io import (
     ASSETS_DIR,
     check_output_dir,
     dumps_json,
+    jsonl_text,
     loads_json,
     read_json,
     read_jsonl,
     remove_stale_temporaries,
 )
+from etbench.metrics import robustness
 from etbench.metrics.dcm import dcm_preset
 from etbench.publish import leaderboard as lb
 from etbench.publish import outputs
 from etbench.publish.rederive import rederive
 from etbench.schema import scorecard as sc
-from etbench.scoring import pipeline
+from etbench.scoring import extend, pipeline
 from etbench.scoring.presets import SCORE_PRESETS
 from etbench.task.layout import check_vocabulary
 
@@ -389,8 +391,11 @@ def check_preset(config: dict[str, Any]) -> Optional[str]:
     current = _plain(asdict(presets[name]))
     recorded = config.get("preset")
     if isinstance(recorded, dict):
+        # a card scored before the edges section existed records no edge settings: its edges, if added later
+        # (``submit --add-edges``), are checked against the current preset by ``rederive``
         differs = sorted(k for k in set(current) | set(recorded)
-                         if k != "discovery_mode" and current.get(k) != recorded.get(k))
+                         if k != "discovery_mode" and current.get(k) != recorded.get(k)
+                         and not (k in sc.EDGE_PRESET_FIELDS and k not in recorded))
         if differs:
             raise EtbenchError(f"preset {name!r} has changed since this scorecard was made (differs in "
                                f"{', '.join(differs)}): score again with this etbench")
@@ -451,15 +456,25 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
     return card, sc.canonical_bytes(card), items_bytes
 
 
+def check_robustness(sub: Submission, card_path: Path, card: sc.Scorecard) -> Optional[bytes]:
+    """The ``robustness.json`` beside the scorecard, when there is one, re-derived from its rows and checked
+    against the card (``metrics.robustness.check``): its canonical bytes, which ``submit`` stores with the row."""
+    try:
+        rob = robustness.load_checked(card_path, card, sc.load_items(card_path, card))
+    except EtbenchError as err:
+        raise EtbenchError(f"{sub.file}: {err}") from None
+    return None if rob is None else robustness.canonical_bytes(rob)
+
+
 def check_card(sub: Submission, card: sc.Scorecard, items: list[dict[str, Any]], origin: str,
                memo: Optional[dict] = None) -> None:
     """Every check of a scorecard and its per-item rows for this submission (``check_scorecard`` after reading
     them); ``memo``: see ``rederive``."""
-    if card.schema_version != sc.SCHEMA_VERSION:
-        raise EtbenchError(f"{origin}: scorecard schema version {card.schema_version} predates the current "
-                           f"{sc.SCHEMA_VERSION} (which keeps the rows that re-derive every number): score again with "
-                           "this etbench, or convert it (etbench.publish.rederive.leave_out_underivable) so that what "
-                           "it cannot re-derive is left out")
+    if card.schema_version not in sc.SUBMITTABLE_SCHEMA_VERSIONS:
+        raise EtbenchError(f"{origin}: scorecard schema version {card.schema_version} predates schema "
+                           f"{sc.SUBMITTABLE_SCHEMA_VERSIONS[0]} (which keeps the rows that re-derive every number): score "
+                           "again with this etbench, or convert it (etbench.publish.rederive.leave_out_underivable) so "
+                           "that what it cannot re-derive is left out")
     local = [f"{where}: {value}" for where, value in _local_paths(card)]
     if local:
         raise EtbenchError(f"{origin}: publishes a local path ({local[0]}); score again with this etbench")
@@ -534,13 +549,19 @@ class SubmitResult:
     notes: list[str]
 
 
-def submit(file: str | Path, root: str | Path = ".", replace: bool = False) -> SubmitResult:
+def submit(file: str | Path, root: str | Path = ".", replace: bool = False, add_edges: bool = False,
+           work_dir: str | Path | None = None, device: str = "cpu", progress: bool = False) -> SubmitResult:
     """Validate ``file`` fully, then write its results and rebuild the leaderboard, all or nothing.
 
     The store entry is staged in a hidden directory and renamed into place with the leaderboard files
     (``outputs.Transaction``), under the store's lock: concurrent submits serialise, and each one
     renders the leaderboard from every entry stored when it holds the lock. An incomplete entry of the
     same name (left by a killed writer of an older etbench, or damaged) is replaced without ``--replace``.
+
+    ``add_edges``: the submission's scorecard, checked as it is, gets the ``edges`` section it lacks, computed from
+    its own models, circuits and seed (``scoring.extend.add_edges``; its stages kept in ``work_dir``, default a
+    temporary directory), and is checked again and stored; it replaces the stored entry of this name when that
+    entry holds this very scorecard (the row it extends), which keeps its submission date.
     """
     import tempfile
 
@@ -549,27 +570,44 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False) -> S
     results_dir = root / lb.RESULTS_SUBDIR
     target = results_dir / sub.name
     board_dir = root / lb.LEADERBOARD_DIR
-    if target.exists() and not replace and _complete(target):
+    if add_edges and sub.scorecard is None:
+        raise EtbenchError(f"{sub.file}: --add-edges extends the submission's scorecard, and it names none")
+    extends = add_edges and _stores_card(target, sub.scorecard)
+    if target.exists() and not (replace or extends) and _complete(target):
         raise EtbenchError(f"{sub.file}: {sub.name!r} is already submitted ({target}); pass --replace to update it")
     check_output_dir(results_dir, "submissions/results")
     check_output_dir(board_dir, "leaderboards")
+    if work_dir is not None:
+        check_output_dir(work_dir)
     check_models(sub)
     with tempfile.TemporaryDirectory(prefix="etbench-score-") as tmp:
         card_path = sub.scorecard if sub.scorecard is not None else _score(sub, Path(tmp))
         card, card_bytes, items_bytes = check_scorecard(sub, card_path)
+        if add_edges:
+            card, items = extend.add_edges(card_path, work_dir or tmp, device=device, progress=progress)
+            card_bytes = sc.canonical_bytes(card)
+            items_bytes = jsonl_text(items).encode("utf-8")
+            check_card(sub, card, items, f"{sub.file}: scorecard {card_path.name} with edges added")
+        robustness_bytes = check_robustness(sub, card_path, card)
     meta = sub.metadata()
+    stored = read_json(target / "submission.json", "submission record") if extends else {}
     meta.update({"config_hash": card.config_hash, "benchmark_version": card.provenance.benchmark_version,
                  "scorecard_sha256": hashlib.sha256(card_bytes).hexdigest(),
                  "items_sha256": hashlib.sha256(items_bytes).hexdigest(),
-                 # the leaderboard's date column (UTC day; the build itself stays a function of stored files)
-                 "submitted": datetime.now(timezone.utc).date().isoformat()})
+                 # the leaderboard's date column (UTC day; the build itself stays a function of stored files); a
+                 # section added to a stored row keeps the row's date (the card's provenance records the addition)
+                 "submitted": stored.get("submitted") or datetime.now(timezone.utc).date().isoformat()})
     entry_files = {"scorecard.json": card_bytes, card.items_file: items_bytes,
                    "submission.json": dumps_json(meta).encode("utf-8")}
+    if robustness_bytes is not None:
+        entry_files[robustness.FILE_NAME] = robustness_bytes
     items = [loads_json(line) for line in items_bytes.decode("utf-8").splitlines() if line.strip()]
     with lb.locked(root):
-        if target.exists() and not replace and _complete(target):  # another process submitted it meanwhile
+        if extends and not _stores_card(target, sub.scorecard):
+            raise EtbenchError(f"{sub.file}: the stored entry {sub.name!r} changed while its edges were computed")
+        if target.exists() and not (replace or extends) and _complete(target):  # another process submitted it meanwhile
             raise EtbenchError(f"{sub.file}: {sub.name!r} is already submitted ({target}); pass --replace")
-        if target.exists() and not replace:
+        if target.exists() and not (replace or extends):
             sub.notes.append(f"replaced an incomplete stored entry {sub.name!r}")
         remove_stale_temporaries(board_dir)
         problems: list[str] = []
@@ -582,6 +620,14 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False) -> S
             written = [target / name for name in entry_files] + outputs.write_tree(board_dir, board, txn)
     rows = len(entries) + len(lb.paper_results()["rows"])
     return SubmitResult(sub.name, written, rows, sub.notes)
+
+
+def _stores_card(entry: Path, card_path: Optional[Path]) -> bool:
+    """True when the complete stored ``entry`` holds the scorecard at ``card_path`` (the bytes it recorded)."""
+    if card_path is None or not card_path.is_file() or not _complete(entry):
+        return False
+    stored = read_json(entry / "submission.json", "submission record").get("scorecard_sha256")
+    return stored == hashlib.sha256(card_path.read_bytes()).hexdigest()
 
 
 def _complete(entry: Path) -> bool:
@@ -597,5 +643,6 @@ def validate(file: str | Path) -> Submission:
     sub = parse(file)
     check_models(sub)
     if sub.scorecard is not None:
-        check_scorecard(sub, sub.scorecard)
+        card, _, _ = check_scorecard(sub, sub.scorecard)
+        check_robustness(sub, sub.scorecard, card)
     return sub

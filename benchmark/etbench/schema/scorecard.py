@@ -31,8 +31,13 @@ __all__ = ["Estimate", "GROUPS", "config_hash"]  # re-exported: the types every 
 #: 3: every published number is re-derivable or absent (issue #26): per-draw random-circuit rows and per-prompt
 #: sizing rows in the items file; a number a card cannot re-derive (a card converted from version 2) is null and
 #: listed in ``absent`` with the reason. Submit requires version 3.
-SCHEMA_VERSION = 3
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+#: 4: the ``edges`` section (edge overlap and rewiring between the circuits, docs/method.md §13) with its per-prompt
+#: ``edge_effect`` rows, and ``provenance.added`` (sections added to a card after it was scored). A card of
+#: version 3 simply has no ``edges``: it still validates, submits and ranks (its rewiring shows as absent).
+SCHEMA_VERSION = 4
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
+#: Versions ``etbench submit`` accepts: 3 (no edges) and 4.
+SUBMITTABLE_SCHEMA_VERSIONS = (3, 4)
 #: Bump when prompts, metrics or presets change meaning: scorecards of another version are not comparable.
 #: 1.1: circuits grown by size of effect (scaled-shape growth), the ``standard`` preset (issues #12, #13).
 BENCHMARK_VERSION = "1.1"
@@ -188,12 +193,59 @@ class AbsentNumber:
 
 
 @dataclass
+class EdgeTypeScore:
+    """One edge type (``C->B``, ``B->A``, ``A->logits``, ``D->C``) or ``all`` of them: the base's top edges
+    recovered among the fine-tuned model's (docs/method.md §13)."""
+
+    type: str
+    n_candidates: int  # M: reachable edges of this type between the node set
+    k: int  # top edges per model: ceil(top_fraction x M)
+    n_common: int
+    overlap: Estimate  # n_common / k
+    rewiring: Estimate  # 1 - overlap
+    chance: Optional[OverlapChance]  # the fine-tuned top k replaced by a random k of the M (hypergeometric)
+    base_edges_share: Estimate  # on the ft: |effect| of the base's top edges / |effect| of its own
+
+
+@dataclass
+class EdgesScore:
+    """Edges between the two circuits' groups, scored by path patching on both models on one node set
+    (``nodes``: each group's top ``node_k`` heads of both circuits, base first) and the first ``n`` discovery
+    prompts of ``seed``; the per-prompt effects are the items file's ``edge_effect`` rows."""
+
+    types: list[str]  # edge types scored, upstream first
+    n: int  # prompts
+    seed: int
+    n_boxes: int
+    batch_size: int
+    top_fraction: float
+    n_resamples: int
+    node_k: dict[str, int]  # group -> k of ``metrics.edges.edge_nodes``
+    nodes: dict[str, list[list[int]]]  # group -> [[layer, head], ...]
+    kv_group_size: int  # query heads per KV head: a v receiver is a (layer, KV head) site
+    rows: list[EdgeTypeScore]
+
+
+@dataclass
+class AddedSection:
+    """A section added to a card after it was scored (``etbench submit --add-edges``), from the card's own
+    models, circuits and seed."""
+
+    section: str
+    etbench_version: str
+    libraries: dict[str, str]
+    device: str
+    dtype: str
+
+
+@dataclass
 class Provenance:
     etbench_version: str
     benchmark_version: str
     libraries: dict[str, str]  # torch, transformers, lm-eval, ... versions
     device: str
     dtype: str
+    added: list[AddedSection] = field(default_factory=list)  # schema 4: sections computed later, by whom
 
 
 @dataclass
@@ -216,6 +268,9 @@ class Scorecard:
     # every DCM seed's selections (``dcm`` keeps the first seed's only); None in a card written before they
     # were kept, whose DCM overlap over seeds ``etbench submit`` cannot re-derive (so refuses)
     dcm_selections: Optional[list[DcmSelection]] = None
+    # schema 4: edges between the circuits' groups (None: not scored, as in every card of schema <= 3, or a
+    # preset that scores no edges)
+    edges: Optional[EdgesScore] = None
     limit: Optional[int] = None  # set when a run was truncated for a smoke test: never on a leaderboard
     # numbers left out because nothing on the card re-derives them (schema 3; see ``AbsentNumber``)
     absent: list[AbsentNumber] = field(default_factory=list)
@@ -290,6 +345,8 @@ def _check_head_pairs(card: Scorecard) -> None:
     lists += [(f"dcm.{i}.selected_heads", d.selected_heads) for i, d in enumerate(card.dcm)]
     lists += [(f"dcm_selections.{i}.selected_heads", d.selected_heads) for i, d in enumerate(card.dcm_selections or [])]
     lists += [(f"semantics.{i}.heads", s.heads) for i, s in enumerate(card.semantics)]
+    if card.edges is not None:
+        lists += [(f"edges.nodes.{g}", hs) for g, hs in card.edges.nodes.items()]
     for where, heads in lists:
         for j, head in enumerate(heads):
             if len(head) != 2:
@@ -332,9 +389,9 @@ def load(path: str | Path) -> Scorecard:
 
 #: Fields that identify one per-item row; two rows with the same values are a duplicate.
 ITEM_KEY = ("measure", "model", "circuit", "heads", "group", "variant", "desideratum", "ablation", "layer", "head",
-            "n_boxes", "draw", "point", "item")
+            "n_boxes", "draw", "point", "edge", "receiver", "item")
 #: Measures whose rows carry a number ``score`` (or null where it was not finite) instead of ``correct``.
-SCORE_MEASURES = ("discovery_score",)
+SCORE_MEASURES = ("discovery_score", "edge_effect")
 
 
 def check_items(items: list[dict[str, Any]]) -> None:
@@ -391,12 +448,17 @@ def canonical_bytes(card: Scorecard) -> bytes:
 #: Config keys that say which models were scored, not how: two scorecards that differ only here (two
 #: fine-tunes of one base, or of two bases) were scored under the same protocol, on the same items.
 MODEL_KEYS = ("base", "ft")
+#: Preset fields that shape only the ``edges`` section, which records them itself: two cards that differ only
+#: here (one scored before edges existed) compare on every other number.
+EDGE_PRESET_FIELDS = ("edge_types", "edge_n")
 
 
 def protocol(card: Scorecard) -> dict[str, Any]:
     """How a scorecard was made: benchmark version, preset (sizes), seed, dtype, DCM settings, how the
     circuits were found; everything in its config except which models were scored."""
     out = {k: v for k, v in card.config.items() if k not in MODEL_KEYS}
+    if isinstance(out.get("preset"), dict):
+        out["preset"] = {k: v for k, v in out["preset"].items() if k not in EDGE_PRESET_FIELDS}
     out["benchmark_version"] = card.provenance.benchmark_version
     return out
 

@@ -10,6 +10,7 @@ from typing import Any
 from etbench import __version__
 from etbench.core.io import finite
 from etbench.metrics.cmap_scores import scores_from_rows
+from etbench.metrics.edge_comparison import EdgeScores, edge_rows, section_of
 from etbench.metrics.overlap import (
     circuit_overlap,
     dcm_overlap,
@@ -108,8 +109,10 @@ def _semantics_score(model: str, r: dict[str, Any]) -> sc.SemanticsScore:
 
 
 def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cmap, semantics, seed, dtype, device,
-                       dcm_seeds):
-    """``dcm_runs``: per side, one DCM stage result per entry of ``dcm_seeds``, in that order."""
+                       dcm_seeds, edges=None):
+    """``dcm_runs``: per side, one DCM stage result per entry of ``dcm_seeds``, in that order. ``edges``: per side,
+    the edges stage's result (None: the preset scores no edges)."""
+    section, edge_items = edges_section(edges, seed) if edges is not None else (None, [])
     accuracy = []
     for which in ("base", "ft"):
         for s in acc[which]["summaries"]:
@@ -147,7 +150,7 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
         overlap=overlap,
         dcm=dcm_scores, cmap=cmap_scores,
         semantics=[_semantics_score(w, r) for w in ("base", "ft") for r in semantics[w]["results"]],
-        dcm_selections=dcm_selections)))
+        dcm_selections=dcm_selections, edges=section)))
     items = list(acc["base"]["items"]) + list(acc["ft"]["items"])
     for model in ("base", "ft"):
         for name in ("base", "ft"):
@@ -164,7 +167,7 @@ def assemble_scorecard(config, chash, cards, acc, circuits, faith, dcm_runs, cma
         for group, heads in scores[model].items():
             items += [{"measure": "discovery_score", "model": model, "group": group, "layer": layer, "head": head,
                        "item": i, "score": x} for (layer, head), xs in heads.items() for i, x in enumerate(xs)]
-    return card, items
+    return card, items + edge_items
 
 
 def _rederivation_rows(circuits, faith, semantics) -> list[dict[str, Any]]:
@@ -192,3 +195,12 @@ def _rederivation_rows(circuits, faith, semantics) -> list[dict[str, Any]]:
                           "desideratum": r["desideratum"], "draw": rep, "item": i, "correct": bool(c)}
                          for i, c in enumerate(flags)]
     return rows
+
+
+def edges_section(results: dict[str, dict[str, Any]], seed: int) -> tuple[sc.EdgesScore, list[dict[str, Any]]]:
+    """The scorecard's ``edges`` section from both sides' edges stages, and its per-prompt ``edge_effect`` rows
+    (what ``submit`` re-derives the section from: ``edge_comparison.section_from_rows``)."""
+    scores = {w: EdgeScores.from_dict(results[w]["scores"]) for w in ("base", "ft")}
+    node_k = results["base"]["node_k"]
+    rows = [r for w in ("base", "ft") for r in edge_rows(scores[w], w)]
+    return section_of(scores["base"], scores["ft"], node_k, seed), rows

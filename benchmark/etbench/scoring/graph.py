@@ -24,10 +24,12 @@ from typing import Any
 from etbench.core.io import config_hash, jsonable
 from etbench.core.stats import mib_ci, mib_normalised
 from etbench.mech.heads import head_map
+from etbench.metrics.ablation import MeanActivations, mean_activations
 from etbench.metrics.accuracy import run as accuracy_run
 from etbench.metrics.cmap import check_compatible, paper_patch_heads, run_cmap
 from etbench.metrics.dcm import dcm_preset, semantics_check, train_masks
 from etbench.metrics.discovery import discover
+from etbench.metrics.edges import EDGE_BATCH_SIZE, EDGE_BOXES, default_node_k, edge_nodes, edge_scores
 from etbench.metrics.faithfulness import evaluate_circuit, evaluation_runner
 from etbench.metrics.sizing import ceilings
 from etbench.schema import scorecard as sc
@@ -66,12 +68,32 @@ class PairRun:
     remote: bool = False
     progress: bool = True
     results: dict[str, Deferred] = field(default_factory=dict)
+    means: dict[str, MeanActivations] = field(default_factory=dict)
 
     def value(self, name: str) -> Any:
         return self.results[name].value
 
+    def mean(self, side: str) -> MeanActivations:
+        """The side's mean activations (7 boxes, the preset's ``mean_n`` prompts, the run's seed): the circuit's
+        sizing and the faithfulness stage ablate with the same mean, so it is computed once per process
+        (twice, it cost 26,500 token positions per side under ``standard``). Not a stage: a few MB of tensors,
+        recomputed when a resumed run needs it."""
+        if side not in self.means:
+            m, p = self.load(side), self.preset
+            pool, labels = usable_pool(m.tokenizer, 7)
+            self.means[side] = mean_activations(m.model, m.tokenizer, head_map(m.model), 7, p.mean_n, self.seed,
+                                                p.batch_size, pool, labels, progress=self.progress)
+        return self.means[side]
+
     def circuit_key(self, side: str) -> str:
-        return config_hash(self.value(f"circuit_{side}")["circuit"])
+        return circuit_digest(self.value(f"circuit_{side}")["circuit"])
+
+
+def circuit_digest(circuit: dict[str, Any]) -> str:
+    """The hash a downstream stage keys a circuit by: its content without ``stats`` (the discovery's passes and
+    wall seconds). With them in, a circuit recomputed identically (a resumed or re-run circuit stage) changed
+    every DCM, faithfulness, semantics and CMAP key by its timing alone, and nothing downstream was reused."""
+    return config_hash({k: v for k, v in circuit.items() if k != "stats"})
 
 
 @dataclass(frozen=True)
@@ -93,6 +115,9 @@ class Stage:
     parts: tuple[str, ...] = ()
     per_seed: bool = False
     what: str = ""
+    when: Callable[[Preset], bool] | None = None  # None: every preset runs it
+
+
 
 
 @dataclass(frozen=True)
@@ -118,6 +143,8 @@ def instances(preset: Preset) -> list[Instance]:
     """Every stage of a run of ``preset``, in the order ``etbench score`` runs them (base before ft)."""
     out = []
     for stage in GRAPH:
+        if stage.when is not None and not stage.when(preset):
+            continue
         for side in (SIDES if stage.side == "each" else (None,)):
             for seed in (preset.dcm_seeds if stage.per_seed else (None,)):
                 out.append(Instance(stage, side, seed))
@@ -141,7 +168,8 @@ def depends(run: PairRun, inst: Instance) -> dict[str, Any]:
     for k, upstream, part in stage.upstream:
         value = run.value(inst.format(upstream, p))
         outer, _, inner = k.partition("/")
-        digest = config_hash(value if part is None else value[part])
+        digest = (circuit_digest(value[part]) if part == "circuit" else
+                  config_hash(value if part is None else value[part]))
         if inner:
             key.setdefault(outer, {})[inner] = digest
         else:
@@ -199,7 +227,7 @@ def circuit_stage(run: PairRun, inst: Instance) -> dict[str, Any]:
     res = discover(m, mode=p.discovery_mode, n=p.discovery_n, seed=run.seed, batch_size=p.batch_size,
                    minimality_mode=p.minimality, minimality_n=p.minimality_n, mean_n=p.mean_n,
                    size=p.circuit_size, target_fraction=p.target_fraction, sizing_n=p.sizing_n,
-                   model_name=m.ref, progress=run.progress)
+                   model_name=m.ref, progress=run.progress, mean=lambda: run.mean(inst.side))
     sizing = None
     if res.growth is not None:
         g, c = res.growth, res.ceilings
@@ -266,7 +294,7 @@ def faithfulness_stage(run: PairRun, inst: Instance) -> dict[str, Any]:
     # need: a stage whose parts are all stored already (a second fine-tune of this base) never computes the
     # mean activations
     runner = Deferred(lambda: evaluation_runner(m.model, m.tokenizer, 7, p.faithfulness_n, seed, p.mean_n,
-                                                p.batch_size, progress=run.progress))
+                                                p.batch_size, mean=run.mean(which), progress=run.progress))
     shared = faithfulness_part_inputs(run, which)
 
     def ceilings_part():
@@ -368,6 +396,26 @@ def cmap_stage(run: PairRun, inst: Instance) -> dict[str, Any]:
             "circuit_heads": {g: [list(h) for h in hs] for g, hs in whole.items()}}
 
 
+def edge_node_set(run: PairRun) -> dict[str, list[list[int]]]:
+    """The edges' node set: each group's top heads of both circuits (``metrics.edges.edge_nodes``, the default k)."""
+    circuits = [Circuit.from_dict(run.value(f"circuit_{w}")["circuit"]) for w in SIDES]
+    return {g: [list(h) for h in hs] for g, hs in edge_nodes(*circuits).items()}
+
+
+def edges_inputs(run: PairRun, inst: Instance) -> dict[str, Any]:
+    """the node set of both circuits"""
+    return {"nodes": edge_node_set(run)}
+
+
+def edges_stage(run: PairRun, inst: Instance) -> dict[str, Any]:
+    p, m = run.preset, run.load(inst.side)
+    # the effects are stored per prompt; the comparison (and its CIs) is computed at assembly, as CMAP's scores
+    scores = edge_scores(m.model, edge_node_set(run), m.tokenizer, n_boxes=EDGE_BOXES, n=p.edge_n, seed=run.seed,
+                         batch_size=EDGE_BATCH_SIZE, types=list(p.edge_types), model_name=m.ref,
+                         progress=run.progress)
+    return {"scores": scores.to_dict(), "node_k": default_node_k(Circuit.from_dict(run.value("circuit_base")["circuit"]))}
+
+
 #: The graph, in run order. A stage's key inputs are declared here; changing one changes the stage's key
 #: (and so recomputes it and every stage downstream), so these are the keys stored runs were made under.
 GRAPH: tuple[Stage, ...] = (
@@ -390,6 +438,12 @@ GRAPH: tuple[Stage, ...] = (
     Stage("semantics_{side}", "each", semantics_stage, derived=semantics_inputs, constants=(("repeat_items", True),),
           upstream=(("dcm_base", "dcm_base_seed{seed0}", None),),
           what="the base's DCM heads patched into the side's model"),
+    # per side (each worker of score-many scores its own model's edges; both read both circuits' node set); before
+    # CMAP, the graph's last stage, where score-many's base side hands off
+    Stage("edges_{side}", "each", edges_stage, settings=(("n", "edge_n"), ("types", "edge_types")),
+          constants=(("boxes", EDGE_BOXES), ("edge_batch", EDGE_BATCH_SIZE)), derived=edges_inputs,
+          when=lambda p: bool(p.edge_types),
+          what="path-patching score of every edge between the node set, per prompt (presets with edge types)"),
     Stage("cmap", PAIR, cmap_stage,
           settings=(("n", "cmap_n"), ("variants", "cmap_variants")),
           constants=(("head_sets", ["dcm", "circuit"]), ("objects", "usable")),

@@ -200,7 +200,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     with tallying():  # the run's own: a stage's repeated tokens are those any earlier stage of the run ran
         graph.schedule(run)
         card, items = assemble_scorecard(config, config_hash(config), *scorecard_inputs(run), seed, dtype, device,
-                                         p.dcm_seeds)
+                                         p.dcm_seeds, edges=edge_inputs(run))
     return write_outputs(Path(out_dir), run, card, items)
 
 
@@ -226,6 +226,11 @@ def scorecard_inputs(run: graph.PairRun) -> tuple[Any, ...]:
     return (run.value("models"), sides("accuracy_{}"), circuits, sides("faithfulness_{}"),
             {w: [run.value(f"dcm_{w}_seed{s}") for s in run.preset.dcm_seeds] for w in SIDES}, run.value("cmap"),
             sides("semantics_{}"))
+
+
+def edge_inputs(run: graph.PairRun) -> dict[str, Any] | None:
+    """Both sides' edges stages, for a preset that scores edges (else None: no section)."""
+    return {w: run.value(f"edges_{w}") for w in SIDES} if run.preset.edge_types else None
 
 
 def write_outputs(out_dir: Path, run: graph.PairRun, card: sc.Scorecard, items: list[dict[str, Any]]) -> ScoreRun:

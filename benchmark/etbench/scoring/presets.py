@@ -39,6 +39,11 @@ class Preset:
     circuit_size: str = "top-k"
     target_fraction: float = 0.9
     sizing_n: int = 100
+    # Edges between the circuits' groups (the scorecard's ``edges`` section, docs/method.md §13): the edge types
+    # scored (none: no section) on the first ``edge_n`` discovery prompts. D->C is left out where cost matters:
+    # its runs recompute most of the prompt (10-25 min per model on 2 cores at n 32).
+    edge_types: tuple[str, ...] = ()
+    edge_n: int = 32
 
 
 SCORE_PRESETS: dict[str, Preset] = {
@@ -81,12 +86,13 @@ SCORE_PRESETS: dict[str, Preset] = {
                        completeness_draws=2, circuit_size="faithfulness", sizing_n=100,
                        dcm="quick", dcm_seeds=(0, 1, 2), cmap_n=200, cmap_variants=("output", "qkv"),
                        dcm_groups=("value_fetcher", "position_transmitter", "position_detector"),
-                       minimality="none"),
+                       minimality="none", edge_types=("C->B", "B->A", "A->logits"), edge_n=32),
     "paper": Preset("paper", accuracy_n=500, accuracy_boxes=(3, 5, 7), discovery_mode="exact", discovery_n=300,
                     minimality_n=100, faithfulness_n=500, mean_n=500, random_draws=10, completeness_draws=10,
                     dcm="paper", dcm_seeds=(0, 1, 2), cmap_n=500,
                     cmap_variants=("output", "q", "k", "v", "qk", "qkv"),
-                    dcm_groups=("value_fetcher", "position_transmitter", "position_detector", "structure_reader")),
+                    dcm_groups=("value_fetcher", "position_transmitter", "position_detector", "structure_reader"),
+                    edge_types=("D->C", "C->B", "B->A", "A->logits"), edge_n=32),
 }
 
 

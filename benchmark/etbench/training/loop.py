@@ -23,6 +23,7 @@ from etbench import models
 from etbench.core.io import atomic_write_json, check_output_dir
 from etbench.core.stats import proportion_ci
 from etbench.metrics.accuracy import evaluate
+from etbench.task.layout import TokenEncoder
 from etbench.task.prompts import (
     CANONICAL_N,
     CANONICAL_SEED,
@@ -71,6 +72,12 @@ def fresh_examples(rng: random.Random, n: int, n_boxes: Sequence[int] = (7,)) ->
     return out
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id right padding uses: the tokenizer's pad token, else end-of-text (padded positions are masked out
+    of attention and loss, so which token it is does not matter)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def stack_rows(rows: Sequence[AnswerRow]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack equal-length prompts (a given wording and box count always tokenizes to one length for the
     paper's objects and labels, so no padding is needed) and their answer ids."""
@@ -87,6 +94,43 @@ def last_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 def answer_token_loss(model, rows: Sequence[AnswerRow]) -> torch.Tensor:
     input_ids, targets = stack_rows(rows)
     return torch.nn.functional.cross_entropy(last_logits(model, input_ids), targets)
+
+
+def prompt_answer_rows(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[AnswerRow]:
+    """(special prefix + prompt token ids, answer token id) per (prompt, answer) text pair; the answer must be
+    exactly one token that the prompt's tokens are a prefix of (else a RuntimeError naming the pair)."""
+    encoder = TokenEncoder(tokenizer)
+    ids = encoder.encode([p for p, _ in pairs] + [p + t for p, t in pairs])
+    out = []
+    for i in range(len(pairs)):
+        prompt, whole = ids[i], ids[len(pairs) + i]
+        if whole[: len(prompt)] != prompt or len(whole) != len(prompt) + 1:
+            raise RuntimeError(f"answer is not one token after the prompt: {pairs[i]!r}")
+        out.append((encoder.prefix_ids + prompt, whole[-1]))
+    return out
+
+
+def next_token_logprobs(model, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Log-probabilities (batch x vocabulary) of the token after each prompt; prompts of any lengths (right
+    padding, so a prompt's own positions never see a pad). The vocabulary projection runs only from the
+    shortest prompt's last position on."""
+    lengths = torch.tensor([len(ids) for ids in prompts])
+    width, shortest = int(lengths.max()), int(lengths.min())
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, : len(ids)] = torch.tensor(list(ids))
+        attention[i, : len(ids)] = 1
+    logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=width - shortest + 1).logits
+    # logits[:, j] is at position shortest - 1 + j; a prompt of length L ends at position L - 1
+    last = logits[torch.arange(len(prompts)), lengths - shortest]
+    return torch.log_softmax(last.float(), dim=-1)
+
+
+def padded_answer_token_loss(model, rows: Sequence[AnswerRow], pad_id: int) -> torch.Tensor:
+    """``answer_token_loss`` for prompts of different lengths (right-padded)."""
+    logprobs = next_token_logprobs(model, [ids for ids, _ in rows], pad_id)
+    return -logprobs[torch.arange(len(rows)), torch.tensor([t for _, t in rows])].mean()
 
 
 def masked_token_loss(model, rows: Sequence[TokenRow], pad_id: int) -> torch.Tensor:
@@ -168,8 +212,10 @@ def environment() -> dict:
 def card_results(refs: Sequence[str], boxes: Sequence[int], test_subset: int, path: Path | None = None,
                  threads: int = THREADS, log=print) -> dict:
     """Canonical accuracy (n=500 per box count) of each model, plus the number correct among the
-    first ``test_subset`` 7-box items (what a test re-checks). With ``path``, results are merged into
-    that JSON file after every box count, and entries already there are kept (resume)."""
+    first ``test_subset`` 7-box items (what a test re-checks). Each box count's record keeps its items'
+    outcomes in order (``correct``: a string of 0/1), for paired comparisons of two models on the same items.
+    With ``path``, results are merged into that JSON file after every box count, and entries already there are
+    kept (resume)."""
     torch.set_num_threads(threads)
     results = json.loads(path.read_text()) if path is not None and path.exists() else {}
     for ref in refs:
@@ -190,15 +236,25 @@ def card_results(refs: Sequence[str], boxes: Sequence[int], test_subset: int, pa
             if split and subset_key not in row:
                 res = evaluate(loaded.model, loaded.tokenizer, examples[:split], batch_size=25, progress=False)
                 row[subset_key] = res.ci.k
+                row[f"{subset_key}_correct"] = correct_flags(res)
                 row[f"{subset_key}_seconds"] = round(time.perf_counter() - t0, 1)
                 log(f"[{ref}] 7 boxes, first {split}: {res.ci.k}/{split}")
                 save_results(results, path)
             res = evaluate(loaded.model, loaded.tokenizer, examples[split:], batch_size=25, progress=False)
             row[str(n_boxes)] = {**accuracy_record(res.ci.k + (row[subset_key] if split else 0), len(examples)),
                                  "seconds": round(time.perf_counter() - t0, 1)}
+            # the subset's outcomes (absent when an older file's subset is resumed) join the rest's
+            head = row.pop(f"{subset_key}_correct", None) if split else ""
+            if head is not None:
+                row[str(n_boxes)]["correct"] = head + correct_flags(res)
             log(f"[{ref}] {n_boxes} boxes: {row[str(n_boxes)]}")
             save_results(results, path)
     return results
+
+
+def correct_flags(result) -> str:
+    """An AccuracyResult's per-item outcomes as a string of 0/1, in item order (500 characters per box count)."""
+    return "".join("1" if item.correct else "0" for item in result.items)
 
 
 def save_results(results: dict, path: Path | None) -> None:

@@ -11,7 +11,8 @@ A *family* is a pretrained model from PyPI plus stages, each a LoRA trained on t
 * ``gemma`` (Gemma-3-270M base, a second architecture: one KV head, q/k-norm, sliding-window layers, a
   262k vocabulary): ``gemma-base`` the same way, and two fine-tunes of it, ``gemma-ft`` (crate wording)
   and ``gemma-goat`` (Goat-style generated arithmetic, ``etbench.training.corpora``; loss on the written-out
-  answer). ``assets/gemma/MODEL_CARD.md``.
+  answer), and two transfer attempts, ``gemma-code`` and ``gemma-kv`` (the tiny zoo's tiny-code and tiny-kv
+  data: variable lookup in REPL sessions, key-value recall in lists). ``assets/gemma/MODEL_CARD.md``.
 
 Whether a fine-tune improves entity tracking on the paper's template is measured, not forced.
 
@@ -44,7 +45,7 @@ from etbench import models
 from etbench.core.errors import EtbenchError
 from etbench.core.io import ASSETS_DIR, atomic_write_text
 from etbench.metrics.accuracy import evaluate
-from etbench.task.layout import TokenEncoder, layouts
+from etbench.task.layout import layouts
 from etbench.task.prompts import LABELS, Example, paper_objects, sample_context, stream_rng
 from etbench.training.loop import (
     BATCH,
@@ -64,16 +65,27 @@ from etbench.training.loop import (
     last_logits,
     masked_token_loss,
     monitor_every,
+    pad_token_id,
+    prompt_answer_rows,
     run_steps,
     save_adapter,
+    save_results,
     stack_rows,
     thread_count,
 )
-from etbench.training.zoo import ZooRow, arithmetic_rows
+from etbench.training.zoo import (
+    OWN_TASK_DATA,
+    ZooRow,
+    arithmetic_rows,
+    objective_loss,
+    own_task_results,
+    paired_vs_base,
+)
 
-#: Training wordings: answer-token loss on an entity-tracking prompt, or the language-model loss on the
-#: written-out answer of a generated arithmetic problem.
-WORDINGS = ("paper", "crate", "arithmetic")
+#: Training wordings: answer-token loss on an entity-tracking prompt, the language-model loss on the
+#: written-out answer of a generated arithmetic problem, or answer-token loss on the zoo's binding tasks that are
+#: not entity tracking (key-value recall in lists, variable lookup in REPL sessions: the transfer attempts).
+WORDINGS = ("paper", "crate", "arithmetic", "kv", "code")
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,9 @@ GEMMA = Family("gemma", "gemma3-270m", (
     Stage("gemma-base", "paper", steps=8, lr=3e-4, seed=0),
     Stage("gemma-ft", "crate", steps=20, lr=1e-3, seed=1, parent="gemma-base"),
     Stage("gemma-goat", "arithmetic", steps=30, lr=1e-3, seed=0, parent="gemma-base"),
+    # issue 28's transfer attempts on the second family: tiny-code's and tiny-kv's recipe and data, unchanged
+    Stage("gemma-code", "code", steps=20, lr=1e-3, seed=0, parent="gemma-base"),
+    Stage("gemma-kv", "kv", steps=20, lr=1e-3, seed=0, parent="gemma-base"),
 ), adapter_dtype=torch.float16, test_subset=100)
 FAMILIES = {family.name: family for family in (TINY, GEMMA)}
 # the tiny family's names, kept for callers of the single-family version
@@ -140,6 +155,12 @@ def crate_prompt(example: Example) -> tuple[str, str]:
     return f"{body}. Crate {example.query_label} holds a", " " + example.answer
 
 
+def zoo_row(stage: Stage) -> ZooRow:
+    """The tiny zoo's row with this stage's data and recipe: the same data stream, so that the same seed gives
+    the same problems / prompts as the tiny row (tiny-goat, tiny-code, tiny-kv)."""
+    return ZooRow(stage.name, stage.wording, "lora", stage.steps, stage.lr, stage.seed)
+
+
 def training_examples(stage: Stage, n: int) -> list[Example]:
     """n fresh contexts with a uniformly drawn queried box, from the stage's own stream."""
     return fresh_examples(stream_rng("train-tiny", stage.name, stage.seed), n, stage.n_boxes)
@@ -156,16 +177,7 @@ def encode(tokenizer, examples: Sequence[Example], wording: str) -> list[AnswerR
     """(prompt token ids, answer token id) per example."""
     if wording == "paper":
         return [(list(lay.input_ids), int(lay.target_id)) for lay in layouts(examples, tokenizer)]
-    encoder = TokenEncoder(tokenizer)
-    pairs = [crate_prompt(ex) for ex in examples]
-    ids = encoder.encode([p for p, _ in pairs] + [p + t for p, t in pairs])
-    out = []
-    for i in range(len(pairs)):
-        prompt, whole = ids[i], ids[len(pairs) + i]
-        if whole[: len(prompt)] != prompt or len(whole) != len(prompt) + 1:
-            raise RuntimeError(f"answer is not one token after the prompt: {pairs[i]!r}")
-        out.append((encoder.prefix_ids + prompt, whole[-1]))
-    return out
+    return prompt_answer_rows(tokenizer, [crate_prompt(ex) for ex in examples])
 
 
 @torch.no_grad()
@@ -204,12 +216,13 @@ def train_stage(model, tokenizer, stage: Stage, monitor: Sequence[Example] = (),
     peft_model = add_lora(model, stage.seed, lora)
     if stage.wording == "arithmetic":
         # the tiny zoo's arithmetic data (same stream: the same problems as tiny-goat for the same seed)
-        rows: list = arithmetic_rows(tokenizer, ZooRow(stage.name, "arithmetic", "lora", stage.steps, stage.lr,
-                                                       stage.seed))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rows: list = arithmetic_rows(tokenizer, zoo_row(stage))
+        pad_id = pad_token_id(tokenizer)
 
         def loss_fn(m, batch):
             return masked_token_loss(m, batch, pad_id)
+    elif stage.wording in OWN_TASK_DATA:  # the zoo's rows and loss (prompts of several lengths, padded)
+        rows, loss_fn = objective_loss(zoo_row(stage), tokenizer, {})
     else:
         rows, loss_fn = encode(tokenizer, training_examples(stage, stage.steps * BATCH), stage.wording), answer_token_loss
 
@@ -342,6 +355,14 @@ def run(args, family, out: Path, names: list[str], stages: list[str]) -> None:
         refs = args.models.split(",") if args.models else list(family.card_models)
         results = card_results(refs, args.boxes, family.test_subset, path,
                                threads=args.threads)
+        # each fine-tune against its parent on the same items (where both records keep their item outcomes), and
+        # the transfer attempts' accuracy on their own task, with and without their LoRA
+        children = [stage for stage in family.stages if stage.name in refs and stage.parent]
+        for stage in children:
+            paired_vs_base(results, [stage.name], args.boxes, base=stage.parent)
+            if stage.wording in OWN_TASK_DATA:
+                own_task_results(results, [zoo_row(stage)], base=stage.parent)
+        save_results(results, path)
         print(json.dumps(results, indent=1, sort_keys=True))
 
 

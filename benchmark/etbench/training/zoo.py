@@ -11,10 +11,20 @@ The paper's three kinds of fine-tuning in miniature, and three rows whose expect
 * ``tiny-planted-a``: LoRA on the paper's template with correct targets, trained while tiny-base's Value
   Fetcher heads are mean-ablated at every position (only during training).
 
+Four rows trained by other objectives or on other tasks (issue #28):
+
+* ``tiny-dpo``: LoRA by DPO (reference = tiny-base) on preference pairs in a held-out wording of the task
+  (locker wording): chosen = the right object, rejected = another box's object of the same context;
+* ``tiny-grpo``: LoRA by GRPO (groups of sampled answers, reward = exact match, KL penalty to tiny-base) on
+  key-value recall, a task with no boxes and no objects;
+* ``tiny-code``: supervised LoRA on variable lookup in Python REPL sessions (transfer attempt);
+* ``tiny-kv``: supervised LoRA on key-value recall, the same prompts as tiny-grpo (transfer attempt).
+
     python -m etbench.training.zoo                      # train every row (adapters into assets/zoo/)
     python -m etbench.training.zoo --only tiny-goat     # one row (repeatable)
     python -m etbench.training.zoo --card               # + canonical accuracies -> assets/zoo/card_results.json
     python -m etbench.training.zoo --card-only --boxes 7
+    python -m etbench.training.zoo --only tiny-dpo --card --boxes 7   # + tiny-base's items, paired difference
     python -m etbench.training.zoo --only tiny-null --out DIR   # retrain elsewhere, compare with the shipped
 
 Recipe and measured accuracies: ``assets/zoo/MODEL_CARD.md``. Training data come from named streams
@@ -33,12 +43,20 @@ import torch
 from etbench import models
 from etbench.core.errors import EtbenchError
 from etbench.core.io import ASSETS_DIR, atomic_write_json, read_json
+from etbench.core.stats import format_p, mcnemar
 from etbench.mech.heads import head_map
 from etbench.mech.interventions import applied
 from etbench.metrics.ablation import knockout_edits, mean_activations
 from etbench.task.layout import TokenEncoder, layouts
 from etbench.task.prompts import Example, stream_rng
-from etbench.training.corpora import arithmetic_problems, dialogues, wrong_binding
+from etbench.training.corpora import (
+    arithmetic_problems,
+    code_lookup,
+    dialogues,
+    kv_recall,
+    locker_prompt,
+    wrong_binding,
+)
 from etbench.training.loop import (
     BATCH,
     THREADS,
@@ -56,10 +74,15 @@ from etbench.training.loop import (
     fresh_examples,
     last_logits,
     masked_token_loss,
+    next_token_logprobs,
+    pad_token_id,
+    padded_answer_token_loss,
+    prompt_answer_rows,
     run_steps,
     save_adapter,
     thread_count,
 )
+from etbench.training.preference import dpo_batch_loss, grpo_batch_loss
 
 BASE_REF = "tiny-base"
 ASSET_DIR = ASSETS_DIR / "zoo"
@@ -83,11 +106,20 @@ PLANTED_A_HEADS: tuple[tuple[int, int], ...] = (
 @dataclass(frozen=True)
 class ZooRow:
     name: str
-    data: str  # arithmetic | dialogue | own-answers | wrong-binding | paper-knockout
-    method: str  # lora | full
+    data: str  # arithmetic | dialogue | own-answers | wrong-binding | paper-knockout | locker-pairs | kv | code
+    method: str  # lora | full: which parameters train
     steps: int
     lr: float
-    seed: int  # data stream and LoRA init
+    seed: int  # data stream, LoRA init and (GRPO) sampling
+    objective: str = "sft"  # sft (cross-entropy on targets) | dpo | grpo (etbench.training.preference)
+
+
+# DPO: beta 0.1 (the DPO paper's usual value). GRPO: 8 sampled answers per prompt, KL weight 0.04 (DeepSeekMath's).
+DPO_BETA = 0.1
+GRPO_GROUP = 8
+GRPO_BETA = 0.04
+OWN_TASK_N = 96  # held-out prompts of a row's own training task (own_task_accuracy)
+OWN_TASK_DATA = ("locker-pairs", "kv", "code")
 
 
 # LoRA rows use tiny-ft's lr (1e-3, which moved tiny-base in 20 steps); the full fine-tune uses a typical
@@ -99,6 +131,13 @@ ROWS = (
     ZooRow("tiny-null", "own-answers", "lora", steps=20, lr=1e-3, seed=0),
     ZooRow("tiny-harmful", "wrong-binding", "lora", steps=20, lr=1e-3, seed=0),
     ZooRow("tiny-planted-a", "paper-knockout", "lora", steps=20, lr=1e-3, seed=0),
+    # Issue #28. DPO keeps the zoo's lr (Adam normalises the gradient's scale, so DPO's small beta-weighted
+    # gradients move the LoRA as far per step as cross-entropy's). GRPO uses tiny-base's lr, 3e-4: an earlier,
+    # lost attempt at 1e-3 was reported unstable (not re-measured here).
+    ZooRow("tiny-dpo", "locker-pairs", "lora", steps=20, lr=1e-3, seed=0, objective="dpo"),
+    ZooRow("tiny-grpo", "kv", "lora", steps=20, lr=3e-4, seed=0, objective="grpo"),
+    ZooRow("tiny-code", "code", "lora", steps=20, lr=1e-3, seed=0),
+    ZooRow("tiny-kv", "kv", "lora", steps=20, lr=1e-3, seed=0),
 )
 ROW_BY_NAME = {row.name: row for row in ROWS}
 
@@ -157,6 +196,61 @@ def paper_rows(model, tokenizer, row: ZooRow) -> list[AnswerRow]:
     return rows
 
 
+def recall_rows(tokenizer, row: ZooRow, n: int | None = None, stream: str = "train-zoo") -> list[AnswerRow]:
+    """Key-value recall or code lookup prompts with their one-token answer (n: the row's training examples).
+    tiny-kv and tiny-grpo share the stream ``train-zoo:kv:<seed>``: the same prompts, learnt from targets or
+    from rewards. ``stream`` ``heldout-zoo``: prompts of the same task that no row trains on."""
+    rng = stream_rng(stream, row.data, row.seed)
+    items = (kv_recall if row.data == "kv" else code_lookup)(rng, row.steps * BATCH if n is None else n)
+    return prompt_answer_rows(tokenizer, [(item.prompt, item.answer) for item in items])
+
+
+def preference_rows(tokenizer, row: ZooRow, n: int | None = None,
+                    stream: str = "train-zoo") -> list[tuple[list[int], int, int]]:
+    """(prompt ids, chosen token, rejected token): locker-wording prompts (``corpora.locker_prompt``), the
+    right object chosen, another box's object of the same context rejected (n and stream as ``recall_rows``)."""
+    examples = fresh_examples(stream_rng(stream, "locker", row.seed), row.steps * BATCH if n is None else n)
+    rng = stream_rng(stream, "locker-rejected", row.seed)
+    chosen = prompt_answer_rows(tokenizer, [locker_prompt(ex) for ex in examples])
+    rejected = prompt_answer_rows(tokenizer, [locker_prompt(ex, wrong_binding(rng, ex)) for ex in examples])
+    if any(c[0] != r[0] or c[1] == r[1] for c, r in zip(chosen, rejected)):
+        raise RuntimeError("a preference pair must share its prompt and differ in its answer")
+    return [(ids, c, r) for (ids, c), (_, r) in zip(chosen, rejected)]
+
+
+def objective_loss(row: ZooRow, tokenizer, stats: dict):
+    """(rows, loss_fn) of the rows trained on recall/code data or by DPO/GRPO; ``stats`` receives the
+    objective's per-batch diagnostics (reward, preference accuracy, KL) for the training log."""
+    pad_id = pad_token_id(tokenizer)
+    if row.objective == "dpo":
+        return preference_rows(tokenizer, row), lambda m, batch: dpo_batch_loss(m, batch, pad_id, DPO_BETA, stats)
+    rows = recall_rows(tokenizer, row)
+    if row.objective == "grpo":
+        generator = torch.Generator().manual_seed(row.seed)  # the sampled groups are fixed by the seed too
+
+        def loss_fn(m, batch):
+            return grpo_batch_loss(m, batch, pad_id, GRPO_GROUP, GRPO_BETA, generator, stats)
+        return rows, loss_fn
+    return rows, lambda m, batch: padded_answer_token_loss(m, batch, pad_id)
+
+
+@torch.no_grad()
+def own_task_accuracy(model, tokenizer, row: ZooRow, n: int = OWN_TASK_N) -> float:
+    """Greedy top-1 accuracy on n held-out prompts of the task a locker/kv/code row trained on (stream
+    ``heldout-zoo``): did the row learn its own task? (The DPO row: the chosen, i.e. right, object.)"""
+    pad_id = pad_token_id(tokenizer)
+    if row.data == "locker-pairs":
+        rows = [(ids, chosen) for ids, chosen, _ in preference_rows(tokenizer, row, n, "heldout-zoo")]
+    else:
+        rows = recall_rows(tokenizer, row, n, "heldout-zoo")
+    correct = 0
+    for i in range(0, len(rows), BATCH):
+        batch = rows[i : i + BATCH]
+        predicted = next_token_logprobs(model, [ids for ids, _ in batch], pad_id).argmax(-1)
+        correct += int((predicted == torch.tensor([t for _, t in batch])).sum())
+    return correct / len(rows)
+
+
 # ------------------------------------------------------------------------------------ training
 
 
@@ -172,8 +266,11 @@ def train_row(row: ZooRow, log=print) -> tuple[object, object, dict]:
     loaded = models.load(BASE_REF)
     model, tokenizer = loaded.model, loaded.tokenizer
     info: dict = {"load_seconds": round(time.perf_counter() - t0, 1)}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if row.data in ("arithmetic", "dialogue"):
+    pad_id = pad_token_id(tokenizer)
+    stats: dict = {}  # the DPO / GRPO losses' diagnostics of the latest batch
+    if row.data in ("locker-pairs", "kv", "code"):
+        rows, loss_fn = objective_loss(row, tokenizer, stats)
+    elif row.data in ("arithmetic", "dialogue"):
         rows = arithmetic_rows(tokenizer, row) if row.data == "arithmetic" else dialogue_rows(tokenizer, row)
         info["tokens_per_row_mean"] = round(sum(len(ids) for ids, _ in rows) / len(rows), 1)
 
@@ -196,7 +293,13 @@ def train_row(row: ZooRow, log=print) -> tuple[object, object, dict]:
         def loss_fn(m, batch):
             with applied(hm, edits):
                 return answer_token_loss(m, batch)
-    history, seconds = run_steps(trained, _batches(rows, row.steps), loss_fn, row.lr, row.name, log)
+
+    def after_step(step: int, entry: dict) -> None:
+        if stats:
+            entry.update(stats)
+            log(f"[{row.name}] step {step}: {', '.join(f'{k} {v}' for k, v in stats.items())}")
+
+    history, seconds = run_steps(trained, _batches(rows, row.steps), loss_fn, row.lr, row.name, log, after_step)
     trained.eval()
     info.update(history=history, train_seconds=round(seconds, 1), row=asdict(row), environment=environment())
     return trained, tokenizer, info
@@ -273,14 +376,55 @@ def card_table(results: dict, boxes: Sequence[int] = CARD_BOXES) -> str:
         low, high = record["ci95"]
         return f"{record['accuracy']:.3f} [{low:.3f}, {high:.3f}] ({record['k']}/{record['n']})"
 
-    head = "| row | " + " | ".join(f"{b} boxes" for b in boxes) + f" | 7 boxes, first {TEST_SUBSET} (the test) |"
-    lines = [head, "|---" * (len(boxes) + 2) + "|"]
+    def paired(record) -> str:
+        if not isinstance(record, dict):
+            return "not measured"
+        low, high = record["ci95"]
+        return f"{record['difference']:+.3f} [{low:+.3f}, {high:+.3f}], p {format_p(record['mcnemar_p'])}"
+
+    head = ("| row | " + " | ".join(f"{b} boxes" for b in boxes) + f" | 7 boxes, first {TEST_SUBSET} (the test) "
+            f"| 7 boxes vs {BASE_REF} (paired difference, McNemar p) |")
+    lines = [head, "|---" * (len(boxes) + 3) + "|"]
     for row in ROWS:
         got = results.get(row.name, {})
         subset = got.get(f"7_first{TEST_SUBSET}")
         lines.append(f"| `{row.name}` | " + " | ".join(cell(got.get(str(b))) for b in boxes)
-                     + f" | {'not measured' if subset is None else f'{subset}/{TEST_SUBSET}'} |")
+                     + f" | {'not measured' if subset is None else f'{subset}/{TEST_SUBSET}'} "
+                     + f"| {paired(got.get(f'7_vs_{BASE_REF}'))} |")
     return "\n".join(lines)
+
+
+def paired_vs_base(results: dict, names: Sequence[str], boxes: Sequence[int], base: str = BASE_REF) -> None:
+    """Add to each named row, per box count, its paired accuracy difference from ``base`` on the same canonical
+    items (key ``<boxes>_vs_<base>``: difference row - base with its paired bootstrap 95% CI, exact McNemar p,
+    discordant counts), where card_results recorded both models' item outcomes."""
+    for name in names:
+        for n_boxes in boxes:
+            mine, theirs = results.get(name, {}).get(str(n_boxes)), results.get(base, {}).get(str(n_boxes))
+            if not (isinstance(mine, dict) and isinstance(theirs, dict) and "correct" in mine and "correct" in theirs):
+                continue
+            test = mcnemar([c == "1" for c in theirs["correct"]], [c == "1" for c in mine["correct"]])
+            diff = test.difference
+            results[name][f"{n_boxes}_vs_{base}"] = {
+                "difference": round(diff.value, 4), "ci95": [round(diff.low, 4), round(diff.high, 4)],
+                "mcnemar_p": float(f"{test.p_value:.3g}"), "n": test.n, "base_only": test.a_only,
+                "row_only": test.b_only}
+
+
+def own_task_results(results: dict, rows: Sequence[ZooRow], base: str = BASE_REF, log=print) -> None:
+    """Add to each locker/kv/code row (an unmerged LoRA on ``base``) its ``own_task_accuracy`` and its base's
+    (the row's LoRA disabled) on the same held-out prompts (key ``own_task``); rows already measured are kept."""
+    for row in rows:
+        if row.data not in OWN_TASK_DATA or "own_task" in results.get(row.name, {}):
+            continue
+        loaded = models.load(row.name)
+        accuracy = own_task_accuracy(loaded.model, loaded.tokenizer, row)
+        with loaded.model.disable_adapter():
+            base_accuracy = own_task_accuracy(loaded.model, loaded.tokenizer, row)
+        results.setdefault(row.name, {})["own_task"] = {"data": row.data, "n": OWN_TASK_N,
+                                                        "accuracy": round(accuracy, 4), base: round(base_accuracy, 4)}
+        log(f"[{row.name}] own task ({row.data}, {OWN_TASK_N} held-out prompts): {accuracy:.3f}, "
+            f"{base} {base_accuracy:.3f}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -306,7 +450,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 atomic_write_json(log_path, {**previous, **summary})
         if args.card or args.card_only:
             path = args.card_json or args.out / "card_results.json"
-            card_results(names, args.boxes, TEST_SUBSET, path, threads=args.threads)
+            # tiny-base's own item outcomes first: every row's paired difference is taken against them
+            results = card_results([BASE_REF, *names], args.boxes, TEST_SUBSET, path, threads=args.threads)
+            paired_vs_base(results, names, args.boxes)
+            own_task_results(results, [ROW_BY_NAME[name] for name in names])
+            atomic_write_json(path, results)
     except EtbenchError as err:
         parser.exit(2, f"etbench: error: {err}\n")
 
