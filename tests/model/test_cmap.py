@@ -84,6 +84,27 @@ def test_prefix_reuse_does_not_change_cmap(tok, base, ft_attention_only, example
     assert [r.predicted for r in a.runs] == [r.predicted for r in b.runs]
 
 
+def test_head_sets_run_together_equal_each_set_run_alone(tok, base, ft_attention_only, examples):
+    """The scorecard's two CMAP head sets (DCM-filtered, with an input variant; the whole circuit, output only)
+    share one clean base run and one fine-tuned run per prompt: every prediction equals its set's own call,
+    including a head that both sets patch and groups that only one set has."""
+    dcm_like = {"A": [(1, 2)], "B": [(1, 3)], "D": [(0, 3), (1, 1)]}
+    together = cmap.run_cmap_sets(base, ft_attention_only, tok, {"dcm": (dcm_like, ("output", "qkv")),
+                                                                 "circuit": (HEADS, ("output",))}, examples,
+                                  batch_size=8)
+    for label, (heads, variants) in (("dcm", (dcm_like, ("output", "qkv"))), ("circuit", (HEADS, ("output",)))):
+        alone = cmap.run_cmap(base, ft_attention_only, tok, heads, examples, variants=variants, batch_size=8)
+        got = together[label]
+        assert [(r.variant, r.group, r.heads, r.predicted) for r in got.runs] == \
+            [(r.variant, r.group, r.heads, r.predicted) for r in alone.runs]
+        assert (got.base_predicted, got.ft_predicted) == (alone.base_predicted, alone.ft_predicted)
+        assert got.item_rows() == alone.item_rows()
+    assert together["dcm"].get("qkv", "A").predicted != together["dcm"].get("output", "A").predicted or \
+        together["dcm"].get("output", "A").predicted != together["dcm"].base_predicted  # the patches did something
+    with pytest.raises(EtbenchError, match="at least one head set"):
+        cmap.run_cmap_sets(base, ft_attention_only, tok, {}, examples)
+
+
 def test_scores_and_rows(tok, base, ft_attention_only, examples):
     res = cmap.run_cmap(base, ft_attention_only, tok, HEADS, examples, base_name="b", ft_name="f")
     scores = res.scores(n_resamples=200)

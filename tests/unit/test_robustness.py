@@ -194,12 +194,36 @@ def test_submit_check_refuses_a_forged_file_beside_the_scorecard(tmp_path):
     sub_file.write_text(text)
     rb.write(rob, row)
     parsed = submissions.parse(sub_file)
-    assert submissions.check_robustness(parsed, row / "scorecard.json", card) == rb.canonical_bytes(rob)
+    assert rb.canonical_bytes(submissions.check_robustness(parsed, row / "scorecard.json", card)) == \
+        rb.canonical_bytes(rob)
     forged = json.loads((row / rb.FILE_NAME).read_text())
     forged["summary"]["accuracy"][0]["accuracy"]["value"] = 0.99
     (row / rb.FILE_NAME).write_text(json.dumps(forged))
     with pytest.raises(EtbenchError, match=r"tiny-null.yaml: .*summary\.accuracy\.0\.accuracy\.value"):
         submissions.validate(sub_file)
+
+
+def test_submit_publishes_the_submitted_rows_robustness(tmp_path):
+    """The board ``submit`` writes shows the submitted row's own robustness line (it was rendered from the entry
+    without it, so the line appeared only at the next ``leaderboard build``)."""
+    from etbench.publish import submissions
+
+    row, rob, _, _ = _row_file(tmp_path)
+    (tmp_path / "submissions" / "tiny-null.yaml").write_text((ROOT / "submissions" / "tiny-null.yaml").read_text())
+    staged = tmp_path / "submissions" / "staged"  # the card to submit, beside the store (submit writes the entry)
+    shutil.copytree(row, staged)
+    shutil.rmtree(row)
+    rb.write(rob, staged)
+    text = (tmp_path / "submissions" / "tiny-null.yaml").read_text().replace(
+        "results/tiny-null/scorecard.json", "staged/scorecard.json")
+    (tmp_path / "submissions" / "tiny-null.yaml").write_text(text)
+    submissions.submit(tmp_path / "submissions" / "tiny-null.yaml", root=tmp_path)
+    assert (row / rb.FILE_NAME).read_bytes() == rb.canonical_bytes(rob)
+    board = (tmp_path / "leaderboards" / "leaderboard.md").read_text()
+    assert "| tiny-null | 30 |" in board and "not measured for tiny-null" not in board
+    rebuilt = tmp_path / "rebuilt"
+    lb.build(tmp_path, out_dir=rebuilt)
+    assert (rebuilt / "leaderboard.md").read_text() == board
 
 
 def test_the_committed_planted_row_shows_its_known_answers():

@@ -217,19 +217,31 @@ def run_cmap(model_base, model_ft, tokenizer, heads: Circuit | HeadsByGroup, exa
     ``heads``: ``{group: [(layer, head), ...]}`` or a ``Circuit`` (see ``paper_patch_heads``).
     ``groups``: which runs (group names/letters and/or ``"full"``); default every group with heads,
     plus ``"full"`` for the output variant. Input variants run for last-token groups only."""
-    t0 = time.perf_counter()
+    return run_cmap_sets(model_base, model_ft, tokenizer, {"": (heads, variants)}, examples,
+                         tokenizer_ft=tokenizer_ft, groups=groups, all_positions=all_positions,
+                         batch_size=batch_size, base_name=base_name, ft_name=ft_name, progress=progress,
+                         reuse_prefix=reuse_prefix)[""]
+
+
+@dataclass
+class _HeadSet:
+    """One labelled set of heads to patch: its groups' heads, the runs (variant, group) and what they patch."""
+
+    heads: dict[str, tuple[Head, ...]]
+    jobs: list[tuple[str, str]]
+    patch_sets: dict[str, dict[str, tuple[Head, ...]]]
+    kv_heads: dict[str, list[int]]
+    needs_inputs: bool
+
+
+def _head_set(heads, variants: Sequence[str], groups: Sequence[str] | None, spec, base_name: str) -> _HeadSet:
     for v in variants:
         if v not in VARIANTS:
             raise EtbenchError(f"unknown CMAP variant {v!r}; known: {', '.join(VARIANTS)}")
-    if not examples:
-        raise EtbenchError("CMAP needs at least one example")
     hbg = {g: hs for g, hs in normalise_heads(heads).items() if hs}
     if not hbg:
         raise EtbenchError("CMAP needs at least one group with heads")
-    lays = check_compatible(model_base, model_ft, tokenizer, tokenizer_ft, examples)
-    hm_b, hm_f = head_map(model_base), head_map(model_ft)
-    check_heads_fit(hbg, hm_b.spec, base_name)
-    spec = hm_b.spec
+    check_heads_fit(hbg, spec, base_name)
     if groups is None:
         wanted = list(hbg) + ([FULL] if len(hbg) > 1 or "output" in variants else [])
     else:
@@ -246,7 +258,29 @@ def run_cmap(model_base, model_ft, tokenizer, heads: Circuit | HeadsByGroup, exa
                 jobs.append((v, g))
             elif groups is not None:
                 raise EtbenchError(f"input CMAP ({v}) is defined for last-token groups only, not {g}")
-    patch_sets = {g: ({g: hbg[g]} if g != FULL else dict(hbg)) for g in wanted}
+    return _HeadSet(hbg, jobs, {g: ({g: hbg[g]} if g != FULL else dict(hbg)) for g in wanted},
+                    {g: sorted({spec.kv_head(h) for _, h in hbg[g]}) for g in hbg},
+                    any(v != "output" for v, _ in jobs))
+
+
+def run_cmap_sets(model_base, model_ft, tokenizer, head_sets: Mapping[str, tuple[Circuit | HeadsByGroup,
+                                                                                Sequence[str]]],
+                  examples: Sequence[Example], *, tokenizer_ft=None, groups: Sequence[str] | None = None,
+                  all_positions: bool = False, batch_size: int = 16, base_name: str = "base", ft_name: str = "ft",
+                  progress: bool = False, reuse_prefix: bool = True) -> dict[str, CmapResult]:
+    """``run_cmap`` for several labelled head sets at once (``{label: (heads, variants)}``), one
+    ``CmapResult`` per label: the base's clean runs and the fine-tuned run are shared (each prompt once per
+    model, not once per set); every patched run is the one ``run_cmap`` of that set alone would do, so the
+    results are the same."""
+    t0 = time.perf_counter()
+    if not examples:
+        raise EtbenchError("CMAP needs at least one example")
+    if not head_sets:
+        raise EtbenchError("CMAP needs at least one head set")
+    lays = check_compatible(model_base, model_ft, tokenizer, tokenizer_ft, examples)
+    hm_b, hm_f = head_map(model_base), head_map(model_ft)
+    spec = hm_b.spec
+    sets = {label: _head_set(hs, variants, groups, spec, base_name) for label, (hs, variants) in head_sets.items()}
 
     ids = torch.tensor([lay.input_ids for lay in lays], dtype=torch.long)
     targets = torch.tensor([lay.target_id for lay in lays], dtype=torch.long)
@@ -255,26 +289,27 @@ def run_cmap(model_base, model_ft, tokenizer, heads: Circuit | HeadsByGroup, exa
     t_clean = time.perf_counter()
     pos = {g: torch.tensor([lay.position(GROUP_POSITION[g]) for lay in lays]) for g in GROUPS}
     device_f = device_of(model_ft)
-    need_in = any(v != "output" for v, _ in jobs)
-    kv_heads = {g: sorted({spec.kv_head(h) for _, h in hbg[g]}) for g in hbg}
+    need_in = any(s.needs_inputs for s in sets.values())
 
     ft_pred: list[int] = []
-    pred: dict[tuple[str, str], list[int]] = {j: [] for j in jobs}
+    pred: dict[tuple[str, str, str], list[int]] = {(label, *j): [] for label, s in sets.items() for j in s.jobs}
     chunks = [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     for rows in track(chunks, "CMAP", total=len(chunks), enabled=progress):
         b = len(rows)
-        # 1. the fine-tuned run: z (and q/k/v) of the needed heads, only where they will be patched
-        store: dict = {}
+        # 1. the fine-tuned run: z (and q/k/v) of every set's heads, only where they will be patched
+        stores: dict[str, dict] = {label: {} for label in sets}
         edits: list[Edit] = []
-        for g, hs in hbg.items():
-            p = None if all_positions else pos[g][rows].to(device_f)
-            for layer, _, h in by_layer(hs):
-                edits.append(read(layer, "z", store, p, h, key=("z", g, layer)))
-                if need_in and GROUP_POSITION[g] == "last":
-                    edits.append(read(layer, "q", store, pos[g][rows].to(device_f), h, key=("q", g, layer)))
-                    kvh = sorted({spec.kv_head(x) for x in h})
-                    edits.append(read(layer, "k", store, None, kvh, key=("k", g, layer)))
-                    edits.append(read(layer, "v", store, None, kvh, key=("v", g, layer)))
+        for label, hset in sets.items():
+            store = stores[label]
+            for g, hs in hset.heads.items():
+                p = None if all_positions else pos[g][rows].to(device_f)
+                for layer, _, h in by_layer(hs):
+                    edits.append(read(layer, "z", store, p, h, key=("z", g, layer)))
+                    if hset.needs_inputs and GROUP_POSITION[g] == "last":
+                        edits.append(read(layer, "q", store, pos[g][rows].to(device_f), h, key=("q", g, layer)))
+                        kvh = sorted({spec.kv_head(x) for x in h})
+                        edits.append(read(layer, "k", store, None, kvh, key=("k", g, layer)))
+                        edits.append(read(layer, "v", store, None, kvh, key=("v", g, layer)))
         with torch.no_grad():
             out = run(model_ft, hm_f, {"input_ids": ids[rows].to(device_f)}, edits)
         ft_pred += out.logits[:, -1].argmax(-1).cpu().tolist()
@@ -287,27 +322,34 @@ def run_cmap(model_base, model_ft, tokenizer, heads: Circuit | HeadsByGroup, exa
                     [read(layer, "z", clean_z) for layer in range(spec.n_layers)], logits_to_keep=1)
         kv = runner.kv(rows) if not all_positions else None
         # 3. patched base runs
-        for v, g in jobs:
-            with torch.no_grad():
-                if v == "output":
-                    logits = _output_patch(runner, rows, kv, patch_sets[g], store, pos, all_positions)
-                else:
-                    logits = _input_patch(runner, rows, v, g, hbg[g], kv_heads, store, clean_z, pos, spec, b, seq)
-            pred[(v, g)] += logits.argmax(-1).cpu().tolist()
+        for label, hset in sets.items():
+            store = stores[label]
+            for v, g in hset.jobs:
+                with torch.no_grad():
+                    if v == "output":
+                        logits = _output_patch(runner, rows, kv, hset.patch_sets[g], store, pos, all_positions)
+                    else:
+                        logits = _input_patch(runner, rows, v, g, hset.heads[g], hset.kv_heads, store, clean_z,
+                                              pos, spec, b, seq)
+                pred[(label, v, g)] += logits.argmax(-1).cpu().tolist()
     tgt = targets.tolist()
 
     def correct(p: list[int]) -> tuple[bool, ...]:
         return tuple(a == t for a, t in zip(p, tgt))
 
     base_pred = runner.base_argmax.tolist()
-    runs = [CmapRun(v, g, {k: tuple(hs) for k, hs in patch_sets[g].items()}, correct(pred[(v, g)]),
-                    tuple(pred[(v, g)])) for v, g in jobs]
     t_end = time.perf_counter()
-    timings = {"total_s": t_end - t0, "clean_s": t_clean - t0, "patch_s": t_end - t_clean, "runs": len(jobs),
-               "run_s": (t_end - t_clean) / max(1, len(jobs)), "n": n}
-    return CmapResult(base_name, ft_name, examples[0].n_boxes, correct(base_pred), correct(ft_pred), runs,
-                      all_positions=all_positions, timings=timings, base_predicted=tuple(base_pred),
-                      ft_predicted=tuple(ft_pred))
+    n_runs = sum(len(s.jobs) for s in sets.values())
+    timings = {"total_s": t_end - t0, "clean_s": t_clean - t0, "patch_s": t_end - t_clean, "runs": n_runs,
+               "run_s": (t_end - t_clean) / max(1, n_runs), "n": n}
+    results = {}
+    for label, hset in sets.items():
+        runs = [CmapRun(v, g, {k: tuple(hs) for k, hs in hset.patch_sets[g].items()}, correct(pred[(label, v, g)]),
+                        tuple(pred[(label, v, g)])) for v, g in hset.jobs]
+        results[label] = CmapResult(base_name, ft_name, examples[0].n_boxes, correct(base_pred), correct(ft_pred),
+                                    runs, all_positions=all_positions, timings=dict(timings),
+                                    base_predicted=tuple(base_pred), ft_predicted=tuple(ft_pred))
+    return results
 
 
 def _output_patch(runner: PatchRunner, rows, kv, patch: Mapping[str, Sequence[Head]], store, pos, all_positions):
@@ -367,5 +409,5 @@ def format_cmap(result: CmapResult, seed: int = 0) -> str:
     return f"{head}\n{table}"
 
 
-__all__ = ["VARIANTS", "INPUT_VARIANTS", "FULL", "CmapRun", "CmapResult", "run_cmap", "paper_patch_heads",
-           "check_compatible", "format_cmap", "format_heads"]
+__all__ = ["VARIANTS", "INPUT_VARIANTS", "FULL", "CmapRun", "CmapResult", "run_cmap", "run_cmap_sets",
+           "paper_patch_heads", "check_compatible", "format_cmap", "format_heads"]

@@ -456,14 +456,13 @@ def check_scorecard(sub: Submission, card_path: Path) -> tuple[sc.Scorecard, byt
     return card, sc.canonical_bytes(card), items_bytes
 
 
-def check_robustness(sub: Submission, card_path: Path, card: sc.Scorecard) -> Optional[bytes]:
+def check_robustness(sub: Submission, card_path: Path, card: sc.Scorecard) -> Optional[robustness.Robustness]:
     """The ``robustness.json`` beside the scorecard, when there is one, re-derived from its rows and checked
-    against the card (``metrics.robustness.check``): its canonical bytes, which ``submit`` stores with the row."""
+    against the card (``metrics.robustness.check``); ``submit`` stores its canonical bytes with the row."""
     try:
-        rob = robustness.load_checked(card_path, card, sc.load_items(card_path, card))
+        return robustness.load_checked(card_path, card, sc.load_items(card_path, card))
     except EtbenchError as err:
         raise EtbenchError(f"{sub.file}: {err}") from None
-    return None if rob is None else robustness.canonical_bytes(rob)
 
 
 def check_card(sub: Submission, card: sc.Scorecard, items: list[dict[str, Any]], origin: str,
@@ -588,7 +587,7 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False, add_
             card_bytes = sc.canonical_bytes(card)
             items_bytes = jsonl_text(items).encode("utf-8")
             check_card(sub, card, items, f"{sub.file}: scorecard {card_path.name} with edges added")
-        robustness_bytes = check_robustness(sub, card_path, card)
+        rob = check_robustness(sub, card_path, card)
     meta = sub.metadata()
     stored = read_json(target / "submission.json", "submission record") if extends else {}
     meta.update({"config_hash": card.config_hash, "benchmark_version": card.provenance.benchmark_version,
@@ -599,8 +598,8 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False, add_
                  "submitted": stored.get("submitted") or datetime.now(timezone.utc).date().isoformat()})
     entry_files = {"scorecard.json": card_bytes, card.items_file: items_bytes,
                    "submission.json": dumps_json(meta).encode("utf-8")}
-    if robustness_bytes is not None:
-        entry_files[robustness.FILE_NAME] = robustness_bytes
+    if rob is not None:
+        entry_files[robustness.FILE_NAME] = robustness.canonical_bytes(rob)
     items = [loads_json(line) for line in items_bytes.decode("utf-8").splitlines() if line.strip()]
     with lb.locked(root):
         if extends and not _stores_card(target, sub.scorecard):
@@ -613,7 +612,9 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False, add_
         problems: list[str] = []
         entries = lb.load_entries(results_dir, exclude=(sub.name,), problems=problems)
         sub.notes.extend(problems)
-        entries = sorted(entries + [lb.Entry(sub.name, meta, card, items)], key=lambda e: e.name)
+        # the board is rendered from this entry as it will be stored, its robustness included (it was left out:
+        # the row's robustness table line was missing until the next build)
+        entries = sorted(entries + [lb.Entry(sub.name, meta, card, items, rob)], key=lambda e: e.name)
         board = lb.render(entries)
         with outputs.Transaction() as txn:
             txn.write_dir(target, entry_files)

@@ -26,7 +26,7 @@ from etbench.core.stats import mib_ci, mib_normalised
 from etbench.mech.heads import head_map
 from etbench.metrics.ablation import MeanActivations, mean_activations
 from etbench.metrics.accuracy import run as accuracy_run
-from etbench.metrics.cmap import check_compatible, paper_patch_heads, run_cmap
+from etbench.metrics.cmap import check_compatible, paper_patch_heads, run_cmap_sets
 from etbench.metrics.dcm import dcm_preset, semantics_check, train_masks
 from etbench.metrics.discovery import discover
 from etbench.metrics.edges import EDGE_BATCH_SIZE, EDGE_BOXES, default_node_k, edge_nodes, edge_scores
@@ -378,18 +378,19 @@ def cmap_stage(run: PairRun, inst: Instance) -> dict[str, Any]:
     pool, labels = usable_pool(base.tokenizer, 7)
     examples = generate(n_boxes=7, n=p.cmap_n, seed=run.seed, objects=pool, labels=labels)
     # the scores are computed at assembly from these items (metrics.cmap_scores), not stored here
-    items = []
     # two head sets, labelled: the paper's DCM-filtered heads (its rule) and every head of the ft circuit
-    # (output variant only), so a reader sees how much a conclusion depends on DCM
+    # (output variant only), so a reader sees how much a conclusion depends on DCM; one call, so each prompt
+    # runs once per model for both
     whole = {g: tuple(tuple(h) for h in circuit.heads(g)) for g in sc.GROUPS}
-    for label, hs, variants in (("dcm", heads, p.cmap_variants), ("circuit", whole, ("output",))):
-        if not any(hs.values()):
-            continue
-        result = run_cmap(base.model, ft.model, base.tokenizer, hs, examples, tokenizer_ft=ft.tokenizer,
-                          variants=variants, batch_size=p.batch_size, base_name=run.ref["base"]["ref"],
-                          ft_name=run.ref["ft"]["ref"], progress=run.progress)
+    sets = {label: (hs, variants) for label, hs, variants in (("dcm", heads, p.cmap_variants),
+                                                              ("circuit", whole, ("output",))) if any(hs.values())}
+    results = run_cmap_sets(base.model, ft.model, base.tokenizer, sets, examples, tokenizer_ft=ft.tokenizer,
+                            batch_size=p.batch_size, base_name=run.ref["base"]["ref"], ft_name=run.ref["ft"]["ref"],
+                            progress=run.progress)
+    items = []
+    for label, result in results.items():
         rows = result.item_rows()
-        if label != "dcm" and any(heads.values()):  # the unpatched base / ft rows are the same items: once
+        if label != "dcm" and "dcm" in results:  # the unpatched base / ft rows are the same items: once
             rows = [r for r in rows if r["variant"] != "none"]
         items += [{**r, "heads": label} for r in rows]
     return {"items": items, "heads": {g: [list(h) for h in hs] for g, hs in heads.items()},
