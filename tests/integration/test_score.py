@@ -53,7 +53,7 @@ def test_same_seed_gives_byte_identical_scorecards_and_resume_after_interruption
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(graph, "run_cmap", interrupted)  # the graph's CMAP stage
+    monkeypatch.setattr(graph, "run_cmap_sets", interrupted)  # the graph's CMAP stage
     with pytest.raises(KeyboardInterrupt):
         run_score(toy_pair, tmp_path / "c")
     assert not (tmp_path / "c" / "scorecard.json").exists()
