@@ -577,7 +577,7 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False, add_
     check_output_dir(results_dir, "submissions/results")
     check_output_dir(board_dir, "leaderboards")
     if work_dir is not None:
-        check_output_dir(work_dir)
+        check_output_dir(work_dir, "--work")
     check_models(sub)
     with tempfile.TemporaryDirectory(prefix="etbench-score-") as tmp:
         card_path = sub.scorecard if sub.scorecard is not None else _score(sub, Path(tmp))

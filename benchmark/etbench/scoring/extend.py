@@ -87,7 +87,7 @@ def add_edges(card_path: str | Path, work_dir: str | Path, *, device: str = "cpu
     card = sc.load(card_path)
     items = sc.load_items(card_path, card)
     preset = check_addable(card)
-    check_output_dir(work_dir)
+    check_output_dir(work_dir, "--work")
     identity = card_identity(card, device)
     dtype, seed = card.provenance.dtype, int(card.config.get("seed", 0))
     shape = {"n_layers": card.base.n_layers, "n_heads": card.base.n_heads}
