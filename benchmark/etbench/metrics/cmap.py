@@ -321,17 +321,22 @@ def run_cmap_sets(model_base, model_ft, tokenizer, head_sets: Mapping[str, tuple
                 run(model_base, hm_b, {"input_ids": ids[rows].to(runner.device)},
                     [read(layer, "z", clean_z) for layer in range(spec.n_layers)], logits_to_keep=1)
         kv = runner.kv(rows) if not all_positions else None
-        # 3. patched base runs
+        # 3. patched base runs; a run two sets share (the same variant, group and heads, e.g. the structure
+        # reader, which the paper's rule patches whole) runs once: its values come from the same fine-tuned run
+        done: dict[tuple, list[int]] = {}
         for label, hset in sets.items():
             store = stores[label]
             for v, g in hset.jobs:
-                with torch.no_grad():
-                    if v == "output":
-                        logits = _output_patch(runner, rows, kv, hset.patch_sets[g], store, pos, all_positions)
-                    else:
-                        logits = _input_patch(runner, rows, v, g, hset.heads[g], hset.kv_heads, store, clean_z,
-                                              pos, spec, b, seq)
-                pred[(label, v, g)] += logits.argmax(-1).cpu().tolist()
+                key = (v, g, tuple((k, tuple(hs)) for k, hs in hset.patch_sets[g].items()))
+                if key not in done:
+                    with torch.no_grad():
+                        if v == "output":
+                            logits = _output_patch(runner, rows, kv, hset.patch_sets[g], store, pos, all_positions)
+                        else:
+                            logits = _input_patch(runner, rows, v, g, hset.heads[g], hset.kv_heads, store, clean_z,
+                                                  pos, spec, b, seq)
+                    done[key] = logits.argmax(-1).cpu().tolist()
+                pred[(label, v, g)] += done[key]
     tgt = targets.tolist()
 
     def correct(p: list[int]) -> tuple[bool, ...]:
