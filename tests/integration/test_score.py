@@ -61,6 +61,8 @@ def test_same_seed_gives_byte_identical_scorecards_and_resume_after_interruption
     monkeypatch.undo()
     resumed = run_score(toy_pair, tmp_path / "c")
     assert resumed.path.read_bytes() == card
+    # the items file too (submit records its hash): stages read back from disk gave the same rows in another order
+    assert (tmp_path / "c" / "items.jsonl").read_bytes() == (tmp_path / "a" / "items.jsonl").read_bytes()
     assert "accuracy_base" in resumed.cached_stages and "cmap" not in resumed.cached_stages
 
     # A different seed is a different configuration: nothing is reused from the cache.

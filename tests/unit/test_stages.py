@@ -31,6 +31,17 @@ def test_stage_runs_once_and_recomputes_when_its_inputs_change(tmp_path):
     assert set(stored) == {"key", "result", "checksum"}  # the checksum detects an edited result
 
 
+def test_a_fresh_result_has_the_key_order_a_resumed_run_reads_back(tmp_path):
+    """Rows built by iterating a stage's dicts (the items file's discovery scores, per group) came out in the
+    compute's order on a fresh run and in the stored file's sorted order on a resumed one: same rows, other
+    bytes. The fresh result is now exactly the stored one, key order included."""
+    value = {"value_fetcher": {"b": 1, "a": 2}, "position_detector": [{"z": 1, "y": 2}]}
+    fresh = StageCache(tmp_path).run("s", {}, lambda: value)
+    resumed = StageCache(tmp_path).run("s", {}, lambda: pytest.fail("stored: not recomputed"))
+    assert fresh == resumed == value
+    assert json.dumps(fresh) == json.dumps(resumed)  # key order too, at every depth
+
+
 def test_a_corrupt_stage_file_is_recomputed(tmp_path):
     cache = StageCache(tmp_path)
     cache.run("s", {}, lambda: 1)

@@ -217,8 +217,9 @@ class StageCache:
         self.peak_rss_mb[name] = memory.peak_mb
         self.passes[name] = tally.as_dict()
         encoded = encode_floats(result)
-        # Round-trip through JSON so a fresh result is exactly what a resumed run will read back.
-        result = decode_floats(json.loads(json.dumps(encoded, allow_nan=False)))
+        # Round-trip through JSON so a fresh result is exactly what a resumed run will read back, key order
+        # included: the stage file is written with sorted keys (core.io.dumps_json)
+        result = decode_floats(json.loads(json.dumps(encoded, allow_nan=False, sort_keys=True)))
         record = {"key": key, "result": encoded, "checksum": result_checksum(encoded)}
         if self.made_with is not None:
             record["made_with"] = self.made_with
