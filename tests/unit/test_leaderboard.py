@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from etbench.core.io import temporary_name
 from etbench.publish import leaderboard as lb
 from etbench.publish import outputs
 
@@ -111,6 +112,23 @@ def test_empty_store_gives_paper_rows_only(tmp_path):
     lb.build(tmp_path)
     data = json.loads((tmp_path / "leaderboards" / "leaderboard.json").read_text())
     assert len(data["rows"]) == 4 and all(r["origin"] == "paper" for r in data["rows"])
+
+
+def test_build_into_a_users_directory_leaves_their_temporary_looking_files(tmp_path):
+    """A killed build's temporaries are cleaned up, but only its own: in an --out the user named, a file of
+    theirs named like a temporary (``.notes.<12 hex>.bak``) is not etbench's to delete (found by review)."""
+    root = make_store(tmp_path / "store", names=("synthetic-ft-a",))
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    users = [out / ".notes.0123456789ab.bak", out / "sub" / ".draft.aaaaaaaaaaaa.tmp"]
+    for path in users:
+        path.write_text("the user's")
+    lb.build(root, out_dir=out)
+    stale = temporary_name(out / "leaderboard.csv")  # as a build killed mid-write leaves it
+    stale.write_text("half")
+    lb.build(root, out_dir=out)
+    assert all(p.read_text() == "the user's" for p in users)
+    assert not stale.exists()
 
 
 def test_stale_files_are_removed_and_failures_roll_back(tmp_path, monkeypatch):

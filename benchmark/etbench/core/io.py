@@ -390,14 +390,26 @@ def is_temporary(path: Path) -> bool:
     return _TEMPORARY.fullmatch(path.name) is not None
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete temporaries left under ``directory`` by a killed writer (call with the tree's lock held)."""
+def temporary_target(path: Path) -> Path:
+    """The file a temporary (``.<name>.<12 hex>.tmp`` or ``.bak``) stands for: ``<name>`` beside it."""
+    return path.with_name(path.name[1:].rsplit(".", 2)[0])
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, targets: Iterable[str] | None = None) -> list[Path]:
+    """Delete temporaries left under ``directory`` by a killed writer (call with the tree's lock held).
+
+    ``targets``: in a directory the user named (a leaderboard ``--out``), only the temporaries of these files
+    (paths relative to ``directory``: the writer's own outputs) are deleted; a file of the user's that happens to
+    be named like a temporary is not etbench's to delete. None: every temporary (a store etbench owns)."""
     directory = Path(directory)
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
+    owned = None if targets is None else {Path(t) for t in targets}
     for path in sorted(directory.rglob(".*")):
         if not is_temporary(path) or any(p in removed for p in path.parents):
+            continue
+        if owned is not None and temporary_target(path).relative_to(directory) not in owned:
             continue
         try:
             if path.is_dir() and not path.is_symlink():

@@ -45,7 +45,7 @@ from etbench.core.stats import format_estimate, format_estimate_of, format_p
 from etbench.metrics import headline, robustness
 from etbench.metrics.overlap import ALL, chance_overlap, group_overlaps
 from etbench.publish import comparisons, report
-from etbench.publish.outputs import Transaction, write_tree
+from etbench.publish.outputs import Transaction, remove_own_temporaries, write_tree
 from etbench.publish.page import BASE_CSS, content_security_policy
 from etbench.schema import scorecard as sc
 from etbench.schema.circuit import GROUPS, PAPER_CIRCUITS, paper_circuit
@@ -904,9 +904,9 @@ def build(root: Path = Path("."), out_dir: Optional[Path] = None, include_paper:
     check_output_dir(out_dir, "--out" if out_dir != root / LEADERBOARD_DIR else "leaderboard directory")
     problems: list[str] = []
     with locked(root):
-        remove_stale_temporaries(out_dir)
         entries = load_entries(root / RESULTS_SUBDIR, problems=problems)
         files = render(entries, include_paper)
+        remove_own_temporaries(out_dir, files)
         with Transaction() as txn:
             written = write_tree(out_dir, files, txn)
     if notes is not None:

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Optional
 
 from etbench.core.errors import EtbenchError
-from etbench.core.io import Writer, dumps_json, generated_files, refuse_foreign_files, temporary_name
+from etbench.core.io import (
+    Writer,
+    dumps_json,
+    generated_files,
+    refuse_foreign_files,
+    remove_stale_temporaries,
+    temporary_name,
+)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -152,6 +159,14 @@ def _remove(path: Path) -> None:
 LEADERBOARD_BUILD = Writer("etbench leaderboard build", ".etbench-manifest.json")
 #: The build's manifest file name (the leaderboard's own outputs list it among their files).
 MANIFEST_NAME = LEADERBOARD_BUILD.manifest
+
+
+def remove_own_temporaries(out_dir: Path, files: dict[str, bytes], writer: Writer = LEADERBOARD_BUILD) -> None:
+    """Delete the temporaries a killed ``writer`` left in ``out_dir``: only those of its own files (this write's,
+    its manifest's, the manifest itself). ``out_dir`` is the user's: a file of theirs named like a temporary
+    stays."""
+    out_dir = Path(out_dir)
+    remove_stale_temporaries(out_dir, set(generated_files(out_dir, writer)) | set(files) | {writer.manifest})
 
 
 def write_tree(out_dir: Path, files: dict[str, bytes], txn: Transaction,

@@ -39,7 +39,6 @@ from etbench.core.io import (
     loads_json,
     read_json,
     read_jsonl,
-    remove_stale_temporaries,
 )
 from etbench.metrics import robustness
 from etbench.metrics.dcm import dcm_preset
@@ -608,7 +607,6 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False, add_
             raise EtbenchError(f"{sub.file}: {sub.name!r} is already submitted ({target}); pass --replace")
         if target.exists() and not (replace or extends):
             sub.notes.append(f"replaced an incomplete stored entry {sub.name!r}")
-        remove_stale_temporaries(board_dir)
         problems: list[str] = []
         entries = lb.load_entries(results_dir, exclude=(sub.name,), problems=problems)
         sub.notes.extend(problems)
@@ -616,6 +614,7 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False, add_
         # the row's robustness table line was missing until the next build)
         entries = sorted(entries + [lb.Entry(sub.name, meta, card, items, rob)], key=lambda e: e.name)
         board = lb.render(entries)
+        outputs.remove_own_temporaries(board_dir, board)
         with outputs.Transaction() as txn:
             txn.write_dir(target, entry_files)
             written = [target / name for name in entry_files] + outputs.write_tree(board_dir, board, txn)
