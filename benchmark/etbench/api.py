@@ -150,8 +150,10 @@ def robustness(rows: Sequence[str | Path], store: str | Path = DEFAULT_STORES[0]
     ablation prompts per wording, diffing prompts (default: ``robustness_run``'s)."""
     from etbench.metrics import robustness_run  # torch: imported only when a model is run
 
-    sizes = dict(n=n or robustness_run.DEFAULT_N, mean_n=mean_n or robustness_run.DEFAULT_MEAN_N,
-                 diff_n=diff_n or robustness_run.DEFAULT_DIFF_N)
+    # "is None", not "or": an explicit 0 is refused by check_sizes, not replaced by the default
+    sizes = dict(n=robustness_run.DEFAULT_N if n is None else n,
+                 mean_n=robustness_run.DEFAULT_MEAN_N if mean_n is None else mean_n,
+                 diff_n=robustness_run.DEFAULT_DIFF_N if diff_n is None else diff_n)
     robustness_run.check_sizes(**sizes)
     dirs = list(dict.fromkeys(robustness_directory(r, store) for r in rows))
     for d in dirs:

@@ -241,3 +241,12 @@ def test_the_committed_planted_row_shows_its_known_answers():
     a = next(g for g in s.groups if g.group == "value_fetcher")
     assert a.weight_delta["q"].value == 0 and a.weight_rank["q"].value == 0
     assert all(g.weight_rank["q"].value > 0 for g in s.groups if g.group == "other")
+
+
+@pytest.mark.parametrize("option", ["n", "mean_n", "diff_n"])
+def test_an_explicit_zero_size_is_refused_not_replaced_by_the_default(tmp_path, option):
+    """`etbench robustness --n 0` used to run with the default n (``n or DEFAULT_N``); found by review."""
+    from etbench import api
+
+    with pytest.raises(EtbenchError, match="--" + option.replace("_", "-")):
+        api.robustness([tmp_path / "no-such-row"], store=tmp_path, **{option: 0})
