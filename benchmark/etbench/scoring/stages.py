@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from etbench.core.errors import EtbenchError
-from etbench.core.io import atomic_write_json, loads_json
+from etbench.core.io import atomic_write_json, dumps_json, loads_json
 from etbench.mech.interventions import tallying
 from etbench.schema.scorecard import config_hash
 
@@ -217,9 +217,9 @@ class StageCache:
         self.peak_rss_mb[name] = memory.peak_mb
         self.passes[name] = tally.as_dict()
         encoded = encode_floats(result)
-        # Round-trip through JSON so a fresh result is exactly what a resumed run will read back, key order
-        # included: the stage file is written with sorted keys (core.io.dumps_json)
-        result = decode_floats(json.loads(json.dumps(encoded, allow_nan=False, sort_keys=True)))
+        # Round-trip through the stage file's own writer and reader, so a fresh result is exactly what a resumed
+        # run will read back, key order included (dumps_json sorts keys)
+        result = decode_floats(loads_json(dumps_json(encoded)))
         record = {"key": key, "result": encoded, "checksum": result_checksum(encoded)}
         if self.made_with is not None:
             record["made_with"] = self.made_with
