@@ -127,11 +127,65 @@ def test_plan_file_and_bad_input(tmp_path):
         score_many([PairJob("a", "b", str(tmp_path / "x"))], preset="huge")
 
 
+@pytest.mark.parametrize("line, fragment", [
+    ("preset: [1]", "preset must be a non-empty string, got [1]"),
+    ("preset: {a: 1}", "preset must be a non-empty string, got {'a': 1}"),
+    ("seed: x", "seed must be an integer, got 'x'"),
+    ("seed: true", "seed must be an integer, got True"),
+    ("seed: -1", "seed must be between 0 and"),
+    ("dtype: [1]", "dtype must be a non-empty string or null, got [1]"),
+    ("device: 5", "device must be a non-empty string, got 5"),
+    ("discovery: {}", "discovery must be a non-empty string or null"),
+    ("pairs: [{base: a, ft: b, out: 5}]", "pair 0's out must be a non-empty string, got 5"),
+    ("pairs: [{base: a, ft: b, out: [1]}]", "pair 0's out must be a non-empty string, got [1]"),
+    ("pairs: [{base: [1], ft: b, out: o}]", "pair 0's base must be a non-empty string, got [1]"),
+    ("pairs: [{base: a, ft: b, out: o, circuit_base: 5}]", "pair 0's circuit_base must be a non-empty string or "
+     "null, got 5"),
+])
+def test_plan_values_of_the_wrong_type_are_refused_naming_the_file_and_key(tmp_path, line, fragment):
+    """A plan value of the wrong type (``preset: [1]``, ``out: 5``) crashed with a TypeError traceback, or (a
+    circuit) failed inside a Ray worker."""
+    from etbench.scoring.distributed import load_plan
+
+    plan = tmp_path / "plan.yaml"
+    pairs = "" if line.startswith("pairs:") else "pairs: [{base: a, ft: b, out: o}]\n"
+    plan.write_text(f"{line}\n{pairs}")
+    with pytest.raises(EtbenchError) as err:
+        load_plan(plan)
+    assert str(err.value).startswith(f"plan {plan}: ") and fragment in str(err.value)
+
+
+def test_check_resources_refuses_fewer_cpus_than_one_pairs_placement_group():
+    """``--num-cpus 1`` hung: a pair's placement group (one bundle of --cpus-per-side CPUs per side) never fit."""
+    from etbench.scoring.distributed import check_resources
+
+    for num_cpus, cpus in ((1, 1), (3, 2), (1, 0.75)):
+        with pytest.raises(EtbenchError, match=f"--num-cpus {num_cpus} cannot hold one pair"):
+            check_resources(num_cpus, cpus, None, 0)
+    for num_cpus, cpus in ((2, 1), (1, 0.5), (4, 2), (None, 8)):
+        check_resources(num_cpus, cpus, None, 0)
+
+
+def test_a_missing_circuit_is_refused_before_ray_starts_and_nothing_is_written(tmp_path):
+    """A plan's missing circuit file failed inside a worker: ``.etbench-score-manifest.json``, ``workers.json``
+    and ``stages/`` were left in the pair's directory, and the error said to run again to resume."""
+    out = tmp_path / "pair"
+    for side in ("circuit_base", "circuit_ft"):
+        job = PairJob("tiny-base", "tiny-ft", str(out), **{side: str(tmp_path / "missing.json")})
+        with pytest.raises(EtbenchError) as err:
+            score_many([job], num_cpus=2)
+        assert f"{side}: circuit file not found: {tmp_path / 'missing.json'}" in str(err.value)
+        assert "again" not in str(err.value) and not ray.is_initialized()
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("args, fragment", [
     ([], "give --plan, or --base and at least one --ft"),
     (["--plan", "p.yaml", "--base", "a"], "either --plan or --base/--ft"),
     (["--plan", "missing.yaml"], "cannot read plan"),
     (["--base", "a", "--ft", "b", "--preset", "huge"], "unknown preset"),
+    (["--base", "a", "--ft", "b", "--num-cpus", "1"], "--num-cpus 1 cannot hold one pair"),
+    (["--base", "a", "--ft", "b", "--num-cpus", "3", "--cpus-per-side", "2"], "--num-cpus 3 cannot hold one pair"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, fragment):
     import subprocess

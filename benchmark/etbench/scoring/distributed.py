@@ -37,7 +37,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-from etbench.core.checks import check_range
+from etbench.core.checks import check_range, check_seed
 from etbench.core.errors import EtbenchError, one_line
 from etbench.core.io import atomic_write_json, claim_outputs
 from etbench.models import availability, check_device_name, default_dtype, resolve
@@ -101,6 +101,22 @@ def _worker_error(err: BaseException) -> str:
     return one_line(err)
 
 
+#: The keys of a plan file beside ``pairs``, and of each pair: the types their values must have.
+PLAN_SETTINGS: dict[str, tuple[type, ...]] = {"preset": (str,), "seed": (int,), "dtype": (str, type(None)),
+                                              "device": (str,), "discovery": (str, type(None))}
+PAIR_KEYS: dict[str, tuple[type, ...]] = {"base": (str,), "ft": (str,), "out": (str,),
+                                          "circuit_base": (str, type(None)), "circuit_ft": (str, type(None))}
+_TYPE_NAMES = {str: "a non-empty string", int: "an integer", type(None): "null"}
+
+
+def _check_plan_value(path: Path, key: str, value: Any, types: tuple[type, ...]) -> None:
+    """One line naming the plan file and ``key`` when ``value`` is not of ``types`` (YAML reads ``5`` as a number
+    and ``[1]`` as a list: they crashed later as TypeErrors)."""
+    ok = isinstance(value, types) and not isinstance(value, bool) and value != ""
+    if not ok:
+        raise EtbenchError(f"plan {path}: {key} must be {' or '.join(_TYPE_NAMES[t] for t in types)}, got {value!r}")
+
+
 def load_plan(path: str | Path) -> tuple[list[PairJob], dict[str, Any]]:
     """A plan file (YAML or JSON): ``pairs: [{base, ft, out, circuit_base?, circuit_ft?}]`` plus any of
     ``preset``, ``seed``, ``dtype``, ``device``, ``discovery``. Returns (pairs, settings)."""
@@ -113,19 +129,25 @@ def load_plan(path: str | Path) -> tuple[list[PairJob], dict[str, Any]]:
         raise EtbenchError(f"cannot read plan {path}: {err}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("pairs"), list) or not doc["pairs"]:
         raise EtbenchError(f"plan {path}: expected a mapping with a non-empty 'pairs' list")
-    known = {"pairs", "preset", "seed", "dtype", "device", "discovery"}
+    known = {"pairs", *PLAN_SETTINGS}
     unknown = set(doc) - known
     if unknown:
-        raise EtbenchError(f"plan {path}: unknown keys {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+        raise EtbenchError(f"plan {path}: unknown keys {', '.join(sorted(map(str, unknown)))} "
+                           f"(known: {', '.join(sorted(known))})")
+    settings = {k: doc[k] for k in PLAN_SETTINGS if k in doc}
+    for key, value in settings.items():
+        _check_plan_value(path, key, value, PLAN_SETTINGS[key])
+    if "seed" in settings:
+        check_seed(settings["seed"], f"plan {path}: seed")
     jobs = []
     for i, row in enumerate(doc["pairs"]):
-        if not isinstance(row, dict) or not {"base", "ft", "out"} <= set(row) or set(row) - {
-                "base", "ft", "out", "circuit_base", "circuit_ft"}:
+        if not isinstance(row, dict) or not {"base", "ft", "out"} <= set(row) or set(row) - set(PAIR_KEYS):
             raise EtbenchError(f"plan {path}: pair {i} needs base, ft and out (and optionally circuit_base, circuit_ft)")
+        for key, value in row.items():
+            _check_plan_value(path, f"pair {i}'s {key}", value, PAIR_KEYS[key])
         out = Path(row["out"])
         out = out if out.is_absolute() else path.parent / out
-        jobs.append(PairJob(str(row["base"]), str(row["ft"]), str(out), row.get("circuit_base"), row.get("circuit_ft")))
-    settings = {k: doc[k] for k in ("preset", "seed", "dtype", "device", "discovery") if k in doc}
+        jobs.append(PairJob(row["base"], row["ft"], str(out), row.get("circuit_base"), row.get("circuit_ft")))
     return jobs, settings
 
 
@@ -205,9 +227,16 @@ def _grpc_answer(host: str, port: int, timeout: float) -> str:
     return ""
 
 
+def pair_bundles(cpus: float, gpus: float) -> list[dict[str, float]]:
+    """The placement group of one pair: a bundle per side, each of ``cpus`` CPUs and ``gpus`` GPUs."""
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    return [bundle for _ in SIDES]
+
+
 def check_resources(num_cpus: int | None, cpus: float, gpus: float | None, retries: int) -> None:
     """The Ray resources asked for are counts Ray accepts: slots >= 1, a side's CPUs > 0 and GPUs >= 0, retries
-    >= 0 (Ray's own refusals were tracebacks)."""
+    >= 0 (Ray's own refusals were tracebacks), and ``num_cpus`` slots hold one pair's placement group (Ray
+    waited for it forever)."""
     if num_cpus is not None:
         check_range(num_cpus, "--num-cpus", 1, MAX_SLOTS)
     check_range(retries, "--retries", 0, MAX_RETRIES)
@@ -218,6 +247,11 @@ def check_resources(num_cpus: int | None, cpus: float, gpus: float | None, retri
         if not number or not (value >= 0 if low_ok else value > 0) or value > MAX_SLOTS:
             bound = ">= 0" if low_ok else "> 0"
             raise EtbenchError(f"{option} must be a number {bound} and at most {MAX_SLOTS}, got {value!r}")
+    pair_cpus = sum(bundle["CPU"] for bundle in pair_bundles(cpus, 0))
+    if num_cpus is not None and num_cpus < pair_cpus:
+        raise EtbenchError(f"--num-cpus {num_cpus} cannot hold one pair: its {len(SIDES)} sides run at once, "
+                           f"{cpus:g} CPUs each (--cpus-per-side), {pair_cpus:g} in all: give --num-cpus >= "
+                           f"{math.ceil(pair_cpus)} or a smaller --cpus-per-side")
 
 
 
@@ -228,7 +262,8 @@ def _check(jobs: Sequence[PairJob], settings: dict[str, Any]) -> None:
     outs = [str(Path(j.out_dir).resolve()) for j in jobs]
     if len(set(outs)) != len(outs):
         raise EtbenchError("two pairs share an output directory")
-    if not isinstance(settings["preset"], Preset) and settings["preset"] not in SCORE_PRESETS:
+    if not isinstance(settings["preset"], Preset) and (not isinstance(settings["preset"], str)
+                                                       or settings["preset"] not in SCORE_PRESETS):
         raise EtbenchError(f"unknown preset {settings['preset']!r}; known: {', '.join(SCORE_PRESETS)}")
     if settings["discovery"] not in (None, *DISCOVERY_MODES):
         raise EtbenchError(f"discovery must be one of {', '.join(DISCOVERY_MODES)}, got {settings['discovery']!r}")
@@ -240,6 +275,12 @@ def _check(jobs: Sequence[PairJob], settings: dict[str, Any]) -> None:
         pipeline.check_inputs(job.base, job.ft, job.out_dir, seed=settings["seed"],
                               dtype=settings["dtype"] or default_dtype("cpu"), device="cpu",
                               extra_outputs=SCORE_MANY_OUTPUTS)
+        # a bad circuit failed only in a worker, after the workers had written into the pair's directory
+        for flag, given in (("circuit_base", job.circuit_base), ("circuit_ft", job.circuit_ft)):
+            try:
+                pipeline.circuit_spec(given)
+            except EtbenchError as err:
+                raise EtbenchError(f"pair {job.base} -> {job.ft}: {flag}: {err}") from None
         # a model that cannot be loaded (not on this machine, or a hub id neither cached nor reachable) failed
         # inside the workers, 30-50 s after Ray started; the driver sees what the workers see (a shared file system)
         for flag, ref in (("base", job.base), ("ft", job.ft)):
@@ -295,14 +336,13 @@ def _schedule(ray, jobs, settings, cpus, gpus, retries, echo) -> list[PairResult
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     task = ray.remote(run_side)
     pending: dict[Any, tuple[int, str]] = {}
     groups = []
     for i, job in enumerate(jobs):
         # both sides of a pair are placed at once: a side waiting on its sibling never holds a slot
         # the sibling needs
-        pg = placement_group([bundle, bundle], strategy="PACK")
+        pg = placement_group(pair_bundles(cpus, gpus), strategy="PACK")
         groups.append(pg)
         for j, side in enumerate(SIDES):
             ref = task.options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,

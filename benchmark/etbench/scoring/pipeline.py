@@ -56,7 +56,7 @@ class ScoreRun:
     passes: dict[str, dict[str, int]] = field(default_factory=dict)  # per computed stage (``PassTally.as_dict``)
 
 
-def _circuit_spec(given: str | None) -> tuple[str | None, str | None]:
+def circuit_spec(given: str | None) -> tuple[str | None, str | None]:
     """Validate a ``--circuit`` reference early (a circuit file, ``paper:<name>`` or a shipped name),
     before any model is loaded. Returns (what to load, how the config records it): a file is recorded
     by its name and content hash, never by its local path."""
@@ -182,7 +182,7 @@ def score(base: str = DEFAULT_BASE, ft: str = DEFAULT_FT, out_dir: str | Path = 
     dtype = models.default_dtype(device) if dtype is None else dtype
     identity = check_inputs(base, ft, out_dir, seed=seed, dtype=dtype, device=device, remote=remote)
     sources = stage_sources(reuse_stages)
-    circuits = {"base": _circuit_spec(circuit_base), "ft": _circuit_spec(circuit_ft)}  # (to load, as recorded)
+    circuits = {"base": circuit_spec(circuit_base), "ft": circuit_spec(circuit_ft)}  # (to load, as recorded)
     config = run_config(p, identity, seed, dtype, {w: circuits[w][1] for w in SIDES}, remote)
     # what the scorecard's provenance says made its numbers, beyond the stage keys (and the base weights
     # shared with the adapter, ~1e-7 off in the logits): a stage of another run is taken only when the same
