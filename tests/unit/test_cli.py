@@ -50,6 +50,16 @@ def test_bad_input_is_one_clear_line(args, fragment, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_model_directory_whose_config_is_not_an_object_is_one_line(tmp_path):
+    """``accuracy --model DIR`` and ``score --base DIR`` with a JSON list as DIR/config.json were a TypeError
+    traceback from transformers; now one line naming the file, before any model loads, nothing written."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("[1, 2]\n")
+    for args in (["accuracy", "--model", "model"], ["score", "--base", "model", "--out", "out"]):
+        assert_one_line_error(etbench(*args, cwd=tmp_path), "model/config.json: not a JSON object")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_tasks_path_points_at_the_task_yamls():
     result = etbench("tasks-path")
     assert (Path(result.stdout.strip()) / "entity_tracking" / "entity_tracking_7boxes.yaml").exists()

@@ -131,6 +131,18 @@ def test_resolve_directory_that_is_not_a_model(tmp_path):
         models.resolve(str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["config.json", "adapter_config.json"])
+@pytest.mark.parametrize("text", ["[1, 2]", '"llama"', "3", "null", "{not json"])
+def test_a_model_config_that_is_not_a_json_object_is_one_error_naming_it(tmp_path, name, text):
+    """A model directory whose config.json is a JSON list was resolved, and transformers' load then failed with a
+    TypeError traceback (``accuracy --model DIR``, ``score --base DIR``); an adapter_config.json list with an
+    AttributeError."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(EtbenchError, match=f"^{tmp_path / name}") as err:
+        models.resolve(str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
 def test_peft_entry_with_asset_adapter_points_inside_the_package():
     entries = models.parse_registry(_doc(
         base={"kind": "hub", "repo": "o/n", "description": "d"},

@@ -26,10 +26,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from etbench.core.errors import EtbenchError, one_line
-from etbench.core.io import ASSETS_DIR
+from etbench.core.io import ASSETS_DIR, read_json
 from etbench.models.gguf import cache_root, find_dequantised, sha256_file
 
 #: Where a registry entry's weights come from.
@@ -208,6 +209,7 @@ def _spec_from_path(ref: str, path: Path, entries: Mapping[str, RegistryEntry]) 
         base_ref = _adapter_base(path / "adapter_config.json")
         return ModelSpec(ref=ref, kind="peft", location=str(path), base=resolve(base_ref, entries))
     if (path / "config.json").is_file():
+        read_config(path / "config.json")  # transformers' own read of a non-object was a TypeError traceback
         return ModelSpec(ref=ref, kind="directory", location=str(path))
     if path.exists():
         raise EtbenchError(f"{ref}: not a model (no config.json or adapter_config.json in {path}, "
@@ -215,8 +217,17 @@ def _spec_from_path(ref: str, path: Path, entries: Mapping[str, RegistryEntry]) 
     raise EtbenchError(f"{ref}: no such file or directory")
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A model's or adapter's JSON config (``config.json``, ``adapter_config.json``): one ``EtbenchError`` naming
+    the file when it is not readable JSON or not an object."""
+    config = read_json(path, "model config")
+    if not isinstance(config, dict):
+        raise EtbenchError(f"{path}: not a JSON object (a model config is one), got {type(config).__name__}")
+    return config
+
+
 def _adapter_base(config_path: Path) -> str:
-    base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    base = read_config(config_path).get("base_model_name_or_path")
     if not base:
         raise EtbenchError(f"{config_path}: adapter_config.json names no base_model_name_or_path; "
                            "use a registry entry with an explicit base")
