@@ -237,3 +237,55 @@ def test_source_cache_matches_plain_cache(tok, llama):
         for col, (layer, head) in enumerate(heads[g]):
             ref = cache(llama, hm, {"input_ids": ids}, [Site(layer, "z", pos, [head])])[(layer, "z")]
             torch.testing.assert_close(got[g][:, col], ref[:, 0])
+
+
+def test_dataset_sources_reuse_their_partners_clean_run(tok, llama):
+    """A dataset source's heads, read over its partner's clean key/values from the first differing token (or the
+    first read position), equal a whole forward of the source, for a fraction of the token positions."""
+    from etbench.mech.interventions import tallying
+
+    ex, _, _ = dcm.dcm_examples(tok, 12)
+    hm = head_map(llama)
+    last_heads = {"value_fetcher": ((1, 0), (0, 2)), "position_detector": ((0, 1),)}
+    # the structure reader reads an early position (the previous query label): rows start there
+    for d, heads in (("positional", last_heads), ("box_label_value", {**last_heads, "structure_reader": ((0, 3),)})):
+        ps = dcm.make_pair_sets(tok, ex, [d], 0, sources="dataset")[d]
+        ids, lays = dcm._base_ids({d: ps})
+        runner = dcm.PatchRunner(llama, ids, 5)
+        with tallying() as reused:
+            got = dcm._source_values(llama, hm, ps, heads, 5, runner)
+        with tallying() as whole:
+            ref = dcm.cache_at_positions(llama, hm, [p.source_layout for p in ps.pairs], heads, batch_size=5)
+        for g in heads:
+            torch.testing.assert_close(got[g], ref[g], atol=1e-5, rtol=1e-5)
+        assert reused.forward_tokens < whole.forward_tokens
+        if d == "positional":  # only the query differs: every row is fed from its query label on
+            assert reused.forward_tokens == 12 * (lays[0].length - lays[0].query_label)
+    # without prefix reuse the same values come from whole forwards
+    plain = dcm.PatchRunner(llama, ids, 5, reuse_prefix=False)
+    for g, values in dcm._source_values(llama, hm, ps, heads, 5, plain).items():
+        torch.testing.assert_close(values, ref[g], atol=1e-5, rtol=1e-5)
+
+
+def test_dataset_sources_in_masks_and_semantics(tok, llama):
+    from etbench.mech.interventions import tallying
+
+    cfg = replace(SMALL, sources="dataset")
+    with tallying() as dataset_tally:
+        a = dcm.train_masks(llama, tok, {"A": HEADS["A"]}, cfg)
+    with tallying() as fresh_tally:
+        dcm.train_masks(llama, tok, {"A": HEADS["A"]}, SMALL)
+    assert [m.desideratum for m in a.masks] == list(dcm.MAIN_DESIDERATA)
+    assert [m.test_correct for m in a.masks] == [m.test_correct for m in dcm.train_masks(llama, tok, {"A": HEADS["A"]}, cfg).masks]
+    # the same training and test runs; the sources cost a few tokens a row instead of whole prompts
+    assert dataset_tally.forward_tokens < fresh_tally.forward_tokens
+    assert cfg.to_dict()["sources"] == "dataset" and "sources" not in SMALL.to_dict()
+    sel = {("A", "object_value"): [(1, 0)], ("A", "positional"): [(1, 2)]}
+    s1 = dcm.semantics_check(llama, tok, sel, n=8, repeats=2, batch_size=4, sources="dataset")
+    assert [r.accuracies for r in s1] == [r.accuracies for r in
+                                          dcm.semantics_check(llama, tok, sel, n=8, repeats=2, batch_size=4,
+                                                              sources="dataset")]
+    with pytest.raises(EtbenchError, match="main desiderata only"):
+        replace(SMALL, sources="dataset", additional_for=("B",))
+    with pytest.raises(EtbenchError, match="sources must be one of"):
+        replace(SMALL, sources="nope")

@@ -96,3 +96,49 @@ def test_unknown_desideratum_and_too_small_contexts_are_clear_errors():
         cf.make_pairs("nope", [BASE])
     with pytest.raises(EtbenchError, match="at least 3 boxes"):
         cf.make_pairs("box_label_value", data.generate(2, 2))
+
+
+@pytest.mark.parametrize("kind", cf.MAIN_DESIDERATA)
+def test_dataset_sources_are_other_examples_of_the_set(kind, bases):
+    """A dataset source is another base example queried at the source segment (box_label_value: with the queried
+    label put there), so it shares its partner's prompt up to the query; the targets keep their rules."""
+    pairs = cf.desideratum_pairs(kind, bases, seed=1, sources="dataset")
+    assert pairs == cf.desideratum_pairs(kind, bases, seed=1, sources="dataset")  # seeded
+    rows = [p.source_row for p in pairs]
+    assert all(r is not None and r != k for k, r in enumerate(rows))  # never the base's own row
+    assert len(set(rows)) > len(bases) // 2  # drawn over the set, not one partner
+    for p in pairs:
+        base, src, partner = p.base, p.source, bases[p.source_row]
+        assert src.query_index != base.query_index and p.target_object != base.answer
+        assert src.objects == partner.objects and src.context_id == partner.context_id
+        if kind == "box_label_value":
+            assert src.query_label == src.labels[src.query_index] and src.query_label in base.labels
+            assert p.target_object == base.objects[base.labels.index(src.query_label)]
+            assert len(set(src.labels)) == src.n_boxes
+            assert sum(a != b for a, b in zip(src.labels, partner.labels)) <= 2  # at most one swap
+        else:
+            assert src.labels == partner.labels
+        if kind == "positional":
+            assert p.target_object == base.objects[src.query_index]
+        if kind == "object_value":
+            assert p.target_object == src.answer and src.answer not in (base.answer, base.objects[src.query_index])
+    # fresh contexts are untouched by the option: the same pairs as without it, no partner row
+    fresh = cf.desideratum_pairs(kind, bases, seed=1)
+    assert fresh == cf.desideratum_pairs(kind, bases, seed=1, sources="fresh") != pairs
+    assert all(p.source_row is None for p in fresh)
+
+
+def test_dataset_sources_errors(bases):
+    from etbench.core.errors import EtbenchError
+
+    with pytest.raises(EtbenchError, match="main desiderata"):
+        cf.desideratum_pairs("add_seg_start", bases, sources="dataset")
+    with pytest.raises(EtbenchError, match="at least 2 base examples"):
+        cf.desideratum_pairs("positional", bases[:1], sources="dataset")
+    with pytest.raises(EtbenchError, match="sources must be one of"):
+        cf.desideratum_pairs("positional", bases, sources="other")
+    # two examples whose objects make object_value impossible: the partner's answer is always a hypothesis's
+    a = Example(objects=("book", "car", "key"), labels=("F", "Q", "A"), query_index=0)
+    b = Example(objects=("car", "book", "key"), labels=("F", "Q", "A"), query_index=1)
+    with pytest.raises(EtbenchError, match="too small for dataset sources"):
+        cf.desideratum_pairs("object_value", [a, b], sources="dataset")

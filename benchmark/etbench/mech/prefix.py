@@ -26,7 +26,7 @@ from etbench.mech.interventions import Edit
 EditsFn = Callable[[torch.Tensor, int], Sequence[Edit]]
 
 
-def _buckets(starts: torch.Tensor, max_splits: int) -> list[tuple[torch.Tensor, int]]:
+def start_buckets(starts: torch.Tensor, max_splits: int) -> list[tuple[torch.Tensor, int]]:
     """Rows grouped by start position: one group per distinct start, or ``max_splits`` groups of rows
     with neighbouring starts (each run from its smallest start)."""
     values = torch.unique(starts)
@@ -192,7 +192,7 @@ class PatchRunner:
         if kv is None:
             return self._forward(ids, edits(torch.arange(b), 0)).logits[:, -1].float()
         parts, order = [], []
-        for sub, start in _buckets(starts, max_splits):
+        for sub, start in start_buckets(starts, max_splits):
             if start == 0:
                 out = self._forward(ids[sub.to(self.device)], edits(sub, 0))
             else:

@@ -47,13 +47,14 @@ from etbench.core.stats import Proportion, proportion_ci, to_estimate
 from etbench.mech.forward import device_of, length_batches
 from etbench.mech.heads import HeadMap, HeadSpec, head_map
 from etbench.mech.interventions import Edit, count_backward, mix, read, replace, run
-from etbench.mech.prefix import EditsFn, PatchRunner
+from etbench.mech.prefix import EditsFn, PatchRunner, prefix_cache, start_buckets
 from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Head, group_name
 from etbench.schema.scorecard import DcmScore
 from etbench.task.counterfactuals import (
     ADDITIONAL_DESIDERATA,
     DESIDERATA,
     MAIN_DESIDERATA,
+    SOURCE_MODES,
     EncodedPair,
     desideratum_pairs,
     encode_pairs,
@@ -94,6 +95,9 @@ class DcmConfig:
     semantics_n: int = 500
     semantics_repeats: int = 10
     kv_store_mb: int = 1024  # keep clean key/value caches in memory up to this size, else recompute
+    #: where a pair's source context comes from (task.counterfactuals.SOURCE_MODES): "fresh" contexts, or
+    #: "dataset": another base example, whose run reuses that example's clean key/value prefix
+    sources: str = "fresh"
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_val", "n_test", "epochs", "batch_size", "eval_every", "eval_batch_size",
@@ -107,6 +111,10 @@ class DcmConfig:
                 raise EtbenchError(f"unknown desideratum {d!r}; known: {', '.join(DESIDERATA)}")
         for g in self.additional_for:
             group_name(g)
+        if self.sources not in SOURCE_MODES:
+            raise EtbenchError(f"DCM sources must be one of {', '.join(SOURCE_MODES)}, got {self.sources!r}")
+        if self.sources == "dataset" and (set(self.desiderata) - set(MAIN_DESIDERATA) or self.additional_for):
+            raise EtbenchError("DCM dataset sources are for the main desiderata only (no additional_for)")
 
     @property
     def steps(self) -> int:
@@ -118,7 +126,12 @@ class DcmConfig:
         return tuple(dict.fromkeys(self.desiderata + extra))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["sources"] == "fresh":
+            # a field added after scorecards were recorded: its default is left out, so their DCM settings
+            # (checked by ``submit``) and stage keys stay those of the same protocol
+            del out["sources"]
+        return out
 
 
 #: ``paper``: the reference's sizes and hyper-parameters. ``quick``: a CPU-size preset (the three main
@@ -129,6 +142,12 @@ DCM_PRESETS: dict[str, DcmConfig] = {
     "paper": DcmConfig(),
     "quick": DcmConfig(n_train=64, n_val=32, n_test=32, epochs=2, batch_size=8, eval_every=2, additional_for=(),
                        eval_batch_size=32, semantics_n=32, semantics_repeats=3),
+    # quick's sizes with each source taken from another base example (the reference's "another line of the
+    # dataset"): its run reuses that example's clean key/values and computes the last few tokens, where a fresh
+    # context costs a whole prompt. The sources were 45% of quick's DCM and ~90% of its semantics check.
+    "quick-dataset": DcmConfig(n_train=64, n_val=32, n_test=32, epochs=2, batch_size=8, eval_every=2,
+                               additional_for=(), eval_batch_size=32, semantics_n=32, semantics_repeats=3,
+                               sources="dataset"),
 }
 
 
@@ -201,36 +220,62 @@ def _stop(cur: torch.Tensor) -> None:
     raise _Stop
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two prompts share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @torch.no_grad()
 def cache_at_positions(model, hm: HeadMap, lays: Sequence[Layout], heads: Mapping[str, Sequence[Head]],
                        kind: str = "z", batch_size: int = 32, positions: Mapping[str, str] | None = None,
-                       ) -> dict[str, torch.Tensor]:
+                       prefix: tuple[PatchRunner, Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
     """One forward per batch of prompts; ``{group: [N, n_heads_of_group, d]}``: each group's heads at its
     own position class in each prompt (``positions`` overrides ``GROUP_POSITION``), nothing else kept.
     Prompts of different token lengths are batched separately (never padded). The forward stops after
-    the last layer read (layers above it, and the logits, are never computed)."""
+    the last layer read (layers above it, and the logits, are never computed).
+
+    ``prefix = (runner, donors)``: prompt i begins like the runner's base prompt ``donors[i]`` (a dataset
+    source and its partner example), so it is fed only from the first token that differs (or from its
+    first read position, if that is earlier) over that base run's key/values: the numbers of a whole
+    forward to float precision, for a few tokens' work when only the query differs."""
     positions = dict(GROUP_POSITION, **(positions or {}))
     device = device_of(model)
     n = len(lays)
     out = {g: torch.empty((n, len(hs), hm.spec.d_head)) for g, hs in heads.items() if hs}
+    runner = prefix[0] if prefix is not None and prefix[0].reuse_prefix else None
     for rows in length_batches((lay.length for lay in lays), batch_size):
         ids = torch.tensor([lays[i].input_ids for i in rows], device=device)
-        store: dict = {}
-        edits = []
-        for g in out:
-            pos = torch.tensor([lays[i].position(positions[g]) for i in rows], device=device)
-            for layer, _, hs in by_layer(heads[g]):
-                edits.append(read(layer, kind, store, pos, hs, key=(g, layer)))
-        if edits:  # nothing after the last layer read is needed: stop the forward there
-            edits.append(Edit(max(e.layer for e in edits), kind, _stop))
-        try:
-            run(model, hm, {"input_ids": ids}, edits)
-        except _Stop:
-            pass
-        r = torch.tensor(rows)
-        for g in out:
-            for layer, cols, _ in by_layer(heads[g]):
-                out[g][r[:, None], torch.tensor(cols)[None, :]] = store[(g, layer)].float().cpu()
+        pos = {g: torch.tensor([lays[i].position(positions[g]) for i in rows]) for g in out}
+        if runner is None or not out:
+            buckets, kv = [(torch.arange(len(rows)), 0)], None
+        else:
+            donors = [prefix[1][i] for i in rows]
+            base_ids = runner.ids[torch.tensor(donors, device=runner.ids.device)].tolist()
+            shared = torch.tensor([common_prefix(lays[i].input_ids, b) for i, b in zip(rows, base_ids)])
+            starts = torch.minimum(shared, torch.stack(list(pos.values())).min(0).values)
+            kv = runner.kv(torch.tensor(donors))
+            buckets = [(torch.arange(len(rows)), 0)] if kv is None else start_buckets(starts, max_splits=4)
+        for sub, start in buckets:
+            store: dict = {}
+            edits = [read(layer, kind, store, (pos[g][sub] - start).to(device), hs, key=(g, layer))
+                     for g in out for layer, _, hs in by_layer(heads[g])]
+            if edits:  # nothing after the last layer read is needed: stop the forward there
+                edits.append(Edit(max(e.layer for e in edits), kind, _stop))
+            extra = {} if start == 0 else {"past_key_values": prefix_cache(kv, runner.windows, sub, start),
+                                           "use_cache": True}
+            try:
+                run(model, hm, {"input_ids": ids[sub.to(device), start:]}, edits, **extra)
+            except _Stop:
+                pass
+            r = torch.tensor(rows)[sub]
+            for g in out:
+                for layer, cols, _ in by_layer(heads[g]):
+                    out[g][r[:, None], torch.tensor(cols)[None, :]] = store[(g, layer)].float().cpu()
     return out
 
 
@@ -287,10 +332,11 @@ def dcm_examples(tokenizer, n: int, n_boxes: int = 7, seed: int = 0,
 
 
 def make_pair_sets(tokenizer, examples: Sequence[Example], desiderata: Sequence[str], seed: int,
-                   objects=None, labels=LABELS) -> dict[str, PairSet]:
+                   objects=None, labels=LABELS, sources: str = "fresh") -> dict[str, PairSet]:
     out = {}
     for d in desiderata:
-        enc = encode_pairs(desideratum_pairs(d, examples, seed=seed, objects=objects, labels=labels), tokenizer)
+        enc = encode_pairs(desideratum_pairs(d, examples, seed=seed, objects=objects, labels=labels, sources=sources),
+                           tokenizer)
         out[d] = PairSet(d, tuple(enc), torch.tensor([p.target_id for p in enc], dtype=torch.long))
     return out
 
@@ -309,6 +355,16 @@ def _base_ids(pair_sets: Mapping[str, PairSet]) -> tuple[torch.Tensor, list[Layo
 
 def _group_positions(lays: Sequence[Layout], groups: Sequence[str]) -> dict[str, torch.Tensor]:
     return {g: torch.tensor([lay.position(GROUP_POSITION[g]) for lay in lays], dtype=torch.long) for g in groups}
+
+
+def _source_values(model, hm: HeadMap, pair_set: PairSet, heads: Mapping[str, Sequence[Head]], batch_size: int,
+                   runner: PatchRunner) -> dict[str, torch.Tensor]:
+    """The heads' values at their positions in each pair's source run; dataset sources (pairs with a
+    ``source_row``) reuse their partner's clean run in ``runner`` (built on the pair set's base prompts)."""
+    rows = [p.pair.source_row for p in pair_set.pairs]
+    prefix = (runner, rows) if all(r is not None for r in rows) else None
+    return cache_at_positions(model, hm, [p.source_layout for p in pair_set.pairs], heads, batch_size=batch_size,
+                              prefix=prefix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,7 +470,7 @@ def train_masks(model, tokenizer, heads: Circuit | HeadsByGroup, config: DcmConf
     desiderata = list(dict.fromkeys(d for _, d in tasks))
     n_total = cfg.n_train + cfg.n_val + cfg.n_test
     examples, pool, labels = dcm_examples(tokenizer, n_total, cfg.n_boxes, cfg.seed)
-    pair_sets = make_pair_sets(tokenizer, examples, desiderata, cfg.seed, pool, labels)
+    pair_sets = make_pair_sets(tokenizer, examples, desiderata, cfg.seed, pool, labels, cfg.sources)
     result = fit_masks(model, hbg, pair_sets, cfg, tasks=tasks, model_name=model_name, progress=progress,
                        reuse_prefix=reuse_prefix)
     total = time.perf_counter() - t0
@@ -461,16 +517,15 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
     val = torch.arange(cfg.n_train, cfg.n_train + cfg.n_val)
     test = torch.arange(cfg.n_train + cfg.n_val, n_total)
 
-    sources: dict[tuple[str, str], torch.Tensor] = {}
+    t_clean = time.perf_counter()
+    # the clean runs first: a dataset source's run reuses its partner's clean key/value prefix
+    runner = PatchRunner(model, ids, cfg.eval_batch_size, reuse_prefix, cfg.kv_store_mb, progress, "DCM clean runs")
     t_src = time.perf_counter()
+    sources: dict[tuple[str, str], torch.Tensor] = {}
     for d in track(desiderata, "DCM sources", total=len(desiderata), enabled=progress):
         need = {g: hbg[g] for g, dd in tasks if dd == d}
-        cached = cache_at_positions(model, hm, [p.source_layout for p in pair_sets[d].pairs], need,
-                                    batch_size=cfg.eval_batch_size)
-        for g, values in cached.items():
+        for g, values in _source_values(model, hm, pair_sets[d], need, cfg.eval_batch_size, runner).items():
             sources[(g, d)] = values
-    t_clean = time.perf_counter()
-    runner = PatchRunner(model, ids, cfg.eval_batch_size, reuse_prefix, cfg.kv_store_mb, progress, "DCM clean runs")
     t_train = time.perf_counter()
 
     device = runner.device
@@ -551,7 +606,7 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
             test=proportion_ci(sum(correct), len(correct)), test_correct=tuple(correct), history=tuple(history[t])))
     t_end = time.perf_counter()
     timings = {
-        "total_s": t_end - t0, "sources_s": t_clean - t_src, "clean_s": t_train - t_clean,
+        "total_s": t_end - t0, "sources_s": t_train - t_src, "clean_s": t_src - t_clean,
         "train_s": t_test - t_train, "test_s": t_end - t_test, "steps": len(step_times),
         "step_s": statistics.mean(step_times) if step_times else 0.0,
         "mask_step_s": (statistics.mean(step_times) / len(tasks)) if step_times else 0.0,
@@ -598,11 +653,13 @@ class SemanticsResult:
 
 def semantics_check(model, tokenizer, selections: Mapping[tuple[str, str], Sequence[Sequence[int]]], *,
                     n: int = 500, repeats: int = 10, seed: int = 0, n_boxes: int = 7, batch_size: int = 32,
-                    model_name: str = "", progress: bool = False, reuse_prefix: bool = True) -> list[SemanticsResult]:
+                    model_name: str = "", progress: bool = False, reuse_prefix: bool = True,
+                    sources: str = "fresh") -> list[SemanticsResult]:
     """The paper's cross-model check (docs/method.md §7): for each ``(group, desideratum) -> heads`` (typically
     ``DcmResult.selections()`` of another model), patch those heads' z from the source at the group's
     position into ``model`` and score against the desideratum's target; ``repeats`` times with fresh
-    sources (pair seed ``1000 * seed + r``), on ``n`` base examples of their own data stream."""
+    sources (pair seed ``1000 * seed + r``; fresh contexts or other base examples: ``sources``), on ``n`` base
+    examples of their own data stream."""
     if repeats < 1 or n < 1:
         raise EtbenchError("semantics check needs n >= 1 and repeats >= 1")
     hm = head_map(model)
@@ -619,13 +676,13 @@ def semantics_check(model, tokenizer, selections: Mapping[tuple[str, str], Seque
     rows = torch.arange(n)
     work = [(r, d) for r in range(repeats) for d in desiderata]
     for r, d in track(work, "semantics", total=len(work), enabled=progress):
-        ps = make_pair_sets(tokenizer, examples, [d], 1000 * seed + r, pool, labels)[d]
+        ps = make_pair_sets(tokenizer, examples, [d], 1000 * seed + r, pool, labels, sources)[d]
         if runner is None:
             ids, lays = _base_ids({d: ps})
             runner = PatchRunner(model, ids, batch_size, reuse_prefix)
             pos = _group_positions(lays, GROUPS)
         need = {g: hs for (g, dd), hs in sel.items() if dd == d and hs}
-        src = cache_at_positions(model, hm, [p.source_layout for p in ps.pairs], need, batch_size=batch_size)
+        src = _source_values(model, hm, ps, need, batch_size, runner)
         jobs = [((g, d), hs, [True] * len(hs), src[g], pos[g], ps.targets) if hs else
                 ((g, d), hs, [], None, pos[g], ps.targets) for (g, dd), hs in sel.items() if dd == d]
         for key, correct in _evaluate(runner, rows, jobs, batch_size).items():

@@ -352,16 +352,19 @@ def semantics_stage(run: PairRun, inst: Instance) -> dict[str, Any]:
         return {"results": [], "note": "the base circuit has no DCM masks"}
     m = run.load(inst.side)
     results = semantics_check(m.model, m.tokenizer, selections, n=cfg.semantics_n, repeats=cfg.semantics_repeats,
-                              seed=seed, batch_size=p.batch_size, model_name=m.ref, progress=run.progress)
+                              seed=seed, batch_size=p.batch_size, model_name=m.ref, progress=run.progress,
+                              sources=cfg.sources)
     return {"results": [{"group": r.group, "desideratum": r.desideratum, "heads": [list(h) for h in r.heads],
                          "accuracies": list(r.accuracies), "n": r.n, "correct": [list(c) for c in r.correct]}
                         for r in results]}
 
 
 def semantics_inputs(run: PairRun, inst: Instance) -> dict[str, Any]:
-    """the DCM preset's semantics n and repeats"""
+    """the DCM preset's semantics n, repeats and (unless fresh) where the sources come from"""
     cfg = dcm_preset(run.preset.dcm)
-    return {"n": cfg.semantics_n, "repeats": cfg.semantics_repeats}
+    # fresh sources are left out of the key: the stages stored before the field existed used them
+    sources = {} if cfg.sources == "fresh" else {"sources": cfg.sources}
+    return {"n": cfg.semantics_n, "repeats": cfg.semantics_repeats, **sources}
 
 
 def cmap_stage(run: PairRun, inst: Instance) -> dict[str, Any]:

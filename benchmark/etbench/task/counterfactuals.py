@@ -11,8 +11,15 @@ given kind of information (docs/method.md §1). Two bugs of the reference code a
   More generally, each pair's target differs from the base's own answer and from the target of the
   competing hypotheses, so that no desideratum can be satisfied by doing nothing.
 
-Sources are fresh random contexts from a named seeded stream, which is distributionally what the
-reference's "another random line of the dataset" was, without its dependence on file order.
+Sources come one of two ways (``SOURCE_MODES``):
+
+* ``"fresh"``: a fresh random context from a named seeded stream, which is distributionally what the
+  reference's "another random line of the dataset" was, without its dependence on file order;
+* ``"dataset"``: another base example of the same set, drawn from a named seeded stream and queried at the
+  source segment: the reference's "another line of the dataset" itself. Such a source equals its partner's
+  base prompt up to the query (or the swapped label), so its run can reuse the partner's clean key/value
+  prefix (``metrics.dcm.cache_sources``): a few tokens instead of a whole prompt. The pair records the
+  partner's row (``source_row``).
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ ADDITIONAL_DESIDERATA: tuple[str, ...] = ALTERATIONS[:6] + ("incorrect_segment",
 MAIN_DESIDERATA: tuple[str, ...] = ("positional", "object_value", "box_label_value")
 DESIDERATA: tuple[str, ...] = MAIN_DESIDERATA + ADDITIONAL_DESIDERATA
 NOISE = "noise"  # the path-patching corrupted prompt
+SOURCE_MODES: tuple[str, ...] = ("fresh", "dataset")
+#: Draws of a dataset partner before giving up on a pair whose constraints no partner meets (e.g. a tiny set)
+MAX_PARTNER_DRAWS = 1000
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,8 @@ class CounterfactualPair:
     base: Example
     source: Example
     target_object: str
+    #: the base example (its index in the pair set) the source context was taken from; None for a fresh context
+    source_row: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,31 +100,48 @@ def noise_pairs(examples: Sequence[Example], seed: int = 0, objects: Sequence[st
 
 
 def _desideratum_pair(name: str, base: Example, rng: random.Random, objects: tuple[str, ...],
-                      labels: tuple[str, ...]) -> CounterfactualPair:
+                      labels: tuple[str, ...], partners: tuple[Sequence[Example], int] | None = None,
+                      ) -> CounterfactualPair:
+    """One pair; its source context is fresh (``partners`` None) or, for ``partners = (examples, k)``, an
+    example of ``examples`` other than the k-th (the base's own row)."""
     n, j = base.n_boxes, base.query_index
+    row: int | None = None
+
+    def context(objects: tuple[str, ...], labels: tuple[str, ...]) -> Example:
+        nonlocal row
+        if partners is None:
+            return sample_context(rng, n, objects, labels)
+        examples, own = partners
+        row = rng.randrange(len(examples) - 1)
+        row += row >= own  # uniform over the other rows
+        return examples[row]
+
     if name == "box_label_value":
         if n < 3:
             raise EtbenchError("box_label_value needs at least 3 boxes (its three hypotheses must differ)")
         labelled = _other_segment(rng, n, {j})  # the base box whose label the source will query
         label = base.labels[labelled]
         s = _other_segment(rng, n, {j, labelled})  # the source's query segment
-        source = sample_context(rng, n, objects, labels)
+        source = context(objects, labels)
         src_labels = list(source.labels)
         if label in src_labels:  # keep the source's labels distinct
             src_labels[src_labels.index(label)] = src_labels[s]
         src_labels[s] = label
         source = replace(source, labels=tuple(src_labels)).with_query(s)
-        return CounterfactualPair(name, base, source, base.objects[labelled])
+        return CounterfactualPair(name, base, source, base.objects[labelled], row)
 
     if name in ("add_seg_start", "add_seg_end"):  # the extra segment must not clash with the context
         objects = tuple(o for o in objects if o != EXTRA_SEGMENT_OBJECT)
         labels = tuple(lab for lab in labels if lab != EXTRA_SEGMENT_LABEL)
     s = _other_segment(rng, n, {j})
-    while True:
-        source = sample_context(rng, n, objects, labels).with_query(s)
+    for _ in range(MAX_PARTNER_DRAWS if partners is not None else 1 << 62):
+        source = context(objects, labels).with_query(s)
         # object_value's target (the source's answer) must differ from the no-op and positional ones.
         if name != "object_value" or source.answer not in (base.answer, base.objects[s]):
             break
+    else:
+        raise EtbenchError(f"{name}: no other example of this set has a source answer that differs from both "
+                           "hypotheses' (a set too small for dataset sources)")
     if name == "positional":
         target = base.objects[s]
     elif name == "object_value":
@@ -122,19 +151,31 @@ def _desideratum_pair(name: str, base: Example, rng: random.Random, objects: tup
     else:
         source = replace(source, alteration=name)
         target = base.objects[s]
-    return CounterfactualPair(name, base, source, target)
+    return CounterfactualPair(name, base, source, target, row)
 
 
 def desideratum_pairs(name: str, examples: Sequence[Example], seed: int = 0, objects: Sequence[str] | None = None,
-                      labels: Sequence[str] = LABELS) -> list[CounterfactualPair]:
-    """One pair per base example for a DCM desideratum (docs/method.md §7, with B1/B2 fixed)."""
+                      labels: Sequence[str] = LABELS, sources: str = "fresh") -> list[CounterfactualPair]:
+    """One pair per base example for a DCM desideratum (docs/method.md §7, with B1/B2 fixed); each source
+    context fresh or another example of ``examples`` (``sources``, see the module's docstring)."""
     if name not in DESIDERATA:
         raise EtbenchError(f"unknown desideratum {name!r}; known: {', '.join(DESIDERATA)}")
+    if sources not in SOURCE_MODES:
+        raise EtbenchError(f"sources must be one of {', '.join(SOURCE_MODES)}, got {sources!r}")
     objects, labels = _pools(objects, labels)
-    return [
-        _desideratum_pair(name, base, stream_rng("pairs", name, seed, base.n_boxes, k), objects, labels)
-        for k, base in enumerate(examples)
-    ]
+    if sources == "fresh":
+        return [_desideratum_pair(name, base, stream_rng("pairs", name, seed, base.n_boxes, k), objects, labels)
+                for k, base in enumerate(examples)]
+    if name not in MAIN_DESIDERATA:
+        # a reworded source shares no prefix with any base prompt, and its extra segment may clash with a partner
+        raise EtbenchError(f"dataset sources are for the main desiderata ({', '.join(MAIN_DESIDERATA)}), "
+                           f"not {name!r}")
+    if len(examples) < 2 or len({e.n_boxes for e in examples}) != 1:
+        raise EtbenchError("dataset sources need at least 2 base examples of one box count (a source is "
+                           "another example queried at another box)")
+    return [_desideratum_pair(name, base, stream_rng("dataset-pairs", name, seed, base.n_boxes, k), objects, labels,
+                              (examples, k))
+            for k, base in enumerate(examples)]
 
 
 def make_pairs(kind: str, examples: Sequence[Example], seed: int = 0, objects: Sequence[str] | None = None,
