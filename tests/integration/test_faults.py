@@ -1335,6 +1335,48 @@ def test_lm_eval_unknown_task_is_one_line():
     assert "entity_tracking" in line
 
 
+@pytest.mark.parametrize("args, fragments", [
+    ((), ("lm-eval: no task given", "--tasks entity_tracking")),
+    (("run",), ("lm-eval: no task given",)),
+    (("--model_args", "pretrained=x"), ("lm-eval: no task given",)),
+    (("--tasks", "entity_tracking"), ("model 'hf' needs pretrained", "--model_args pretrained=")),
+    (("--model", "hf", "--tasks", "entity_tracking", "--model_args", "dtype=float32"), ("needs pretrained",)),
+    (("--model", "nosuch", "--tasks", "entity_tracking"), ("no model for this name", "nosuch")),
+    # a --config file's tasks and model count as lm-eval merges them
+    (("--config", "{tasks}"), ("model 'hf' needs pretrained",)),
+    (("--config", "{model}", "--tasks", "entity_tracking"), ("no model for this name", "nosuch")),
+    (("--config", "{missing}"), ("lm-eval: --config", "not found")),
+])
+def test_lm_eval_without_tasks_or_model_is_one_line(tmp_path, args, fragments):
+    """Review: ``etbench lm-eval`` with no arguments raised lm-eval's ValueError ("No tasks specified"), and with
+    tasks but no ``--model_args pretrained=...`` HFLM's TypeError, each as a traceback."""
+    files = {"tasks": "tasks: [entity_tracking]\n", "model": "model: nosuch\n"}
+    for name, text in files.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    args = [a.format(**{n: tmp_path / f"{n}.yaml" for n in (*files, "missing")}) for a in args]
+    assert_error(cli("lm-eval", *args), *fragments)
+
+
+def test_lm_eval_run_check_passes_tasks_and_model_args_from_the_command_line_or_a_config_file(tmp_path):
+    """The check before an lm-eval run lets through what lm-eval runs: tasks and ``pretrained`` given on the
+    command line, in the ``--config`` file, or one in each."""
+    from lm_eval._cli import HarnessCLI
+
+    from etbench.task.harness import check_run_args
+
+    config = tmp_path / "c.yaml"
+    config.write_text("tasks: [entity_tracking]\nmodel_args: pretrained=x,dtype=float32\n")
+    saved = sys.argv
+    try:
+        for args in (["--tasks", "entity_tracking", "--model_args", "pretrained=x"], ["--config", str(config)],
+                     ["--config", str(config), "--model_args", "dtype=float16"],
+                     ["--model", "dummy", "--tasks", "entity_tracking"]):
+            sys.argv = ["lm_eval", "run", *args]
+            check_run_args(HarnessCLI().parse_args())
+    finally:
+        sys.argv = saved
+
+
 def test_circuit_eval_prints_undefined_not_nan(tmp_path):
     """Also seen in issue #26: ``circuit eval`` on a random toy model (accuracy 0) printed ``nan`` for the curve
     area. The toy's ratios are undefined and read so."""
