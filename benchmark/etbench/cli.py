@@ -254,12 +254,12 @@ def circuit_discover(
         _fail("--exact and --fast exclude each other")
     _check_model_options(n=n, batch_size=batch_size, seed=seed, dtype=dtype, device=device)
     check_sizing(size, target)
+    # the command's fast default prunes nothing (the library's fast default, 'single', is kept for API users)
+    minimality = discovery.check_minimality(minimality or ("pairs" if exact else "none"))
     check_output_file(out)
     refuse_foreign_file(out, CIRCUIT_WRITER)
     models.resolve(model)
     loaded = models.load(model, dtype=dtype, device=device, report=None if no_progress else _status)
-    # the command's fast default prunes nothing (the library's fast default, 'single', is kept for API users)
-    minimality = minimality or ("pairs" if exact else "none")
     result = discovery.discover(loaded, mode="exact" if exact else "fast", n=n, seed=seed, batch_size=batch_size,
                                minimality_mode=minimality, size=size, target_fraction=target,
                                model_name=model, progress=not no_progress)
@@ -298,7 +298,7 @@ def circuit_eval(
         check_output_file(out)
         refuse_foreign_file(out, CIRCUIT_WRITER)
     circ = load_circuit(circuit)  # a bad circuit fails before the model loads
-    models.resolve(model)
+    _check_circuit_fits(circ, model)
     loaded = models.load(model, dtype=dtype, device=device, report=None if no_progress else _status)
     ev = faithfulness.evaluate_circuit(loaded, circ, n=n, seed=seed, mean_n=mean_n, batch_size=batch_size,
                                        random_draws=random_draws, completeness_draws=completeness_draws,
@@ -499,8 +499,8 @@ def edges_cmd(
     check_output_dir(out)
     edges.check_edge_outputs(out)
     circuits = load_circuit(circuit_base), load_circuit(circuit_ft)  # a bad circuit fails before a model loads
-    models.resolve(base)
-    models.resolve(ft)
+    for circuit, ref in zip(circuits, (base, ft)):
+        _check_circuit_fits(circuit, ref)
     loaded = [models.load(ref, dtype=dtype, device=device, report=None if no_progress else _status)
               for ref in (base, ft)]
     scores_base, scores_ft, cmp = edges.compare_models(*loaded, *circuits, n=n, seed=seed, batch_size=batch_size,
@@ -539,6 +539,16 @@ def robustness_cmd(
     for path in api.robustness(rows, store, n=n, mean_n=mean_n, diff_n=diff_n, batch_size=batch_size,
                                progress=not no_progress, status=_status):
         typer.echo(f"wrote {path}")
+
+
+def _check_circuit_fits(circuit, model: str) -> None:
+    """``model`` resolves, and ``circuit``'s heads exist in it when its config is on disk (read, not loaded):
+    a 7B circuit on a small model failed only after the load."""
+    from etbench import models
+
+    shape = models.config_shape(models.resolve(model))
+    if shape is not None:
+        circuit.validate(*shape, what=model)
 
 
 def _check_model_options(*, n: int, batch_size: int, seed: int, dtype: str, device: str) -> None:

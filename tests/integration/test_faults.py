@@ -1377,6 +1377,34 @@ def test_lm_eval_run_check_passes_tasks_and_model_args_from_the_command_line_or_
         sys.argv = saved
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """``models.load`` refuses: a command that loads a model fails with this line instead of loading."""
+    from etbench import models
+
+    def refuse(ref, **kwargs):
+        raise EtbenchError(f"a model was loaded: {ref}")
+
+    monkeypatch.setattr(models, "load", refuse)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("circuit", "discover", "-m", "tiny-base", "--out", "{tmp}/c.json", "--minimality", "bogus"),
+     ("minimality mode must be pairs, single or none, got 'bogus'",)),
+    (("circuit", "eval", "-m", "tiny-base", "-c", "paper:llama7b"),
+     ("circuit llama7b does not fit tiny-base (30 layers x 9 heads)",)),
+    (("edges", "--base", "tiny-base", "--ft", "tiny-ft", "--circuit-base", "tiny-base", "--circuit-ft",
+      "paper:llama7b", "--out", "{tmp}/e"), ("circuit llama7b does not fit tiny-ft",)),
+    # a circuit that fits gets as far as the load
+    (("circuit", "eval", "-m", "tiny-base", "-c", "tiny-base"), ("a model was loaded: tiny-base",)),
+])
+def test_circuit_options_and_fit_are_checked_before_the_model_loads(tmp_path, no_model_load, args, fragments):
+    """Review: ``circuit discover --minimality bogus`` and ``circuit eval -c paper:llama7b`` on a small model were
+    refused only after the model had loaded; the model's shape is read from its config.json on disk instead."""
+    assert_error(cli(*(a.replace("{tmp}", str(tmp_path)) for a in args)), *fragments)
+    assert not any(tmp_path.iterdir())
+
+
 def test_circuit_eval_prints_undefined_not_nan(tmp_path):
     """Also seen in issue #26: ``circuit eval`` on a random toy model (accuracy 0) printed ``nan`` for the curve
     area. The toy's ratios are undefined and read so."""

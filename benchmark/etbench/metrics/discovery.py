@@ -639,6 +639,17 @@ def _ablation_mean(given, model, tokenizer, hm, n_boxes, mean_n, seed, batch_siz
     return (given() if callable(given) else given).require(mean_n, n_boxes, seed, "discover")
 
 
+#: How discovery prunes the circuit it found (``minimality``): heads in pairs (the paper), one at a time, or not.
+MINIMALITY_MODES = ("pairs", "single", "none")
+
+
+def check_minimality(mode: str) -> str:
+    if mode not in MINIMALITY_MODES:
+        raise EtbenchError(f"minimality mode must be {', '.join(MINIMALITY_MODES[:-1])} or {MINIMALITY_MODES[-1]}, "
+                           f"got {mode!r}")
+    return mode
+
+
 def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: int = 64, seed: int = 0,
              batch_size: int = 16, receiver_k: Mapping[str, int] | int | None = None,
              candidate_k: Mapping[str, int] | int | None = None, verify_k: Mapping[str, int] | int | None = None,
@@ -670,9 +681,7 @@ def discover(model, mode: str = "fast", tokenizer=None, *, n_boxes: int = 7, n: 
         raise EtbenchError(f"growth order must be one of {', '.join(GROWTH_ORDERS)}, got {growth_order!r}")
     if mode not in MODES:
         raise EtbenchError(f"discovery mode must be one of {', '.join(MODES)}, got {mode!r}")
-    minimality_mode = minimality_mode or ("pairs" if mode == "exact" else "single")
-    if minimality_mode not in ("pairs", "single", "none"):
-        raise EtbenchError(f"minimality mode must be pairs, single or none, got {minimality_mode!r}")
+    minimality_mode = check_minimality(minimality_mode or ("pairs" if mode == "exact" else "single"))
     model, tokenizer, model_name = as_loaded(model, tokenizer, model_name)
     hm = head_map(model)
     spec = hm.spec

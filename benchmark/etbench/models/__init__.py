@@ -12,6 +12,7 @@ from etbench.models.load import (
     check_device,
     check_device_name,
     check_dtype,
+    config_shape,
     default_dtype,
     ensure_built,
     estimate_memory,
@@ -50,7 +51,7 @@ from etbench.models.registry import (
 __all__ = [
     "EXPORT_WRITER", "check_export_dir", "export_model",
     "ASSET_PREFIX", "DTYPES", "MemoryEstimate", "default_dtype", "estimate_memory", "shares_base", "GGUF_MANIFEST",
-    "REGISTRY_PATH", "SOURCE_KINDS", "Availability", "LoadedModel", "check_device", "check_device_name", "check_dtype",
+    "REGISTRY_PATH", "SOURCE_KINDS", "Availability", "LoadedModel", "check_device", "check_device_name", "check_dtype", "config_shape",
     "ModelRow", "ModelSpec", "RegistryEntry", "as_loaded", "availability", "cache_root", "cached_snapshot",
     "dequantised_dir", "ensure_dequantised", "find_dequantised", "format_model_table", "hf_cache_dir",
     "hub_offline", "hub_reachable", "list_models", "load", "parse_registry", "published_ref", "published_source", "registry", "resolve",

@@ -257,6 +257,24 @@ def _config_dir(spec: ModelSpec) -> Path | None:
     return find_dequantised(gguf) if gguf.is_file() else None
 
 
+def config_shape(spec: ModelSpec) -> tuple[int, int] | None:
+    """(layers, attention heads) of the model, as ``mech.heads.head_map`` reads them from its loaded config, but
+    from its config on disk: nothing loaded or downloaded. None when no config is on disk yet or transformers
+    cannot read it (the load then says why)."""
+    from transformers import AutoConfig
+
+    where = _config_dir(spec)
+    if where is None or not (where / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(where, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    shape = getattr(text, "num_hidden_layers", None), getattr(text, "num_attention_heads", None)
+    return shape if all(isinstance(x, int) for x in shape) else None
+
+
 def _available_gb(device: str) -> float | None:
     import torch
 
