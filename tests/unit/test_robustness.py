@@ -226,6 +226,39 @@ def test_submit_publishes_the_submitted_rows_robustness(tmp_path):
     assert (rebuilt / "leaderboard.md").read_text() == board
 
 
+def test_a_robustness_file_submit_stored_is_one_etbench_robustness_may_replace(tmp_path):
+    """Review: ``etbench robustness ROW`` refused tiny-ft, tiny-goat, tiny-vicuna and tiny-harmful: ``submit``
+    replaces a store entry as a whole and stored robustness.json without the manifest ``etbench robustness`` had
+    written there, so the row's file read as someone else's. Now ``submit`` stores the manifest with it (before
+    and after a re-submit of the row), while a robustness.json nobody of etbench wrote stays refused."""
+    from etbench.publish import submissions
+
+    row, rob, _, _ = _row_file(tmp_path)
+    sub_file = tmp_path / "submissions" / "tiny-null.yaml"
+    sub_file.write_text((ROOT / "submissions" / "tiny-null.yaml").read_text())
+    rb.write(rob, row)  # as `etbench robustness` writes it beside the card that is submitted
+    (row / rb.ROBUSTNESS_WRITER.manifest).unlink()  # as the store had it: a file submit stored, no manifest
+    with pytest.raises(EtbenchError, match="was not written by `etbench robustness`"):
+        rb.check_outputs(row)
+    submissions.submit(sub_file, root=tmp_path, replace=True)  # the entry's own card (results/tiny-null)
+    assert {p.name for p in row.iterdir()} == {"scorecard.json", "items.jsonl", "submission.json", rb.FILE_NAME,
+                                               rb.ROBUSTNESS_WRITER.manifest}
+    rb.check_outputs(row)
+    assert rb.write(rob, row).read_bytes() == rb.canonical_bytes(rob)
+    submissions.submit(sub_file, root=tmp_path, replace=True)
+    rb.check_outputs(row)
+
+
+def test_every_committed_robustness_file_is_one_etbench_robustness_may_replace():
+    """The committed rows stored by ``submit`` before it kept the manifest got the one it now writes."""
+    rows = sorted(p.parent for p in (ROOT / "submissions" / "results").glob(f"*/{rb.FILE_NAME}"))
+    assert {"tiny-ft", "tiny-goat", "tiny-vicuna", "tiny-harmful"} <= {row.name for row in rows}
+    for row in rows:
+        rb.check_outputs(row)
+        assert (row / rb.ROBUSTNESS_WRITER.manifest).read_bytes() == \
+            rb.stored_files(rb.load(row / rb.FILE_NAME))[rb.ROBUSTNESS_WRITER.manifest]
+
+
 def test_the_committed_planted_row_shows_its_known_answers():
     """tiny-planted-a was trained on the paper's template with tiny-base's value fetchers mean-ablated: it loses
     accuracy on both held-out wordings (§14 measured -0.13 and -0.15) yet keeps most of its gain, and its W_Q

@@ -303,8 +303,12 @@ def claim_outputs(out_dir: Path, names: Iterable[str], writer: Writer) -> None:
     out_dir = Path(out_dir)
     names = list(names)
     refuse_foreign_files(out_dir, dict.fromkeys(names), writer)
-    listed = sorted(set(generated_files(out_dir, writer)) | set(names))
-    atomic_write_json(out_dir / writer.manifest, {"generated_by": writer.command, "files": listed})
+    atomic_write_bytes(out_dir / writer.manifest, manifest_bytes(writer, [*generated_files(out_dir, writer), *names]))
+
+
+def manifest_bytes(writer: Writer, names: Iterable[str]) -> bytes:
+    """``writer``'s manifest listing ``names``, as ``claim_outputs`` writes it."""
+    return dumps_json({"generated_by": writer.command, "files": sorted(set(names))}).encode("utf-8")
 
 
 def refuse_foreign_file(path: str | os.PathLike, writer: Writer) -> None:

@@ -33,7 +33,16 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from etbench.core.errors import EtbenchError
-from etbench.core.io import Writer, atomic_write_json, claimed, dumps_json, jsonable, read_json, refuse_foreign_files
+from etbench.core.io import (
+    Writer,
+    atomic_write_json,
+    claimed,
+    dumps_json,
+    jsonable,
+    manifest_bytes,
+    read_json,
+    refuse_foreign_files,
+)
 from etbench.core.stats import (
     Estimate,
     bootstrap_mean,
@@ -485,6 +494,14 @@ def write(rob: Robustness, row_dir: str | Path) -> Path:
 
 def canonical_bytes(rob: Robustness) -> bytes:
     return dumps_json(rob.to_dict()).encode("utf-8")
+
+
+def stored_files(rob: Robustness) -> dict[str, bytes]:
+    """``robustness.json`` and the manifest claiming it, as ``submit`` stores them in a store entry: the file there
+    is etbench's, so ``etbench robustness`` of the row may replace it. (``submit`` replaces an entry as a whole;
+    storing the file alone dropped the manifest ``etbench robustness`` had written there, and the row's next
+    ``etbench robustness`` refused the file as someone else's.)"""
+    return {FILE_NAME: canonical_bytes(rob), ROBUSTNESS_WRITER.manifest: manifest_bytes(ROBUSTNESS_WRITER, [FILE_NAME])}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -598,7 +598,7 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False, add_
     entry_files = {"scorecard.json": card_bytes, card.items_file: items_bytes,
                    "submission.json": dumps_json(meta).encode("utf-8")}
     if rob is not None:
-        entry_files[robustness.FILE_NAME] = robustness.canonical_bytes(rob)
+        entry_files.update(robustness.stored_files(rob))
     items = [loads_json(line) for line in items_bytes.decode("utf-8").splitlines() if line.strip()]
     with lb.locked(root):
         if extends and not _stores_card(target, sub.scorecard):
