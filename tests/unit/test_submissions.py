@@ -283,3 +283,16 @@ def test_a_tag_or_a_commit_prefix_matches_a_recorded_commit():
     assert submissions._same_revision("0123456789abcdef0123456789abcdef01234567", "0123456")
     assert submissions._same_revision("0123456789abcdef0123456789abcdef01234567", "v1.0")
     assert not submissions._same_revision("0123456789abcdef0123456789abcdef01234567", "fedcba98")
+
+
+def test_submit_refuses_a_root_that_is_not_a_directory_as_leaderboard_build_does(root, tmp_path):
+    """Review: ``submit --root /nonexistent`` created a new store there (submissions/results and leaderboards/),
+    where ``leaderboard build`` refuses a missing root: a mistyped root is not a new store."""
+    sub = write(root, good_b(root), "b.yaml")  # a good submission: only the root is wrong
+    (tmp_path / "a-file").write_text("x\n")
+    for bad_root in (tmp_path / "no-such-root", tmp_path / "a-file"):
+        with pytest.raises(EtbenchError, match=f"^--root: {bad_root} is not a directory$"):
+            submissions.submit(sub, root=bad_root)
+        with pytest.raises(EtbenchError, match=f"^--root: {bad_root} is not a directory$"):
+            lb.build(bad_root)
+    assert not (tmp_path / "no-such-root").exists() and (tmp_path / "a-file").read_text() == "x\n"

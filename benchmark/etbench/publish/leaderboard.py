@@ -893,13 +893,20 @@ def render(entries: list[Entry], include_paper: bool = True) -> dict[str, bytes]
     return {k: v.encode("utf-8") for k, v in sorted(files.items())}
 
 
+def check_root(root: str | Path) -> Path:
+    """``root`` (``--root``: the directory holding submissions/ and leaderboards/) is an existing directory: a
+    mistyped root is not an empty store, to build a board from or to start a new store in."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EtbenchError(f"--root: {root} is not a directory")
+    return root
+
+
 def build(root: Path = Path("."), out_dir: Optional[Path] = None, include_paper: bool = True,
           notes: Optional[list[str]] = None) -> list[Path]:
     """Regenerate ``leaderboards/`` from ``submissions/results/`` under ``root``. Incomplete or corrupt
     stored entries are skipped and described in ``notes``."""
-    root = Path(root)
-    if not root.is_dir():  # a mistyped root is not an empty store
-        raise EtbenchError(f"--root: {root} is not a directory")
+    root = check_root(root)
     out_dir = root / LEADERBOARD_DIR if out_dir is None else Path(out_dir)
     check_output_dir(out_dir, "--out" if out_dir != root / LEADERBOARD_DIR else "leaderboard directory")
     problems: list[str] = []

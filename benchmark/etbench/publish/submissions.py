@@ -563,7 +563,7 @@ def submit(file: str | Path, root: str | Path = ".", replace: bool = False, add_
     """
     import tempfile
 
-    root = Path(root)
+    root = lb.check_root(root)
     sub = parse(file)
     results_dir = root / lb.RESULTS_SUBDIR
     target = results_dir / sub.name
