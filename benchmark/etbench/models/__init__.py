@@ -42,6 +42,7 @@ from etbench.models.registry import (
     parse_registry,
     published_ref,
     published_source,
+    read_config,
     registry,
     resolve,
     spec_revision,
@@ -54,6 +55,6 @@ __all__ = [
     "REGISTRY_PATH", "SOURCE_KINDS", "Availability", "LoadedModel", "check_device", "check_device_name", "check_dtype", "config_shape",
     "ModelRow", "ModelSpec", "RegistryEntry", "as_loaded", "availability", "cache_root", "cached_snapshot",
     "dequantised_dir", "ensure_dequantised", "find_dequantised", "format_model_table", "hf_cache_dir",
-    "hub_offline", "hub_reachable", "list_models", "load", "parse_registry", "published_ref", "published_source", "registry", "resolve",
+    "hub_offline", "hub_reachable", "list_models", "load", "parse_registry", "published_ref", "published_source", "read_config", "registry", "resolve",
     "spec_revision", "weights_revision", "materialise_sources", "ensure_built", "weights_sha256", "built_dir", "find_built", "BUILT_MANIFEST",
 ]

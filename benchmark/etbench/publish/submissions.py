@@ -295,11 +295,9 @@ def _read_config(directory: Path, origin: str, who: str) -> Optional[dict[str, A
     if not path.is_file():
         return None
     try:
-        config = read_json(path)
+        config = models.read_config(path)
     except EtbenchError as err:
         raise EtbenchError(f"{origin}: {who}: {err}") from None
-    if not isinstance(config, dict):
-        raise EtbenchError(f"{origin}: {who}: {path} is not a JSON object")
     if config.get("auto_map"):
         raise EtbenchError(f"{origin}: {who}: {path} needs custom model code (auto_map); etbench never runs "
                            "remote code")
