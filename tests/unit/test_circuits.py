@@ -75,6 +75,12 @@ def test_missing_or_broken_file(tmp_path):
         Circuit.load(tmp_path / "x.json")
 
 
+def test_a_directory_given_as_a_circuit_is_named_a_directory(tmp_path):
+    """Review: ``-c DIR`` said "circuit file not found" of a directory that exists."""
+    with pytest.raises(EtbenchError, match=f"^circuit {tmp_path} is a directory; give a circuit JSON file$"):
+        load_circuit(tmp_path)
+
+
 def test_validate_against_model_shape():
     c = small_circuit()
     c.validate(2, 4)

@@ -60,6 +60,22 @@ def test_a_model_directory_whose_config_is_not_an_object_is_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_reuse_stages_refuses_a_directory_with_no_stage_files(tmp_path):
+    """Review: ``--reuse-stages`` took an empty directory (or a mistyped one holding no stage), reusing nothing."""
+    from etbench.scoring.pipeline import stage_sources
+    from etbench.scoring.stages import StageCache
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run" / "stages").mkdir(parents=True)
+    (tmp_path / "run" / "stages" / "notes.json").write_text('{"key": "k", "result": 1}\n')  # no checksum
+    for given, named in (("empty", "empty"), ("run", "run/stages")):
+        result = etbench("score", "--out", "o", "--reuse-stages", given, cwd=tmp_path)
+        assert_one_line_error(result, f"--reuse-stages: {named} holds no stage files")
+    assert not (tmp_path / "o").exists()
+    StageCache(tmp_path / "run" / "stages").run("accuracy_base", {"n": 1}, lambda: 0.5)
+    assert stage_sources([tmp_path / "run"]) == [tmp_path / "run" / "stages"]
+
+
 def test_tasks_path_points_at_the_task_yamls():
     result = etbench("tasks-path")
     assert (Path(result.stdout.strip()) / "entity_tracking" / "entity_tracking_7boxes.yaml").exists()

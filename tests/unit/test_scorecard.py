@@ -50,6 +50,15 @@ def test_invalid_or_foreign_scorecards_are_clear_errors(tmp_path):
         sc.load(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("text, kind", [("[1, 2]", "list"), ('"card"', "str"), ("3", "int"), ("null", "NoneType")])
+def test_json_that_is_not_an_object_is_not_a_scorecard(tmp_path, text, kind):
+    """Review: a JSON list given as a scorecard was refused as "schema version None"."""
+    (tmp_path / "scorecard.json").write_text(text)
+    with pytest.raises(EtbenchError) as err:
+        sc.load(tmp_path / "scorecard.json")
+    assert str(err.value) == f"{tmp_path / 'scorecard.json'}: not a scorecard (a JSON object), got {kind}"
+
+
 def test_json_schema_describes_the_dataclasses():
     schema = sc.json_schema()
     assert set(schema["required"]) >= {"base", "ft", "config", "config_hash", "provenance"}

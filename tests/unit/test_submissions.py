@@ -296,3 +296,15 @@ def test_submit_refuses_a_root_that_is_not_a_directory_as_leaderboard_build_does
         with pytest.raises(EtbenchError, match=f"^--root: {bad_root} is not a directory$"):
             lb.build(bad_root)
     assert not (tmp_path / "no-such-root").exists() and (tmp_path / "a-file").read_text() == "x\n"
+
+
+def test_a_directory_is_refused_as_the_submission_file_and_as_its_scorecard(root):
+    """Review: a directory given as the submission said "no such submission file", and a directory as its
+    ``scorecard:`` was taken for the scorecard.json in it (the field names the file)."""
+    before = snapshot(root)
+    with pytest.raises(EtbenchError, match="submissions: is a directory; give the submission's YAML file$"):
+        submissions.parse(root / "submissions")
+    text = good_b(root).replace("cards/synthetic-ft-b/scorecard.json", "cards/synthetic-ft-b")
+    with pytest.raises(EtbenchError, match="scorecard: 'cards/synthetic-ft-b' is a directory; give the scorecard.json"):
+        submissions.validate(write(root, text))
+    assert snapshot(root) == before

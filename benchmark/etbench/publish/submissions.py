@@ -202,6 +202,8 @@ def parse(file: str | Path) -> Submission:
 
     file = Path(file)
     origin = str(file)
+    if file.is_dir():
+        raise EtbenchError(f"{origin}: is a directory; give the submission's YAML file")
     if not file.is_file():
         raise EtbenchError(f"{origin}: no such submission file")
     if file.stat().st_size > MAX_SUBMISSION_BYTES:
@@ -251,8 +253,9 @@ def parse(file: str | Path) -> Submission:
     card = None
     if "scorecard" in data:
         card = safe_relative(data["scorecard"], "scorecard", base_dir, origin)
-        if card.is_dir():
-            card = card / "scorecard.json"
+        if card.is_dir():  # the field names the file (a directory was taken for the scorecard.json in it)
+            raise EtbenchError(f"{origin}: scorecard: {data['scorecard']!r} is a directory; give the scorecard.json "
+                               "file `etbench score` wrote")
         if not card.is_file():
             raise EtbenchError(f"{origin}: scorecard: {data['scorecard']!r} does not exist")
     return Submission(file, data, data["name"], model_ref, base_ref, model_rev, base_rev, card)

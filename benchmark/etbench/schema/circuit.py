@@ -322,6 +322,8 @@ class Circuit:
     @classmethod
     def load(cls, path: str | Path) -> Circuit:
         path = Path(path)
+        if path.is_dir():
+            raise EtbenchError(f"circuit {path} is a directory; give a circuit JSON file")
         if not path.is_file():
             raise EtbenchError(f"circuit file not found: {path}")
         try:

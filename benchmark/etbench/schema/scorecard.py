@@ -310,7 +310,9 @@ def from_dict(data: dict[str, Any]) -> Scorecard:
     """Validate and rebuild a scorecard; a wrong schema version or shape is a clear error."""
     from pydantic import ValidationError
 
-    version = data.get("schema_version") if isinstance(data, dict) else None
+    if not isinstance(data, dict):  # its schema version read as None: say what it is instead
+        raise EtbenchError(f"not a scorecard (a JSON object), got {type(data).__name__}")
+    version = data.get("schema_version")
     if type(version) is not int or version not in READABLE_SCHEMA_VERSIONS:  # True == 1 and 2.0 == 2
         raise EtbenchError(f"scorecard schema version {version!r} is not supported "
                            f"(readable: {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")

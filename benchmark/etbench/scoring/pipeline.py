@@ -27,6 +27,7 @@ from etbench.core.io import (
     check_output_dir,
     claim_outputs,
     config_hash,
+    loads_json,
     refuse_foreign_files,
 )
 from etbench.mech.interventions import tallying
@@ -39,7 +40,7 @@ from etbench.scoring import graph
 from etbench.scoring.assemble import assemble_scorecard, library_versions
 from etbench.scoring.graph import REMOTE_DCM_NOTE, SIDES  # noqa: F401 - REMOTE_DCM_NOTE: read by callers here
 from etbench.scoring.presets import DEFAULT_BASE, DEFAULT_FT, Preset, resolve_preset
-from etbench.scoring.stages import StageCache
+from etbench.scoring.stages import StageCache, result_checksum
 
 
 @dataclass
@@ -285,15 +286,34 @@ class PairLoader:
         return self.loaded[which]
 
 
+def holds_stages(directory: Path) -> bool:
+    """``directory`` holds a stage result as ``StageCache`` stores one: a JSON object with its key, and its result
+    under a matching checksum (another file there is never served as a stage)."""
+    for path in sorted(directory.glob("*.json")):
+        try:
+            record = loads_json(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(record, dict) and "key" in record and "result" in record \
+                and record.get("checksum") == result_checksum(record["result"]):
+            return True
+    return False
+
+
 def stage_sources(dirs: Sequence[str | Path]) -> list[Path]:
     """The stage directories of ``reuse_stages`` (a run directory's ``stages/``, or the directory given),
-    each checked to exist before any model loads."""
+    each checked to exist and hold stage files before any model loads (an empty or mistyped one reused
+    nothing, silently)."""
     sources = []
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
             raise EtbenchError(f"--reuse-stages: {d} is not a directory")
-        sources.append(d / "stages" if (d / "stages").is_dir() else d)
+        source = d / "stages" if (d / "stages").is_dir() else d
+        if not holds_stages(source):
+            raise EtbenchError(f"--reuse-stages: {source} holds no stage files (give an earlier `etbench score` "
+                               "run's --out directory, or its stages/ directory)")
+        sources.append(source)
     return sources
 
 
