@@ -116,12 +116,15 @@ def test_dataset_sources_are_other_examples_of_the_set(kind, bases):
             assert p.target_object == base.objects[base.labels.index(src.query_label)]
             assert len(set(src.labels)) == src.n_boxes
             assert sum(a != b for a, b in zip(src.labels, partner.labels)) <= 2  # at most one swap
+            assert src.query_index not in (base.query_index, base.labels.index(src.query_label))
         else:
             assert src.labels == partner.labels
         if kind == "positional":
             assert p.target_object == base.objects[src.query_index]
         if kind == "object_value":
             assert p.target_object == src.answer and src.answer not in (base.answer, base.objects[src.query_index])
+    if kind == "box_label_value":  # with 140 examples nearly every base finds a partner holding its label
+        assert sum(p.source.labels == bases[p.source_row].labels for p in pairs) >= 0.95 * len(pairs)
     # fresh contexts are untouched by the option: the same pairs as without it, no partner row
     fresh = cf.desideratum_pairs(kind, bases, seed=1)
     assert fresh == cf.desideratum_pairs(kind, bases, seed=1, sources="fresh") != pairs

@@ -284,12 +284,36 @@ def run(model, hm: HeadMap | None, inputs: Mapping[str, torch.Tensor], edits: Se
     Call it with the model you evaluate (a ``PeftModel`` stays a ``PeftModel``, so LoRA stays on)."""
     _tally(model, inputs, edits, forward_kwargs)
     other = _BOUND.get(model) or _BACKEND.get()
-    if other is not None:
-        return other(model, hm, inputs, edits, **forward_kwargs)
-    if not edits:
-        return model(**inputs, **forward_kwargs)
-    with applied(hm, edits):
-        return model(**inputs, **forward_kwargs)
+    with contiguous_projection(model, "logits_to_keep" in forward_kwargs):
+        if other is not None:
+            return other(model, hm, inputs, edits, **forward_kwargs)
+        if not edits:
+            return model(**inputs, **forward_kwargs)
+        with applied(hm, edits):
+            return model(**inputs, **forward_kwargs)
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
+
+
+@contextmanager
+def contiguous_projection(model, active: bool = True) -> Iterator[None]:
+    """While active, the vocabulary projection gets a contiguous input. Why: under ``logits_to_keep``
+    transformers hands it the strided slice ``hidden[:, -1:]``, which torch multiplies as one
+    matrix-vector product per row, reading the whole vocabulary matrix once per row (56 ms against 10 ms
+    for 16 rows of a 49,152-token vocabulary on 2 CPU cores; a third of a few-token patched run). The
+    logits change by float rounding only (the summation order of one product)."""
+    get = getattr(model, "get_output_embeddings", None) if active else None
+    projection = get() if get is not None else None
+    if not isinstance(projection, torch.nn.Module):
+        yield
+        return
+    handle = projection.register_forward_pre_hook(_contiguous_input)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass(frozen=True, eq=False)

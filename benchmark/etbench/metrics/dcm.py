@@ -247,11 +247,13 @@ def cache_at_positions(model, hm: HeadMap, lays: Sequence[Layout], heads: Mappin
     device = device_of(model)
     n = len(lays)
     out = {g: torch.empty((n, len(hs), hm.spec.d_head)) for g, hs in heads.items() if hs}
+    if not out:  # nothing to read: no forward (a selection with no heads once ran a whole one for nothing)
+        return out
     runner = prefix[0] if prefix is not None and prefix[0].reuse_prefix else None
     for rows in length_batches((lay.length for lay in lays), batch_size):
         ids = torch.tensor([lays[i].input_ids for i in rows], device=device)
         pos = {g: torch.tensor([lays[i].position(positions[g]) for i in rows]) for g in out}
-        if runner is None or not out:
+        if runner is None:
             buckets, kv = [(torch.arange(len(rows)), 0)], None
         else:
             donors = [prefix[1][i] for i in rows]
@@ -363,7 +365,9 @@ def _source_values(model, hm: HeadMap, pair_set: PairSet, heads: Mapping[str, Se
     ``source_row``) reuse their partner's clean run in ``runner`` (built on the pair set's base prompts)."""
     rows = [p.pair.source_row for p in pair_set.pairs]
     prefix = (runner, rows) if all(r is not None for r in rows) else None
-    return cache_at_positions(model, hm, [p.source_layout for p in pair_set.pairs], heads, batch_size=batch_size,
+    # a source fed over its partner's key/values is a few tokens a row: batch as many rows as a merged evaluation
+    rows_per_batch = batch_size * (MERGED_BATCHES if prefix is not None else 1)
+    return cache_at_positions(model, hm, [p.source_layout for p in pair_set.pairs], heads, batch_size=rows_per_batch,
                               prefix=prefix)
 
 
@@ -428,28 +432,64 @@ def _rounded(mask: torch.Tensor) -> tuple[bool, ...]:
     return tuple(bool(x) for x in (mask.detach().clamp(0, 1) <= 0.5).tolist())
 
 
+#: A patched evaluation run feeds a few tokens a row over stored key/values, so its cost is reading the weights,
+#: not the rows: ``_evaluate`` merges the patched jobs of up to this many batches' rows into one forward.
+MERGED_BATCHES = 8
+#: Patched rows whose first patched positions are this close run as one forward (the query label and the last
+#: token: the position detector's and the value fetcher's), feeding the later ones a few more tokens
+START_GAP = 4
+
+
 def _evaluate(runner: PatchRunner, rows: torch.Tensor, jobs: Sequence[tuple[Any, Sequence[Head], Sequence[bool],
               torch.Tensor, torch.Tensor, torch.Tensor]], batch_size: int) -> dict[Any, list[bool]]:
-    """Correct/incorrect per row for several hard masks at once, sharing each chunk's clean run.
+    """Correct/incorrect per row for several hard masks at once.
 
-    ``jobs``: (key, heads, patched flags, source [N, n, d], positions [N], targets [N]) over all rows."""
+    ``jobs``: (key, heads, patched flags, source [N, n, d], positions [N], targets [N]) over all rows. A job
+    that patches nothing is the clean run's prediction. The patched jobs' rows run together, up to
+    ``MERGED_BATCHES x batch_size`` rows a forward: each row gets its own job's sources through a 0/1 mix over
+    the union of the merged jobs' heads (exactly the source where 0, exactly the run's own value where 1)."""
     results: dict[Any, list[bool]] = {key: [] for key, *_ in jobs}
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s : s + batch_size]
-        kv = None
-        for key, heads, patched, source, pos, targets in jobs:
-            tgt = targets[chunk]
-            if not any(patched):
-                pred = runner.base_argmax[chunk]
+    units = []  # (job, rows) in job order, then row order: each job's results come back in row order
+    for job in jobs:
+        key, _, patched, _, _, targets = job
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            if any(patched):
+                units.append((job, chunk))
             else:
-                if kv is None:
-                    kv = runner.kv(chunk)
-                p = pos[chunk]
-                with torch.no_grad():
-                    logits = runner.logits(chunk, kv, p, _replace_edits(heads, source[chunk], p.to(runner.device),
-                                                                        patched))
-                pred = logits.argmax(-1).cpu()
-            results[key] += (pred == tgt).tolist()
+                results[key] += (runner.base_argmax[chunk] == targets[chunk]).tolist()
+    limit = MERGED_BATCHES * batch_size
+    merged: list[list] = []
+    for unit in units:
+        if not merged or sum(len(c) for _, c in merged[-1]) + len(unit[1]) > limit:
+            merged.append([])
+        merged[-1].append(unit)
+    for group in merged:
+        union = list(dict.fromkeys(h for (_, heads, patched, *_), _ in group
+                                   for h, p in zip(heads, patched) if p))
+        column = {h: i for i, h in enumerate(union)}
+        all_rows = torch.cat([chunk for _, chunk in group])
+        values = torch.zeros((len(all_rows), len(union), group[0][0][3].shape[-1]))
+        keep = torch.ones((len(all_rows), len(union)))
+        pos = torch.empty(len(all_rows), dtype=torch.long)
+        at = 0
+        for (_, heads, patched, source, positions, _), chunk in group:
+            end = at + len(chunk)
+            cols = [column[h] for h, p in zip(heads, patched) if p]
+            src = source[chunk][:, [i for i, p in enumerate(patched) if p]]
+            values[at:end, cols] = src.float()
+            keep[at:end, cols] = 0.0
+            pos[at:end] = positions[chunk]
+            at = end
+        with torch.no_grad():
+            logits = runner.logits(all_rows, runner.kv(all_rows), pos,
+                                   _mix_edits(union, values.to(runner.device), keep.to(runner.device),
+                                              pos.to(runner.device)), gap=START_GAP)
+        pred = logits.argmax(-1).cpu()
+        at = 0
+        for (key, *_, targets), chunk in group:
+            results[key] += (pred[at : at + len(chunk)] == targets[chunk]).tolist()
+            at += len(chunk)
     return results
 
 
@@ -555,39 +595,42 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
     batches = [perm[s : s + cfg.batch_size] for _ in range(cfg.epochs)
                for perm in [train[torch.randperm(cfg.n_train, generator=gen)]]
                for s in range(0, cfg.n_train, cfg.batch_size)]
-    by_group: dict[str, list[tuple[str, str]]] = {}
-    for t in tasks:
-        by_group.setdefault(t[0], []).append(t)
+    # Every mask trains in one forward + backward a step: the batch is repeated once per mask, each copy with
+    # its own mask and sources over the union of the groups' heads (1 = the run's own value elsewhere). Rows
+    # never interact, so the summed loss gives each mask exactly the gradient of its own loss; a few-token
+    # patched run costs a read of the weights, so one run of k copies costs little more than one of a copy.
+    union = list(dict.fromkeys(h for g, _ in tasks for h in hbg[g]))
+    columns = {g: torch.tensor([union.index(h) for h in hbg[g]], device=device) for g in hbg}
+    d_head = next(iter(sources.values())).shape[-1]
+    k = len(tasks)
     step_times = []
     for step, rows in enumerate(track(batches, "DCM masks", total=len(batches), enabled=progress), start=1):
         ts = time.perf_counter()
         kv = runner.kv(rows)
         b = len(rows)
-        for g, group_tasks in by_group.items():
-            # One forward + backward for all of a group's masks: the batch is repeated once per mask,
-            # each copy with its own mask and sources. Rows never interact, so the summed loss gives
-            # each mask exactly the gradient of its own loss (and the weights are read once, not k times).
-            k = len(group_tasks)
-            with torch.no_grad():
-                for t in group_tasks:
-                    masks[t].clamp_(0, 1)
-            p = pos[g][rows].repeat(k)
-            mask_rows = torch.stack([masks[t] for t in group_tasks]).repeat_interleave(b, 0)  # [k b, n]
-            src = torch.cat([sources[t][rows] for t in group_tasks]).to(device)
-            kv_k = None if kv is None else [(key.repeat(k, 1, 1, 1), val.repeat(k, 1, 1, 1)) for key, val in kv]
-            logits = runner.logits(rows.repeat(k), kv_k, p, _mix_edits(hbg[g], src, mask_rows, p.to(device)))
-            # logits come from the last layer's device (a device_map model), the masks live on the first's
-            tgt = torch.cat([pair_sets[d].targets[rows] for _, d in group_tasks]).to(logits.device)
-            picked = logits.gather(1, tgt[:, None])[:, 0].reshape(k, b)
-            loss = sum(-picked[i].mean() + cfg.lam * (1 - masks[t]).sum().to(logits.device)
-                       for i, t in enumerate(group_tasks))
-            # why autograd.grad: the caller's model may not be frozen; .backward() would also compute
-            # (and keep) gradients for every weight after the first masked layer.
-            grads = torch.autograd.grad(loss, [masks[t] for t in group_tasks])
-            count_backward()
-            for t, grad in zip(group_tasks, grads):
-                masks[t].grad = grad
-                opts[t].step()
+        with torch.no_grad():
+            for t in tasks:
+                masks[t].clamp_(0, 1)
+        p = torch.cat([pos[g][rows] for g, _ in tasks])
+        ones = torch.ones(len(union), device=device)
+        mask_rows = torch.stack([ones.index_put((columns[g],), masks[(g, d)]) for g, d in tasks]).repeat_interleave(b, 0)
+        src = torch.zeros((k * b, len(union), d_head))
+        for i, (g, d) in enumerate(tasks):
+            src[i * b : (i + 1) * b, columns[g].cpu()] = sources[(g, d)][rows]
+        kv_k = None if kv is None else [(key.repeat(k, 1, 1, 1), val.repeat(k, 1, 1, 1)) for key, val in kv]
+        logits = runner.logits(rows.repeat(k), kv_k, p, _mix_edits(union, src.to(device), mask_rows, p.to(device)),
+                               gap=START_GAP)
+        # logits come from the last layer's device (a device_map model), the masks live on the first's
+        tgt = torch.cat([pair_sets[d].targets[rows] for _, d in tasks]).to(logits.device)
+        picked = logits.gather(1, tgt[:, None])[:, 0].reshape(k, b)
+        loss = sum(-picked[i].mean() + cfg.lam * (1 - masks[t]).sum().to(logits.device) for i, t in enumerate(tasks))
+        # why autograd.grad: the caller's model may not be frozen; .backward() would also compute
+        # (and keep) gradients for every weight after the first masked layer.
+        grads = torch.autograd.grad(loss, [masks[t] for t in tasks])
+        count_backward()
+        for t, grad in zip(tasks, grads):
+            masks[t].grad = grad
+            opts[t].step()
         step_times.append(time.perf_counter() - ts)
         if step % cfg.eval_every == 0 or step == len(batches):
             validate(step)
@@ -675,7 +718,8 @@ def semantics_check(model, tokenizer, selections: Mapping[tuple[str, str], Seque
     flags: dict[tuple[str, str], list[tuple[bool, ...]]] = {k: [] for k in sel}
     rows = torch.arange(n)
     work = [(r, d) for r in range(repeats) for d in desiderata]
-    for r, d in track(work, "semantics", total=len(work), enabled=progress):
+    jobs = []
+    for r, d in track(work, "semantics sources", total=len(work), enabled=progress):
         ps = make_pair_sets(tokenizer, examples, [d], 1000 * seed + r, pool, labels, sources)[d]
         if runner is None:
             ids, lays = _base_ids({d: ps})
@@ -683,11 +727,12 @@ def semantics_check(model, tokenizer, selections: Mapping[tuple[str, str], Seque
             pos = _group_positions(lays, GROUPS)
         need = {g: hs for (g, dd), hs in sel.items() if dd == d and hs}
         src = _source_values(model, hm, ps, need, batch_size, runner)
-        jobs = [((g, d), hs, [True] * len(hs), src[g], pos[g], ps.targets) if hs else
-                ((g, d), hs, [], None, pos[g], ps.targets) for (g, dd), hs in sel.items() if dd == d]
-        for key, correct in _evaluate(runner, rows, jobs, batch_size).items():
-            acc[key].append(sum(correct) / len(correct))
-            flags[key].append(tuple(bool(x) for x in correct))
+        jobs += [((r, g, d), hs, [True] * len(hs), src[g], pos[g], ps.targets) if hs else
+                 ((r, g, d), hs, [], None, pos[g], ps.targets) for (g, dd), hs in sel.items() if dd == d]
+    # every repeat's patched runs together: a few tokens a row, so merging them saves weight reads
+    for (r, g, d), correct in _evaluate(runner, rows, jobs, batch_size).items():
+        acc[(g, d)].append(sum(correct) / len(correct))
+        flags[(g, d)].append(tuple(bool(x) for x in correct))
     return [SemanticsResult(model_name, g, d, hs, tuple(acc[(g, d)]), n, tuple(flags[(g, d)]))
             for (g, d), hs in sel.items()]
 

@@ -26,6 +26,9 @@ class AdapterDisabled(torch.nn.Module):
     def config(self):
         return self.peft.config
 
+    def get_output_embeddings(self):
+        return self.peft.get_output_embeddings()
+
     def forward(self, *args, **kwargs):
         with self.peft.disable_adapter():
             return self.peft(*args, **kwargs)

@@ -17,9 +17,11 @@ Sources come one of two ways (``SOURCE_MODES``):
   reference's "another random line of the dataset" was, without its dependence on file order;
 * ``"dataset"``: another base example of the same set, drawn from a named seeded stream and queried at the
   source segment: the reference's "another line of the dataset" itself. Such a source equals its partner's
-  base prompt up to the query (or the swapped label), so its run can reuse the partner's clean key/value
-  prefix (``metrics.dcm.cache_sources``): a few tokens instead of a whole prompt. The pair records the
-  partner's row (``source_row``).
+  base prompt up to the query, so its run can reuse the partner's clean key/value prefix
+  (``metrics.dcm.cache_at_positions``): a few tokens instead of a whole prompt. box_label_value draws among
+  the examples that already hold the queried label at an allowed segment (about one in five); only when
+  none does is a partner's label swapped in, as for a fresh context. The pair records the partner's row
+  (``source_row``).
 """
 
 from __future__ import annotations
@@ -121,6 +123,15 @@ def _desideratum_pair(name: str, base: Example, rng: random.Random, objects: tup
             raise EtbenchError("box_label_value needs at least 3 boxes (its three hypotheses must differ)")
         labelled = _other_segment(rng, n, {j})  # the base box whose label the source will query
         label = base.labels[labelled]
+        if partners is not None:
+            # another example that has this label at an allowed segment needs no edit: the source is that
+            # example queried there, so it shares the example's whole prompt up to the query
+            examples, own = partners
+            unedited = [(i, e.labels.index(label)) for i, e in enumerate(examples)
+                        if i != own and label in e.labels and e.labels.index(label) not in (j, labelled)]
+            if unedited:
+                row, s = rng.choice(unedited)
+                return CounterfactualPair(name, base, examples[row].with_query(s), base.objects[labelled], row)
         s = _other_segment(rng, n, {j, labelled})  # the source's query segment
         source = context(objects, labels)
         src_labels = list(source.labels)
