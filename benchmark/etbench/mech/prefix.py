@@ -26,20 +26,12 @@ from etbench.mech.interventions import Edit
 EditsFn = Callable[[torch.Tensor, int], Sequence[Edit]]
 
 
-def start_buckets(starts: torch.Tensor, max_splits: int, gap: int = 0) -> list[tuple[torch.Tensor, int]]:
-    """Rows grouped by start position: one group per distinct start (a group takes every row whose start is
-    within ``gap`` tokens after its own), or ``max_splits`` groups of rows with neighbouring starts (each run
-    from its smallest start)."""
+def start_buckets(starts: torch.Tensor, max_splits: int) -> list[tuple[torch.Tensor, int]]:
+    """Rows grouped by start position: one group per distinct start, or ``max_splits`` groups of rows
+    with neighbouring starts (each run from its smallest start)."""
     values = torch.unique(starts)
-    if gap > 0:
-        firsts: list[int] = []
-        for v in values.tolist():
-            if not firsts or v - firsts[-1] > gap:
-                firsts.append(v)
-        values = torch.tensor(firsts, dtype=starts.dtype)
     if len(values) <= max_splits:
-        group = torch.bucketize(starts, values, right=True) - 1
-        return [((group == i).nonzero().reshape(-1), int(v)) for i, v in enumerate(values)]
+        return [((starts == v).nonzero().reshape(-1), int(v)) for v in values]
     order = torch.argsort(starts, stable=True)
     return [(chunk, int(starts[chunk].min())) for chunk in torch.tensor_split(order, max_splits) if len(chunk)]
 
@@ -186,22 +178,21 @@ class PatchRunner:
         return self._base(rows)
 
     def logits(self, rows: torch.Tensor, kv, starts: int | torch.Tensor, edits: EditsFn,
-               max_splits: int = 8, gap: int = 0) -> torch.Tensor:
+               max_splits: int = 8) -> torch.Tensor:
         """Last-token logits ``[B, vocab]`` of ``rows`` with edits applied. Differentiable.
 
         ``starts``: each row's earliest patched position (an int for all rows). Rows are run in up to
         ``max_splits`` sub-batches of similar start, each from its own start (a per-row position such as
         the structure reader's then costs about half the tokens of running every row from the earliest).
         ``edits(sub, shift)`` builds the edits for the batch rows ``sub`` (indices into ``rows``), with
-        positions given as ``position - shift``. ``gap``: rows whose starts are that close share a run (a
-        few more tokens fed cost less than another read of the weights)."""
+        positions given as ``position - shift``."""
         ids = self.ids[rows.to(self.device)]
         b, t = ids.shape
         starts = torch.as_tensor(starts, dtype=torch.long).reshape(-1).expand(b).clamp(0, t - 1)
         if kv is None:
             return self._forward(ids, edits(torch.arange(b), 0)).logits[:, -1].float()
         parts, order = [], []
-        for sub, start in start_buckets(starts, max_splits, gap):
+        for sub, start in start_buckets(starts, max_splits):
             if start == 0:
                 out = self._forward(ids[sub.to(self.device)], edits(sub, 0))
             else:

@@ -435,9 +435,6 @@ def _rounded(mask: torch.Tensor) -> tuple[bool, ...]:
 #: A patched evaluation run feeds a few tokens a row over stored key/values, so its cost is reading the weights,
 #: not the rows: ``_evaluate`` merges the patched jobs of up to this many batches' rows into one forward.
 MERGED_BATCHES = 8
-#: Patched rows whose first patched positions are this close run as one forward (the query label and the last
-#: token: the position detector's and the value fetcher's), feeding the later ones a few more tokens
-START_GAP = 4
 
 
 def _evaluate(runner: PatchRunner, rows: torch.Tensor, jobs: Sequence[tuple[Any, Sequence[Head], Sequence[bool],
@@ -484,7 +481,7 @@ def _evaluate(runner: PatchRunner, rows: torch.Tensor, jobs: Sequence[tuple[Any,
         with torch.no_grad():
             logits = runner.logits(all_rows, runner.kv(all_rows), pos,
                                    _mix_edits(union, values.to(runner.device), keep.to(runner.device),
-                                              pos.to(runner.device)), gap=START_GAP)
+                                              pos.to(runner.device)))
         pred = logits.argmax(-1).cpu()
         at = 0
         for (key, *_, targets), chunk in group:
@@ -618,8 +615,7 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
         for i, (g, d) in enumerate(tasks):
             src[i * b : (i + 1) * b, columns[g].cpu()] = sources[(g, d)][rows]
         kv_k = None if kv is None else [(key.repeat(k, 1, 1, 1), val.repeat(k, 1, 1, 1)) for key, val in kv]
-        logits = runner.logits(rows.repeat(k), kv_k, p, _mix_edits(union, src.to(device), mask_rows, p.to(device)),
-                               gap=START_GAP)
+        logits = runner.logits(rows.repeat(k), kv_k, p, _mix_edits(union, src.to(device), mask_rows, p.to(device)))
         # logits come from the last layer's device (a device_map model), the masks live on the first's
         tgt = torch.cat([pair_sets[d].targets[rows] for _, d in tasks]).to(logits.device)
         picked = logits.gather(1, tgt[:, None])[:, 0].reshape(k, b)
