@@ -167,3 +167,31 @@ def test_errors(tok, base, examples):
         cmap.run_cmap(base, base, tok, {"A": [(1, 0)]}, examples, groups=["B"])
     with pytest.raises(EtbenchError, match="one token length"):
         cmap.run_cmap(base, base, tok, HEADS, examples[:3] + data.generate(3, 3, seed=1))
+
+
+def test_merged_output_runs_equal_one_plain_run_per_group(tok, base, ft_attention_only, examples):
+    """The output variant's patched runs are merged (rows of several runs and batches in one forward, over the
+    clean prefix); each run's predictions equal a plain whole-prompt run of the base with that run's fine-tuned
+    z written at each group's position, one run at a time."""
+    from etbench.mech.heads import head_map
+    from etbench.mech.interventions import Site, cache, replace, run
+    from etbench.schema.circuit import GROUP_POSITION
+    from etbench.task.layout import layouts
+
+    res = cmap.run_cmap(base, ft_attention_only, tok, HEADS, examples, batch_size=5)  # 24 rows: 5 batches
+    lays = layouts(examples, tok)
+    ids = torch.tensor([lay.input_ids for lay in lays])
+    hm_b, hm_f = head_map(base), head_map(ft_attention_only)
+    names = {"A": "value_fetcher", "B": "position_transmitter", "C": "position_detector", "D": "structure_reader"}
+    for run_group in ("A", "B", "C", "D", "full"):
+        groups = list(names) if run_group == "full" else [run_group]
+        edits = []
+        for code in groups:
+            pos = torch.tensor([lay.position(GROUP_POSITION[names[code]]) for lay in lays])
+            for layer, head in HEADS[code]:
+                z = cache(ft_attention_only, hm_f, {"input_ids": ids}, [Site(layer, "z", pos, [head])])[(layer, "z")]
+                edits.append(replace(layer, "z", z, pos, [head]))
+        with torch.no_grad():
+            want = run(base, hm_b, {"input_ids": ids}, edits).logits[:, -1].argmax(-1).tolist()
+        assert list(res.get("output", names.get(run_group, "full")).predicted) == want
+    assert res.get("output", "full").predicted != res.base_predicted  # the patches changed predictions

@@ -51,10 +51,18 @@ from etbench.core.stats import (
 )
 from etbench.mech.forward import device_of
 from etbench.mech.heads import head_map
-from etbench.mech.interventions import Edit, read, replace, replace_where, run
+from etbench.mech.interventions import Edit, mix, read, replace, replace_where, run
 from etbench.mech.prefix import PatchRunner
 from etbench.metrics.cmap_scores import cmap_score
-from etbench.metrics.dcm import DcmResult, HeadsByGroup, by_layer, check_heads_fit, format_heads, normalise_heads
+from etbench.metrics.dcm import (
+    MERGED_BATCHES,
+    DcmResult,
+    HeadsByGroup,
+    by_layer,
+    check_heads_fit,
+    format_heads,
+    normalise_heads,
+)
 from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Head, group_name
 from etbench.schema.scorecard import CmapScore
 from etbench.task.layout import Layout, layouts
@@ -294,6 +302,8 @@ def run_cmap_sets(model_base, model_ft, tokenizer, head_sets: Mapping[str, tuple
     ft_pred: list[int] = []
     pred: dict[tuple[str, str, str], list[int]] = {(label, *j): [] for label, s in sets.items() for j in s.jobs}
     chunks = [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    output_patches: list[_OutputPatch] = []
+    pending: list[tuple[tuple[str, str, str], Any]] = []
     for rows in track(chunks, "CMAP", total=len(chunks), enabled=progress):
         b = len(rows)
         # 1. the fine-tuned run: z (and q/k/v) of every set's heads, only where they will be patched
@@ -320,23 +330,30 @@ def run_cmap_sets(model_base, model_ft, tokenizer, head_sets: Mapping[str, tuple
             with torch.no_grad():
                 run(model_base, hm_b, {"input_ids": ids[rows].to(runner.device)},
                     [read(layer, "z", clean_z) for layer in range(spec.n_layers)], logits_to_keep=1)
-        kv = runner.kv(rows) if not all_positions else None
         # 3. patched base runs; a run two sets share (the same variant, group and heads, e.g. the structure
-        # reader, which the paper's rule patches whole) runs once: its values come from the same fine-tuned run
-        done: dict[tuple, list[int]] = {}
+        # reader, which the paper's rule patches whole) runs once: its values come from the same fine-tuned run.
+        # Output patches over the clean prefix are a few tokens a row: they run after the loop, merged.
+        done: dict[tuple, Any] = {}
         for label, hset in sets.items():
             store = stores[label]
             for v, g in hset.jobs:
                 key = (v, g, tuple((k, tuple(hs)) for k, hs in hset.patch_sets[g].items()))
                 if key not in done:
-                    with torch.no_grad():
-                        if v == "output":
-                            logits = _output_patch(runner, rows, kv, hset.patch_sets[g], store, pos, all_positions)
-                        else:
-                            logits = _input_patch(runner, rows, v, g, hset.heads[g], hset.kv_heads, store, clean_z,
-                                                  pos, spec, b, seq)
-                    done[key] = logits.argmax(-1).cpu().tolist()
-                pred[(label, v, g)] += done[key]
+                    if v == "output" and not all_positions:
+                        done[key] = _OutputPatch(rows, hset.patch_sets[g], store)
+                        output_patches.append(done[key])
+                    else:
+                        with torch.no_grad():
+                            if v == "output":
+                                logits = _output_patch_everywhere(runner, rows, hset.patch_sets[g], store)
+                            else:
+                                logits = _input_patch(runner, rows, v, g, hset.heads[g], hset.kv_heads, store,
+                                                      clean_z, pos, spec, b, seq)
+                        done[key] = logits.argmax(-1).cpu().tolist()
+                pending.append(((label, v, g), done[key]))
+    _run_output_patches(runner, output_patches, pos, MERGED_BATCHES * batch_size)
+    for key, outcome in pending:  # in chunk order: each run's predictions come back in row order
+        pred[key] += outcome.predicted if isinstance(outcome, _OutputPatch) else outcome
     tgt = targets.tolist()
 
     def correct(p: list[int]) -> tuple[bool, ...]:
@@ -357,22 +374,76 @@ def run_cmap_sets(model_base, model_ft, tokenizer, head_sets: Mapping[str, tuple
     return results
 
 
-def _output_patch(runner: PatchRunner, rows, kv, patch: Mapping[str, Sequence[Head]], store, pos, all_positions):
-    if all_positions:
-        def make_all(sub: torch.Tensor, shift: int) -> list[Edit]:
-            return [replace(layer, "z", store[("z", g, layer)][sub.to(store[("z", g, layer)].device)], None, h)
-                    for g, hs in patch.items() for layer, _, h in by_layer(hs)]
+@dataclass(eq=False)
+class _OutputPatch:
+    """One output-variant patched run of a batch's rows: the fine-tuned values in ``store`` written into
+    the base at each group's position; ``predicted`` is filled by ``_run_output_patches``."""
 
-        return runner.logits(rows, None, 0, make_all)
+    rows: torch.Tensor
+    patch: Mapping[str, Sequence[Head]]
+    store: dict
+    predicted: list[int] = field(default_factory=list)
+
+
+def _run_output_patches(runner: PatchRunner, patches: Sequence[_OutputPatch], pos: Mapping[str, torch.Tensor],
+                        max_rows: int) -> None:
+    """The runs of ``patches`` merged, up to ``max_rows`` rows a forward: each row gets its own run's values
+    through a 0/1 mix over the union of the merged runs' heads of each group and layer (exactly the
+    fine-tuned value where 0, the run's own value where 1); each row is fed from its earliest patch."""
+    merged: list[list[_OutputPatch]] = []
+    for patch in patches:
+        if not merged or sum(len(p.rows) for p in merged[-1]) + len(patch.rows) > max_rows:
+            merged.append([])
+        merged[-1].append(patch)
     dev = runner.device
-    starts = torch.stack([pos[g][rows] for g in patch]).min(0).values  # each row's earliest patch
+    for group in merged:
+        rows = torch.cat([p.rows for p in group])
+        union: dict[tuple[str, int], list[int]] = {}
+        for p in group:
+            for g, hs in p.patch.items():
+                for layer, _, h in by_layer(hs):
+                    union.setdefault((g, layer), [])
+                    union[(g, layer)] += [x for x in h if x not in union[(g, layer)]]
+        last = torch.cat([pos["value_fetcher"][p.rows] for p in group])  # a valid position for any row
+        values, keep, where = {}, {}, {}
+        starts = last.clone()
+        for (g, layer), heads in union.items():
+            d = next(p.store[("z", g, layer)] for p in group if ("z", g, layer) in p.store).shape[-1]
+            values[(g, layer)] = torch.zeros((len(rows), len(heads), d))
+            keep[(g, layer)] = torch.ones((len(rows), len(heads)))
+            where[(g, layer)] = last.clone()  # rows that do not patch this group: a no-op at a fed position
+        at = 0
+        for p in group:
+            block = slice(at, at + len(p.rows))
+            for g, hs in p.patch.items():
+                here = pos[g][p.rows]
+                starts[block] = torch.minimum(starts[block], here)
+                for layer, _, h in by_layer(hs):
+                    cols = [union[(g, layer)].index(x) for x in h]
+                    values[(g, layer)][block, cols] = p.store[("z", g, layer)].float().cpu()
+                    keep[(g, layer)][block, cols] = 0.0
+                    where[(g, layer)][block] = here
+            at += len(p.rows)
 
+        def make(sub: torch.Tensor, shift: int) -> list[Edit]:
+            return [mix(layer, "z", values[(g, layer)][sub].to(dev), keep[(g, layer)][sub].to(dev),
+                        (where[(g, layer)][sub] - shift).to(dev), heads) for (g, layer), heads in union.items()]
+
+        with torch.no_grad():
+            predicted = runner.logits(rows, runner.kv(rows), starts, make).argmax(-1).cpu().tolist()
+        at = 0
+        for p in group:
+            p.predicted = predicted[at : at + len(p.rows)]
+            at += len(p.rows)
+
+
+def _output_patch_everywhere(runner: PatchRunner, rows, patch: Mapping[str, Sequence[Head]], store):
+    """The fine-tuned values written into the base at every position (``all_positions``): a whole-prompt run."""
     def make(sub: torch.Tensor, shift: int) -> list[Edit]:
-        return [replace(layer, "z", store[("z", g, layer)][sub.to(store[("z", g, layer)].device)],
-                        (pos[g][rows][sub] - shift).to(dev), h)
+        return [replace(layer, "z", store[("z", g, layer)][sub.to(store[("z", g, layer)].device)], None, h)
                 for g, hs in patch.items() for layer, _, h in by_layer(hs)]
 
-    return runner.logits(rows, kv, starts, make)
+    return runner.logits(rows, None, 0, make)
 
 
 def _input_patch(runner: PatchRunner, rows, variant, g, hs, kv_heads, store, clean_z, pos, spec, b, seq):
