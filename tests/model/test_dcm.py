@@ -158,6 +158,15 @@ def test_prefix_reuse_does_not_change_results(tok, llama, trained):
         assert x.mask == pytest.approx(y.mask, abs=1e-4)
 
 
+def test_recomputed_clean_caches_equal_stored_ones(tok, llama, trained):
+    """With no room to store the clean key/values (kv_store_mb=0) they are recomputed per step, each distinct
+    row once though a step repeats every row once per mask: the same masks and test outcomes."""
+    b = dcm.train_masks(llama, tok, HEADS, replace(SMALL, kv_store_mb=0))
+    for x, y in zip(trained.masks, b.masks):
+        assert x.selected == y.selected and x.test_correct == y.test_correct
+        assert x.mask == pytest.approx(y.mask, abs=1e-5)
+
+
 def test_train_masks_seeded_and_complete(tok, llama, trained):
     a = trained
     b = dcm.train_masks(llama, tok, HEADS, SMALL)

@@ -33,3 +33,19 @@ def test_a_sparse_run_attends_causally_over_the_cache_and_its_own_tokens():
     mask = sparse_mask(kept, fed)[:, 0]  # [b, P, K + P]
     assert mask[0].tolist() == [[True, True, False, False, True, False], [True, True, True, True, True, True]]
     assert mask[1].tolist() == [[False, False, False, False, True, False], [True, True, True, True, True, True]]
+
+
+def test_stored_rows_give_the_same_prefix_as_copied_rows():
+    """``StoredRows`` (rows of a store, repeats allowed, not copied) and the copied rows give the same cache."""
+    from etbench.mech.prefix import StoredRows, prefix_cache
+
+    g = torch.Generator().manual_seed(0)
+    store = [(torch.randn(6, 2, 9, 4, generator=g), torch.randn(6, 2, 9, 4, generator=g)) for _ in range(3)]
+    rows = torch.tensor([4, 1, 1, 5, 0])
+    copied = [(k[rows], v[rows]) for k, v in store]
+    sub = torch.tensor([3, 1, 2])
+    a = prefix_cache(StoredRows(store, rows), [None] * 3, sub, 7)
+    b = prefix_cache(copied, [None] * 3, sub, 7)
+    for la, lb, (k, _) in zip(a.layers, b.layers, store):
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+        assert torch.equal(la.keys, k[torch.tensor([5, 1, 1])][:, :, :7])

@@ -12,6 +12,7 @@ all run this way; models whose cache is not a plain per-layer key/value cache (o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -34,6 +35,11 @@ def start_buckets(starts: torch.Tensor, max_splits: int) -> list[tuple[torch.Ten
         return [((starts == v).nonzero().reshape(-1), int(v)) for v in values]
     order = torch.argsort(starts, stable=True)
     return [(chunk, int(starts[chunk].min())) for chunk in torch.tensor_split(order, max_splits) if len(chunk)]
+
+
+def predicted(logits: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+    """``PatchRunner.logits(reduce=predicted)``: each row's predicted token."""
+    return logits.argmax(-1)
 
 
 #: Cache layer classes whose keys/values can be cut to a prefix and handed back (by class name).
@@ -66,14 +72,27 @@ def _sliding_windows(cache) -> list[int | None]:
             for layer in cache.layers]
 
 
-def prefix_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], windows: Sequence[int | None], rows, start: int):
+@dataclass(frozen=True, eq=False)
+class StoredRows:
+    """Rows (indices, repeats allowed) of a runner's stored key/values, not copied yet: ``prefix_cache``
+    copies just the prefix a run reads, once (a copy per row set, then another per run, was most of a
+    few-token patched run's memory traffic)."""
+
+    store: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    rows: torch.Tensor
+
+
+def prefix_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | StoredRows, windows: Sequence[int | None], rows,
+                 start: int):
     """A ``DynamicCache`` holding tokens ``0..start-1`` of ``rows``, with the base run's layer types
     (a sliding-window layer must stay one: its mask sizes differ once the window fills)."""
     from transformers import DynamicCache
 
+    if isinstance(kv, StoredRows):
+        rows, kv = kv.rows[rows.to(kv.rows.device)], kv.store
     data = []
     for (k, v), window in zip(kv, windows):
-        item = (k[rows.to(k.device)][:, :, :start], v[rows.to(v.device)][:, :, :start])
+        item = (k[rows.to(k.device), :, :start], v[rows.to(v.device), :, :start])
         data.append(item if window is None else (*item, torch.tensor(window)))
     return DynamicCache(ddp_cache_data=data)
 
@@ -168,6 +187,14 @@ class PatchRunner:
         self.n_tokens += ids.numel()
         return forward(self.model, ids, self.hm, edits, counter=self.counter, **kwargs)
 
+    def stored(self, rows: torch.Tensor):
+        """``kv(rows)`` for ``prefix_cache`` only (``logits``): the stored rows, not copied, when stored."""
+        if self.reuse_prefix and self._store is not None:
+            return StoredRows(self._store, rows)
+        distinct, inverse = torch.unique(rows, return_inverse=True)  # a repeated row is recomputed once
+        kv = self.kv(distinct)
+        return None if kv is None else StoredRows(kv, inverse)
+
     def kv(self, rows: torch.Tensor):
         """The base run's key/value cache of ``rows`` (stored, or recomputed now); None without prefix reuse."""
         if not self.reuse_prefix:
@@ -178,19 +205,24 @@ class PatchRunner:
         return self._base(rows)
 
     def logits(self, rows: torch.Tensor, kv, starts: int | torch.Tensor, edits: EditsFn,
-               max_splits: int = 8) -> torch.Tensor:
+               max_splits: int = 8, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+               ) -> torch.Tensor:
         """Last-token logits ``[B, vocab]`` of ``rows`` with edits applied. Differentiable.
 
         ``starts``: each row's earliest patched position (an int for all rows). Rows are run in up to
         ``max_splits`` sub-batches of similar start, each from its own start (a per-row position such as
         the structure reader's then costs about half the tokens of running every row from the earliest).
         ``edits(sub, shift)`` builds the edits for the batch rows ``sub`` (indices into ``rows``), with
-        positions given as ``position - shift``."""
+        positions given as ``position - shift``. ``reduce(logits, sub)``, when given, maps each run's logits
+        ``[len(sub), vocab]`` to what is returned per row (an argmax, the target's logit): only that is put
+        back in row order, not the vocabulary-wide logits (and their gradient)."""
         ids = self.ids[rows.to(self.device)]
         b, t = ids.shape
         starts = torch.as_tensor(starts, dtype=torch.long).reshape(-1).expand(b).clamp(0, t - 1)
+        if reduce is None:
+            reduce = lambda logits, sub: logits  # noqa: E731
         if kv is None:
-            return self._forward(ids, edits(torch.arange(b), 0)).logits[:, -1].float()
+            return reduce(self._forward(ids, edits(torch.arange(b), 0)).logits[:, -1].float(), torch.arange(b))
         parts, order = [], []
         for sub, start in start_buckets(starts, max_splits):
             if start == 0:
@@ -199,7 +231,7 @@ class PatchRunner:
                 cache = prefix_cache(kv, self.windows, sub, start)
                 out = self._forward(ids[sub.to(self.device), start:], edits(sub, start), past_key_values=cache,
                                     use_cache=True)
-            parts.append(out.logits[:, -1].float())
+            parts.append(reduce(out.logits[:, -1].float(), sub))
             order.append(sub)
         order = torch.cat(order)
         if len(parts) == 1 and torch.equal(order, torch.arange(b)):

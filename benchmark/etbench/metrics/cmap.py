@@ -52,7 +52,7 @@ from etbench.core.stats import (
 from etbench.mech.forward import device_of
 from etbench.mech.heads import head_map
 from etbench.mech.interventions import Edit, mix, read, replace, replace_where, run
-from etbench.mech.prefix import PatchRunner
+from etbench.mech.prefix import PatchRunner, predicted
 from etbench.metrics.cmap_scores import cmap_score
 from etbench.metrics.dcm import (
     MERGED_BATCHES,
@@ -430,10 +430,10 @@ def _run_output_patches(runner: PatchRunner, patches: Sequence[_OutputPatch], po
                         (where[(g, layer)][sub] - shift).to(dev), heads) for (g, layer), heads in union.items()]
 
         with torch.no_grad():
-            predicted = runner.logits(rows, runner.kv(rows), starts, make).argmax(-1).cpu().tolist()
+            tokens = runner.logits(rows, runner.stored(rows), starts, make, reduce=predicted).cpu().tolist()
         at = 0
         for p in group:
-            p.predicted = predicted[at : at + len(p.rows)]
+            p.predicted = tokens[at : at + len(p.rows)]
             at += len(p.rows)
 
 

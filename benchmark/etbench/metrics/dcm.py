@@ -47,7 +47,7 @@ from etbench.core.stats import Proportion, proportion_ci, to_estimate
 from etbench.mech.forward import device_of, length_batches
 from etbench.mech.heads import HeadMap, HeadSpec, head_map
 from etbench.mech.interventions import Edit, count_backward, mix, read, replace, run
-from etbench.mech.prefix import EditsFn, PatchRunner, prefix_cache, start_buckets
+from etbench.mech.prefix import EditsFn, PatchRunner, predicted, prefix_cache, start_buckets
 from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Head, group_name
 from etbench.schema.scorecard import DcmScore
 from etbench.task.counterfactuals import (
@@ -260,7 +260,7 @@ def cache_at_positions(model, hm: HeadMap, lays: Sequence[Layout], heads: Mappin
             base_ids = runner.ids[torch.tensor(donors, device=runner.ids.device)].tolist()
             shared = torch.tensor([common_prefix(lays[i].input_ids, b) for i, b in zip(rows, base_ids)])
             starts = torch.minimum(shared, torch.stack(list(pos.values())).min(0).values)
-            kv = runner.kv(torch.tensor(donors))
+            kv = runner.stored(torch.tensor(donors))
             buckets = [(torch.arange(len(rows)), 0)] if kv is None else start_buckets(starts, max_splits=4)
         for sub, start in buckets:
             store: dict = {}
@@ -479,10 +479,9 @@ def _evaluate(runner: PatchRunner, rows: torch.Tensor, jobs: Sequence[tuple[Any,
             pos[at:end] = positions[chunk]
             at = end
         with torch.no_grad():
-            logits = runner.logits(all_rows, runner.kv(all_rows), pos,
-                                   _mix_edits(union, values.to(runner.device), keep.to(runner.device),
-                                              pos.to(runner.device)))
-        pred = logits.argmax(-1).cpu()
+            pred = runner.logits(all_rows, runner.stored(all_rows), pos,
+                                 _mix_edits(union, values.to(runner.device), keep.to(runner.device),
+                                            pos.to(runner.device)), reduce=predicted).cpu()
         at = 0
         for (key, *_, targets), chunk in group:
             results[key] += (pred[at : at + len(chunk)] == targets[chunk]).tolist()
@@ -603,7 +602,6 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
     step_times = []
     for step, rows in enumerate(track(batches, "DCM masks", total=len(batches), enabled=progress), start=1):
         ts = time.perf_counter()
-        kv = runner.kv(rows)
         b = len(rows)
         with torch.no_grad():
             for t in tasks:
@@ -614,12 +612,16 @@ def fit_masks(model, heads: Circuit | HeadsByGroup, pair_sets: Mapping[str, Pair
         src = torch.zeros((k * b, len(union), d_head))
         for i, (g, d) in enumerate(tasks):
             src[i * b : (i + 1) * b, columns[g].cpu()] = sources[(g, d)][rows]
-        kv_k = None if kv is None else [(key.repeat(k, 1, 1, 1), val.repeat(k, 1, 1, 1)) for key, val in kv]
-        logits = runner.logits(rows.repeat(k), kv_k, p, _mix_edits(union, src.to(device), mask_rows, p.to(device)))
-        # logits come from the last layer's device (a device_map model), the masks live on the first's
-        tgt = torch.cat([pair_sets[d].targets[rows] for _, d in tasks]).to(logits.device)
-        picked = logits.gather(1, tgt[:, None])[:, 0].reshape(k, b)
-        loss = sum(-picked[i].mean() + cfg.lam * (1 - masks[t]).sum().to(logits.device) for i, t in enumerate(tasks))
+        kv_k = runner.stored(rows.repeat(k))
+        tgt = torch.cat([pair_sets[d].targets[rows] for _, d in tasks])
+
+        def target_logit(logits: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+            # logits come from the last layer's device (a device_map model), the masks live on the first's
+            return logits.gather(1, tgt[sub].to(logits.device)[:, None])[:, 0]
+
+        picked = runner.logits(rows.repeat(k), kv_k, p, _mix_edits(union, src.to(device), mask_rows, p.to(device)),
+                               reduce=target_logit).reshape(k, b)
+        loss = sum(-picked[i].mean() + cfg.lam * (1 - masks[t]).sum().to(picked.device) for i, t in enumerate(tasks))
         # why autograd.grad: the caller's model may not be frozen; .backward() would also compute
         # (and keep) gradients for every weight after the first masked layer.
         grads = torch.autograd.grad(loss, [masks[t] for t in tasks])
