@@ -114,6 +114,17 @@ def test_dcm_recovers_planted_head(tok):
     assert m.history[0][1] >= 0 and any(h[1] == 1 for h in m.history)
 
 
+def _replace_edits(heads, values, pos):
+    """Edits that overwrite the heads' z with ``values`` ``[B, n, d]`` at ``pos`` ``[B]`` (an ``EditsFn``)."""
+    layers = dcm.by_layer(heads)
+
+    def make(sub, shift):
+        p, vals = pos[sub] - shift, values[sub]
+        return [replace_edit(layer, "z", vals[:, cols], p, hs) for layer, cols, hs in layers]
+
+    return make
+
+
 def test_prefix_reuse_matches_full_forward_per_row_positions(tok, llama):
     """Group D's position differs per row; batched patching with a reused clean KV prefix equals a
     plain per-row forward patched at that row's own position (B5: positions come from the rows)."""
@@ -128,11 +139,11 @@ def test_prefix_reuse_matches_full_forward_per_row_positions(tok, llama):
     fast = dcm.PatchRunner(llama, ids, 5, reuse_prefix=True)
     assert fast.reuse_prefix
     with torch.no_grad():
-        got = fast.logits(rows, fast.kv(rows), pos, dcm._replace_edits(heads, vals, pos))
-        one_start = fast.logits(rows, fast.kv(rows), int(pos.min()), dcm._replace_edits(heads, vals, pos))
-        two_buckets = fast.logits(rows, fast.kv(rows), pos, dcm._replace_edits(heads, vals, pos), max_splits=2)
+        got = fast.logits(rows, fast.kv(rows), pos, _replace_edits(heads, vals, pos))
+        one_start = fast.logits(rows, fast.kv(rows), int(pos.min()), _replace_edits(heads, vals, pos))
+        two_buckets = fast.logits(rows, fast.kv(rows), pos, _replace_edits(heads, vals, pos), max_splits=2)
         # one bucket of rows sorted by start: must still come back in row order (a bug once)
-        one_bucket = fast.logits(rows, fast.kv(rows), pos, dcm._replace_edits(heads, vals, pos), max_splits=1)
+        one_bucket = fast.logits(rows, fast.kv(rows), pos, _replace_edits(heads, vals, pos), max_splits=1)
     assert len(set(pos.tolist())) > 2
     torch.testing.assert_close(got, one_start, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, two_buckets, atol=1e-5, rtol=1e-5)

@@ -49,3 +49,12 @@ def test_stored_rows_give_the_same_prefix_as_copied_rows():
     for la, lb, (k, _) in zip(a.layers, b.layers, store):
         assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
         assert torch.equal(la.keys, k[torch.tensor([5, 1, 1])][:, :, :7])
+
+
+def test_packed_keeps_order_and_the_row_limit():
+    from etbench.mech.prefix import packed
+
+    sizes = [3, 4, 2, 9, 1, 1]
+    groups = packed(sizes, lambda n: n, 8)
+    assert [x for g in groups for x in g] == sizes  # every item once, in order
+    assert groups == [[3, 4], [2], [9], [1, 1]]  # within 8 rows, except an item larger than that alone

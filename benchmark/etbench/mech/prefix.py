@@ -13,7 +13,7 @@ all run this way; models whose cache is not a plain per-layer key/value cache (o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -25,6 +25,7 @@ from etbench.mech.interventions import Edit
 
 #: ``edits(sub, shift)``: the edits for batch rows ``sub`` with positions shifted by ``-shift``.
 EditsFn = Callable[[torch.Tensor, int], Sequence[Edit]]
+T = TypeVar("T")
 
 
 def start_buckets(starts: torch.Tensor, max_splits: int) -> list[tuple[torch.Tensor, int]]:
@@ -35,6 +36,20 @@ def start_buckets(starts: torch.Tensor, max_splits: int) -> list[tuple[torch.Ten
         return [((starts == v).nonzero().reshape(-1), int(v)) for v in values]
     order = torch.argsort(starts, stable=True)
     return [(chunk, int(starts[chunk].min())) for chunk in torch.tensor_split(order, max_splits) if len(chunk)]
+
+
+def packed(items: Sequence[T], rows_of: Callable[[T], int], max_rows: int) -> list[list[T]]:
+    """``items`` in order, cut into consecutive groups of at most ``max_rows`` rows (an item larger than that
+    is a group of its own): the patched runs merged into one forward."""
+    groups: list[list[T]] = []
+    size = 0
+    for item in items:
+        if not groups or size + rows_of(item) > max_rows:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += rows_of(item)
+    return groups
 
 
 def predicted(logits: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:

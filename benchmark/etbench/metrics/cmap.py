@@ -52,7 +52,7 @@ from etbench.core.stats import (
 from etbench.mech.forward import device_of
 from etbench.mech.heads import head_map
 from etbench.mech.interventions import Edit, mix, read, replace, replace_where, run
-from etbench.mech.prefix import PatchRunner, predicted
+from etbench.mech.prefix import PatchRunner, packed, predicted
 from etbench.metrics.cmap_scores import cmap_score
 from etbench.metrics.dcm import (
     MERGED_BATCHES,
@@ -390,13 +390,8 @@ def _run_output_patches(runner: PatchRunner, patches: Sequence[_OutputPatch], po
     """The runs of ``patches`` merged, up to ``max_rows`` rows a forward: each row gets its own run's values
     through a 0/1 mix over the union of the merged runs' heads of each group and layer (exactly the
     fine-tuned value where 0, the run's own value where 1); each row is fed from its earliest patch."""
-    merged: list[list[_OutputPatch]] = []
-    for patch in patches:
-        if not merged or sum(len(p.rows) for p in merged[-1]) + len(patch.rows) > max_rows:
-            merged.append([])
-        merged[-1].append(patch)
     dev = runner.device
-    for group in merged:
+    for group in packed(patches, lambda patch: len(patch.rows), max_rows):
         rows = torch.cat([p.rows for p in group])
         union: dict[tuple[str, int], list[int]] = {}
         for p in group:

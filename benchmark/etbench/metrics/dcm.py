@@ -46,8 +46,8 @@ from etbench.core.progress import track
 from etbench.core.stats import Proportion, proportion_ci, to_estimate
 from etbench.mech.forward import device_of, length_batches
 from etbench.mech.heads import HeadMap, HeadSpec, head_map
-from etbench.mech.interventions import Edit, count_backward, mix, read, replace, run
-from etbench.mech.prefix import EditsFn, PatchRunner, predicted, prefix_cache, start_buckets
+from etbench.mech.interventions import Edit, count_backward, mix, read, run
+from etbench.mech.prefix import EditsFn, PatchRunner, packed, predicted, prefix_cache, start_buckets
 from etbench.schema.circuit import GROUP_CODES, GROUP_POSITION, GROUPS, Circuit, Head, group_name
 from etbench.schema.scorecard import DcmScore
 from etbench.task.counterfactuals import (
@@ -294,21 +294,6 @@ def _mix_edits(heads: Sequence[Head], source: torch.Tensor, mask: torch.Tensor, 
     return make
 
 
-def _replace_edits(heads: Sequence[Head], values: torch.Tensor, pos: torch.Tensor,
-                   patched: Sequence[bool] | None = None) -> EditsFn:
-    """Edits that overwrite the (patched) heads' z with ``values`` ``[B, n, d]`` at ``pos`` ``[B]``."""
-    keep = [i for i in range(len(heads)) if patched is None or patched[i]]
-    sub_heads = [heads[i] for i in keep]
-    layers = by_layer(sub_heads)
-    cols_all = torch.tensor(keep, dtype=torch.long)
-
-    def make(sub: torch.Tensor, shift: int) -> list[Edit]:
-        p, vals = pos[sub.to(pos.device)] - shift, values[sub.to(values.device)]
-        return [replace(layer, "z", vals[:, cols_all[cols]], p, hs) for layer, cols, hs in layers]
-
-    return make
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 
@@ -455,13 +440,7 @@ def _evaluate(runner: PatchRunner, rows: torch.Tensor, jobs: Sequence[tuple[Any,
                 units.append((job, chunk))
             else:
                 results[key] += (runner.base_argmax[chunk] == targets[chunk]).tolist()
-    limit = MERGED_BATCHES * batch_size
-    merged: list[list] = []
-    for unit in units:
-        if not merged or sum(len(c) for _, c in merged[-1]) + len(unit[1]) > limit:
-            merged.append([])
-        merged[-1].append(unit)
-    for group in merged:
+    for group in packed(units, lambda unit: len(unit[1]), MERGED_BATCHES * batch_size):
         union = list(dict.fromkeys(h for (_, heads, patched, *_), _ in group
                                    for h, p in zip(heads, patched) if p))
         column = {h: i for i, h in enumerate(union)}
