@@ -58,3 +58,70 @@ def test_packed_keeps_order_and_the_row_limit():
     groups = packed(sizes, lambda n: n, 8)
     assert [x for g in groups for x in g] == sizes  # every item once, in order
     assert groups == [[3, 4], [2], [9], [1, 1]]  # within 8 rows, except an item larger than that alone
+
+
+def _dynamic_prefix(kv, rows, start):
+    """The cache ``prefix_cache`` built before its layers were prefilled: a plain ``DynamicCache`` of the prefix."""
+    from transformers import DynamicCache
+
+    from etbench.mech.prefix import StoredRows
+
+    if isinstance(kv, StoredRows):
+        rows, kv = kv.rows[rows], kv.store
+    return DynamicCache(ddp_cache_data=[(k[rows, :, :start], v[rows, :, :start]) for k, v in kv])
+
+
+def test_prefilled_prefix_runs_are_bitwise_those_of_a_dynamic_cache(monkeypatch):
+    """Patched runs over the prefilled prefix (tokens written in place) give exactly the logits, and the
+    gradient, of runs over a plain ``DynamicCache`` prefix (which copies the prefix per run), for rows that
+    repeat and starts that differ."""
+    import etbench.mech.prefix as prefix
+    from etbench.mech.interventions import replace
+    from etbench.models.toy import tiny_llama
+
+    model = tiny_llama(50, n_layers=3, n_heads=4, n_kv_heads=2, seed=1)
+    ids = torch.randint(4, 50, (6, 11), generator=torch.Generator().manual_seed(0))
+    runner = prefix.PatchRunner(model, ids, batch_size=4)
+    rows = torch.tensor([3, 1, 1, 5, 0])
+    values = torch.randn(6, 2, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
+
+    def edits(sub, shift):
+        return [replace(1, "z", values[rows[sub]], torch.full((len(sub),), 9 - shift), [0, 3])]
+
+    def run():
+        logits = runner.logits(rows, runner.stored(rows), torch.tensor([6, 6, 9, 3, 9]), edits)
+        return logits.detach(), torch.autograd.grad(logits[:, 7].sum(), values)[0]
+
+    got = run()
+    assert isinstance(prefix.prefix_cache(runner.stored(rows), runner.windows, torch.arange(2), 4).layers[0],
+                      prefix._prefilled_layer_class())
+    monkeypatch.setattr(prefix, "prefix_cache", lambda kv, windows, sub, start: _dynamic_prefix(kv, sub, start))
+    want = run()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[1].abs().sum() > 0  # the patch reaches the logits: the comparison is not between constants
+
+
+def test_an_extendable_prefix_serves_run_after_run_and_a_longer_run_falls_back_to_appending():
+    """``extendable``: suffix runs cropped back after each give what a fresh ``DynamicCache`` of the prefix
+    gives, run after run (the prefix is never overwritten); a run that does not end at the buffer's length
+    appends as ``DynamicLayer`` does."""
+    from transformers import DynamicCache
+
+    from etbench.mech.prefix import extendable
+    from etbench.models.toy import tiny_llama
+
+    model = tiny_llama(50, n_layers=2, n_heads=4, seed=3)
+    ids = torch.randint(4, 50, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        prefix = model(input_ids=ids[:, :6], use_cache=True).past_key_values
+        fresh = [(layer.keys.clone(), layer.values.clone()) for layer in prefix.layers]
+        kv = extendable(prefix, 10)
+        for shift in (0, 7, 0):  # different suffix tokens each run
+            suffix = (ids[:, 6:] + shift) % 50
+            got = model(input_ids=suffix, past_key_values=kv, use_cache=True).logits
+            kv.crop(-4)
+            want = model(input_ids=suffix, past_key_values=DynamicCache(ddp_cache_data=fresh), use_cache=True).logits
+            assert torch.equal(got, want)
+        longer = model(input_ids=ids[:, 6:9], past_key_values=kv, use_cache=True).logits  # ends at 9, not 10
+        want = model(input_ids=ids[:, 6:9], past_key_values=DynamicCache(ddp_cache_data=fresh), use_cache=True).logits
+        assert torch.equal(longer, want)

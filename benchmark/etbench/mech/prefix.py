@@ -97,19 +97,88 @@ class StoredRows:
     rows: torch.Tensor
 
 
+def _prefilled_layer_class():
+    """``_PrefilledLayer``, built on first use: transformers is imported lazily by this module (its import
+    costs seconds and the row helpers above need none of it)."""
+    global _PREFILLED
+    if _PREFILLED is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class _PrefilledLayer(DynamicLayer):
+            """A dynamic cache layer whose keys/values were gathered at the run's full length, the first
+            ``filled`` positions holding the prefix: a run's new tokens are written in place after them.
+            ``DynamicLayer`` would copy the prefix twice per layer and run (filling an empty cache, then
+            appending the run's tokens), most of a few-token patched run's memory traffic. Attention sees the
+            same contiguous ``[B, kv_heads, T, d]`` tensors with the same values, so runs are bitwise the same;
+            a run that does not end exactly at the buffer's length appends as ``DynamicLayer`` does."""
+
+            def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int) -> None:
+                super().__init__()
+                self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+                self._full = (keys, values)
+                self.keys, self.values = keys[:, :, :filled], values[:, :, :filled]
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                full_k, full_v = self._full
+                start, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+                if end != full_k.shape[-2] or self.keys.data_ptr() != full_k.data_ptr():
+                    return super().update(key_states, value_states, *args, **kwargs)
+                full_k[:, :, start:] = key_states
+                full_v[:, :, start:] = value_states
+                self.keys, self.values = full_k, full_v
+                return full_k, full_v
+
+        _PREFILLED = _PrefilledLayer
+    return _PREFILLED
+
+
+_PREFILLED = None
+
+
 def prefix_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | StoredRows, windows: Sequence[int | None], rows,
                  start: int):
     """A ``DynamicCache`` holding tokens ``0..start-1`` of ``rows``, with the base run's layer types
-    (a sliding-window layer must stay one: its mask sizes differ once the window fills)."""
+    (a sliding-window layer must stay one: its mask sizes differ once the window fills). Full-attention
+    layers hold the rows' whole stored length (``_PrefilledLayer``): a run over the rest of the prompt
+    writes its tokens in place."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
     if isinstance(kv, StoredRows):
         rows, kv = kv.rows[rows.to(kv.rows.device)], kv.store
-    data = []
+    prefilled = _prefilled_layer_class()
+    layers = []
     for (k, v), window in zip(kv, windows):
-        item = (k[rows.to(k.device), :, :start], v[rows.to(v.device), :, :start])
-        data.append(item if window is None else (*item, torch.tensor(window)))
-    return DynamicCache(ddp_cache_data=data)
+        if window is None:
+            layers.append(prefilled(k[rows.to(k.device)], v[rows.to(v.device)], start))
+        else:  # as DynamicCache(ddp_cache_data=...) builds a sliding layer
+            layer = DynamicSlidingWindowLayer(sliding_window=window)
+            layer.update(k[rows.to(k.device), :, :start], v[rows.to(v.device), :, :start])
+            layers.append(layer)
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
+def extendable(cache, length: int):
+    """``cache`` (a dynamic cache of a prefix) with its full-attention layers moved into buffers of ``length``
+    positions (``_PrefilledLayer``): runs that extend it to ``length`` and are cropped back after each
+    (path patching's suffix runs) then write their tokens in place instead of copying the prefix per run.
+    Caches of other layer types are returned as they are."""
+    if _kv_tensors(cache) is None:
+        return cache
+    prefilled = _prefilled_layer_class()
+    layers = []
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False):
+            layers.append(layer)
+            continue
+        k, v = layer.keys, layer.values
+        full = [x.new_empty((*x.shape[:2], length, x.shape[3])) for x in (k, v)]
+        full[0][:, :, : k.shape[2]], full[1][:, :, : v.shape[2]] = k, v
+        layers.append(prefilled(full[0], full[1], k.shape[2]))
+    cache.layers = layers
+    return cache
 
 
 def sparse_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], fed: torch.Tensor):
@@ -122,11 +191,16 @@ def sparse_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], fed: torch.Ten
     others = torch.ones(b, t, dtype=torch.bool)
     others[torch.arange(b)[:, None], fed] = False
     kept = others.nonzero()[:, 1].reshape(b, t - p)
-    data = []
+    # the fed positions gathered after the kept ones hold the base run's values until the run writes its own
+    order = torch.cat([kept, fed], dim=1)
+    prefilled = _prefilled_layer_class()
+    cache = DynamicCache()
+    layers = []
     for k, v in kv:
-        index = kept.to(k.device)[:, None, :, None].expand(b, k.shape[1], t - p, k.shape[3])
-        data.append((k.gather(2, index), v.gather(2, index.to(v.device))))
-    return DynamicCache(ddp_cache_data=data), kept
+        index = order.to(k.device)[:, None, :, None].expand(b, k.shape[1], t, k.shape[3])
+        layers.append(prefilled(k.gather(2, index), v.gather(2, index.to(v.device)), t - p))
+    cache.layers = layers
+    return cache, kept
 
 
 def sparse_mask(kept: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:

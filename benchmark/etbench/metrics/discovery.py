@@ -19,7 +19,7 @@ from etbench.mech.forward import PassCounter, forward, length_batches
 from etbench.mech.heads import head_map
 from etbench.mech.interventions import Edit, Site, cache, count_backward, read
 from etbench.mech.interventions import replace as replace_edit
-from etbench.mech.prefix import cache_fits
+from etbench.mech.prefix import cache_fits, extendable
 from etbench.metrics.ablation import AblationRunner, MeanActivations, mean_activations
 from etbench.metrics.sizing import Ceilings, CircuitGrowth, ceilings, grow_circuit
 from etbench.models.load import as_loaded
@@ -154,6 +154,8 @@ class _BatchCache:
                 # a model without a reusable KV cache, or a sliding window shorter than the prompts: whole prompts
                 if kv is None or not cache_fits(kv, self.base_ids.shape[1]):
                     split, kv = 0, None
+                else:  # every suffix run extends it to the prompt's end and is cropped back
+                    kv = extendable(kv, self.base_ids.shape[1])
             self._prefix[pc] = (split, kv)
         return self._prefix[pc]
 
