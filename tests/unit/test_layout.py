@@ -100,3 +100,25 @@ def test_tokenizer_that_appends_special_tokens_is_rejected():
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
     with pytest.raises(EtbenchError, match="after the text"):
         layouts(data.generate(3, 1), tok)
+
+
+def test_layouts_are_found_once_per_tokenizer_and_again_after_a_token_is_added():
+    """The memo returns, for prompts laid out before, the very layouts found then (in the order asked, repeats
+    included), keeps tokenizers apart, and finds them anew once the tokenizer's vocabulary changes."""
+    import etbench.task.layout as layout
+
+    word, bpe = toy.word_level_tokenizer(), toy.byte_level_bpe_tokenizer()
+    examples = data.generate(n_boxes=3, n=4, seed=9)
+    first = layouts(examples, word)
+    calls = []
+    original = layout._layouts
+    try:
+        layout._layouts = lambda exs, tok: calls.append(len(exs)) or original(exs, tok)
+        again = layouts([examples[2], examples[0], examples[2]], word)
+        assert calls == [] and again == [first[2], first[0], first[2]] and again[0] is first[2]
+        other = layouts(examples, bpe)
+        assert calls == [4] and [lay.input_ids for lay in other] != [lay.input_ids for lay in first]
+        word.add_tokens(["zzgadget"])
+        assert layouts(examples, word) == first and calls == [4, 4]  # found again; the prompts' tokens unchanged
+    finally:
+        layout._layouts = original

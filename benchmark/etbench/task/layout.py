@@ -10,8 +10,9 @@ prefixes of the whole prompt's tokenization. The answer token is found the way l
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -118,8 +119,28 @@ def _analyse(encoder: TokenEncoder, examples: Sequence[Example]):
     return out
 
 
+#: Per tokenizer (held weakly), the layouts already found: a scorecard's stages lay out the same prompts again
+#: (accuracy's are faithfulness' and CMAP's, DCM's are the semantics check's), and finding one tokenizes the
+#: prompt once per word (measured on the quick preset: 5,101 layouts of 1,326 distinct prompts, 4.4 s).
+#: A ``Layout`` is frozen, so a shared one cannot be changed under another stage.
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, dict[tuple[int, Example], Layout]]" = weakref.WeakKeyDictionary()
+
+
 def layouts(examples: Sequence[Example], tokenizer) -> list[Layout]:
     """The Layout of every example; a clear error if any object or label is not one token."""
+    try:
+        # the vocabulary size in the key: a token added to the tokenizer later changes its layouts
+        memo = _LAYOUTS.setdefault(tokenizer, {})
+        size = len(tokenizer)
+    except TypeError:  # an object that cannot be weakly referenced or has no length: no memo
+        memo, size = {}, 0
+    missing = list(dict.fromkeys(ex for ex in examples if (size, ex) not in memo))
+    for ex, lay in zip(missing, _layouts(missing, tokenizer) if missing else ()):
+        memo[(size, ex)] = lay
+    return [memo[(size, ex)] for ex in examples]
+
+
+def _layouts(examples: Sequence[Example], tokenizer) -> list[Layout]:
     encoder = TokenEncoder(tokenizer)
     n_prefix = len(encoder.prefix_ids)
     result = []
