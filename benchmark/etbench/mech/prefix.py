@@ -135,13 +135,21 @@ def _prefilled_layer_class():
 _PREFILLED = None
 
 
+def _dynamic_cache(layers):
+    """A ``DynamicCache`` over the given layers (its constructor would build and fill its own)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layers = list(layers)
+    return cache
+
+
 def prefix_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | StoredRows, windows: Sequence[int | None], rows,
                  start: int):
     """A ``DynamicCache`` holding tokens ``0..start-1`` of ``rows``, with the base run's layer types
     (a sliding-window layer must stay one: its mask sizes differ once the window fills). Full-attention
     layers hold the rows' whole stored length (``_PrefilledLayer``): a run over the rest of the prompt
     writes its tokens in place."""
-    from transformers import DynamicCache
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
     if isinstance(kv, StoredRows):
@@ -155,9 +163,7 @@ def prefix_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | StoredRows, w
             layer = DynamicSlidingWindowLayer(sliding_window=window)
             layer.update(k[rows.to(k.device), :, :start], v[rows.to(v.device), :, :start])
             layers.append(layer)
-    cache = DynamicCache()
-    cache.layers = layers
-    return cache
+    return _dynamic_cache(layers)
 
 
 def extendable(cache, length: int):
@@ -184,8 +190,6 @@ def extendable(cache, length: int):
 def sparse_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], fed: torch.Tensor):
     """A ``DynamicCache`` of the rows of ``kv`` (one per row of ``fed``) holding every position except each
     row's ``fed`` ones (``[b, P]``, ascending), in position order, and those positions ``[b, T - P]``."""
-    from transformers import DynamicCache
-
     b, p = fed.shape
     t = kv[0][0].shape[2]
     others = torch.ones(b, t, dtype=torch.bool)
@@ -194,13 +198,11 @@ def sparse_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], fed: torch.Ten
     # the fed positions gathered after the kept ones hold the base run's values until the run writes its own
     order = torch.cat([kept, fed], dim=1)
     prefilled = _prefilled_layer_class()
-    cache = DynamicCache()
     layers = []
     for k, v in kv:
         index = order.to(k.device)[:, None, :, None].expand(b, k.shape[1], t, k.shape[3])
         layers.append(prefilled(k.gather(2, index), v.gather(2, index.to(v.device)), t - p))
-    cache.layers = layers
-    return cache, kept
+    return _dynamic_cache(layers), kept
 
 
 def sparse_mask(kept: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
